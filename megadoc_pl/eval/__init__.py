@@ -1,0 +1,1 @@
+"""megadoc_pl.eval"""

@@ -1,0 +1,105 @@
+"""Small shared helpers: atomic writes, fingerprints, stable hashing, optional imports."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def require(module: str, extra: str, what: str = "") -> Any:
+    """Import an optional heavy dependency, or exit with an install hint naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        need = f" for {what}" if what else ""
+        raise SystemExit(
+            f"error: the optional package '{module}' is needed{need} but is not installed ({e}). "
+            f"Install it with: pip install 'megadoc_pl[{extra}]'"
+        ) from None
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash of a string that is the same in every process and Python version."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def content_id(text: str) -> str:
+    """A stable document id derived from the content (used when a row has no id)."""
+    return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:20]
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict:
+    """Name, size and sha256 of a file: what a cached artefact depends on."""
+    p = Path(path)
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"path": str(p.resolve()), "size": p.stat().st_size, "sha256": h.hexdigest()}
+
+
+def json_fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON of an object (configs, recipes)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def get_field(row: dict, dotted: str) -> Any:
+    """Look up a possibly nested field ``a.b.c`` in a dict; KeyError if absent."""
+    cur: Any = row
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(dotted)
+        cur = cur[part]
+    return cur
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file via a temporary name and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name; rename it into place only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(f"{final} already exists")
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
