@@ -1,0 +1,52 @@
+"""Shared test fixtures: locally built tokenizers and the optional ../shared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Alice founded the town of Brindle in 1821 and built its first mill.",
+    "Megadocs stitch many rephrases of one document into a long context.",
+    "Rationales are inserted between equal token segments of the original.",
+    "A mixture draws windows from the real and the synthetic stream.",
+] * 20
+
+
+def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 300) -> Path:
+    """Train a small byte-level BPE with <s>/</s>/<pad> specials; returns the tokenizer.json path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory) -> Path:
+    """A tokenizer.json of a ~300-token byte-level BPE (BOS '<s>' = 0, EOS '</s>' = 1, pad = 2)."""
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout; tests using it skip cleanly when it is absent."""
+    if not (SHARED_DATA / "cc_en_head-0091.jsonl.gz").exists():
+        pytest.skip("../shared/data is not present (only in the developers' workplace)")
+    return SHARED_DATA
