@@ -1,0 +1,92 @@
+"""The generation-backend contract: requests in, responses out, backends found by name.
+
+Every backend (vLLM, transformers, OpenAI-compatible HTTP, the demo's template generator) takes a
+list of ``Request`` and returns one ``Response`` per request, in order. A backend never raises for
+a single bad request: it returns a ``Response`` with ``error`` set, so the runner can record the
+failure and retry it on the next run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, runtime_checkable
+
+
+@dataclass
+class Request:
+    id: str  # unique per (source, task, stage, index)
+    messages: list[dict]  # chat messages [{"role": "user", "content": ...}]
+    n: int  # completions wanted for this prompt (G for rephrases)
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    task: str  # rephrase | rationale | maga_pairs | maga_reformulate | maga_judge
+    # Structured inputs (source text, style, prefix, suffix, genre, audience) so a backend that
+    # does not read prompts (the demo's template generator) can still do the task.
+    payload: dict = field(default_factory=dict)
+
+
+@dataclass
+class Response:
+    request_id: str
+    texts: list[str]  # n completions (empty when error is set)
+    prompt_tokens: int  # tokens in the rendered prompt (0 when the backend cannot tell)
+    completion_tokens: list[int]  # tokens per completion
+    error: str | None = None  # one line; the request is retried on the next run
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def generate(self, requests: list[Request]) -> list[Response]: ...
+
+
+BackendFactory = Callable[..., Backend]
+
+_REGISTRY: dict[str, BackendFactory] = {}
+
+# Backends that live in modules of their own register themselves on import; importing the module
+# lazily keeps heavy optional dependencies (vllm, torch for transformers) out of startup. The demo
+# registers "template" from somewhere under megadoc_pl/demo/: the candidates are tried in order.
+_LAZY_MODULES: dict[str, tuple[str, ...]] = {
+    "vllm": ("megadoc_pl.synth.backends.vllm_backend",),
+    "transformers": ("megadoc_pl.synth.backends.hf",),
+    "openai": ("megadoc_pl.synth.backends.openai_http",),
+    "template": (
+        "megadoc_pl.demo.template_backend",
+        "megadoc_pl.demo.backend",
+        "megadoc_pl.demo.generator",
+        "megadoc_pl.demo.templates",
+        "megadoc_pl.demo",
+    ),
+}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make ``get_backend(name, **kwargs)`` call ``factory(**kwargs)``. Re-registering replaces."""
+    _REGISTRY[name] = factory
+
+
+def available_backends() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_LAZY_MODULES))
+
+
+def get_backend(name: str, **kwargs) -> Backend:
+    """Build the backend registered under ``name`` (importing its module on first use)."""
+    for module in _LAZY_MODULES.get(name, ()):
+        if name in _REGISTRY:
+            break
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            # The module itself missing (not one of its own imports) means: try the next candidate.
+            if e.name != module:
+                raise
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown generation backend '{name}' (available: {', '.join(available_backends())})"
+        )
+    return _REGISTRY[name](**kwargs)
