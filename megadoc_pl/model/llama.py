@@ -1,0 +1,254 @@
+"""Llama-style decoder, top to bottom: config with named sizes, then the modules.
+
+RMSNorm, RoPE, SwiGLU, grouped-query attention, untied embeddings, no biases, normal(0, 0.02)
+init (SPEC 5). RoPE uses the "rotate half" layout of Hugging Face Llama, so exported q/k weights
+need no permutation. RoPE positions come from ``position_ids`` so they can restart per segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megadoc_pl.model.attention import attention, make_mask, positions_from_segment_ids, segment_ids_from_cu_seqlens
+from megadoc_pl.model.loss import chunked_cross_entropy
+
+
+@dataclass
+class LlamaConfig:
+    """Architecture of one model; ``from_name`` gives the named sizes."""
+
+    d_model: int = 128  # residual stream width
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 4  # query heads (head_dim = d_model // n_heads)
+    n_kv_heads: int = 4  # key/value heads (GQA when < n_heads)
+    d_mlp: int = 384  # SwiGLU inner width
+    vocab_size: int = 2048  # embedding rows and LM-head outputs
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # std of every weight matrix at init (embeddings included)
+    scale_residual_init: bool = False  # also divide output projections' std by sqrt(2 * n_layers) (GPT-2 style); off = the papers' plain 0.02
+    max_seq_len: int = 4096  # longest context trained on (recorded in exports; RoPE has no table)
+    attention_backend: str = "auto"  # auto | flash_attn | torch_varlen | flex | sdpa
+    loss_chunk_size: int = 1024  # tokens per chunk of the chunked cross-entropy
+    name: str = "custom"  # named size this config came from
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str, vocab_size: Optional[int] = None, **overrides) -> "LlamaConfig":
+        """A named size (``SIZES``); ``vocab_size`` (default: the paper's) and fields may be overridden."""
+        if name not in SIZES:
+            raise ValueError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(overrides) - fields)
+        if bad:
+            raise ValueError(f"unknown LlamaConfig field(s) {bad} in model overrides; fields: {', '.join(sorted(fields))}")
+        kw = dict(SIZES[name], name=name)
+        if vocab_size is not None:
+            kw["vocab_size"] = vocab_size
+        kw.update(overrides)
+        return cls(**kw)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count from the config alone (equals the instantiated model's)."""
+        d, hd = self.d_model, self.head_dim
+        attn = d * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * d
+        mlp = 3 * d * self.d_mlp
+        body = self.n_layers * (attn + mlp + 2 * d) + d  # two norms per block + final norm
+        return body + (2 * self.vocab_size * d if embeddings else 0)
+
+
+# Named sizes. megadocs (research/megadocs.md 1.3; vocab 128,256, context 4096) and MAGA
+# (research/maga.md 11, corrected table: hidden 1024 for 134M, ffn 14336 / 18432 for 7B / 13B;
+# head_dim 128; vocab 49,152, context 8192). MAGA's "total params" are non-embedding counts.
+_MEGADOCS = dict(vocab_size=128256, max_seq_len=4096)
+_MAGA = dict(vocab_size=49152, max_seq_len=8192)
+SIZES: dict[str, dict] = {
+    "nano": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=192, vocab_size=512, max_seq_len=256),
+    "tiny": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_mlp=384, vocab_size=2048, max_seq_len=512),
+    "small": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_mlp=768, vocab_size=2048, max_seq_len=1024),
+    "150m": dict(d_model=512, n_layers=6, n_heads=8, n_kv_heads=8, d_mlp=1792, **_MEGADOCS),
+    "300m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_mlp=2688, **_MEGADOCS),
+    "600m": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, d_mlp=3584, **_MEGADOCS),
+    "1_5b": dict(d_model=1536, n_layers=36, n_heads=16, n_kv_heads=8, d_mlp=5376, **_MEGADOCS),
+    "maga_134m": dict(d_model=1024, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=4096, **_MAGA),
+    "maga_377m": dict(d_model=1536, n_layers=10, n_heads=12, n_kv_heads=12, d_mlp=6144, **_MAGA),
+    "maga_1_7b": dict(d_model=2560, n_layers=16, n_heads=20, n_kv_heads=20, d_mlp=10240, **_MAGA),
+    "maga_7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_mlp=14336, **_MAGA),
+    "maga_13b": dict(d_model=4096, n_layers=48, n_heads=32, n_kv_heads=8, d_mlp=18432, **_MAGA),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        if self.embed.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) for every matrix, ones for norms (Levanter / HF Llama)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scale_residual_init else std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+        self.rope.reset_parameters()
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.embed.weight.numel() - self.lm_head.weight.numel()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> final-norm hidden states (B, T, D); attention stays within segments.
+
+        Without ``position_ids``, positions restart at each segment start (0..T-1 per row
+        when there are no segments).
+        """
+        B, T = input_ids.shape
+        x_BTD = self.embed(input_ids)
+        if position_ids is None:
+            if segment_ids is None and cu_seqlens is not None:
+                segment_ids = segment_ids_from_cu_seqlens(cu_seqlens.to(input_ids.device), B, T)
+            if segment_ids is None:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            else:
+                position_ids = positions_from_segment_ids(segment_ids.to(input_ids.device))
+        cos_BT1K, sin_BT1K = self.rope(position_ids, x_BTD.dtype if not torch.is_autocast_enabled(x_BTD.device.type)
+                                       else torch.get_autocast_dtype(x_BTD.device.type))
+        mask = make_mask(
+            self.cfg.attention_backend, B, T, x_BTD.device, cos_BT1K.dtype, segment_ids, cu_seqlens, max_seqlen
+        )
+        for layer in self.layers:
+            x_BTD = layer(x_BTD, cos_BT1K, sin_BT1K, mask)
+        return self.norm(x_BTD)
+
+    def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
+        """Full (B, T, V) logits: small vocabularies and evaluation only (see ``loss``)."""
+        return self.lm_head(hidden_BTD)
+
+    def loss(self, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor, reduction: str = "mean",
+             ignore_index: int = -100) -> torch.Tensor:
+        """Cross-entropy of the LM head over ``hidden``, computed in chunks of tokens."""
+        return chunked_cross_entropy(
+            hidden_BTD, self.lm_head.weight, targets_BT, reduction=reduction,
+            ignore_index=ignore_index, chunk_size=self.cfg.loss_chunk_size,
+        )
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_mlp)
+
+    def forward(self, x_BTD, cos_BT1K, sin_BT1K, mask) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_BT1K, sin_BT1K, mask)
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; q, k and v come from one fused projection."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BTD, cos_BT1K, sin_BT1K, mask) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, KV, K = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x_BTD).view(B, T, H + 2 * KV, K)
+        q_BTHK, k_BTHK, v_BTHK = qkv.split([H, KV, KV], dim=2)
+        q_BTHK = apply_rope(q_BTHK, cos_BT1K, sin_BT1K)
+        k_BTHK = apply_rope(k_BTHK, cos_BT1K, sin_BT1K)
+        y_BTHK = attention(q_BTHK, k_BTHK, v_BTHK, mask=mask)
+        return self.wo(y_BTHK.reshape(B, T, H * K))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_mlp: int):
+        super().__init__()
+        self.d_mlp = d_mlp
+        self.w_gate_up = nn.Linear(d_model, 2 * d_mlp, bias=False)  # [gate; up] fused
+        self.w_down = nn.Linear(d_mlp, d_model, bias=False)
+
+    def forward(self, x_BTD) -> torch.Tensor:
+        gate, up = self.w_gate_up(x_BTD).split(self.d_mlp, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as HF Llama does), scale in the input dtype.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of position * inv_freq, for the "rotate half" pairing (i, i + head_dim / 2)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+
+    def reset_parameters(self) -> None:
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+
+    def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles_BTK = position_ids_BT.float()[..., None] * self.inv_freq.float()
+        return angles_BTK.cos().to(dtype)[:, :, None], angles_BTK.sin().to(dtype)[:, :, None]
+
+
+def apply_rope(x_BTHK: torch.Tensor, cos_BT1K: torch.Tensor, sin_BT1K: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BTHK.chunk(2, dim=-1)
+    cos, sin = cos_BT1K.to(x_BTHK.dtype), sin_BT1K.to(x_BTHK.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
