@@ -165,6 +165,9 @@ def make_mask(
         if tuple(segment_ids.shape) != (B, T):
             raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (B, T) = {(B, T)}")
         segment_ids = segment_ids.to(device)
+    if backend in ("flash_attn", "torch_varlen"):
+        cu, max_len = varlen_metadata(B, T, device, segment_ids, cu_seqlens, max_seqlen)
+        return AttentionMask(backend, B, T, single_segment_rows=cu.numel() == B + 1, cu_seqlens=cu, max_seqlen=max_len)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
 
@@ -176,21 +179,6 @@ def make_mask(
         _check_cu_seqlens(cu_seqlens, B, T)
         single = cu_seqlens.numel() == B + 1
     mask = AttentionMask(backend=backend, B=B, T=T, single_segment_rows=single)
-
-    if backend in ("flash_attn", "torch_varlen"):
-        if cu_seqlens is None:
-            if segment_ids is None or single:
-                cu_seqlens = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
-                max_seqlen = T
-            else:
-                cu_seqlens, max_seqlen = cu_seqlens_from_segment_ids(segment_ids)
-        else:
-            _check_cu_seqlens(cu_seqlens, B, T)
-            if max_seqlen is None:
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-        mask.cu_seqlens, mask.max_seqlen = cu_seqlens, int(max_seqlen)
-        return mask
-
     if single:
         if backend == "flex":
             mask.block_mask = _flex_block_mask(None, B, T, device)
@@ -204,6 +192,26 @@ def make_mask(
         same_BTT = segment_ids[:, :, None] == segment_ids[:, None, :]
         mask.dense_B1TT = (same_BTT & causal_TT)[:, None]
     return mask
+
+
+def varlen_metadata(
+    B: int,
+    T: int,
+    device: torch.device,
+    segment_ids: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_seqlen: Optional[int] = None,
+) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens int32, max_seqlen) for the varlen kernels from either segment description."""
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        _check_cu_seqlens(cu_seqlens, B, T)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+        return cu_seqlens, int(max_seqlen)
+    if segment_ids is None:
+        return torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device), T
+    return cu_seqlens_from_segment_ids(segment_ids.to(device))
 
 
 def _flex_block_mask(segment_ids: Optional[torch.Tensor], B: int, T: int, device: torch.device) -> Any:

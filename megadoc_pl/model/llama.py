@@ -142,7 +142,7 @@ class Llama(nn.Module):
         Without ``position_ids``, positions restart at each segment start (0..T-1 per row
         when there are no segments).
         """
-        B, T = input_ids.shape
+        B, T = input_ids.shape[:2]
         x_BTD = self.embed(input_ids)
         if position_ids is None:
             if segment_ids is None and cu_seqlens is not None:
