@@ -125,6 +125,13 @@ class Llama(nn.Module):
                 nn.init.normal_(p, 0.0, std)
         self.rope.reset_parameters()
 
+    @classmethod
+    def from_hf(cls, hf_dir, **overrides) -> "Llama":
+        """Architecture and weights from a Hugging Face Llama directory (see model/hf.py)."""
+        from megadoc_pl.model.hf import load_hf
+
+        return load_hf(hf_dir, **overrides)
+
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.embed.weight.numel() - self.lm_head.weight.numel()
@@ -240,8 +247,8 @@ class RotaryEmbedding(nn.Module):
     def _inv_freq(self) -> torch.Tensor:
         return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
 
-    def reset_parameters(self) -> None:
-        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+    def reset_parameters(self, device: Optional[torch.device] = None) -> None:
+        self.inv_freq = self._inv_freq().to(device or self.inv_freq.device)
 
     def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         angles_BTK = position_ids_BT.float()[..., None] * self.inv_freq.float()

@@ -1,0 +1,170 @@
+"""Hugging Face export/import: logits parity with transformers, round trips, checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megadoc_pl.model.hf import (
+    export_hf,
+    load_hf_weights,
+    load_model_from_checkpoint,
+    to_hf_config,
+)
+from megadoc_pl.model.llama import Llama, LlamaConfig
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 300
+
+
+def _model(seed: int = 0, **kw) -> Llama:
+    torch.manual_seed(seed)
+    # GQA and a non-default RoPE base so that both must be carried over correctly
+    cfg = LlamaConfig.from_name("nano", vocab_size=VOCAB, rope_theta=500.0, attention_backend="sdpa", **kw)
+    return Llama(cfg).eval()
+
+
+def _ids(T: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, T), generator=torch.Generator().manual_seed(5))
+
+
+def _hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+def test_export_loads_in_transformers_with_equal_logits(tmp_path, tiny_tokenizer_path):
+    model = _model()
+    out = export_hf(model, tmp_path / "hf", tokenizer=tiny_tokenizer_path)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    ids = _ids()
+    with torch.no_grad():
+        ours = model.logits(model(ids))
+    theirs = _hf_logits(out, ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is False
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (0, 1)
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(out))
+    text = "The quick brown fox founded Brindle."
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == Tokenizer.from_file(str(tiny_tokenizer_path)).encode(text).ids
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<s>", "</s>", "<pad>")
+
+
+def test_export_refuses_to_overwrite_and_bf16(tmp_path):
+    model = _model()
+    export_hf(model, tmp_path / "hf", dtype="bfloat16")
+    with pytest.raises(ValueError, match="already exists"):
+        export_hf(model, tmp_path / "hf")
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "hf" / "model.safetensors"))["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_round_trip_export_import(tmp_path):
+    model = _model()
+    export_hf(model, tmp_path / "hf")
+    back = Llama.from_hf(tmp_path / "hf")
+    assert back.cfg.rope_theta == 500.0 and back.cfg.n_kv_heads == 2
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, atol=0, rtol=0)
+    fresh = load_hf_weights(_model(seed=1), tmp_path / "hf")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids), model(ids), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="d_mlp=192 but the model has d_mlp=256"):
+        load_hf_weights(_model(d_mlp=256), tmp_path / "hf")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_import_transformers_model(tmp_path, tied):
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = HFConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+                      rope_parameters={"rope_type": "default", "rope_theta": 20000.0})
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(str(tmp_path / "src"))
+    ours = Llama.from_hf(tmp_path / "src").eval()
+    assert (ours.cfg.n_kv_heads, ours.cfg.rope_theta, ours.cfg.d_mlp) == (1, 20000.0, 160)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(ours(ids)), hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_import_rejects_unsupported_configs(tmp_path):
+    export_hf(_model(), tmp_path / "hf")
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        Llama.from_hf(tmp_path / "hf")
+    with pytest.raises(ValueError, match="no config.json"):
+        Llama.from_hf(tmp_path)
+
+
+def test_hf_config_fields():
+    cfg = to_hf_config(LlamaConfig.from_name("600m"), bos_token_id=0, eos_token_id=1)
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["intermediate_size"], cfg["vocab_size"], cfg["max_position_embeddings"]) == (1024, 24, 16, 8, 3584, 128256, 4096)
+    assert cfg["rope_theta"] == 10000.0 and cfg["rms_norm_eps"] == 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning checkpoints (the format of train/module.py: model under `model`, recipe under hparams['cfg'])
+
+
+def _save_ckpt(path: Path, model: Llama, tokenizer, compiled: bool = False) -> dict:
+    cfg = {
+        "recipe": "baseline_real",
+        "model": {"size": "nano", "vocab_size": None, "attention_backend": "sdpa", "rope_theta": 500.0,
+                  "loss_chunk_size": 64, "overrides": {}},
+        "data": {"tokenizer": str(tokenizer) if tokenizer else None},
+    }
+    prefix = "model._orig_mod." if compiled else "model."
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    state["some_metric.total"] = torch.zeros(())  # other module state is ignored
+    torch.save({"state_dict": state, "hyper_parameters": {"cfg": cfg}, "global_step": 3}, path)
+    return cfg
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_load_model_from_checkpoint(tmp_path, compiled):
+    model = _model()
+    cfg = _save_ckpt(tmp_path / "last.ckpt", model, None, compiled)
+    loaded, got_cfg = load_model_from_checkpoint(tmp_path / "last.ckpt")
+    assert got_cfg == cfg
+    assert loaded.cfg.vocab_size == VOCAB and loaded.cfg.loss_chunk_size == 64 and loaded.cfg.rope_theta == 500.0
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
+
+
+def test_export_tool_end_to_end(tmp_path, tiny_tokenizer_path):
+    model = _model()
+    _save_ckpt(tmp_path / "last.ckpt", model, tiny_tokenizer_path)
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(tmp_path / "last.ckpt"),
+                          "--out", str(tmp_path / "hf")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(_hf_logits(tmp_path / "hf", ids), model.logits(model(ids)), atol=1e-4, rtol=1e-4)
+    again = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(tmp_path / "last.ckpt"),
+                            "--out", str(tmp_path / "hf")], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
