@@ -1,0 +1,86 @@
+"""The demo world: deterministic, well-formed, truthful meta, shared facts, a long tail."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from megadoc_pl.demo.world import (
+    PREDICATES,
+    WORLD_VERSION,
+    build_world,
+    document_id,
+    parse_document_id,
+    world_jsonl,
+    write_world,
+)
+
+
+def _docs(seed: int, n: int) -> list[dict]:
+    return [json.loads(line) for line in world_jsonl(seed, n).splitlines()]
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    a = write_world(tmp_path / "a.jsonl", seed=3, num_documents=80)
+    build_world.cache_clear()  # rebuild from scratch, not from the in-process cache
+    b = write_world(tmp_path / "b.jsonl", seed=3, num_documents=80)
+    assert a.read_bytes() == b.read_bytes()
+    c = write_world(tmp_path / "c.jsonl", seed=4, num_documents=80)
+    assert a.read_bytes() != c.read_bytes()
+
+
+def test_shape_ids_and_meta():
+    docs = _docs(0, 120)
+    assert len(docs) == 120
+    assert [d["id"] for d in docs] == [document_id(0, 120, i) for i in range(120)]
+    assert parse_document_id(docs[7]["id"]) == (0, 120, 7)
+    assert parse_document_id("demo-v999-s0-n120-000007") is None
+    assert parse_document_id("cc-123") is None
+    world = build_world(0, 120)
+    for d in docs:
+        meta = d["meta"]
+        assert set(meta) == {"genre", "subject", "entities", "facts", "world"}
+        assert meta["world"] == {"seed": 0, "num_documents": 120, "version": WORLD_VERSION}
+        assert meta["facts"], f"{d['id']} states no facts"
+        assert len(set(meta["facts"])) == len(meta["facts"])
+        assert meta["subject"] in world.entities
+        assert set(meta["entities"]) <= set(world.entities)
+        assert d["text"].strip() and "{" not in d["text"]  # every placeholder was filled
+
+
+def test_meta_facts_are_stated_in_the_text():
+    # The template generator trusts meta["facts"]: every fact's words must be in the document.
+    world = build_world(1, 150)
+    for d in _docs(1, 150):
+        low = d["text"].lower()
+        for fid in d["meta"]["facts"]:
+            for key in world.key_strings(world.facts[fid], skip_entity=d["meta"]["subject"]):
+                assert key.lower() in low, (d["id"], fid, key)
+
+
+def test_facts_are_shared_and_varied():
+    docs = _docs(0, 400)
+    mentions = Counter(f for d in docs for f in d["meta"]["facts"])
+    world = build_world(0, 400)
+    # Facts recur across documents (what makes restatements useful), and most facts appear.
+    assert sum(mentions.values()) / len(mentions) > 2.0
+    assert len(mentions) > 0.6 * len(world.facts)
+    genres = Counter(d["meta"]["genre"] for d in docs)
+    assert set(genres) == {"biography", "history", "encyclopedia", "news", "list", "chronicle"}
+    predicates = {world.facts[f].predicate for f in mentions}
+    assert predicates == set(PREDICATES)
+    # Facts are worded in several ways across the corpus: every wording of `born` is used.
+    texts = "\n".join(d["text"] for d in docs)
+    used = set()
+    for fact in world.facts.values():
+        if fact.predicate == "born" and mentions[fact.id]:
+            words = world.text_values(fact)
+            used |= {i for i, t in enumerate(PREDICATES["born"].statements) if t.format(**words)[1:] in texts}
+    assert used == set(range(len(PREDICATES["born"].statements)))
+
+
+def test_world_rejects_empty():
+    with pytest.raises(ValueError, match="num_documents"):
+        build_world(0, 0)
