@@ -1,0 +1,178 @@
+"""LightningDataModule: training windows by global index + named validation sets.
+
+Data order is a pure function of (recipe, seed, global window index); ranks take indices:
+
+- Step s trains on global windows ``[s * G, (s + 1) * G)`` with ``G = train.global_batch_size``.
+- With W ranks, micro-batch m and accumulation A (``G = W * m * A``), rank r's micro-batch j
+  of step s is windows ``s*G + r*m*A + j*m + [0, m)``. The set of windows of every step, and
+  so the optimisation, is the same for any number of ranks and nodes.
+- Resume: ``state_dict`` records the windows consumed (global step x G at checkpoint time)
+  and the dataset fingerprint; ``load_state_dict`` refuses a checkpoint whose fingerprint
+  differs. Lightning saves/restores both with the checkpoint, and the sampler starts at the
+  restored position whenever the training dataloader is iterated.
+
+The Trainer must run with ``use_distributed_sampler=False`` (the sampler shards by index
+itself) and ``accumulate_grad_batches = accumulation_steps(G, m, W)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader, Sampler
+
+from megadoc_pl.data.mixture import MixturePlan
+from megadoc_pl.data.windows import Windows
+
+
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step; one-line error when G is not divisible."""
+    per = micro_batch_size * world_size
+    if micro_batch_size < 1 or global_batch_size % per:
+        raise ValueError(
+            f"train.global_batch_size ({global_batch_size}) must be a multiple of train.micro_batch_size "
+            f"({micro_batch_size}) x world size ({world_size}) = {per}"
+        )
+    return global_batch_size // per
+
+
+class TrainBatchSampler(Sampler):
+    """This rank's micro-batches of global window indices, from the current position to ``end_step``."""
+
+    def __init__(self, start_window: Callable[[], int], end_step: int, global_batch_size: int,
+                 micro_batch_size: int, rank: int = 0, world_size: int = 1):
+        self.start_window, self.end_step = start_window, int(end_step)
+        self.G, self.m, self.rank, self.world = global_batch_size, micro_batch_size, rank, world_size
+        self.A = accumulation_steps(global_batch_size, micro_batch_size, world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+
+    def _start_step(self) -> int:
+        start = int(self.start_window())
+        if start % self.G:
+            raise ValueError(
+                f"resume position {start} windows is not a whole number of global batches of {self.G} "
+                "(train.global_batch_size changed since the checkpoint; restore it)"
+            )
+        return start // self.G
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self._start_step(), self.end_step):
+            base = step * self.G + self.rank * self.m * self.A
+            for j in range(self.A):
+                lo = base + j * self.m
+                yield list(range(lo, lo + self.m))
+
+    def __len__(self) -> int:
+        return max(self.end_step - self._start_step(), 0) * self.A
+
+
+class ValBatchSampler(Sampler):
+    """Batches of ``[0, n)`` in order; batch b goes to rank ``b % world`` (disjoint, complete)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.n, self.bs, self.rank, self.world = int(n), int(batch_size), rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in range(self.rank, -(-self.n // self.bs), self.world):
+            yield list(range(b * self.bs, min((b + 1) * self.bs, self.n)))
+
+    def __len__(self) -> int:
+        nb = -(-self.n // self.bs)
+        return len(range(self.rank, nb, self.world))
+
+
+class MegadocDataModule(pl.LightningDataModule):
+    """Training windows (map-style by global index) and named validation sets."""
+
+    def __init__(self, train: Windows, val: Mapping[str, Windows], plan: MixturePlan, *, micro_batch_size: int,
+                 max_steps: Optional[int] = None, num_workers: int = 0, fingerprint: str = "",
+                 val_batch_size: Optional[int] = None):
+        super().__init__()
+        self.train_windows = train
+        self.val_windows = dict(val)
+        self.plan = plan
+        self.global_batch_size = plan.global_batch_size
+        self.micro_batch_size = int(micro_batch_size)
+        self.max_steps = int(max_steps if max_steps is not None else plan.steps)
+        self.num_workers = int(num_workers)
+        self.fingerprint = fingerprint
+        self.val_batch_size = int(val_batch_size or micro_batch_size)
+        self._base_windows = 0  # windows consumed at the restored checkpoint
+        self._base_step = 0  # trainer.global_step at that checkpoint
+
+    # ------------------------------------------------------------------------- topology
+
+    @property
+    def val_set_names(self) -> list[str]:
+        return list(self.val_windows)
+
+    def _topology(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return 0, 1
+        world = int(trainer.world_size)
+        if world > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError("run the Trainer with use_distributed_sampler=False: megadoc_pl shards windows by index")
+        return int(trainer.global_rank), world
+
+    def _trainer_or_none(self):
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
+    # ------------------------------------------------------------------------- position
+
+    def windows_consumed(self) -> int:
+        """Training windows consumed so far (global, all ranks)."""
+        trainer = self._trainer_or_none()
+        step = int(trainer.global_step) if trainer is not None else self._base_step
+        return self._base_windows + (step - self._base_step) * self.global_batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer_or_none()
+        return {
+            "fingerprint": self.fingerprint,
+            "windows_consumed": self.windows_consumed(),
+            "global_step": int(trainer.global_step) if trainer is not None else self._base_step,
+            "global_batch_size": self.global_batch_size,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        theirs = state.get("fingerprint", "")
+        if theirs != self.fingerprint:
+            raise ValueError(
+                f"cannot resume: the checkpoint's dataset fingerprint {str(theirs)[:12]} differs from this run's "
+                f"{self.fingerprint[:12]} (the data recipe, token stores or data_seed changed) "
+                "(fix: resume with the original recipe and data, or start a new run)"
+            )
+        self._base_windows = int(state["windows_consumed"])
+        self._base_step = int(state.get("global_step", self._base_windows // self.global_batch_size))
+
+    # ------------------------------------------------------------------------- loaders
+
+    def _loader(self, dataset: Windows, sampler: Sampler) -> DataLoader:
+        # batch_size=None: each sampler item is a list of indices, fetched as one vectorised batch.
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=False, pin_memory=False)
+
+    def train_sampler(self, rank: Optional[int] = None, world_size: Optional[int] = None) -> TrainBatchSampler:
+        r, w = self._topology()
+        return TrainBatchSampler(self.windows_consumed, self.max_steps, self.global_batch_size, self.micro_batch_size,
+                                 r if rank is None else rank, w if world_size is None else world_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_windows, self.train_sampler())
+
+    def val_dataloader(self) -> list[DataLoader]:
+        r, w = self._topology()
+        return [self._loader(ws, ValBatchSampler(len(ws), self.val_batch_size, r, w)) for ws in self.val_windows.values()]
+
+    # ------------------------------------------------------------------------- inspection
+
+    def describe_windows(self, windows: Sequence[int]) -> list[dict]:
+        """Sources of training windows (NaN reports, dump_windows)."""
+        return [self.train_windows.describe(int(k)) for k in np.asarray(windows).ravel()]

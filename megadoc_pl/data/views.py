@@ -1,0 +1,498 @@
+"""Corpus views (SPEC 4): token stores -> units of pieces.
+
+A *piece* is a token span ``[start, start + length)`` of one document of a token source (a
+:class:`~megadoc_pl.data.store.TokenStore`, or the small :class:`LiteralTokens` table holding
+delimiter tokens). A *unit* is a list of pieces that stay contiguous in the training stream; a
+stream's pass is its units shuffled as wholes and concatenated.
+
+Notation: source s has real text r(s) (one document of the real store) and generations
+g_1(s)..g_P(s) (documents of the synthetic store with ``source_id`` s), of which a view uses the
+first G by ``gen_index``.
+
+==============  ==========================================================================
+view            units
+==============  ==========================================================================
+real            one per source: r(s)
+rephrase        one per piece: each g_i(s), plus r(s) once when ``include_real``
+stitch          one per source: g_1..g_G (generation order or shuffled, seeded), r(s) placed
+                ``last`` | ``first`` | ``none``; every piece keeps its own BOS/EOS, so each
+                is its own document for attention scope ``document``
+stretch         one per source: r(s) cut into G+1 equal-token segments (equal_token_split),
+                rationale i (task ``rationale``, split_index i) after segment i, wrapped in
+                open/close delimiter tokens; BOS/EOS of the rationales are stripped so the
+                whole megadoc is ONE document
+stitch_stretch  hybrid: the stitch megadoc with the stretched r(s) in place of r(s)
+maga            one per (genre, audience) reformulation (task ``maga``), optionally only
+                those with ``judge_score >= judge_min_score``
+maga_stitch     one per source: its reformulations stitched, r(s) placed as in ``stitch``
+==============  ==========================================================================
+
+Document identity of a piece: ``newdoc`` marks a document boundary at its first token (every
+stored document starts one, except the parts of a stretched megadoc after its first) and
+``docpos`` is the position of its first token inside that document. Unit identity is the unit
+itself (scope ``megadoc``). Source ids come from the token source of each piece.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from megadoc_pl.data.segments import equal_token_split
+
+VIEWS = ("real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch")
+SYNTHETIC_TASK = {
+    "rephrase": "rephrase",
+    "stitch": "rephrase",
+    "stretch": "rationale",
+    "stitch_stretch": "rephrase",
+    "maga": "maga",
+    "maga_stitch": "maga",
+}
+REAL_POSITIONS = ("last", "first", "none")
+ORDERS = ("generation", "shuffled")
+SHORT_POOL = ("error", "drop")
+
+
+class LiteralTokens:
+    """A tiny in-memory token source (delimiters) with the TokenStore attributes windows use."""
+
+    def __init__(self, token_lists: Sequence[Sequence[int]], names: Sequence[str]):
+        lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
+        self.offsets_full = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = [int(x) for t in token_lists for x in t]
+        self.token_array = np.array(flat, dtype=np.int64)
+        self.names = list(names)
+        self.path = None
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.names)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets_full)
+
+    def tokens(self, i: int) -> np.ndarray:
+        return self.token_array[self.offsets_full[i] : self.offsets_full[i + 1]]
+
+    def source_id(self, i: int) -> str:
+        return self.names[i]
+
+    def task(self, i: int) -> str:
+        return "delimiter"
+
+    def gen_index(self, i: int) -> int:
+        return -1
+
+
+@dataclass
+class Units:
+    """Units of one stream in columnar form: pieces in unit order, CSR over units."""
+
+    sources: tuple  # token sources referenced by piece_src (TokenStore / LiteralTokens)
+    piece_src: np.ndarray  # (P,) int64 index into sources
+    piece_doc: np.ndarray  # (P,) int64 document in that source
+    piece_start: np.ndarray  # (P,) int64 first token of the span inside the document
+    piece_len: np.ndarray  # (P,) int64 tokens in the span (> 0)
+    piece_newdoc: np.ndarray  # (P,) bool: a document boundary at the span's first token
+    piece_docpos: np.ndarray  # (P,) int64 position of the span's first token in its document
+    unit_ptr: np.ndarray  # (U + 1,) int64: unit u is pieces unit_ptr[u]:unit_ptr[u + 1]
+    name: str = ""
+    stats: dict = field(default_factory=dict)  # sources kept / dropped / held out, filters
+
+    @property
+    def num_units(self) -> int:
+        return len(self.unit_ptr) - 1
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.piece_len)
+
+    @property
+    def unit_tokens(self) -> np.ndarray:
+        cum = np.concatenate([[0], np.cumsum(self.piece_len)])
+        return cum[self.unit_ptr[1:]] - cum[self.unit_ptr[:-1]]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.piece_len.sum())
+
+    def unit(self, u: int) -> list[tuple]:
+        """Unit u as (source index, doc, start, length, newdoc, docpos) tuples (tests, tools)."""
+        lo, hi = self.unit_ptr[u], self.unit_ptr[u + 1]
+        return [
+            (int(self.piece_src[k]), int(self.piece_doc[k]), int(self.piece_start[k]),
+             int(self.piece_len[k]), bool(self.piece_newdoc[k]), int(self.piece_docpos[k]))
+            for k in range(lo, hi)
+        ]
+
+    def unit_tokens_of(self, u: int) -> np.ndarray:
+        """The concatenated tokens of unit u (reference path for tests and tools)."""
+        parts = [
+            np.asarray(self.sources[s].token_array[self.sources[s].offsets_full[d] + a :
+                                                   self.sources[s].offsets_full[d] + a + n])
+            for s, d, a, n, _, _ in self.unit(u)
+        ]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces grouped per source (CSR), the building block every view composes.
+
+
+@dataclass
+class _Groups:
+    """Pieces grouped per source; all groups of one view share the same source order."""
+
+    ptr: np.ndarray  # (S + 1,) int64
+    src: np.ndarray
+    doc: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    newdoc: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.ptr)
+
+    @staticmethod
+    def single(src: int, docs: np.ndarray, lengths: np.ndarray) -> "_Groups":
+        """One whole stored document per source."""
+        n = len(docs)
+        return _Groups(np.arange(n + 1, dtype=np.int64), np.full(n, src, np.int64), docs.astype(np.int64),
+                       np.zeros(n, np.int64), lengths.astype(np.int64), np.ones(n, bool))
+
+    def take(self, keep: np.ndarray) -> "_Groups":
+        """The groups of the sources where ``keep`` is True."""
+        counts = self.counts[keep]
+        idx = _ranges(self.ptr[:-1][keep], counts)
+        ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return _Groups(ptr, self.src[idx], self.doc[idx], self.start[idx], self.length[idx], self.newdoc[idx])
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n), vectorised."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    keep = lengths > 0
+    starts, lengths = np.asarray(starts, np.int64)[keep], lengths[keep]
+    ends = np.cumsum(lengths)
+    out = np.ones(total, dtype=np.int64)
+    out[0] = starts[0]
+    out[ends[:-1]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
+    return np.cumsum(out)
+
+
+def _concat(parts: Sequence[_Groups]) -> _Groups:
+    """Per source, the pieces of parts[0], then parts[1], ... (vectorised CSR interleave)."""
+    counts = np.stack([p.counts for p in parts])  # (K, S)
+    total = counts.sum(axis=0)
+    ptr = np.concatenate([[0], np.cumsum(total)]).astype(np.int64)
+    n = int(ptr[-1])
+    cols = {k: np.empty(n, dtype=getattr(parts[0], k).dtype) for k in ("src", "doc", "start", "length", "newdoc")}
+    before = np.zeros_like(total)
+    for p, c in zip(parts, counts):
+        dest = _ranges(ptr[:-1] + before, c)
+        for k, arr in cols.items():
+            arr[dest] = getattr(p, k)
+        before = before + c
+    return _Groups(ptr, cols["src"], cols["doc"], cols["start"], cols["length"], cols["newdoc"])
+
+
+def _to_units(g: _Groups, sources: tuple, name: str, stats: dict, split_each: bool = False) -> Units:
+    """Groups -> Units: one unit per non-empty group, or one per piece with ``split_each``.
+
+    Empty spans (an empty delimiter) are dropped; every unit starts a document.
+    """
+    unit_of = np.arange(len(g.length)) if split_each else np.repeat(np.arange(len(g.counts)), g.counts)
+    keep = g.length > 0
+    unit_of = unit_of[keep]
+    src, doc, start, length = g.src[keep], g.doc[keep], g.start[keep], g.length[keep]
+    newdoc = g.newdoc[keep].copy()
+    first = np.ones(len(unit_of), bool)
+    first[1:] = unit_of[1:] != unit_of[:-1]
+    newdoc |= first
+    ptr = np.concatenate([np.flatnonzero(first), [len(unit_of)]]).astype(np.int64)
+    return Units(sources, src, doc, start, length, newdoc, _docpos(length, newdoc), ptr, name, stats)
+
+
+def _docpos(length: np.ndarray, newdoc: np.ndarray) -> np.ndarray:
+    """Position of each piece's first token inside its document (documents start at newdoc)."""
+    cum = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
+    doc_start = np.maximum.accumulate(np.where(newdoc, cum, 0)) if len(cum) else cum
+    return cum - doc_start
+
+
+# ---------------------------------------------------------------------------------------------
+# Source pools
+
+
+@dataclass
+class _Pools:
+    """Training sources (real store order) and their first-G generation pools of one task."""
+
+    real_docs: np.ndarray  # (S,) real store document of each training source
+    ids: np.ndarray  # (S,) source ids
+    gens: _Groups  # per source: its selected generations, in gen_index order
+    stats: dict
+
+
+def _train_sources(real, heldout: set[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    ids = real.source_ids
+    held = np.fromiter((i in heldout for i in ids), dtype=bool, count=len(ids)) if heldout else np.zeros(len(ids), bool)
+    docs = np.flatnonzero(~held)
+    return docs, ids[docs], {"sources": int(len(docs)), "heldout_sources_excluded": int(held.sum())}
+
+
+def _pools(real, synth, task: str, heldout: set[str], generations: int, short_pool: str,
+           judge_min_score: Optional[float] = None, keep_all: bool = False) -> _Pools:
+    """First-G generations (by gen_index) of ``task`` for every training source."""
+    real_docs, ids, stats = _train_sources(real, heldout)
+    if synth is None:
+        raise ValueError(f"view needs generations of task '{task}' but data.synthetic is not set "
+                         "(fix: point data.synthetic at tools/synthesize.py output)")
+    tasks, sids = synth.tasks, synth.source_ids
+    is_task = tasks == task
+    if not is_task.any():
+        have = sorted(set(tasks.tolist()))
+        raise ValueError(f"{synth.path}: no generations of task '{task}' (the store has tasks {have}) "
+                         f"(fix: generate them with tools/synthesize.py --task {task}, or pick another data.view)")
+    where = {sid: k for k, sid in enumerate(real.source_ids)}
+    gen_docs = np.flatnonzero(is_task)
+    src_doc = np.fromiter((where.get(s, -1) for s in sids[gen_docs]), dtype=np.int64, count=len(gen_docs))
+    unknown = src_doc < 0
+    if unknown.any():
+        first = sids[gen_docs[np.flatnonzero(unknown)[0]]]
+        raise ValueError(
+            f"{synth.path}: {int(unknown.sum())} '{task}' generations name sources that are not in the "
+            f"real corpus (e.g. source_id={first!r}) (fix: point data.real at the corpus they were generated from)"
+        )
+    held = np.fromiter((s in heldout for s in sids[gen_docs]), dtype=bool, count=len(gen_docs)) if heldout else np.zeros(len(gen_docs), bool)
+    stats["heldout_generations_excluded"] = int(held.sum())
+    gen_docs, src_doc = gen_docs[~held], src_doc[~held]
+    # Position of each generation's source among the training sources (real store order).
+    pos_of_doc = np.full(real.num_documents, -1, np.int64)
+    pos_of_doc[real_docs] = np.arange(len(real_docs))
+    pos = pos_of_doc[src_doc]
+    order = np.lexsort((synth.gen_indices[gen_docs], pos))
+    gen_docs, pos = gen_docs[order], pos[order]
+    counts = np.bincount(pos, minlength=len(real_docs))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(pos)) - starts[pos]
+    short = counts < generations
+    stats["pool_min"] = int(counts.min()) if len(counts) else 0
+    if short.any():
+        if short_pool == "error":
+            k = int(np.flatnonzero(short)[0])
+            raise ValueError(
+                f"source {ids[k]!r} has {int(counts[k])} '{task}' generations but the recipe uses G={generations} "
+                f"({int(short.sum())} of {len(short)} sources are short) (fix: lower data.generations, generate "
+                f"more, or set data.short_pool=drop)"
+            )
+        if short_pool != "drop":
+            raise ValueError(f"data.short_pool must be one of {SHORT_POOL}, got {short_pool!r}")
+    stats["short_pool_sources_dropped"] = int(short.sum())
+    sel = np.ones(len(pos), bool) if keep_all else rank < generations
+    if judge_min_score is not None:
+        score = synth.column("judge_score")[gen_docs]
+        passed = score >= judge_min_score  # NaN (never judged) fails the filter
+        stats["judge_filtered"] = int((sel & ~passed).sum())
+        sel &= passed
+    gen_docs, pos = gen_docs[sel], pos[sel]
+    gcounts = np.bincount(pos, minlength=len(real_docs))
+    ptr = np.concatenate([[0], np.cumsum(gcounts)]).astype(np.int64)
+    gens = _Groups(ptr, np.ones(len(gen_docs), np.int64), gen_docs.astype(np.int64), np.zeros(len(gen_docs), np.int64),
+                   synth.lengths[gen_docs].astype(np.int64), np.ones(len(gen_docs), bool))
+    keep = ~short
+    stats["sources_kept"] = int(keep.sum())
+    stats["generations_used"] = int(gcounts[keep].sum())
+    return _Pools(real_docs[keep], ids[keep], gens.take(keep), stats)
+
+
+def _shuffle_within(g: _Groups, seed: int) -> _Groups:
+    """Permute the pieces inside every group (seeded; the same every pass)."""
+    rng = np.random.default_rng(seed)
+    key = rng.random(len(g.length))
+    grp = np.repeat(np.arange(len(g.counts)), g.counts)
+    order = np.lexsort((key, grp))
+    return _Groups(g.ptr, g.src[order], g.doc[order], g.start[order], g.length[order], g.newdoc[order])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stretch: rationales inside the original
+
+
+def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[int], close_ids: Sequence[int],
+             lit_src: int, short_pool: str) -> tuple[_Groups, np.ndarray]:
+    """Per source: r(s) in G+1 equal-token segments with rationale i after segment i.
+
+    Returns the groups and a keep mask over pools' sources (short pools dropped when asked).
+    The original's segments are checked to tile the stored document exactly (verbatim).
+    """
+    bos, eos = int(real.add_bos), int(real.add_eos)
+    sbos, seos = int(synth.add_bos), int(synth.add_eos)
+    r_len = real.lengths
+    split_col = synth.column("split_index")
+    syn_len = synth.lengths
+    has_open, has_close = len(open_ids) > 0, len(close_ids) > 0
+    src, doc, start, length, newdoc, ptr = [], [], [], [], [], [0]
+    keep = np.ones(len(pools.ids), bool)
+    for k in range(len(pools.ids)):
+        d = int(pools.real_docs[k])
+        n = int(r_len[d]) - bos - eos  # content tokens
+        cuts = equal_token_split(n, generations)
+        pool = pools.gens.doc[pools.gens.ptr[k] : pools.gens.ptr[k + 1]]
+        # One rationale per split point: order by split_index (gen_index when absent), first wins.
+        sidx = split_col[pool]
+        sidx = np.where(sidx >= 0, sidx, synth.gen_indices[pool])
+        uniq, first = np.unique(sidx, return_index=True)
+        if len(uniq) < len(cuts) or (len(cuts) and not np.array_equal(uniq[: len(cuts)], np.arange(len(cuts)))):
+            if short_pool == "drop":
+                keep[k] = False
+                continue
+            raise ValueError(
+                f"source {pools.ids[k]!r} has rationales for split points {uniq.tolist()[:8]} but stretch with "
+                f"G={generations} needs split_index 0..{len(cuts) - 1} (fix: generate rationales with "
+                f"--generations {generations}, or set data.short_pool=drop)"
+            )
+        if len(uniq) > len(cuts):
+            raise ValueError(
+                f"source {pools.ids[k]!r} has rationales for {len(uniq)} split points but stretch with "
+                f"G={generations} splits it at {len(cuts)}: rationales are tied to the split they were "
+                f"generated for (fix: set data.generations={len(uniq)} or regenerate with --generations {generations})"
+            )
+        rats = pool[first[: len(cuts)]]
+        bounds = [0] + [bos + c for c in cuts] + [n + bos + eos]  # segments of the stored document
+        seg_lo, seg_hi = bounds[:-1], bounds[1:]
+        # Invariant: the real segments tile the stored document exactly, in order.
+        assert seg_lo[0] == 0 and seg_hi[-1] == r_len[d] and all(a == b for a, b in zip(seg_hi[:-1], seg_lo[1:]))
+        for i in range(len(seg_lo)):
+            src.append(0); doc.append(d); start.append(seg_lo[i]); length.append(seg_hi[i] - seg_lo[i]); newdoc.append(i == 0)
+            if i < len(rats):
+                r = int(rats[i])
+                if has_open:
+                    src.append(lit_src); doc.append(0); start.append(0); length.append(len(open_ids)); newdoc.append(False)
+                src.append(1); doc.append(r); start.append(sbos); length.append(int(syn_len[r]) - sbos - seos); newdoc.append(False)
+                if has_close:
+                    src.append(lit_src); doc.append(1); start.append(0); length.append(len(close_ids)); newdoc.append(False)
+        ptr.append(len(src))
+    # Sources dropped above have no pieces; compact to the kept ones.
+    g = _Groups(np.asarray(ptr, np.int64), np.asarray(src, np.int64), np.asarray(doc, np.int64),
+                np.asarray(start, np.int64), np.asarray(length, np.int64), np.asarray(newdoc, bool))
+    return g.take(keep), keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+
+
+@dataclass
+class ViewOptions:
+    """The data.* keys a view reads (see config.DataConfig)."""
+
+    view: str = "real"
+    generations: int = 0
+    include_real: bool = True
+    real_position: str = "last"
+    order: str = "generation"
+    stretch_open: str = "<think>"
+    stretch_close: str = "</think>"
+    judge_min_score: Optional[float] = None
+    short_pool: str = "error"
+    seed: int = 42  # data seed (shuffled order within megadocs)
+
+    @classmethod
+    def from_config(cls, data: Any, seed: int) -> "ViewOptions":
+        return cls(view=data.view, generations=int(data.generations), include_real=bool(data.include_real),
+                   real_position=data.real_position, order=data.order, stretch_open=data.stretch_open,
+                   stretch_close=data.stretch_close, judge_min_score=data.judge_min_score,
+                   short_pool=data.short_pool, seed=seed)
+
+    def validate(self) -> None:
+        for key, value, allowed in (("view", self.view, VIEWS), ("real_position", self.real_position, REAL_POSITIONS),
+                                    ("order", self.order, ORDERS), ("short_pool", self.short_pool, SHORT_POOL)):
+            if value not in allowed:
+                raise ValueError(f"data.{key}={value!r} is not one of {', '.join(allowed)}")
+        if self.view != "real" and self.generations < 1:
+            raise ValueError(f"data.view={self.view} needs data.generations >= 1 (G generations per source), got {self.generations}")
+
+
+def real_units(real, heldout: Iterable[str] = ()) -> Units:
+    """The real stream: one unit per training source, r(s) (its stored BOS/EOS included)."""
+    docs, _, stats = _train_sources(real, set(heldout))
+    g = _Groups.single(0, docs, real.lengths[docs])
+    return _to_units(g, (real,), "real", stats)
+
+
+def documents_units(store, docs: Optional[np.ndarray] = None, name: str = "documents") -> Units:
+    """One unit per listed document of a store, in the given order (validation sets)."""
+    docs = np.arange(store.num_documents) if docs is None else np.asarray(docs, np.int64)
+    return _to_units(_Groups.single(0, docs, store.lengths[docs]), (store,), name, {"documents": int(len(docs))})
+
+
+def build_view(real, synth, opts: ViewOptions, heldout: Iterable[str] = (),
+               encode: Optional[Callable[[str], list[int]]] = None) -> Units:
+    """The synthetic stream of ``opts.view`` (``real`` gives the real stream itself).
+
+    Token sources of the result: 0 = real store, 1 = synthetic store, 2 = delimiter literals.
+    ``encode`` (text -> token ids, no specials) is needed by the stretch views' delimiters.
+    """
+    opts.validate()
+    heldout = set(heldout)
+    if opts.view == "real":
+        return real_units(real, heldout)
+    task = SYNTHETIC_TASK[opts.view]
+    judge = opts.judge_min_score if opts.view in ("maga", "maga_stitch") else None
+    name = opts.view
+    if opts.view == "stretch":
+        pools = _pools(real, synth, "rationale", heldout, 0, opts.short_pool, keep_all=True)
+    else:
+        pools = _pools(real, synth, task, heldout, opts.generations, opts.short_pool, judge)
+    stats = dict(pools.stats)
+    gens = pools.gens
+    if opts.order == "shuffled":
+        gens = _shuffle_within(gens, opts.seed)
+
+    lit = None
+    if opts.view in ("stretch", "stitch_stretch"):
+        if encode is None:
+            raise ValueError("stretch views need the tokenizer to encode data.stretch_open/stretch_close")
+        lit = LiteralTokens([encode(opts.stretch_open), encode(opts.stretch_close)],
+                            ["<stretch_open>", "<stretch_close>"])
+    sources = (real, synth) + ((lit,) if lit is not None else ())
+
+    if opts.view in ("rephrase", "maga"):
+        parts = [gens]
+        if opts.view == "rephrase" and opts.include_real:
+            parts.append(_Groups.single(0, pools.real_docs, real.lengths[pools.real_docs]))
+        return _to_units(_concat(parts), sources, name, stats, split_each=True)
+
+    if opts.view == "stretch" or opts.view == "stitch_stretch":
+        if opts.view == "stretch":
+            rat_pools = pools
+        else:
+            rat_pools = _pools(real, synth, "rationale", heldout, 0, opts.short_pool, keep_all=True)
+            stats["rationale_sources_kept"] = rat_pools.stats["sources_kept"]
+        stretched, ok = _stretch(real, synth, rat_pools, opts.generations, lit.tokens(0).tolist(),
+                                 lit.tokens(1).tolist(), 2, opts.short_pool)
+        stats["stretch_sources_dropped"] = int((~ok).sum())
+        if opts.view == "stretch":
+            stats["sources_kept"] = int(ok.sum())
+            return _to_units(stretched, sources, name, stats)
+        # Hybrid: align the rephrase pools and the stretched originals on common sources.
+        common, ia, ib = np.intersect1d(pools.real_docs, rat_pools.real_docs[ok], return_indices=True)
+        ma = np.zeros(len(pools.real_docs), bool); ma[ia] = True
+        mb = np.zeros(int(ok.sum()), bool); mb[ib] = True
+        gens, real_part = gens.take(ma), stretched.take(mb)
+        stats["sources_kept"] = int(len(common))
+    else:
+        real_part = _Groups.single(0, pools.real_docs, real.lengths[pools.real_docs])
+
+    # stitch / maga_stitch / stitch_stretch: one megadoc per source.
+    parts = {"last": [gens, real_part], "first": [real_part, gens], "none": [gens]}[opts.real_position]
+    return _to_units(_concat(parts), sources, name, stats)

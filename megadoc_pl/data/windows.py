@@ -1,0 +1,317 @@
+"""Window assembly and the batch contract (docs/ARCHITECTURE.md, SPEC 3.4), vectorised numpy.
+
+A stream is its units shuffled per pass (seed derived from (data_seed, stream, pass)) and the
+passes concatenated, repeating forever. Stream window j is the ``seq_len + 1`` tokens starting
+at stream token ``j * seq_len``: consecutive windows overlap by one token, so every token after
+the first is a target exactly once. Locating a window is two binary searches (unit in its
+pass, piece in its unit) on per-pass cumulative offsets; nothing iterates from the start.
+
+A batch of global window indices is turned into *clips* (the parts of pieces that fall in each
+window, in order) and then into the batch dict of the contract:
+``input_ids``, ``targets``, ``segment_ids``, ``cu_seqlens``, ``max_seqlen``, ``position_ids``,
+``doc_positions``, ``window_index``.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from megadoc_pl.data.mixture import MixturePlan, StreamDrawer
+from megadoc_pl.data.views import Units, _ranges
+from megadoc_pl.utils import stable_hash
+
+SCOPES = ("window", "document", "megadoc")
+
+
+def pass_seed(data_seed: int, stream: str, pass_index: int) -> int:
+    """The shuffle seed of one pass of one stream (independent of everything else)."""
+    return stable_hash(f"megadoc_pl/pass/{data_seed}/{stream}/{pass_index}")
+
+
+@dataclass
+class Clips:
+    """Parts of pieces inside a batch of windows, sorted by (row, offset in window)."""
+
+    row: np.ndarray  # window row in the batch
+    wpos: np.ndarray  # offset of the clip's first token inside the window
+    src: np.ndarray  # token source (index into the owner's ``sources``)
+    doc: np.ndarray  # document in that source
+    start: np.ndarray  # first token inside the document
+    n: np.ndarray  # tokens
+    newdoc: np.ndarray  # the clip's first token starts a document
+    newunit: np.ndarray  # the clip's first token starts a unit
+    docpos: np.ndarray  # position of the clip's first token inside its document
+
+    @staticmethod
+    def concat(parts: Sequence["Clips"]) -> "Clips":
+        cols = {k: np.concatenate([getattr(p, k) for p in parts]) for k in Clips.__dataclass_fields__}
+        order = np.lexsort((cols["wpos"], cols["row"]))
+        return Clips(**{k: v[order] for k, v in cols.items()})
+
+
+class StreamWindows:
+    """Windows of one stream (shuffled per pass and repeated, or in order and finite)."""
+
+    def __init__(self, units: Units, seq_len: int, data_seed: int = 0, name: str = "", shuffle: bool = True,
+                 repeat: bool = True, cache_passes: int = 4):
+        if units.num_units == 0 or units.num_tokens == 0:
+            raise ValueError(f"stream '{name or units.name}' has no tokens (every source was held out or dropped)")
+        self.units, self.seq_len, self.data_seed = units, int(seq_len), int(data_seed)
+        self.name = name or units.name
+        self.shuffle, self.repeat = shuffle, repeat
+        self.unit_tokens = units.unit_tokens
+        self.pass_tokens = int(self.unit_tokens.sum())
+        self.canon_start = np.concatenate([[0], np.cumsum(self.unit_tokens)]).astype(np.int64)
+        self.piece_key = np.concatenate([[0], np.cumsum(units.piece_len)[:-1]]).astype(np.int64)
+        self._cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._cache_size = cache_passes
+
+    @property
+    def num_windows(self) -> int:
+        """Windows available without repeating (finite streams: validation)."""
+        return max((self.pass_tokens - 1) // self.seq_len, 0)
+
+    def pass_order(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """(unit permutation, cumulative token starts) of pass p, cached (LRU)."""
+        hit = self._cache.get(p)
+        if hit is not None:
+            self._cache.move_to_end(p)
+            return hit
+        U = self.units.num_units
+        if self.shuffle:
+            perm = np.random.default_rng(pass_seed(self.data_seed, self.name, p)).permutation(U)
+        else:
+            perm = np.arange(U)
+        starts = np.concatenate([[0], np.cumsum(self.unit_tokens[perm])]).astype(np.int64)
+        self._cache[p] = (perm, starts)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return perm, starts
+
+    def clips(self, j: np.ndarray, rows: Optional[np.ndarray] = None) -> Clips:
+        """Clips of stream windows ``j`` (vectorised); ``rows`` are their rows in the batch."""
+        j = np.asarray(j, dtype=np.int64)
+        rows = np.arange(len(j)) if rows is None else np.asarray(rows, np.int64)
+        L, P = self.seq_len + 1, self.pass_tokens
+        a = j * self.seq_len
+        b = a + L
+        if not self.repeat and len(j) and (j.min() < 0 or int(j.max()) >= self.num_windows):
+            raise IndexError(f"stream '{self.name}' has {self.num_windows} windows, asked for {int(j.max())}")
+        p0, p1 = a // P, (b - 1) // P
+        nseg = p1 - p0 + 1
+        seg_win = np.repeat(np.arange(len(j)), nseg)
+        seg_pass = _ranges(p0, nseg)
+        seg_lo = np.maximum(a[seg_win] - seg_pass * P, 0)
+        seg_hi = np.minimum(b[seg_win] - seg_pass * P, P)
+        seg_wpos = seg_pass * P + seg_lo - a[seg_win]
+        parts = []
+        for p in np.unique(seg_pass):
+            m = np.flatnonzero(seg_pass == p)
+            parts.append(self._clip_pass(int(p), seg_lo[m], seg_hi[m], seg_wpos[m], rows[seg_win[m]]))
+        return Clips.concat(parts)
+
+    def _clip_pass(self, p: int, lo: np.ndarray, hi: np.ndarray, wpos: np.ndarray, row: np.ndarray) -> Clips:
+        U = self.units
+        perm, starts = self.pass_order(p)
+        # Units overlapping each [lo, hi) of the pass.
+        u_lo = np.searchsorted(starts, lo, side="right") - 1
+        u_hi = np.searchsorted(starts, hi, side="left")
+        cnt = u_hi - u_lo
+        seg = np.repeat(np.arange(len(lo)), cnt)
+        pos = _ranges(u_lo, cnt)
+        u = perm[pos]
+        ustart = starts[pos]
+        x_lo = np.maximum(lo[seg] - ustart, 0)
+        x_hi = np.minimum(hi[seg] - ustart, self.unit_tokens[u])
+        # Pieces overlapping [x_lo, x_hi) of each unit, found on the canonical piece offsets.
+        g_lo = self.canon_start[u] + x_lo
+        g_hi = self.canon_start[u] + x_hi
+        k_first = np.searchsorted(self.piece_key, g_lo, side="right") - 1
+        k_last = np.searchsorted(self.piece_key, g_hi - 1, side="right") - 1
+        kc = k_last - k_first + 1
+        own = np.repeat(np.arange(len(u)), kc)
+        k = _ranges(k_first, kc)
+        p_lo = self.piece_key[k]
+        c_lo = np.maximum(g_lo[own], p_lo)
+        c_hi = np.minimum(g_hi[own], p_lo + U.piece_len[k])
+        skip = c_lo - p_lo
+        s = seg[own]
+        # Offset in the window: segment offset + (clip start in pass - segment start in pass).
+        in_pass = ustart[own] + (c_lo - self.canon_start[u[own]])
+        return Clips(
+            row=row[s], wpos=wpos[s] + in_pass - lo[s], src=U.piece_src[k], doc=U.piece_doc[k],
+            start=U.piece_start[k] + skip, n=c_hi - c_lo, newdoc=U.piece_newdoc[k] & (skip == 0),
+            newunit=(k == U.unit_ptr[u[own]]) & (skip == 0), docpos=U.piece_docpos[k] + skip,
+        )
+
+
+def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int) -> np.ndarray:
+    """(B, L) int64 tokens of the clips, one fancy-index read per token source."""
+    out = np.empty(B * L, dtype=np.int64)
+    dest0 = clips.row * L + clips.wpos
+    for s in np.unique(clips.src):
+        m = clips.src == s
+        src = sources[int(s)]
+        first = src.offsets_full[clips.doc[m]] + clips.start[m]
+        out[_ranges(dest0[m], clips.n[m])] = src.token_array[_ranges(first, clips.n[m])]
+    return out.reshape(B, L)
+
+
+def collate(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int, scope: str) -> dict:
+    """The batch contract from the clips of B windows (numpy in, torch tensors out)."""
+    if scope not in SCOPES:
+        raise ValueError(f"attention scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    B, T = len(window_index), seq_len
+    L = T + 1
+    assert np.array_equal(np.bincount(clips.row, weights=clips.n, minlength=B), np.full(B, L)), "windows must be full"
+    tokens_BL = gather_tokens(clips, sources, B, L)
+    dest0 = clips.row * L + clips.wpos
+    dpos = np.repeat(clips.docpos - dest0, clips.n) + _ranges(dest0, clips.n)  # by flat window position
+    doc_positions_BL = np.empty(B * L, np.int64)
+    doc_positions_BL[_ranges(dest0, clips.n)] = dpos
+    new_BL = np.zeros(B * L, bool)
+    if scope != "window":
+        flag = clips.newdoc if scope == "document" else clips.newunit
+        new_BL[dest0[flag]] = True
+    new_BT = new_BL.reshape(B, L)[:, :T].copy()
+    new_BT[:, 0] = True  # every row starts a segment
+    segment_ids_BT = np.cumsum(new_BT, axis=1) - 1
+    t_BT = np.broadcast_to(np.arange(T), (B, T))
+    seg_start_BT = np.maximum.accumulate(np.where(new_BT, t_BT, 0), axis=1)
+    starts = np.flatnonzero(new_BT.ravel())
+    cu_seqlens = np.append(starts, B * T)
+    return {
+        "input_ids": torch.from_numpy(np.ascontiguousarray(tokens_BL[:, :T])),
+        "targets": torch.from_numpy(np.ascontiguousarray(tokens_BL[:, 1:])),
+        "segment_ids": torch.from_numpy(segment_ids_BT.astype(np.int32)),
+        "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)),
+        "max_seqlen": int(np.diff(cu_seqlens).max()),
+        "position_ids": torch.from_numpy((t_BT - seg_start_BT).astype(np.int64)),
+        "doc_positions": torch.from_numpy(np.ascontiguousarray(doc_positions_BL.reshape(B, L)[:, :T])),
+        "window_index": torch.from_numpy(np.asarray(window_index, np.int64).copy()),
+    }
+
+
+class _SourceTable:
+    """Token sources of several streams merged into one list (each stream's indices remapped)."""
+
+    def __init__(self, streams: Sequence[StreamWindows]):
+        self.sources: list = []
+        self.remap: list[np.ndarray] = []
+        for st in streams:
+            idx = []
+            for src in st.units.sources:
+                for k, have in enumerate(self.sources):
+                    if have is src:
+                        idx.append(k)
+                        break
+                else:
+                    self.sources.append(src)
+                    idx.append(len(self.sources) - 1)
+            self.remap.append(np.asarray(idx, np.int64))
+
+    def __getstate__(self) -> dict:
+        # Token stores reopen from their paths in worker processes instead of pickling memmaps.
+        state = dict(self.__dict__)
+        state["sources"] = [("store", str(s.path)) if getattr(s, "path", None) is not None else s for s in self.sources]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        from megadoc_pl.data.store import TokenStore
+
+        state["sources"] = [TokenStore.open(s[1]) if isinstance(s, tuple) else s for s in state["sources"]]
+        self.__dict__.update(state)
+
+
+class Windows:
+    """Map-style windows: a pure function of (streams, plan, seed, global window index).
+
+    ``windows[list_of_indices]`` returns a collated batch (one vectorised call per batch);
+    ``windows.describe(k)`` gives the sources of window k.
+    """
+
+    def __init__(self, streams: Sequence[StreamWindows], drawer: StreamDrawer, seq_len: int, scope: str,
+                 length: Optional[int] = None):
+        if scope not in SCOPES:
+            raise ValueError(f"attention scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        self.streams = list(streams)
+        self.drawer = drawer
+        self.seq_len, self.scope = int(seq_len), scope
+        self.length = length  # number of windows (None: unbounded)
+        self.table = _SourceTable(self.streams)
+        names = [s.name for s in self.streams]
+        if names != list(drawer.names):
+            raise ValueError(f"streams {names} do not match the mixture's {list(drawer.names)}")
+
+    @classmethod
+    def from_plan(cls, streams: dict[str, StreamWindows], plan: MixturePlan, scope: str,
+                  length: Optional[int] = None) -> "Windows":
+        order = [s.name for s in plan.streams]
+        missing = [n for n in order if n not in streams]
+        if missing:
+            raise ValueError(f"the mixture plan needs stream(s) {missing} but only {sorted(streams)} were built")
+        return cls([streams[n] for n in order], plan.drawer(), plan.seq_len, scope,
+                   plan.windows if length is None else length)
+
+    @classmethod
+    def sequential(cls, units: Units, seq_len: int, scope: str, max_windows: Optional[int] = None) -> "Windows":
+        """A finite, unshuffled single stream (validation: held-out documents in order)."""
+        from fractions import Fraction
+
+        st = StreamWindows(units, seq_len, name=units.name or "val", shuffle=False, repeat=False)
+        n = st.num_windows if max_windows is None else min(st.num_windows, int(max_windows))
+        return cls([st], StreamDrawer([st.name], [Fraction(1)]), seq_len, scope, n)
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("this window set is unbounded")
+        return self.length
+
+    def clips(self, index: np.ndarray) -> Clips:
+        index = np.asarray(index, np.int64)
+        if len(index) and (index.min() < 0 or (self.length is not None and index.max() >= self.length)):
+            raise IndexError(f"window index out of range [0, {self.length})")
+        stream, local = self.drawer.locate(index)
+        parts = []
+        for s in np.unique(stream):
+            m = np.flatnonzero(stream == s)
+            c = self.streams[int(s)].clips(local[m], rows=m)
+            c.src = self.table.remap[int(s)][c.src]
+            parts.append(c)
+        return Clips.concat(parts)
+
+    def batch(self, index: Sequence[int], scope: Optional[str] = None) -> dict:
+        index = np.asarray(index, np.int64)
+        return collate(self.clips(index), self.table.sources, index, self.seq_len, scope or self.scope)
+
+    def __getitem__(self, index) -> dict:
+        if np.isscalar(index):
+            return self.batch([int(index)])
+        return self.batch(index)
+
+    def tokens(self, index: Sequence[int]) -> np.ndarray:
+        """(B, seq_len + 1) tokens of the windows, without the rest of the batch contract."""
+        index = np.asarray(index, np.int64)
+        return gather_tokens(self.clips(index), self.table.sources, len(index), self.seq_len + 1)
+
+    def describe(self, k: int) -> dict:
+        """Window k: its stream and, per clip, the source id, task, gen_index and token span."""
+        c = self.clips(np.array([k]))
+        stream, local = self.drawer.locate(np.array([k]))
+        pieces = []
+        for i in range(len(c.n)):
+            src = self.table.sources[int(c.src[i])]
+            d = int(c.doc[i])
+            pieces.append({
+                "source_id": src.source_id(d), "task": src.task(d), "gen_index": src.gen_index(d),
+                "doc": d, "doc_start": int(c.start[i]), "doc_end": int(c.start[i] + c.n[i]),
+                "window_start": int(c.wpos[i]), "window_end": int(c.wpos[i] + c.n[i]),
+                "store": str(src.path) if getattr(src, "path", None) is not None else "<literal>",
+            })
+        return {"index": int(k), "stream": self.streams[int(stream[0])].name, "stream_window": int(local[0]),
+                "pieces": pieces}

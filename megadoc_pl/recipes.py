@@ -1,0 +1,121 @@
+"""Recipe loader: method YAML + scale YAML + ``key=value`` overrides -> a typed config.
+
+Precedence, lowest first: the schema defaults of :class:`megadoc_pl.config.RecipeConfig` <
+``recipes/methods/<recipe>.yaml`` < ``recipes/scales/<scale>.yaml`` < command-line overrides.
+``scale=NAME`` among the overrides selects the preset (default: the schema's ``demo``).
+Unknown recipe names, scale names and keys are one-line errors listing what exists.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from megadoc_pl.config import RecipeConfig
+
+
+def recipes_dir() -> Path:
+    """``$MEGADOC_RECIPES`` or the ``recipes/`` folder beside the package."""
+    env = os.environ.get("MEGADOC_RECIPES")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "recipes"
+
+
+def list_recipes(kind: str = "methods") -> list[str]:
+    """Names of the method recipes (``kind='methods'``) or scale presets (``'scales'``)."""
+    d = recipes_dir() / kind
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def _yaml(kind: str, name: str) -> tuple[Path, DictConfig]:
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        path = recipes_dir() / kind / f"{name}.yaml"
+    if not path.is_file():
+        what = "recipe" if kind == "methods" else "scale"
+        raise ValueError(f"unknown {what} {name!r}; available: {', '.join(list_recipes(kind)) or '(none)'}")
+    try:
+        conf = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax error: one line naming the file
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(conf, DictConfig):
+        raise ValueError(f"{path}: a recipe file must be a mapping of keys")
+    return path, conf
+
+
+def _merge(base: DictConfig, layer: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or str(e).splitlines()[0]
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        node = OmegaConf.select(base, parent) if parent else base
+        known = ", ".join(node.keys()) if isinstance(node, DictConfig) else ""
+        raise ValueError(f"{where}: unknown key '{key}' (known keys{' in ' + parent if parent else ''}: {known})") from None
+    except ValidationError as e:
+        key = getattr(e, "full_key", "")
+        raise ValueError(f"{where}: bad value for '{key}': {str(e).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{where}: {str(e).splitlines()[0]}") from None
+
+
+def _parse_overrides(overrides: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    scale, rest = None, []
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. data.seq_len=512 or scale=paper_300m)")
+        key, value = item.split("=", 1)
+        if key.strip() == "scale":
+            scale = value.strip()
+        else:
+            rest.append(item)
+    return scale, rest
+
+
+def load_recipe(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The resolved recipe ``name`` (a method name or a YAML path) at the chosen scale, with overrides."""
+    scale, dotlist = _parse_overrides(overrides)
+    cfg = OmegaConf.structured(RecipeConfig)
+    path, method = _yaml("methods", name)
+    if "scale" in method and scale is None:
+        scale = str(method.scale)
+    cfg = _merge(cfg, method, str(path))
+    scale = scale or str(cfg.scale)
+    spath, preset = _yaml("scales", scale)
+    for key in ("recipe", "scale", "description"):
+        if key in preset:
+            raise ValueError(f"{spath}: a scale preset may not set '{key}'")
+    cfg = _merge(cfg, preset, str(spath))
+    try:
+        cli = OmegaConf.from_dotlist(dotlist)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"command-line overrides: {str(e).splitlines()[0]}") from None
+    cfg = _merge(cfg, cli, "command-line override")
+    cfg.recipe = path.stem
+    cfg.scale = spath.stem
+    return cfg
+
+
+def describe_all() -> str:
+    """One line per method recipe and per scale preset (``--list``)."""
+    lines = ["method recipes:"]
+    for n in list_recipes("methods"):
+        _, conf = _yaml("methods", n)
+        lines.append(f"  {n:24s} {conf.get('description', '')}")
+    lines.append("scale presets:")
+    for n in list_recipes("scales"):
+        spath, conf = _yaml("scales", n)
+        first = spath.read_text(encoding="utf-8").splitlines()[:1]
+        note = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        lines.append(f"  {n:24s} {note or _scale_summary(conf)}")
+    return "\n".join(lines)
+
+
+def _scale_summary(conf: DictConfig) -> str:
+    model = OmegaConf.select(conf, "model.size", default="?")
+    seq = OmegaConf.select(conf, "data.seq_len", default="?")
+    gb = OmegaConf.select(conf, "train.global_batch_size", default="?")
+    return f"model {model}, seq_len {seq}, global batch {gb}"
