@@ -1,0 +1,202 @@
+"""The run directory (SPEC 3.5): where a run lives, what it records, how it is resumed.
+
+Layout of ``<run.root>/<run.name>/``::
+
+    config.yaml          the resolved recipe (OmegaConf), enough to rerun the run
+    provenance.json      git revision, library versions, host, launch command, seeds
+    events.out.tfevents.*  TensorBoard scalars/images (TensorBoardLogger, no version folders)
+    checkpoints/
+      last.ckpt          the newest checkpoint (what ``run.resume=last`` picks up)
+      step=000123.ckpt   periodic checkpoints every ``train.ckpt_every`` steps
+    metrics.json         flat final metrics, written atomically at the end (also on failure)
+
+Only the global rank 0 writes files here; every rank agrees on the directory name (see
+:func:`resolve_run_dir`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from megadoc_pl.utils import atomic_write_json, atomic_write_text
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+PROVENANCE_FILE = "provenance.json"
+CKPT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+
+# Set by the first process of a launch so that ranks Lightning starts later (its subprocess
+# launcher re-runs the command with the parent's environment) use the same directory.
+RUN_DIR_ENV = "MEGADOC_RUN_DIR"
+
+_LIBRARIES = ("megadoc_pl", "torch", "lightning", "numpy", "omegaconf", "tokenizers", "transformers",
+              "torchmetrics", "tensorboard")
+
+
+def default_run_name(recipe: str, scale: str, stamp: Optional[str] = None) -> str:
+    """``<recipe>-<scale>-<YYYYmmdd-HHMMSS>``."""
+    stamp = stamp or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{recipe}-{scale}-{stamp}"
+
+
+def _launch_id() -> Optional[str]:
+    """An id every rank of a multi-process launch sees the same (None for a single process)."""
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if not multi:
+        return None
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"job{job}"
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if rdzv and rdzv != "none":
+        return f"rdzv{re.sub(r'[^A-Za-z0-9_.-]', '', rdzv)[:24]}"
+    raise SystemExit(
+        "error: this is a multi-process launch without a shared run id; set run.name=NAME "
+        "(or export MEGADOC_RUN_DIR, or launch torchrun with --rdzv-id) so all ranks use one run directory"
+    )
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """The run directory of ``cfg`` (not created): explicit name, inherited env, resumed or new.
+
+    - ``run.name`` set: ``<root>/<name>``.
+    - ``$MEGADOC_RUN_DIR`` set (a process started by another rank of this launch): that.
+    - ``run.resume`` = ``last``/``auto`` without a name: the newest ``<recipe>-<scale>-*``
+      directory under root that holds ``checkpoints/last.ckpt`` (``last``: one must exist).
+    - otherwise a new ``<recipe>-<scale>-<timestamp>`` (or ``-job<SLURM id>`` /
+      ``-rdzv<id>`` for multi-process launches, so every rank derives the same name).
+    """
+    root = Path(cfg.run.root)
+    if cfg.run.name:
+        return root / str(cfg.run.name)
+    env = os.environ.get(RUN_DIR_ENV)
+    if env:
+        return Path(env)
+    if cfg.run.resume in ("last", "auto"):
+        found = latest_run_with_checkpoint(root, f"{cfg.recipe}-{cfg.scale}-")
+        if found is not None:
+            return found
+        if cfg.run.resume == "last":
+            raise SystemExit(
+                f"error: run.resume=last but no run '{cfg.recipe}-{cfg.scale}-*' under {root}/ has "
+                f"{CKPT_DIR}/{LAST_CKPT}; give run.name=NAME of the run to resume, or use run.resume=auto"
+            )
+    launch = _launch_id()
+    name = default_run_name(cfg.recipe, cfg.scale, launch)
+    path = root / name
+    if launch is None:
+        # two quick runs in the same second must not share a directory
+        n = 2
+        while path.exists():
+            path = root / f"{name}-{n}"
+            n += 1
+    return path
+
+
+def latest_run_with_checkpoint(root: Path, prefix: str) -> Optional[Path]:
+    """The most recently modified ``root/<prefix>*`` directory with a last checkpoint."""
+    if not root.is_dir():
+        return None
+    runs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix) and (p / CKPT_DIR / LAST_CKPT).is_file()]
+    if not runs:
+        return None
+    return max(runs, key=lambda p: (p / CKPT_DIR / LAST_CKPT).stat().st_mtime)
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
+    """The checkpoint ``run.resume`` asks for: None, ``last`` (must exist), ``auto`` (if any), or a path."""
+    resume = cfg.run.resume
+    if resume in (None, "", "none", False):
+        return None
+    last = run_dir / CKPT_DIR / LAST_CKPT
+    if resume in ("last", "auto"):
+        if last.is_file():
+            return last
+        if resume == "auto":
+            return None
+        raise SystemExit(
+            f"error: run.resume=last but {last} does not exist; check run.name/run.root, or use run.resume=auto "
+            "to start fresh when there is nothing to resume"
+        )
+    path = Path(str(resume))
+    if not path.is_file():
+        raise SystemExit(f"error: run.resume={resume}: no such checkpoint file (give 'last', 'auto' or a .ckpt path)")
+    return path
+
+
+def save_config(run_dir: Path, cfg: DictConfig) -> Path:
+    """Write the resolved recipe as ``config.yaml`` (atomic)."""
+    path = run_dir / CONFIG_FILE
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def git_revision(path: Optional[Path] = None) -> dict:
+    """``{"commit": sha, "dirty": bool}`` of the checkout holding the package, or ``{}``."""
+    where = path or Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": sha, "dirty": bool(status.strip())}
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def provenance(cfg: DictConfig) -> dict[str, Any]:
+    """What makes a run reproducible beyond its config: code revision, libraries, seeds, host."""
+    return {
+        "git": git_revision(),
+        "versions": library_versions(),
+        "seeds": {"seed": int(cfg.train.seed), "data_seed": int(cfg.train.data_seed)},
+        "host": socket.gethostname(),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def save_provenance(run_dir: Path, info: Mapping[str, Any]) -> None:
+    atomic_write_json(run_dir / PROVENANCE_FILE, dict(info))
+
+
+def save_metrics(run_dir: Path, metrics: Mapping[str, Any]) -> Path:
+    """Write the flat ``metrics.json`` (atomic: readers never see half a file)."""
+    path = run_dir / METRICS_FILE
+    atomic_write_json(path, dict(metrics))
+    return path
+
+
+def flat_provenance(info: Mapping[str, Any]) -> dict[str, Any]:
+    """Provenance as flat metrics.json keys (``git_revision``, ``version/torch``, ``seed``...)."""
+    out: dict[str, Any] = {}
+    git = info.get("git") or {}
+    out["git_revision"] = git.get("commit")
+    out["git_dirty"] = git.get("dirty")
+    for lib, v in (info.get("versions") or {}).items():
+        out[f"version/{lib}"] = v
+    for k, v in (info.get("seeds") or {}).items():
+        out[k] = v
+    return out
