@@ -1,0 +1,142 @@
+"""Hugging Face transformers backend: batched ``generate`` with left padding and the chat template.
+
+Runs on CPU or GPU. Requests are grouped by sampling settings (n, max_new_tokens, temperature,
+top_p), sorted by prompt length inside a group so a batch pads little, and generated
+``batch_size`` prompts at a time with ``num_return_sequences=n``. transformers has no per-row
+seed, so a batch is seeded with its first request's seed: outputs are reproducible for the same
+requests and batch size. A batch that raises (out of memory, ...) is retried one request at a
+time; a request that still fails gets an error Response instead of aborting the run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from megadoc_pl.synth.backends.base import Request, Response, register_backend
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str,
+        device: str | None = None,
+        dtype: str = "auto",
+        batch_size: int = 8,
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        import torch  # core dependencies, imported here to keep `import megadoc_pl.synth` light
+        import transformers
+
+        self._torch = torch
+        self.model_name = str(model)
+        self.batch_size = int(batch_size)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+            model, trust_remote_code=trust_remote_code
+        )
+        if chat_template is not None:
+            # A file path or the Jinja text itself.
+            p = Path(chat_template)
+            self.tokenizer.chat_template = p.read_text() if p.is_file() else chat_template
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SystemExit(
+                f"error: the tokenizer of {model} has no chat template "
+                "(fix: use an instruct model, or pass --chat-template FILE)"
+            )
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            model, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self.uses_gpu = self.device.type == "cuda"
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+    # ------------------------------------------------------------------ prompts
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def generate(self, requests: list[Request]) -> list[Response]:
+        prompts = {r.id: self.render(r.messages) for r in requests}
+        lengths = {
+            r.id: len(self.tokenizer(prompts[r.id], add_special_tokens=False)["input_ids"])
+            for r in requests
+        }
+        groups: dict[tuple, list[Request]] = defaultdict(list)
+        for r in requests:
+            groups[(r.n, r.max_new_tokens, r.temperature, r.top_p)].append(r)
+        done: dict[str, Response] = {}
+        for group in groups.values():
+            group.sort(key=lambda r: lengths[r.id])
+            for start in range(0, len(group), self.batch_size):
+                batch = group[start : start + self.batch_size]
+                try:
+                    results = self._generate_batch(batch, [prompts[r.id] for r in batch])
+                except Exception as e:  # noqa: BLE001 - retried one by one below
+                    if len(batch) == 1:
+                        results = [Response(batch[0].id, [], lengths[batch[0].id], [], _one_line(e))]
+                    else:
+                        results = []
+                        for r in batch:
+                            try:
+                                results += self._generate_batch([r], [prompts[r.id]])
+                            except Exception as e1:  # noqa: BLE001
+                                results.append(Response(r.id, [], lengths[r.id], [], _one_line(e1)))
+                for res in results:
+                    done[res.request_id] = res
+        return [done[r.id] for r in requests]
+
+    # ------------------------------------------------------------------ one batch
+
+    def _generate_batch(self, batch: list[Request], prompts: list[str]) -> list[Response]:
+        torch = self._torch
+        first = batch[0]
+        enc = self.tokenizer(
+            prompts, return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(self.device)
+        prompt_len = enc["input_ids"].shape[1]
+        kwargs = dict(
+            max_new_tokens=first.max_new_tokens,
+            num_return_sequences=first.n,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if first.temperature > 0:
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
+        else:
+            kwargs.update(do_sample=False)
+        if first.seed is not None:
+            torch.manual_seed(first.seed)
+        with torch.no_grad():
+            out_BL = self.model.generate(**enc, **kwargs)
+        new_BL = out_BL[:, prompt_len:].tolist()
+        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+        responses = []
+        for b, req in enumerate(batch):
+            texts, counts = [], []
+            for seq in new_BL[b * req.n : (b + 1) * req.n]:
+                length = next((i + 1 for i, t in enumerate(seq) if t in self.eos_ids), len(seq))
+                counts.append(length)
+                texts.append(self.tokenizer.decode(seq[:length], skip_special_tokens=True))
+            responses.append(Response(req.id, texts, int(prompt_tokens[b]), counts))
+        return responses
+
+
+register_backend("transformers", TransformersBackend)

@@ -1,0 +1,522 @@
+"""The generation runner: shard, skip held-out and finished work, call the backend, append rows.
+
+Layout of an output directory ``DIR`` (shard i of n; every node writes only its own files):
+
+    DIR/shard-0000i-of-0000n.jsonl        generation rows (SPEC 3.2), appended in whole batches
+    DIR/stats.json                        totals over all shards (rewritten atomically)
+    DIR/.synth/run.json                   what is being generated (a rerun must match it)
+    DIR/.synth/stats/shard-...json        this shard's counters, cumulative over reruns
+    DIR/.synth/errors/shard-...jsonl      failed requests (retried by the next run)
+    DIR/.synth/dropped/shard-...jsonl     outputs removed by cleaning (count as done)
+    DIR/.synth/state/shard-...jsonl       maga stage-1 pairs (never regenerated)
+
+Everything auxiliary sits in the hidden ``.synth`` folder so that readers given ``DIR`` see only
+generation rows. Resume works at request granularity: on start the runner cuts a torn last line
+(a run killed mid-write), collects the finished (source_id, gen_index) pairs, and asks only for
+what is missing, so every (source, generation) ends up exactly once however often a run is
+killed. A request that fails is recorded and retried by the next run; it never stops this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from megadoc_pl.synth.backends.base import Backend, Request, Response, get_backend
+from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
+from megadoc_pl.utils import atomic_write_json, stable_hash
+
+RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max_source_tokens",
+            "judge", "num_shards", "model", "budget_unit")
+
+
+@dataclass
+class RunConfig:
+    """Where documents come from, where rows go, and how the work is split (not what is asked)."""
+
+    inputs: list[str]
+    out: str
+    backend: str = "transformers"
+    backend_kwargs: dict = field(default_factory=dict)
+    judge_backend: str | None = None  # None: the generator also judges
+    judge_backend_kwargs: dict = field(default_factory=dict)
+    model: str | None = None  # recorded in rows when the backend does not name its model
+    split_file: str | None = None  # split.json: its held-out documents are never used as seeds
+    shard: int | None = None  # None: from SLURM / torchrun environment, else 0
+    num_shards: int | None = None
+    batch_size: int = 64  # units (documents or chunks) per backend round
+    text_field: str = "text"
+    id_field: str = "id"
+    skip_bad_rows: bool = False
+    tokenizer: str | None = None  # training tokenizer: budgets and rationale split points
+    gpus: int | None = None  # GPUs billed for GPU-hours (None: visible GPUs if the backend uses them)
+    limit: int | None = None  # at most this many pending units in this run (smoke tests)
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def resolve_shard(shard: int | None, num_shards: int | None, env: dict | None = None) -> tuple[int, int, str]:
+    """(shard, num_shards, where it came from): flags, else a SLURM job array, else torchrun's
+    RANK/WORLD_SIZE, else (0, 1)."""
+    env = os.environ if env is None else env
+    if shard is not None or num_shards is not None:
+        if shard is None or num_shards is None:
+            raise ValueError("--shard and --num-shards go together (fix: give both)")
+        i, n, source = int(shard), int(num_shards), "flags"
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        # Array ids may start anywhere (--array=1-8): count from the first one.
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        i, n, source = int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]), "slurm"
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        i, n, source = int(env["RANK"]), int(env["WORLD_SIZE"]), "torchrun"
+    else:
+        i, n, source = 0, 1, "default"
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {i} of {n} ({source}) is out of range (fix: 0 <= shard < num_shards)")
+    return i, n, source
+
+
+def shard_of(source_id: str, num_shards: int) -> int:
+    """The shard a source document belongs to: the same on every node, no coordination."""
+    return stable_hash(source_id) % num_shards
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"shard-{i:05d}-of-{n:05d}"
+
+
+@dataclass
+class ShardFiles:
+    rows: Path
+    errors: Path
+    dropped: Path
+    state: Path
+    stats: Path
+    run: Path
+
+    @classmethod
+    def of(cls, out: Path, i: int, n: int) -> "ShardFiles":
+        name, aux = shard_name(i, n), out / ".synth"
+        return cls(out / f"{name}.jsonl", aux / "errors" / f"{name}.jsonl",
+                   aux / "dropped" / f"{name}.jsonl", aux / "state" / f"{name}.jsonl",
+                   aux / "stats" / f"{name}.json", aux / "run.json")
+
+
+def repair_tail(path: Path) -> int:
+    """Cut a torn last line (no trailing newline: the writer was killed); returns bytes cut."""
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        pos = size
+        while pos > 0:
+            step = min(1 << 16, pos)
+            f.seek(pos - step)
+            block = f.read(step)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                keep = pos - step + nl + 1
+                break
+            pos -= step
+        else:
+            keep = 0
+        if keep == size:
+            return 0
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - keep
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """Rows of a file this runner wrote (after repair_tail); a corrupt line is a clear error."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    f"{path}:{lineno}: corrupt line in a generation file "
+                    "(fix: delete that line; the next run regenerates it)"
+                ) from None
+
+
+class Appender:
+    """Append JSON lines in whole batches, flushed and fsynced before returning."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def visible_gpus() -> int:
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch / no driver: no GPUs
+        return 0
+
+
+COUNTERS = ("requests", "completions", "failures", "prompt_tokens", "completion_tokens",
+            "rows_written", "rows_dropped", "units_done", "heldout_skipped", "wall_s", "gpu_hours")
+
+
+def aggregate_stats(out: Path) -> dict:
+    """Sum the per-shard stats files into DIR/stats.json (each shard does this when it ends or
+    checkpoints; the last writer sees every shard that wrote before it)."""
+    shards = {}
+    for p in sorted((out / ".synth" / "stats").glob("shard-*.json")):
+        try:
+            shards[p.stem] = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a shard writing right now; its next checkpoint is counted
+    totals: dict[str, float] = {}
+    for s in shards.values():
+        for k, v in s.get("totals", {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                totals[k] = totals.get(k, 0) + v
+    summary = {
+        "shards": len(shards),
+        "shards_complete": sum(1 for s in shards.values() if s.get("complete")),
+        "totals": totals,
+        "per_shard": {k: s.get("totals", {}) for k, s in shards.items()},
+    }
+    atomic_write_json(out / "stats.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _BatchContext:
+    """What a task sees for one batch (tasks.Context): backend calls with bookkeeping."""
+
+    def __init__(self, runner: "Runner") -> None:
+        self.r = runner
+        self.model = runner.model_name
+        self.judge_model = runner.judge_model_name
+        self.state = runner.state
+        self.rows: list[dict] = []
+        self.dropped: list[dict] = []
+        self.errors: list[dict] = []
+
+    def call(self, requests: list[Request], judge: bool = False) -> list[Response]:
+        if not requests:
+            return []
+        backend = self.r.judge_backend if judge else self.r.backend
+        try:
+            responses = backend.generate(requests)
+        except Exception as e:  # noqa: BLE001 - a broken backend call fails its requests, not the run
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            responses = [Response(r.id, [], 0, [], msg) for r in requests]
+        if len(responses) != len(requests):
+            responses = [Response(r.id, [], 0, [], f"backend returned {len(responses)} responses for "
+                                  f"{len(requests)} requests") for r in requests]
+        stats = self.r.run_stats
+        for req, resp in zip(requests, responses):
+            stats["requests"] += 1
+            stats["by_stage"][req.task] = stats["by_stage"].get(req.task, 0) + 1
+            ok = resp.error is None and resp.request_id == req.id and len(resp.texts) == req.n
+            if resp.error is None and not ok:
+                resp.error = (f"backend answered request {resp.request_id!r} with {len(resp.texts)} "
+                              f"texts for {req.id!r} with n={req.n}")
+            stats["prompt_tokens"] += resp.prompt_tokens
+            stats["completion_tokens"] += sum(resp.completion_tokens)
+            if resp.error is not None:
+                stats["failures"] += 1
+                self.errors.append(self._error(req.id, req.payload.get("source_id"), req.task, resp.error))
+            else:
+                stats["completions"] += req.n
+        return responses
+
+    def _error(self, request_id: str, source_id: str | None, stage: str, error: str, raw: str | None = None) -> dict:
+        self.r.attempts[request_id] = self.r.attempts.get(request_id, 0) + 1
+        e = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "request_id": request_id,
+             "source_id": source_id, "task": self.r.task.name, "stage": stage, "error": error}
+        if raw is not None:
+            e["raw"] = raw[:2000]
+        return e
+
+    def attempt(self, request_id: str) -> int:
+        return self.r.attempts.get(request_id, 0)
+
+    def save_state(self, entries: list[dict]) -> None:
+        self.r.state_file.write(entries)
+        for e in entries:
+            self.state[e["key"]] = e
+
+    def emit(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def drop(self, row: dict, reason: str) -> None:
+        self.dropped.append({**row, "drop_reason": reason})
+
+    def fail(self, unit: Unit, stage: str, request_id: str, gen_indices: list[int], error: str,
+             raw: str | None = None) -> None:
+        self.r.run_stats["failures"] += 1
+        self.errors.append(self._error(request_id, unit.doc.id, stage, error, raw))
+
+    def count(self, name: str, k: int = 1) -> None:
+        extra = self.r.run_stats["counters"]
+        extra[name] = extra.get(name, 0) + k
+
+
+class Runner:
+    def __init__(self, task_cfg: TaskConfig, cfg: RunConfig, backend: Backend | None = None,
+                 judge_backend: Backend | None = None) -> None:
+        from megadoc_pl.data.readers import expand_inputs
+
+        self.t_start = time.perf_counter()  # wall time (and GPU-hours) include loading the model
+        self.cfg = cfg
+        self.task_cfg = task_cfg
+        self.shard, self.num_shards, self.shard_source = resolve_shard(cfg.shard, cfg.num_shards)
+        self.inputs = [str(p) for p in expand_inputs(cfg.inputs)]
+        self.out = Path(cfg.out)
+        self.files = ShardFiles.of(self.out, self.shard, self.num_shards)
+        self.heldout = self._load_heldout(cfg.split_file)
+        counter = TokenCounter(self._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
+        self.task = make_task(task_cfg, counter)
+        self._check_run_file(counter)
+        self.backend = backend if backend is not None else get_backend(cfg.backend, **cfg.backend_kwargs)
+        if judge_backend is not None:
+            self.judge_backend = judge_backend
+        elif cfg.judge_backend is not None and task_cfg.judge:
+            self.judge_backend = get_backend(cfg.judge_backend, **cfg.judge_backend_kwargs)
+        else:
+            self.judge_backend = self.backend
+        self.model_name = getattr(self.backend, "model_name", None) or cfg.model or self.backend.name
+        self.judge_model_name = (getattr(self.judge_backend, "model_name", None)
+                                 or cfg.judge_backend_kwargs.get("model") or self.model_name)
+
+    # -- setup
+
+    @staticmethod
+    def _load_heldout(split_file: str | None) -> set[str]:
+        if split_file is None:
+            return set()
+        from megadoc_pl.data.split import load_heldout_ids
+
+        return set(load_heldout_ids(split_file))
+
+    @staticmethod
+    def _load_tokenizer(path: str | None, cfg: RunConfig, task: str):
+        """The budget tokenizer: --tokenizer, else the generator's own tokenizer.json when the
+        model is a local directory (budgets only; rationales require --tokenizer)."""
+        from megadoc_pl.data.tokenizer import load_tokenizer
+
+        if path is not None:
+            return load_tokenizer(path)
+        model = cfg.model or cfg.backend_kwargs.get("model")
+        if task != "rationale" and model and (Path(model) / "tokenizer.json").is_file():
+            return load_tokenizer(Path(model) / "tokenizer.json")
+        return None
+
+    def _check_run_file(self, counter: TokenCounter) -> None:
+        """Refuse to mix different generation settings or shard counts in one directory."""
+        t = self.task_cfg
+        run = {"task": t.task, "generations": t.generations, "style": t.style if t.task == "rephrase" else None,
+               "maga_variant": t.maga_variant if t.task == "maga" else None,
+               "long_sources": t.long_sources, "max_source_tokens": t.max_source_tokens,
+               "judge": t.judge if t.task == "maga" else None, "num_shards": self.num_shards,
+               "model": self.cfg.model or self.cfg.backend_kwargs.get("model"),
+               "budget_unit": counter.unit}
+        if self.files.run.exists():
+            old = json.loads(self.files.run.read_text())
+            diff = [k for k in RUN_KEYS if old.get(k) != run.get(k)]
+            if diff:
+                what = ", ".join(f"{k}={old.get(k)!r} (now {run.get(k)!r})" for k in diff)
+                raise ValueError(
+                    f"{self.out} holds a generation run with other settings: {what} "
+                    "(fix: rerun with the same settings to resume, or use a new --out)"
+                )
+        else:
+            atomic_write_json(self.files.run, {**run, "task_config": asdict(t),
+                                               "inputs": self.inputs, "split_file": self.cfg.split_file})
+
+    # -- resume state
+
+    def _load_progress(self) -> None:
+        for path in (self.files.rows, self.files.dropped, self.files.errors, self.files.state):
+            cut = repair_tail(path)
+            if cut:
+                print(f"[synth] {path}: removed a torn last line ({cut} bytes) left by a killed run",
+                      file=sys.stderr)
+        self.done: set[tuple[str, int]] = set()
+        for path in (self.files.rows, self.files.dropped):
+            for row in read_jsonl(path):
+                if row.get("task") == self.task.name:
+                    self.done.add((row["source_id"], int(row["gen_index"])))
+        self.attempts: dict[str, int] = {}
+        for e in read_jsonl(self.files.errors):
+            self.attempts[e["request_id"]] = self.attempts.get(e["request_id"], 0) + 1
+        self.state: dict[str, dict] = {e["key"]: e for e in read_jsonl(self.files.state)}
+        self.prev_stats = json.loads(self.files.stats.read_text()) if self.files.stats.exists() else {}
+
+    def _missing(self, unit: Unit) -> list[int] | None:
+        """gen indices still to do ([] when finished; None: stage 1 has not run)."""
+        expected = self.task.expected(unit, self.state)
+        if expected is None:
+            return None
+        return [g for g in expected if (unit.doc.id, g) not in self.done]
+
+    def _documents(self, counts: dict):
+        from megadoc_pl.data.readers import iter_documents
+
+        for doc in iter_documents(self.inputs, self.cfg.text_field, self.cfg.id_field,
+                                  self.cfg.skip_bad_rows, counts):
+            if doc.id in self.heldout:
+                counts["heldout"] = counts.get("heldout", 0) + 1
+                continue
+            counts["usable"] = counts.get("usable", 0) + 1
+            if shard_of(doc.id, self.num_shards) == self.shard:
+                yield doc
+
+    def _pending_units(self, counts: dict) -> Iterator[tuple[Unit, list[int] | None]]:
+        for doc in self._documents(counts):
+            counts["shard_docs"] = counts.get("shard_docs", 0) + 1
+            for unit in self.task.units(doc):
+                missing = self._missing(unit)
+                if missing is None or missing:
+                    yield unit, missing
+
+    # -- main loop
+
+    def run(self) -> dict:
+        self._load_progress()
+        # Pre-pass: validate the input, count the held-out and pending work (for the ETA).
+        counts: dict = {}
+        pending = sum(1 for _ in self._pending_units(counts))
+        if counts.get("heldout", 0) and not counts.get("usable", 0):
+            raise ValueError(
+                f"all {counts['heldout']} input documents are held-out validation documents in "
+                f"{self.cfg.split_file}; they are never used as generation seeds "
+                "(fix: pass the training documents, or a split file that holds out fewer)"
+            )
+        if not counts.get("usable", 0):
+            raise ValueError("the inputs hold no documents (fix: check --input and --text-field)")
+        pending_all = pending
+        if self.cfg.limit is not None:
+            pending = min(pending, self.cfg.limit)
+
+        self.run_stats: dict[str, Any] = {k: 0 for k in COUNTERS}
+        self.run_stats.update(by_stage={}, counters={}, heldout_skipped=counts.get("heldout", 0))
+        uses_gpu = bool(getattr(self.backend, "uses_gpu", False))
+        self.gpus = self.cfg.gpus if self.cfg.gpus is not None else (visible_gpus() if uses_gpu else 0)
+        outputs = {name: Appender(path) for name, path in
+                   (("rows", self.files.rows), ("dropped", self.files.dropped), ("errors", self.files.errors))}
+        self.state_file = Appender(self.files.state)
+        start = self.t_start
+        finished = 0
+        bar = _progress(pending, self.cfg.progress, f"{self.task.name} {shard_name(self.shard, self.num_shards)}")
+        try:
+            batch: list[tuple[Unit, list[int] | None]] = []
+            taken = 0
+            for item in self._pending_units({}):
+                if taken == pending:
+                    break
+                batch.append(item)
+                taken += 1
+                if len(batch) == self.cfg.batch_size:
+                    finished += self._run_batch(batch, outputs, start, bar)
+                    batch = []
+            if batch:
+                finished += self._run_batch(batch, outputs, start, bar)
+        finally:
+            bar.close()
+            for a in outputs.values():
+                a.close()
+            self.state_file.close()
+        remaining = pending_all - finished
+        stats = self._write_stats(start, complete=remaining == 0)
+        stats["run"]["remaining_units"] = remaining
+        return stats
+
+    def _run_batch(self, batch, outputs, start: float, bar) -> int:
+        ctx = _BatchContext(self)
+        self.task.run(batch, ctx)
+        outputs["errors"].write(ctx.errors)
+        outputs["dropped"].write(ctx.dropped)
+        outputs["rows"].write(ctx.rows)
+        for row in ctx.rows + ctx.dropped:
+            self.done.add((row["source_id"], int(row["gen_index"])))
+        finished = sum(1 for unit, _ in batch if self._missing(unit) == [])
+        s = self.run_stats
+        s["rows_written"] += len(ctx.rows)
+        s["rows_dropped"] += len(ctx.dropped)
+        s["units_done"] += finished
+        elapsed = time.perf_counter() - start
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{s['completion_tokens'] / max(elapsed, 1e-9):.0f}", fail=s["failures"])
+        self._write_stats(start, complete=False)
+        return finished
+
+    def _write_stats(self, start: float, complete: bool) -> dict:
+        s = self.run_stats
+        s["wall_s"] = round(time.perf_counter() - start, 3)
+        s["gpu_hours"] = s["wall_s"] * self.gpus / 3600.0
+        prev = self.prev_stats.get("totals", {})
+        totals = {k: prev.get(k, 0) + s[k] for k in COUNTERS if k != "heldout_skipped"}
+        totals["heldout_skipped"] = s["heldout_skipped"]
+        run = {**s, "gpus": self.gpus, "backend": self.backend.name, "model": self.model_name,
+               "shard_source": self.shard_source, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        stats = {"shard": self.shard, "num_shards": self.num_shards, "task": self.task.name,
+                 "complete": complete, "totals": totals,
+                 "prompt_versions": self.task.prompt_versions(),
+                 "runs": self.prev_stats.get("runs", []) + [run], "run": run}
+        atomic_write_json(self.files.stats, {k: v for k, v in stats.items() if k != "run"})
+        aggregate_stats(self.out)
+        return stats
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="unit", dynamic_ncols=True, smoothing=0.05)
+
+
+def synthesize(task_cfg: TaskConfig, cfg: RunConfig, backend: Backend | None = None,
+               judge_backend: Backend | None = None) -> dict:
+    """Run (or resume) one shard of a generation job; returns this shard's stats."""
+    return Runner(task_cfg, cfg, backend, judge_backend).run()

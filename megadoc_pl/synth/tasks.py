@@ -1,0 +1,449 @@
+"""Generation tasks: what to ask the backend for each source document, and the rows that result.
+
+A task turns a document into one or more **units** (the document, possibly truncated to the
+prompt budget, or its paragraph-aligned chunks), says which ``gen_index`` values each unit must
+produce, and for a batch of units with missing indices builds requests, calls the backend through
+the runner's context and emits SPEC 3.2 rows. The runner owns files, sharding, resume and stats;
+tasks never touch the file system.
+
+- ``rephrase``: one request per unit with n = G (WRAP style prompt); gen_index g = 0..G-1.
+- ``rationale``: the document is cut at the G points of ``equal_token_split`` over its content
+  tokens under the *training* tokenizer (the stretch view cuts at the same offsets); one request
+  per split point with the text before and after it; gen_index = split_index.
+- ``maga``: stage 1 asks for (genre, audience) pairs (parsed robustly, stored as state so a
+  resumed run never redoes it), stage 2 reformulates once per pair, an optional judge scores each
+  reformulation 1-5; cleaning strips chat boilerplate and drops outputs with low keyword
+  coverage of the source. gen_index = pair index.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from megadoc_pl.data.segments import equal_token_split
+from megadoc_pl.synth import maga
+from megadoc_pl.synth.backends.base import Request, Response
+from megadoc_pl.synth.templates import PromptTemplate, load_template
+from megadoc_pl.utils import stable_hash
+
+TASKS = ("rephrase", "rationale", "maga")
+STYLES = ("wikipedia", "qa", "easy", "hard")
+MAGA_VARIANTS = ("base", "strict", "relaxed")
+LONG_SOURCES = ("truncate", "chunk")
+DEFAULT_MAX_NEW_TOKENS = {"rephrase": 1024, "rationale": 512, "maga": 4096}
+
+
+@dataclass
+class TaskConfig:
+    """Everything that decides what is generated (recorded in DIR/run.json)."""
+
+    task: str
+    generations: int | None = None  # G: rephrases per unit, rationales (split points) per document,
+    # or maga (genre, audience) pairs per unit; None: 1 (rephrase, rationale) or 5 (maga)
+    style: str = "wikipedia"  # rephrase: wikipedia | qa | easy | hard
+    maga_variant: str = "base"  # maga stage 2 prompt: base | strict | relaxed
+    judge: bool = False  # maga: score each reformulation 1-5 (Limited Consistency)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int | None = None  # None: task default (1024 / 512 / 4096)
+    pairs_max_new_tokens: int = 1024  # maga stage 1
+    judge_max_new_tokens: int = 512
+    judge_temperature: float = 0.0  # the judge is greedy: a score, not a sample
+    max_source_tokens: int = 4096  # prompt budget for the source text (rationale: prefix + suffix)
+    long_sources: str = "truncate"  # rephrase/maga: truncate | chunk (paragraph-aligned chunks)
+    min_keyword_coverage: float = 0.1  # maga: drop outputs covering fewer source keywords (0: off)
+    strip_boilerplate: bool | None = None  # remove "Sure, here is ..." openers/closers (None: maga only)
+    seed: int = 0
+    prompt_dir: str | None = None  # replacement prompt templates (same file names)
+
+    def __post_init__(self) -> None:
+        if self.generations is None:
+            self.generations = 5 if self.task == "maga" else 1
+        checks = [
+            (self.task in TASKS, f"unknown task '{self.task}' (choose from {', '.join(TASKS)})"),
+            (self.style in STYLES, f"unknown style '{self.style}' (choose from {', '.join(STYLES)})"),
+            (self.maga_variant in MAGA_VARIANTS,
+             f"unknown MAGA variant '{self.maga_variant}' (choose from {', '.join(MAGA_VARIANTS)})"),
+            (self.long_sources in LONG_SOURCES,
+             f"unknown --long-sources '{self.long_sources}' (choose from {', '.join(LONG_SOURCES)})"),
+            (self.generations >= 1, f"--generations must be >= 1, got {self.generations}"),
+            (self.max_source_tokens >= 16, f"--max-source-tokens must be >= 16, got {self.max_source_tokens}"),
+            (0.0 <= self.min_keyword_coverage <= 1.0,
+             f"--min-keyword-coverage must be in [0, 1], got {self.min_keyword_coverage}"),
+            (self.temperature >= 0 and 0 < self.top_p <= 1, "need temperature >= 0 and 0 < top_p <= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.max_new_tokens is None:
+            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[self.task]
+        if self.strip_boilerplate is None:
+            self.strip_boilerplate = self.task == "maga"
+
+
+# ----------------------------------------------------------------------------- token budget
+
+
+class TokenCounter:
+    """Token spans of a text, for prompt budgets and rationale split points.
+
+    With a tokenizer (``data.tokenizer.TokenizerInfo``) these are real content tokens (no
+    BOS/EOS), exactly what the token store counts. Without one, a "token" is 4 characters: a
+    rough budget only (rationales always need the real tokenizer).
+    """
+
+    APPROX_CHARS = 4
+
+    def __init__(self, tokenizer_info=None) -> None:
+        self.info = tokenizer_info
+        self.unit = (
+            f"tokens:{tokenizer_info.fingerprint[:16]}" if tokenizer_info is not None
+            else f"approx:{self.APPROX_CHARS}chars"
+        )
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        if self.info is None:
+            step = self.APPROX_CHARS
+            return [(i, min(i + step, len(text))) for i in range(0, len(text), step)]
+        return list(self.info.tokenizer.encode(text, add_special_tokens=False).offsets)
+
+
+def truncate_head(text: str, spans: list[tuple[int, int]], budget: int) -> tuple[str, bool]:
+    """The first ``budget`` tokens of text (cut on a token boundary)."""
+    if len(spans) <= budget:
+        return text, False
+    return text[: spans[budget - 1][1]], True
+
+
+def truncate_tail(text: str, spans: list[tuple[int, int]], budget: int) -> tuple[str, bool]:
+    """The last ``budget`` tokens of text."""
+    if len(spans) <= budget:
+        return text, False
+    return text[spans[len(spans) - budget][0] :], True
+
+
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def chunk_ranges(text: str, spans: list[tuple[int, int]], budget: int) -> list[tuple[int, int]]:
+    """Character ranges of consecutive chunks of at most ``budget`` tokens, cut at paragraph
+    breaks where possible (a paragraph longer than the budget is cut on token boundaries)."""
+    if len(spans) <= budget:
+        return [(0, len(text))]
+    starts = [s for s, _ in spans]
+    # Candidate cut points: the token index at which each paragraph starts.
+    cuts = sorted({bisect.bisect_left(starts, m.end()) for m in _PARAGRAPH_BREAK.finditer(text)})
+    cuts = [c for c in cuts if 0 < c < len(spans)] + [len(spans)]
+    ranges_tok: list[tuple[int, int]] = []
+    begin = 0
+    while begin < len(spans):
+        limit = begin + budget
+        fitting = [c for c in cuts if begin < c <= limit]
+        end = fitting[-1] if fitting else min(limit, len(spans))
+        ranges_tok.append((begin, end))
+        begin = end
+    out = []
+    for k, (b, e) in enumerate(ranges_tok):
+        start_char = 0 if k == 0 else spans[b][0]
+        end_char = len(text) if e == len(spans) else spans[e][0]
+        out.append((start_char, end_char))
+    return out
+
+
+# ----------------------------------------------------------------------------- units
+
+
+@dataclass
+class Unit:
+    """What one prompt is about: a document (or one chunk of it) as given to the model."""
+
+    doc: Any  # data.readers.Document
+    key: str  # doc.id, or "doc.id#chunk<k>" when chunked (stage-1 state and seeds use it)
+    text: str  # the source text in the prompt (truncated or one chunk)
+    truncated: bool
+    source_tokens: int  # tokens of ``text`` under the budget counter
+    gen_offset: int = 0  # gen_index of this unit's first generation (chunk k: k * per_chunk)
+    chunk: tuple[int, int] | None = None  # (chunk_index, num_chunks) when chunked
+    extra: dict = field(default_factory=dict)  # task-specific (rationale split points)
+
+    def fields(self) -> dict:
+        out: dict[str, Any] = {"truncated": self.truncated, "source_tokens": self.source_tokens}
+        if self.chunk is not None:
+            out["chunk_index"], out["num_chunks"] = self.chunk
+        return out
+
+
+class Context(Protocol):
+    """What the runner gives a task for one batch."""
+
+    model: str  # generator name recorded in rows
+    judge_model: str
+    state: dict[str, dict]  # maga stage-1 results by unit key
+
+    def call(self, requests: list[Request], judge: bool = False) -> list[Response]: ...
+    def attempt(self, request_key: str) -> int: ...
+    def save_state(self, entries: list[dict]) -> None: ...
+    def emit(self, row: dict) -> None: ...
+    def drop(self, row: dict, reason: str) -> None: ...
+    def fail(self, unit: Unit, stage: str, request_id: str, gen_indices: list[int], error: str, raw: str | None = None) -> None: ...
+    def count(self, name: str, k: int = 1) -> None: ...
+
+
+def request_seed(base: int, key: str, stage: str, indices: list[int], attempt: int) -> int:
+    """A per-request seed: a pure function of the run seed, the unit, the stage, the generation
+    indices and how many times this request failed before (so a retry samples anew)."""
+    tag = f"{base}|{key}|{stage}|{','.join(map(str, indices))}|{attempt}"
+    return stable_hash(tag) % (2**31 - 1)
+
+
+class Task:
+    """Shared plumbing: templates, units, request construction and row provenance."""
+
+    name: str = ""
+
+    def __init__(self, cfg: TaskConfig, counter: TokenCounter) -> None:
+        self.cfg = cfg
+        self.counter = counter
+        self.templates: dict[str, PromptTemplate] = {}
+
+    def template(self, name: str) -> PromptTemplate:
+        if name not in self.templates:
+            self.templates[name] = load_template(name, self.cfg.prompt_dir)
+        return self.templates[name]
+
+    def prompt_versions(self) -> dict[str, str]:
+        return {name: t.prompt_version for name, t in sorted(self.templates.items())}
+
+    # -- units
+
+    def units(self, doc) -> list[Unit]:
+        cfg = self.cfg
+        spans = self.counter.spans(doc.text)
+        budget = cfg.max_source_tokens
+        if cfg.long_sources == "chunk" and len(spans) > budget:
+            ranges = chunk_ranges(doc.text, spans, budget)
+            starts = [s for s, _ in spans]
+            units = []
+            for k, (a, b) in enumerate(ranges):
+                ntok = bisect.bisect_left(starts, b) - bisect.bisect_left(starts, a)
+                units.append(Unit(doc, f"{doc.id}#chunk{k}", doc.text[a:b], False, ntok,
+                                  k * cfg.generations, (k, len(ranges))))
+            return units
+        text, truncated = truncate_head(doc.text, spans, budget)
+        return [Unit(doc, doc.id, text, truncated, min(len(spans), budget))]
+
+    def expected(self, unit: Unit, state: dict[str, dict]) -> list[int] | None:
+        """gen_index values the unit must end up with (None: unknown until stage 1 ran)."""
+        return [unit.gen_offset + g for g in range(self.cfg.generations)]
+
+    def run(self, work: list[tuple[Unit, list[int] | None]], ctx: Context) -> None:
+        raise NotImplementedError
+
+    # -- helpers
+
+    def request(self, ctx: Context, unit: Unit, stage: str, indices: list[int], messages: list[dict],
+                n: int, max_new_tokens: int, temperature: float, payload: dict) -> Request:
+        rid = f"{unit.key}|{stage}|{','.join(map(str, indices))}"
+        seed = request_seed(self.cfg.seed, unit.key, stage, indices, ctx.attempt(rid))
+        return Request(id=rid, messages=messages, n=n, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=self.cfg.top_p, seed=seed, task=stage,
+                       payload={"source_id": unit.doc.id, **payload})
+
+    def row(self, ctx: Context, unit: Unit, gen_index: int, text: str, req: Request,
+            completion_tokens: int, prompt_version: str, **task_fields: Any) -> dict:
+        row = {"source_id": unit.doc.id, "task": self.name, "gen_index": gen_index, "text": text}
+        row.update(task_fields)
+        row.update(unit.fields())
+        row.update(
+            model=ctx.model,
+            sampling={"temperature": req.temperature, "top_p": req.top_p,
+                      "max_new_tokens": req.max_new_tokens, "n": req.n, "seed": req.seed},
+            prompt_version=prompt_version,
+            completion_tokens=completion_tokens,
+        )
+        return row
+
+    def clean(self, text: str) -> tuple[str, list[str]]:
+        if self.cfg.strip_boilerplate:
+            return maga.strip_boilerplate(text)
+        return text.strip(), []
+
+
+# ----------------------------------------------------------------------------- rephrase
+
+
+class RephraseTask(Task):
+    name = "rephrase"
+
+    def run(self, work, ctx) -> None:
+        tmpl = self.template(f"rephrase_{self.cfg.style}")
+        reqs, todo = [], []
+        for unit, missing in work:
+            req = self.request(ctx, unit, "rephrase", missing, tmpl.render(text=unit.text),
+                               len(missing), self.cfg.max_new_tokens, self.cfg.temperature,
+                               {"text": unit.text, "style": self.cfg.style})
+            reqs.append(req)
+            todo.append((unit, missing, req))
+        for (unit, missing, req), resp in zip(todo, ctx.call(reqs)):
+            if resp.error is not None:
+                continue
+            for gen_index, text, ntok in zip(missing, resp.texts, resp.completion_tokens):
+                clean, removed = self.clean(text)
+                ctx.emit(self.row(ctx, unit, gen_index, clean, req, ntok, tmpl.prompt_version,
+                                  style=self.cfg.style, boilerplate_removed=len(removed)))
+
+
+# ----------------------------------------------------------------------------- rationale
+
+
+class RationaleTask(Task):
+    name = "rationale"
+
+    def __init__(self, cfg: TaskConfig, counter: TokenCounter) -> None:
+        if counter.info is None:
+            raise ValueError(
+                "--task rationale needs --tokenizer (the training tokenizer), so that the split "
+                "points match the ones the stretch view cuts at"
+            )
+        super().__init__(cfg, counter)
+
+    def units(self, doc) -> list[Unit]:
+        spans = self.counter.spans(doc.text)
+        splits = equal_token_split(len(spans), self.cfg.generations)
+        return [Unit(doc, doc.id, doc.text, False, len(spans), 0, None,
+                     {"spans": spans, "splits": splits})]
+
+    def expected(self, unit, state) -> list[int]:
+        return list(range(len(unit.extra["splits"])))
+
+    def run(self, work, ctx) -> None:
+        tmpl = self.template("rationale")
+        half = self.cfg.max_source_tokens // 2
+        todo = []
+        for unit, missing in work:
+            spans, splits = unit.extra["spans"], unit.extra["splits"]
+            text = unit.doc.text
+            for i in missing:
+                offset = splits[i]
+                cut = spans[offset][0]
+                prefix, cut_p = truncate_tail(text[:cut], spans[:offset], half)
+                suffix_spans = [(a - cut, b - cut) for a, b in spans[offset:]]
+                suffix, cut_s = truncate_head(text[cut:], suffix_spans, self.cfg.max_source_tokens - half)
+                req = self.request(ctx, unit, "rationale", [i], tmpl.render(prefix=prefix, suffix=suffix),
+                                   1, self.cfg.max_new_tokens, self.cfg.temperature,
+                                   {"prefix": prefix, "suffix": suffix, "split_index": i})
+                todo.append((unit, i, offset, cut_p or cut_s, req))
+        for (unit, i, offset, truncated, req), resp in zip(todo, ctx.call([t[-1] for t in todo])):
+            if resp.error is not None:
+                continue
+            clean, removed = self.clean(resp.texts[0])
+            row = self.row(ctx, unit, i, clean, req, resp.completion_tokens[0], tmpl.prompt_version,
+                           split_index=i, split_token_offset=offset,
+                           num_splits=len(unit.extra["splits"]), boilerplate_removed=len(removed))
+            row["truncated"] = truncated
+            row["split_tokenizer"] = self.counter.unit
+            ctx.emit(row)
+
+
+# ----------------------------------------------------------------------------- maga
+
+
+class MagaTask(Task):
+    name = "maga"
+
+    def expected(self, unit, state) -> list[int] | None:
+        entry = state.get(unit.key)
+        if entry is None:
+            return None
+        return [unit.gen_offset + i for i in range(len(entry["pairs"]))]
+
+    def run(self, work, ctx) -> None:
+        cfg = self.cfg
+        # Stage 1: (genre, audience) pairs for units that have none yet.
+        pairs_t = self.template("maga_pairs")
+        stage1 = [(u, self.request(ctx, u, "maga_pairs", [], pairs_t.render(text=u.text, num_pairs=cfg.generations),
+                                   1, cfg.pairs_max_new_tokens, cfg.temperature,
+                                   {"text": u.text, "num_pairs": cfg.generations}))
+                  for u, missing in work if missing is None]
+        saved = []
+        for (unit, req), resp in zip(stage1, ctx.call([r for _, r in stage1])):
+            if resp.error is not None:
+                continue
+            try:
+                pairs = maga.parse_pairs(resp.texts[0], cfg.generations)
+            except maga.ParseError as e:
+                ctx.count("maga_pairs_unparseable")
+                ctx.fail(unit, "maga_pairs", req.id, [], f"ParseError: {e}", raw=resp.texts[0])
+                continue
+            if len(pairs) < cfg.generations:
+                ctx.count("maga_pairs_short")
+            saved.append({"key": unit.key, "source_id": unit.doc.id, "pairs": [list(p) for p in pairs],
+                          "model": ctx.model, "prompt_version": pairs_t.prompt_version,
+                          "seed": req.seed})
+        ctx.save_state(saved)
+
+        # Stage 2: one reformulation per pair still missing.
+        reform_t = self.template(f"maga_reformulate_{cfg.maga_variant}")
+        todo = []
+        for unit, missing in work:
+            entry = ctx.state.get(unit.key)
+            if entry is None:
+                continue
+            if missing is None:
+                missing = self.expected(unit, ctx.state)
+            for gen_index in missing:
+                genre, audience = entry["pairs"][gen_index - unit.gen_offset]
+                req = self.request(ctx, unit, "maga_reformulate", [gen_index],
+                                   reform_t.render(text=unit.text, genre=genre, audience=audience),
+                                   1, cfg.max_new_tokens, cfg.temperature,
+                                   {"text": unit.text, "genre": genre, "audience": audience,
+                                    "variant": cfg.maga_variant})
+                todo.append((unit, gen_index, genre, audience, req))
+        candidates = []
+        for (unit, gen_index, genre, audience, req), resp in zip(todo, ctx.call([t[-1] for t in todo])):
+            if resp.error is not None:
+                continue
+            clean, removed = self.clean(resp.texts[0])
+            coverage = maga.keyword_coverage(unit.text, clean)
+            row = self.row(ctx, unit, gen_index, clean, req, resp.completion_tokens[0],
+                           reform_t.prompt_version, genre=genre, audience=audience,
+                           pair_index=gen_index - unit.gen_offset, maga_variant=cfg.maga_variant,
+                           judge_score=None, keyword_coverage=round(coverage, 4),
+                           boilerplate_removed=len(removed),
+                           pairs_prompt_version=ctx.state[unit.key]["prompt_version"])
+            if not clean.strip() or coverage < cfg.min_keyword_coverage:
+                row["min_keyword_coverage"] = cfg.min_keyword_coverage
+                ctx.drop(row, "empty" if not clean.strip() else "low_keyword_coverage")
+                continue
+            candidates.append((unit, row))
+
+        # Optional judge: Limited Consistency score 1-5 for each kept reformulation.
+        if cfg.judge and candidates:
+            judge_t = self.template("maga_judge")
+            jreqs = [self.request(ctx, unit, "maga_judge", [row["gen_index"]],
+                                  judge_t.render(text=unit.text, rewritten=row["text"]),
+                                  1, cfg.judge_max_new_tokens, cfg.judge_temperature,
+                                  {"text": unit.text, "rewritten": row["text"]})
+                     for unit, row in candidates]
+            judged = []
+            for (unit, row), req, resp in zip(candidates, jreqs, ctx.call(jreqs, judge=True)):
+                if resp.error is not None:
+                    continue  # the reformulation is redone with its judge on the next run
+                try:
+                    row["judge_score"] = maga.parse_judge(resp.texts[0])
+                except maga.ParseError as e:
+                    ctx.count("judge_unparseable")
+                    row["judge_error"] = str(e)
+                row["judge_model"] = ctx.judge_model
+                row["judge_prompt_version"] = judge_t.prompt_version
+                judged.append((unit, row))
+            candidates = judged
+        for _, row in candidates:
+            ctx.emit(row)
+
+
+def make_task(cfg: TaskConfig, counter: TokenCounter) -> Task:
+    return {"rephrase": RephraseTask, "rationale": RationaleTask, "maga": MagaTask}[cfg.task](cfg, counter)
