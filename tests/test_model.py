@@ -207,3 +207,45 @@ def test_adamw_steps_reduce_loss():
         losses.append(loss.item())
     assert losses[0] == pytest.approx(float(torch.log(torch.tensor(64.0))), abs=0.1)
     assert losses[-1] < losses[0] - 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs for MFU
+
+
+def test_flops_per_token_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megadoc_pl.model.flops import flops_per_token, matmul_params
+
+    model = _nano()
+    B, T = 2, 32
+    ids = torch.randint(0, 300, (B, T))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.logits(model(ids))
+    # torch's counter sees the weight matmuls but not the CPU SDPA kernels
+    assert counter.get_total_flops() == flops_per_token(model.cfg, T, mean_keys=0, training=False) * B * T
+    # attention: QK^T and PV, 2 FLOPs per multiply-add, per head dim, per attended key and layer
+    cfg = model.cfg
+    extra = flops_per_token(cfg, T, mean_keys=10, training=False) - flops_per_token(cfg, T, mean_keys=0, training=False)
+    assert extra == 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 10
+    big = LlamaConfig.from_name("300m")
+    assert big.num_params(embeddings=False) == 102_648_576
+    assert matmul_params(big) == 102_648_576 - (2 * 12 + 1) * 768 + 128256 * 768  # no norms, + LM head
+
+
+def test_mean_attended_keys_and_peaks():
+    from megadoc_pl.model.flops import flops_per_token, mean_attended_keys, mfu, peak_bf16_flops
+
+    assert mean_attended_keys([4]) == 2.5 and mean_attended_keys([1, 1, 2]) == 5 / 4
+    cfg = LlamaConfig.from_name("300m")
+    assert flops_per_token(cfg, 4096) == flops_per_token(cfg, 4096, mean_keys=mean_attended_keys([4096]))
+    assert flops_per_token(cfg, 4096, mean_keys=100) < flops_per_token(cfg, 4096)  # documents attend less
+    assert peak_bf16_flops("NVIDIA H200") == 989.4e12
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("NVIDIA H20") == 148e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_bf16_flops("NVIDIA L40S") == 362.05e12 and peak_bf16_flops("NVIDIA L4") == 121e12
+    assert peak_bf16_flops("Some Future Accelerator") is None
+    assert mfu(250_000, 2e9, 1, 1e15) == 0.5
