@@ -400,3 +400,24 @@ def format_fit_table(fits: dict[str, PowerLawFit], x_name: str = "x") -> str:
         )
         notes += [f"- {name}: {note}" for note in fit.notes]
     return "\n".join(lines + notes)
+
+
+def fit_groups(
+    points: dict[str, tuple[Sequence[float], Sequence[float]]],
+    x_offset: float = 0.0,
+    x_scale: float = 1.0,
+    **bootstrap,
+) -> dict[str, PowerLawFit]:
+    """Fit every group's points in x' = (x + x_offset) / x_scale, with bootstrap intervals.
+
+    ``x_offset=1`` fits in 1 + G (so G = 0 can take part); ``x_scale=1e9`` fits N in
+    billions (the megadocs convention; it only rescales A). Errors name the group.
+    """
+    fits = {}
+    for name, (x, y) in points.items():
+        xs = (np.asarray(x, dtype=float) + x_offset) / x_scale
+        try:
+            fits[name] = bootstrap_power_law(xs, y, **bootstrap)
+        except ValueError as e:
+            raise ValueError(f"group {name!r}: {e}") from None
+    return fits

@@ -148,16 +148,17 @@ _LOSS_NAMES = ("mean_loss", "loss", "mean")
 _COUNT_NAMES = ("count", "n", "tokens")
 
 
-def read_loss_by_position(path: str | Path) -> dict[str, list[float]]:
-    """A loss-by-position CSV -> {"position": centres, "loss": means, "count": counts}.
+def read_loss_by_position(path: str | Path) -> dict[str, dict[str, list[float]]]:
+    """A loss-by-position CSV -> {kind: {"position": [...], "loss": [...], "count": [...]}}.
 
-    Columns are matched by name (bucket_start/start/position, bucket_end/end,
-    mean_loss/loss/mean, count/n/tokens); the position is the bucket centre when both ends
-    are present. Rows with an empty count (0) or a non-finite loss are dropped.
+    The eval part writes columns kind (window | document), bucket_start, bucket_end, count,
+    mean_loss; without a kind column every row is kind "all". Columns are matched by name
+    (bucket_start/start/position, bucket_end/end, mean_loss/loss/mean, count/n/tokens). The
+    position is the bucket centre (start + end - 1) / 2 when the end is finite, else the start.
+    Rows with a zero count or a non-finite loss are dropped.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    rows = list(csv.DictReader(io.StringIO(text)))
+    rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
     if not rows:
         raise ValueError(f"{path}: empty loss-by-position CSV")
     cols = {c.strip().lower(): c for c in rows[0].keys() if c is not None}
@@ -167,30 +168,30 @@ def read_loss_by_position(path: str | Path) -> dict[str, list[float]]:
             if n in cols:
                 return cols[n]
         if required:
-            raise ValueError(
-                f"{path}: no column among {', '.join(names)} (found: {', '.join(cols)})"
-            )
+            raise ValueError(f"{path}: no column among {', '.join(names)} (found: {', '.join(cols)})")
         return None
 
-    c_start = pick(_START_NAMES, True)
-    c_end = pick(_END_NAMES, False)
-    c_loss = pick(_LOSS_NAMES, True)
-    c_count = pick(_COUNT_NAMES, False)
-    pos, loss, count = [], [], []
+    c_start, c_loss = pick(_START_NAMES, True), pick(_LOSS_NAMES, True)
+    c_end, c_count, c_kind = pick(_END_NAMES, False), pick(_COUNT_NAMES, False), pick(("kind",), False)
+
+    def num(row: dict, col: str | None) -> float:
+        v = row.get(col) if col else None
+        return math.nan if v in ("", None) else float(v)
+
+    out: dict[str, dict[str, list[float]]] = {}
     for i, row in enumerate(rows, start=2):
         try:
-            start = float(row[c_start])
-            value = float(row[c_loss]) if row[c_loss] not in ("", None) else math.nan
-            n = float(row[c_count]) if c_count and row[c_count] not in ("", None) else math.nan
-            end = float(row[c_end]) if c_end and row[c_end] not in ("", None) else None
-        except (TypeError, ValueError):
+            start, end, value, n = num(row, c_start), num(row, c_end), num(row, c_loss), num(row, c_count)
+        except ValueError:
             raise ValueError(f"{path}:{i}: non-numeric value in row {row}") from None
-        if not math.isfinite(value) or n == 0:
+        if not math.isfinite(value) or n == 0 or math.isnan(start):
             continue
-        pos.append((start + end) / 2.0 if end is not None else start)
-        loss.append(value)
-        count.append(n)
-    return {"position": pos, "loss": loss, "count": count}
+        curve = out.setdefault(str(row.get(c_kind) or "all") if c_kind else "all",
+                               {"position": [], "loss": [], "count": []})
+        curve["position"].append((start + end - 1) / 2.0 if math.isfinite(end) else start)
+        curve["loss"].append(value)
+        curve["count"].append(n)
+    return out
 
 
 # --------------------------------------------------------------------------- tables
@@ -276,4 +277,31 @@ def points_by_group(
             agg = min if reduce == "best" else (lambda v: sum(v) / len(v))
             pts = [(x, agg(ys)) for x, ys in sorted(by_x.items())]
         out[g] = ([p[0] for p in pts], [p[1] for p in pts])
+    return out
+
+
+def read_points_csv(
+    path: str | Path, x_col: str = "x", y_col: str = "loss", group_col: str | None = "group"
+) -> dict[str, tuple[list[float], list[float]]]:
+    """(x, loss) points from a CSV, grouped by ``group_col`` when that column exists."""
+    path = Path(path)
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    for col in (x_col, y_col):
+        if col not in rows[0]:
+            raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(rows[0])}); set --x-col/--y-col")
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for i, row in enumerate(rows, start=2):
+        g = row.get(group_col) if group_col and group_col in row else "all"
+        try:
+            x, y = float(row[x_col]), float(row[y_col])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}:{i}: non-numeric {x_col}/{y_col} ({row[x_col]!r}, {row[y_col]!r})") from None
+        xs, ys = out.setdefault(str(g), ([], []))
+        xs.append(x)
+        ys.append(y)
     return out

@@ -109,7 +109,9 @@ class TuneSpec:
     def run_overrides(self, index: Sequence[int]) -> list[str]:
         """The recipe overrides of one run (fixed overrides, then the point, then run name/root)."""
         point = [f"{k}={_fmt_value(v)}" for k, v in self.point(index).items()]
-        return [*map(str, self.overrides), *point, f"run.name={self.run_name(index)}", f"run.root={self.root}"]
+        # run.resume=auto: a run killed mid-training continues from its last checkpoint.
+        return [*map(str, self.overrides), *point, f"run.name={self.run_name(index)}", f"run.root={self.root}",
+                "run.resume=auto"]
 
     def command(self, index: Sequence[int]) -> list[str]:
         return ["python", self.train_script, "--recipe", self.recipe, *self.run_overrides(index)]

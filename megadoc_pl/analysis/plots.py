@@ -1,0 +1,250 @@
+"""PNG plots of runs and fits (matplotlib Figure objects, Agg canvas, no pyplot state, no GPU).
+
+Every function takes plain data (dicts of lists, fits) and a path, writes one PNG atomically
+and returns the path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from megadoc_pl.analysis.fits import PowerLawFit
+
+Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]  # label -> (x values, losses)
+
+
+def _figure(width: float = 6.4, height: float = 4.2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fit_curve(ax, fit: PowerLawFit, x_lo: float, x_hi: float, colour, x_shift: float = 0.0,
+               label: str | None = None) -> None:
+    """The fitted law (solid), its bootstrap 5-95% band (shaded) and asymptote C (dashed)."""
+    xs = np.geomspace(x_lo, x_hi, 200)
+    ax.plot(xs - x_shift, fit.law(xs), color=colour, lw=1.2, label=label)
+    if fit.replicates is not None and len(fit.replicates):
+        reps = fit.replicates
+        curves = reps[:, 0:1] / xs[None, :] ** reps[:, 1:2] + reps[:, 2:3]
+        lo, hi = np.quantile(curves, [(1 - fit.level) / 2, 1 - (1 - fit.level) / 2], axis=0)
+        ax.fill_between(xs - x_shift, lo, hi, color=colour, alpha=0.15, lw=0)
+    ax.axhline(fit.law.C, color=colour, ls="--", lw=0.9, alpha=0.8)
+
+
+def plot_loss_vs_generations(
+    series: Series,
+    path: str | Path,
+    fits: Mapping[str, PowerLawFit] | None = None,
+    x_offset: float = 1.0,
+    baseline: float | None = None,
+    ylabel: str = "val/iid/loss",
+    title: str = "loss vs generations per source",
+) -> Path:
+    """Loss vs G per method on a log axis in 1 + G (the megadocs plot), optional fits in G + x_offset."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    colours = [f"C{i}" for i in range(10)]
+    all_g: list[float] = []
+    for i, (label, (g, loss)) in enumerate(series.items()):
+        g = np.asarray(g, dtype=float)
+        all_g += g.tolist()
+        ax.plot(g + 1.0, loss, "o-", color=colours[i % 10], label=label, ms=4)
+        if fits and label in fits:
+            f = fits[label]
+            _fit_curve(ax, f, float(f.x.min()), float(f.x.max()) * 4, colours[i % 10], x_shift=x_offset - 1.0)
+            ax.text(1.02, f.law.C, f"C={f.law.C:.3f}", color=colours[i % 10], fontsize=7,
+                    transform=ax.get_yaxis_transform(), va="center")
+    if baseline is not None:
+        ax.axhline(baseline, color="k", ls=":", lw=1, label=f"real only {baseline:.4g}")
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(all_g))
+    ax.set_xticks([t + 1 for t in ticks])
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.set_xlabel("generations per source G (axis: 1 + G, log)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_loss_vs_epochs(series: Series, path: str | Path, ylabel: str = "val/iid/loss",
+                        title: str = "loss vs real epochs") -> Path:
+    """Loss vs real epochs E (log2 axis), one line per label (e.g. method and G)."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for label, (e, loss) in series.items():
+        order = np.argsort(e)
+        ax.plot(np.asarray(e, dtype=float)[order], np.asarray(loss, dtype=float)[order], "o-", label=label, ms=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("real epochs E")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_scaling_fits(fits: Mapping[str, PowerLawFit], path: str | Path, x_label: str = "x",
+                      ylabel: str = "loss", title: str = "power-law fits L = A / x^B + C") -> Path:
+    """Data points, fitted curves (extended 4x past the data), bootstrap bands and asymptotes."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (label, f) in enumerate(fits.items()):
+        c = f"C{i % 10}"
+        ax.plot(f.x, f.y, "o", color=c, ms=4)
+        lab = f"{label}: {f.law.A:.3g}/x^{f.law.B:.3g} + {f.law.C:.4g}"
+        _fit_curve(ax, f, float(f.x.min()), float(f.x.max()) * 4, c, label=lab)
+    ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title + " (dashed: asymptote C)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_loss_by_position(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
+                          title: str = "loss by position", log_x: bool = False) -> Path:
+    """One line per run: mean loss against position (``{"position": [...], "loss": [...]}``)."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for label, c in curves.items():
+        ax.plot(c["position"], c["loss"], ".-", label=label, ms=3, lw=1)
+    if log_x:
+        ax.set_xscale("symlog", base=2, linthresh=1)
+    ax.set_xlabel("token position" + (" (log2)" if log_x else ""))
+    ax.set_ylabel("mean loss (nats)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_anomaly_histogram(hist: Mapping, path: str | Path, title: str = "first anomaly position") -> Path:
+    """Relative position of the first anomalous window, stacked by the document's mean difference."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    edges = np.asarray(hist["edges"])
+    width = np.diff(edges)
+    bottom = np.zeros(len(width))
+    groups = hist.get("by_mean_diff") or {"all": hist}
+    for label, h in groups.items():
+        counts = np.asarray(h["counts"], dtype=float)
+        ax.bar(edges[:-1], counts, width=width, bottom=bottom, align="edge", label=f"mean diff {label}",
+               edgecolor="white", lw=0.5)
+        bottom += counts
+    ax.set_xlabel("first anomaly position (% of document)")
+    ax.set_ylabel("documents")
+    ax.set_title(f"{title} ({hist['none']} documents without one)", fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_loss_diff(diff: Sequence[float], doc: Mapping, path: str | Path) -> Path:
+    """One document: per-token diff, windowed mean, thresholds per k and the first anomalies."""
+    from megadoc_pl.analysis.loss_patterns import windowed_means
+
+    d = np.asarray(diff, dtype=float)
+    w = int(doc["window"])
+    m = windowed_means(d, w)
+    fig = _figure(8.0, 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(np.arange(d.size), d, lw=0.5, color="0.6", label="per-token diff")
+    ax.plot(np.arange(m.size) + (w - 1) / 2, m, lw=1.2, color="C0", label=f"window mean (w={w})")
+    for i, (k, pos) in enumerate(doc["first_anomaly"].items()):
+        thr = abs(doc["mean_diff"]) + float(k) * doc["std_diff"]
+        ax.axhline(thr, ls="--", lw=0.8, color=f"C{i + 1}", label=f"|mu|+{float(k):g} sigma")
+        ax.axhline(-thr, ls="--", lw=0.8, color=f"C{i + 1}")
+        if pos is not None:
+            ax.axvline(pos, color=f"C{i + 1}", lw=0.8)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("loss B - loss A (nats)")
+    ax.set_title(f"{doc['id']}: mean diff {doc['mean_diff']:+.3f}", fontsize=9)
+    ax.legend(fontsize=6, ncol=3)
+    return _save(fig, path)
+
+
+def plot_run_set(
+    runs: Sequence,
+    out_dir: str | Path,
+    y: str = "val/iid/loss",
+    method_key: str = "recipe",
+    g_key: str = "data.generations",
+    epochs_key: str = "data.mixture.real_epochs",
+) -> tuple[list[Path], list[str]]:
+    """The standard plots of a set of runs; returns (files written, notes on plots skipped).
+
+    loss_vs_generations.png (best run per (method, G)), loss_vs_epochs.png (best run per
+    (method, G, E), one line per method and G), loss_by_position_<set>_<kind>.png (one line per
+    run). A plot without enough data (fewer than two x values on every line) is skipped.
+    """
+    from megadoc_pl.analysis.runs import points_by_group, read_loss_by_position
+
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    notes: list[str] = []
+    have_y = [r for r in runs if r.has(y)]
+    with_g = [r for r in have_y if r.has(g_key)]
+    series = points_by_group(with_g, g_key, y, method_key, "best") if with_g else {}
+    series = {k: v for k, v in series.items() if len(v[0]) >= 2}
+    if series:
+        written.append(plot_loss_vs_generations(series, out_dir / "loss_vs_generations.png", ylabel=y))
+    else:
+        notes.append(f"loss_vs_generations: no {method_key} has runs at two or more {g_key} values")
+
+    by_line: dict[str, list] = {}
+    for r in have_y:
+        if r.has(epochs_key):
+            g = r.get(g_key)
+            label = f"{r.get(method_key)}" + (f" G={g}" if g is not None else "")
+            by_line.setdefault(label, []).append(r)
+    ep_series = {}
+    for label, rs in sorted(by_line.items()):
+        pts = points_by_group(rs, epochs_key, y, None, "best")["all"]
+        if len(pts[0]) >= 2:
+            ep_series[label] = pts
+    if ep_series:
+        written.append(plot_loss_vs_epochs(ep_series, out_dir / "loss_vs_epochs.png", ylabel=y))
+    else:
+        notes.append(f"loss_vs_epochs: no method/G has runs at two or more {epochs_key} values")
+
+    curves: dict[tuple[str, str], dict] = {}
+    for r in runs:
+        for set_name, path in r.loss_by_position_files().items():
+            for kind, curve in read_loss_by_position(path).items():
+                curves.setdefault((set_name, kind), {})[r.name] = curve
+    for (set_name, kind), by_run in sorted(curves.items()):
+        p = out_dir / f"loss_by_position_{set_name}_{kind}.png"
+        written.append(plot_loss_by_position(by_run, p, title=f"loss by {kind} position: {set_name}",
+                                             log_x=kind == "document"))
+    if not curves:
+        notes.append("loss_by_position: no run has loss_by_position_<set>.csv")
+    return written, notes
