@@ -351,10 +351,12 @@ def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[in
         sidx = split_col[pool]
         sidx = np.where(sidx >= 0, sidx, synth.gen_indices[pool])
         uniq, first = np.unique(sidx, return_index=True)
-        if len(uniq) < len(cuts) or (len(cuts) and not np.array_equal(uniq[: len(cuts)], np.arange(len(cuts)))):
-            if short_pool == "drop":
-                keep[k] = False
-                continue
+        short = len(uniq) < len(cuts) or (len(cuts) and not np.array_equal(uniq[: len(cuts)], np.arange(len(cuts))))
+        if short_pool == "drop" and (short or len(uniq) > len(cuts)):
+            keep[k] = False  # too few rationales, or ones made for another split: dropped, counted
+            ptr.append(len(src))
+            continue
+        if short:
             raise ValueError(
                 f"source {pools.ids[k]!r} has rationales for split points {uniq.tolist()[:8]} but stretch with "
                 f"G={generations} needs split_index 0..{len(cuts) - 1} (fix: generate rationales with "
@@ -381,7 +383,7 @@ def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[in
                 if has_close:
                     src.append(lit_src); doc.append(1); start.append(0); length.append(len(close_ids)); newdoc.append(False)
         ptr.append(len(src))
-    # Sources dropped above have no pieces; compact to the kept ones.
+    # Sources dropped above have empty groups; compact to the kept ones.
     g = _Groups(np.asarray(ptr, np.int64), np.asarray(src, np.int64), np.asarray(doc, np.int64),
                 np.asarray(start, np.int64), np.asarray(length, np.int64), np.asarray(newdoc, bool))
     return g.take(keep), keep
@@ -442,6 +444,17 @@ def build_view(real, synth, opts: ViewOptions, heldout: Iterable[str] = (),
     Token sources of the result: 0 = real store, 1 = synthetic store, 2 = delimiter literals.
     ``encode`` (text -> token ids, no specials) is needed by the stretch views' delimiters.
     """
+    units = _build_view(real, synth, opts, heldout, encode)
+    if units.num_units == 0:
+        raise ValueError(
+            f"data.view={opts.view} with G={opts.generations} kept no source ({units.stats}) "
+            "(fix: check data.generations against the generated pools, or data.judge_min_score)"
+        )
+    return units
+
+
+def _build_view(real, synth, opts: ViewOptions, heldout: Iterable[str],
+                encode: Optional[Callable[[str], list[int]]]) -> Units:
     opts.validate()
     heldout = set(heldout)
     if opts.view == "real":

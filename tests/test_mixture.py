@@ -1,0 +1,141 @@
+"""Mixture plans (paper / budget) and per-sequence drawing: exact token accounting (SPEC 4)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from megadoc_pl.data.mixture import StreamDrawer, as_fraction, budget_plan, paper_plan
+
+# The megadocs setup (research/megadocs.md 1.1, 1.5, 4.1): 203,867,748 real tokens, 64 x 4096.
+T_REAL = 203_867_748
+S32 = 3_713_048_352  # the b32/s32 synthetic stream
+
+
+@pytest.mark.parametrize(
+    "E, w, syn_tokens, steps, syn_passes",  # megadocs.md 1.5 table: real only, w2s, s8, s32, b32
+    [(16, 0.0, None, 12_432, None), (4, 0.75, 398_936_730, 12_432, 6.1), (8, 0.75, 967_660_703, 24_864, 5.1),
+     (16, 0.75, S32, 49_728, 2.6), (32, 0.9, S32, 248_640, 15.8)],
+)
+def test_paper_plan_reproduces_the_papers_steps(E, w, syn_tokens, steps, syn_passes):
+    plan = paper_plan(T_REAL, E, w, 64, 4096, syn_tokens)
+    assert plan.steps_per_epoch == 777
+    assert plan.steps == steps == int(777 * E / (1 - w) + 1e-9)
+    assert plan.windows == steps * 64 and plan.tokens == steps * 64 * 4096
+    real = plan.stream("real")
+    # The real stream gets exactly E epochs of 777 batches (the paper's max_train_batches epoch).
+    assert real.windows == E * 777 * 64
+    assert real.tokens(4096) == E * 777 * 64 * 4096
+    if w:
+        syn = plan.stream("synthetic")
+        assert syn.windows == plan.windows - real.windows
+        assert round(syn.passes(4096), 1) == syn_passes
+    else:
+        assert [s.name for s in plan.streams] == ["real"]
+
+
+def test_paper_plan_rounding_is_floor_of_exact_rationals():
+    # 10 real batches per epoch, E=3, w=0.7: 10 * 3 / 0.3 = 100 exactly (floats give 99.999...).
+    plan = paper_plan(10 * 4 * 8 + 7, 3, 0.7, 4, 8, 1000)
+    assert plan.steps_per_epoch == 10 and plan.steps == 100
+    # Not divisible: 10 * 1 / (1 - 2/3) = 30; 10 * 1 / (1 - 0.6) = 25; 7 * 1.5 / 0.25 = 42; 7 / 0.3 = 23.33 -> 23
+    assert paper_plan(320, 1, 2 / 3, 4, 8, 10).steps == 30
+    assert paper_plan(320, 1, 0.6, 4, 8, 10).steps == 25
+    assert paper_plan(7 * 32, 1.5, 0.75, 4, 8, 10).steps == 42
+    p = paper_plan(7 * 32, 1, 0.7, 4, 8, 10)
+    assert p.steps == 23
+    syn, real = p.stream("synthetic"), p.stream("real")
+    assert syn.windows == (92 * 7) // 10 == 64 and real.windows == 92 - 64 == 28  # 28 = E*7*4 exactly here
+
+
+def test_paper_plan_errors():
+    with pytest.raises(ValueError, match=r"synthetic_fraction must be in \[0, 1\), got 1"):
+        paper_plan(1000, 1, 1.0, 1, 10, 100)
+    with pytest.raises(ValueError, match="needs a synthetic stream"):
+        paper_plan(1000, 1, 0.5, 1, 10, None)
+    with pytest.raises(ValueError, match="real_epochs must be > 0"):
+        paper_plan(1000, 0, 0.0, 1, 10)
+    with pytest.raises(ValueError, match="less than one global batch"):
+        paper_plan(100, 1, 0.0, 4, 64)
+    with pytest.raises(ValueError, match=r"synthetic_fraction must be in \[0, 1\)"):
+        paper_plan(1000, 1, -0.1, 1, 10, 100)
+
+
+def test_budget_plan_maga_entireset_expansion():
+    # EntireSet MGA-Expansion (maga.md 12.2): 50B real x 2 + 200B MGA x 2 = 500B; units of 1e9 / 1e3.
+    plan = budget_plan({"real": 50_000, "synthetic": 200_000}, 10, 100, stream_epochs={"real": 2, "synthetic": 2})
+    assert plan.steps == 500_000 // 1000 == 500
+    assert plan.stream("real").windows == 1000 and plan.stream("synthetic").windows == 4000
+    assert plan.stream("real").passes(100) == 2.0 and plan.stream("synthetic").passes(100) == 2.0
+    assert plan.stream("real").share == Fraction(1, 5)
+    # With the same budget stated explicitly the plan is identical.
+    same = budget_plan({"real": 50_000, "synthetic": 200_000}, 10, 100, budget_tokens=500_000,
+                       stream_epochs={"real": 2, "synthetic": 2})
+    assert same == plan
+
+
+def test_budget_plan_weights_and_errors():
+    # Subset MGA-Expansion shape: real x 1 fixed, the synthetic stream weighted into the rest.
+    streams = {"real": 3_000, "synthetic": 10_000}
+    with pytest.raises(ValueError, match=r"stream\(s\) \['synthetic'\]"):
+        budget_plan(streams, 4, 10, budget_tokens=12_000, stream_epochs={"real": 1})
+    plan = budget_plan(streams, 4, 10, budget_tokens=12_000, stream_epochs={"real": 1}, stream_weights={"synthetic": 1})
+    assert plan.steps == 300 and plan.stream("real").windows == 300 and plan.stream("synthetic").windows == 900
+    with pytest.raises(ValueError, match="names unknown stream"):
+        budget_plan(streams, 4, 10, stream_epochs={"real": 1, "fineweb": 1, "synthetic": 1})
+    with pytest.raises(ValueError, match="both epochs and a weight"):
+        budget_plan(streams, 4, 10, budget_tokens=10, stream_epochs={"real": 1, "synthetic": 1}, stream_weights={"real": 1})
+    with pytest.raises(ValueError, match="sum to 13000 tokens but budget_tokens is 20000"):
+        budget_plan(streams, 4, 10, budget_tokens=20_000, stream_epochs={"real": 1, "synthetic": 1})
+    with pytest.raises(ValueError, match="more than the budget"):
+        budget_plan(streams, 4, 10, budget_tokens=1_000, stream_epochs={"real": 1}, stream_weights={"synthetic": 1})
+    with pytest.raises(ValueError, match="needs data.mixture.budget_tokens"):
+        budget_plan(streams, 4, 10, stream_weights={"real": 1, "synthetic": 3})
+
+
+@pytest.mark.parametrize("w", [0.75, 0.9, 0.5, 2 / 3, 0.123, 0.01])
+def test_two_stream_drawing_matches_w_at_every_prefix(w):
+    d = StreamDrawer(["synthetic", "real"], [as_fraction(w), 1 - as_fraction(w)])
+    n = 5000
+    stream, index = d.locate(np.arange(n))
+    syn = np.cumsum(stream == 0)
+    k = np.arange(1, n + 1)
+    wf = as_fraction(w)
+    assert np.array_equal(syn, (k * wf.numerator) // wf.denominator)  # exactly floor(n w)
+    assert np.all(np.abs(syn - k * float(wf)) < 1)
+    # The rule itself: window k synthetic iff floor((k+1) w) > floor(k w).
+    kk = np.arange(n)
+    rule = ((kk + 1) * wf.numerator) // wf.denominator > (kk * wf.numerator) // wf.denominator
+    assert np.array_equal(stream == 0, rule)
+    # Index inside each stream counts that stream's earlier windows (0, 1, 2, ... per stream).
+    for s in (0, 1):
+        assert np.array_equal(index[stream == s], np.arange(int((stream == s).sum())))
+    assert d.counts(n) == [int(syn[-1]), n - int(syn[-1])]
+
+
+def test_three_stream_drawing_stays_within_two_windows():
+    shares = [Fraction(1, 7), Fraction(3, 5), 1 - Fraction(1, 7) - Fraction(3, 5)]
+    d = StreamDrawer(["a", "b", "c"], shares)
+    n = 20000
+    stream, index = d.locate(np.arange(n))
+    k = np.arange(1, n + 1)
+    for s, f in enumerate(shares):
+        c = np.cumsum(stream == s)
+        assert np.all(np.abs(c - k * float(f)) < 2)
+        assert np.array_equal(index[stream == s], np.arange(int(c[-1])))
+        assert d.counts(n)[s] == int(c[-1])
+    # Random access equals the sequential answer.
+    pick = np.array([19999, 3, 777, 0, 12345])
+    s2, i2 = d.locate(pick)
+    assert np.array_equal(s2, stream[pick]) and np.array_equal(i2, index[pick])
+
+
+def test_plan_to_dict_has_per_stream_numbers():
+    plan = paper_plan(T_REAL, 16, 0.75, 64, 4096, S32, real_units=164_000, synthetic_units=5_412_000)
+    d = plan.to_dict()
+    assert d["steps"] == 49_728 and d["tokens"] == 49_728 * 64 * 4096
+    assert d["streams"]["real"]["passes"] == pytest.approx(15.99, abs=0.01)
+    assert d["streams"]["synthetic"]["units_per_pass"] == 5_412_000
+    assert d["streams"]["synthetic"]["fraction_of_tokens"] == 0.75

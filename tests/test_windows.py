@@ -1,0 +1,185 @@
+"""Window assembly against a simple oracle, and the batch contract on constructed windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megadoc_pl.data.mixture import paper_plan
+from megadoc_pl.data.views import ViewOptions, build_view, documents_units, real_units
+from megadoc_pl.data.windows import StreamWindows, Windows, pass_seed
+
+from test_views import HELDOUT, make_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_tokenizer_path) -> dict:
+    return make_corpus(tmp_path_factory.mktemp("corpus"), tiny_tokenizer_path)
+
+
+def _oracle_stream(units, seed: int, name: str, passes: int, shuffle: bool = True):
+    """Tokens, doc-start / unit-start flags and doc positions of the first passes, by plain loops."""
+    toks, newdoc, newunit, docpos = [], [], [], []
+    for p in range(passes):
+        order = (np.random.default_rng(pass_seed(seed, name, p)).permutation(units.num_units)
+                 if shuffle else range(units.num_units))
+        for u in order:
+            for j, (s, d, a, n, nd, dp) in enumerate(units.unit(int(u))):
+                src = units.sources[s]
+                toks += src.tokens(d)[a:a + n].tolist()
+                newdoc += [nd] + [False] * (n - 1)
+                newunit += [j == 0] + [False] * (n - 1)
+                docpos += list(range(dp, dp + n))
+    return np.array(toks), np.array(newdoc), np.array(newunit), np.array(docpos)
+
+
+def _oracle_batch(stream, j: int, T: int, scope: str) -> dict:
+    toks, newdoc, newunit, docpos = stream
+    sl = slice(j * T, j * T + T + 1)
+    flags = {"window": np.zeros(T + 1, bool), "document": newdoc[sl], "megadoc": newunit[sl]}[scope][:T].copy()
+    flags[0] = True
+    seg = np.cumsum(flags) - 1
+    pos = np.array([t - max(i for i in range(t + 1) if flags[i]) for t in range(T)])
+    return {"tokens": toks[sl], "segment_ids": seg, "position_ids": pos, "doc_positions": docpos[sl][:T]}
+
+
+@pytest.mark.parametrize("scope", ["window", "document", "megadoc"])
+@pytest.mark.parametrize("view", ["stitch", "stretch"])
+def test_stream_windows_match_the_oracle_across_passes(corpus, scope, view):
+    units = build_view(corpus["real"], corpus["synth"], ViewOptions(view=view, generations=2, short_pool="drop"),
+                       HELDOUT, encode=corpus["info"].encode)
+    T = 23  # windows straddle units, pieces and pass boundaries
+    st = StreamWindows(units, T, data_seed=7, name="synthetic")
+    passes = 4
+    oracle = _oracle_stream(units, 7, "synthetic", passes)
+    n = (len(oracle[0]) - 1) // T
+    w = Windows([st], _single(st), T, scope, None)
+    idx = np.random.default_rng(0).permutation(n)  # random access, in any order
+    batch = w.batch(idx)
+    for row, j in enumerate(idx):
+        o = _oracle_batch(oracle, int(j), T, scope)
+        assert batch["input_ids"][row].tolist() == o["tokens"][:T].tolist()
+        assert batch["targets"][row].tolist() == o["tokens"][1:].tolist()
+        assert batch["segment_ids"][row].tolist() == o["segment_ids"].tolist()
+        assert batch["position_ids"][row].tolist() == o["position_ids"].tolist()
+        assert batch["doc_positions"][row].tolist() == o["doc_positions"].tolist()
+    assert batch["window_index"].tolist() == idx.tolist()
+    # cu_seqlens / max_seqlen agree with segment_ids over the flattened batch.
+    seg = batch["segment_ids"]
+    new = torch.ones_like(seg, dtype=torch.bool)
+    new[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    starts = torch.nonzero(new.flatten()).flatten()
+    assert batch["cu_seqlens"].tolist() == starts.tolist() + [seg.numel()]
+    assert batch["max_seqlen"] == int(torch.diff(batch["cu_seqlens"]).max())
+
+
+def _single(st):
+    from fractions import Fraction
+
+    from megadoc_pl.data.mixture import StreamDrawer
+
+    return StreamDrawer([st.name], [Fraction(1)])
+
+
+def test_window_longer_than_a_pass_spans_several_passes(corpus):
+    units = real_units(corpus["real"], HELDOUT)
+    T = units.num_tokens + 5  # one window covers more than a whole pass
+    st = StreamWindows(units, T, data_seed=3, name="real")
+    oracle = _oracle_stream(units, 3, "real", 8)
+    got = Windows([st], _single(st), T, "document").tokens([2, 0, 1])
+    for row, j in enumerate([2, 0, 1]):
+        assert got[row].tolist() == oracle[0][j * T: j * T + T + 1].tolist()
+
+
+def test_batch_contract_exact_for_a_constructed_window(corpus):
+    """Two stitched megadocs [g0 g1 r] in order; check every field by hand."""
+    R, S = corpus["real"], corpus["synth"]
+    units = build_view(R, S, ViewOptions(view="stitch", generations=2, short_pool="drop"), HELDOUT)
+    lens = [[int(n) for (_, _, _, n, _, _) in units.unit(u)] for u in range(2)]
+    a0, a1, a2 = lens[0]
+    b0 = lens[1][0]
+    T = a0 + a1 + a2 + b0 + 3  # the window covers megadoc 0 and the first 4 tokens of megadoc 1's g1
+    w = Windows.sequential(units, T, "document")
+    batch = w.batch([0])
+    cuts = np.cumsum([0, a0, a1, a2, b0])  # document starts inside the window
+    exp_doc = np.zeros(T, int)
+    for c in cuts[1:]:
+        exp_doc[c:] += 1
+    assert batch["segment_ids"][0].tolist() == exp_doc.tolist()
+    assert batch["cu_seqlens"].tolist() == [0, a0, a0 + a1, a0 + a1 + a2, a0 + a1 + a2 + b0, T]
+    assert batch["max_seqlen"] == max(a0, a1, a2, b0, 3)
+    exp_pos = np.concatenate([np.arange(a0), np.arange(a1), np.arange(a2), np.arange(b0), np.arange(3)])
+    assert batch["position_ids"][0].tolist() == exp_pos.tolist()
+    assert batch["doc_positions"][0].tolist() == exp_pos.tolist()
+    # megadoc scope: one boundary, at the start of megadoc 1.
+    mb = w.batch([0], scope="megadoc")
+    unit1 = a0 + a1 + a2
+    assert mb["segment_ids"][0].tolist() == [0] * unit1 + [1] * (T - unit1)
+    assert mb["cu_seqlens"].tolist() == [0, unit1, T]
+    assert mb["position_ids"][0].tolist() == list(range(unit1)) + list(range(T - unit1))
+    assert mb["doc_positions"][0].tolist() == exp_pos.tolist()  # document positions ignore the scope
+    # window scope: one segment, positions 0..T-1.
+    wb = w.batch([0], scope="window")
+    assert wb["segment_ids"][0].tolist() == [0] * T and wb["cu_seqlens"].tolist() == [0, T]
+    assert wb["position_ids"][0].tolist() == list(range(T)) and wb["max_seqlen"] == T
+    # The second window starts mid-document: positions restart, document positions do not.
+    b2 = Windows.sequential(units, 4, "document").batch([1])
+    assert b2["position_ids"][0].tolist() == [0, 1, 2, 3] and b2["doc_positions"][0].tolist() == [4, 5, 6, 7]
+    for key, dtype in (("input_ids", torch.int64), ("targets", torch.int64), ("segment_ids", torch.int32),
+                       ("cu_seqlens", torch.int32), ("position_ids", torch.int64), ("doc_positions", torch.int64),
+                       ("window_index", torch.int64)):
+        assert batch[key].dtype == dtype, key
+
+
+def test_mixture_windows_determinism_and_seed(corpus):
+    R, S = corpus["real"], corpus["synth"]
+    ru = real_units(R, HELDOUT)
+    su = build_view(R, S, ViewOptions(view="stitch", generations=2, short_pool="drop"), HELDOUT)
+    T = 16
+    plan = paper_plan(ru.num_tokens, 2, 0.75, 2, T, su.num_tokens)
+
+    def make(seed):
+        streams = {"real": StreamWindows(ru, T, seed, "real"), "synthetic": StreamWindows(su, T, seed, "synthetic")}
+        return Windows.from_plan(streams, plan, "document")
+
+    a, b, c = make(1), make(1), make(2)
+    idx = np.arange(plan.windows)
+    ta = a.tokens(idx)
+    assert np.array_equal(ta, b.tokens(idx))
+    assert not np.array_equal(ta, c.tokens(idx))
+    # Window k is the same whether fetched alone, in a batch, or after others (no hidden state).
+    for k in (0, 5, plan.windows - 1):
+        assert np.array_equal(make(1).tokens([k])[0], ta[k])
+    # Each stream's windows tile its own oracle stream.
+    stream, local = plan.drawer().locate(idx)
+    for s, (name, units) in enumerate((("synthetic", su), ("real", ru))):
+        need = -(-((int(local[stream == s].max()) + 1) * T + 1) // units.num_tokens)
+        oracle = _oracle_stream(units, 1, name, need)[0]
+        for k in np.flatnonzero(stream == s):
+            j = int(local[k])
+            assert ta[k].tolist() == oracle[j * T: j * T + T + 1].tolist()
+    with pytest.raises(IndexError):
+        a.tokens([plan.windows])
+
+
+def test_describe_names_sources_and_spans(corpus):
+    R = corpus["real"]
+    units = documents_units(R, np.array([0, 1]), "iid")
+    n0 = int(R.lengths[0])
+    w = Windows.sequential(units, n0, "document")
+    d = w.describe(0)
+    assert d["stream"] == "iid" and d["stream_window"] == 0
+    assert [(p["source_id"], p["doc_start"], p["doc_end"], p["window_start"], p["window_end"]) for p in d["pieces"]] == [
+        ("d0", 0, n0, 0, n0), ("d1", 0, 1, n0, n0 + 1)]
+    assert len(w) == (n0 + int(R.lengths[1]) - 1) // n0
+
+
+def test_workers_get_a_picklable_dataset(corpus):
+    import pickle
+
+    units = real_units(corpus["real"], HELDOUT)
+    w = Windows.sequential(units, 8, "document")
+    clone = pickle.loads(pickle.dumps(w))
+    assert np.array_equal(clone.tokens([0, 3]), w.tokens([0, 3]))
+    assert len(pickle.dumps(w)) < 100_000  # stores travel as paths, not as token arrays
