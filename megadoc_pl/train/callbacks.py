@@ -109,28 +109,33 @@ class ThroughputMonitor(pl.Callback):
 
     Logged after every optimizer step (the logger writes every ``train.log_every`` steps). The
     first step (compilation, allocator warm-up) is never timed. Throughput counts the tokens of
-    all ranks (``tokens_per_step`` = global batch x seq_len); MFU divides the achieved model FLOPs
-    by ``peak_flops_per_device * world_size``. Without a peak (CPU, unknown GPU) no MFU is logged.
+    all ranks (``tokens_per_step`` = global batch x seq_len). MFU = achieved model FLOPs / peak
+    of all devices, with FLOPs per token from ``flops_fn(mean_attended_keys)``: the mean keys per
+    query come from the batches' segments (``pl_module.take_attention_stats()``), so document and
+    megadoc scopes are not charged for attention they skip. Without a peak (CPU, unknown GPU,
+    non-bf16 precision) no MFU is logged.
     """
 
     def __init__(
         self,
         tokens_per_step: int,
-        flops_per_token: Optional[float] = None,
+        flops_fn: Optional[Callable[[Optional[float]], float]] = None,
         peak_flops_per_device: Optional[float] = None,
         window: int = 10,
     ) -> None:
         self.tokens_per_step = int(tokens_per_step)
-        self.flops_per_token = flops_per_token
+        self.flops_fn = flops_fn
         self.peak_flops_per_device = peak_flops_per_device
         self.window = max(1, int(window))
         self._seen_step = -1
         self._times: deque[float] = deque(maxlen=self.window + 1)
+        self._attn: deque[tuple[int, int]] = deque(maxlen=self.window)  # (causal pairs, tokens) per step
         self.last: dict[str, float] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen_step = trainer.global_step
         self._times.clear()
+        self._attn.clear()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -138,14 +143,20 @@ class ThroughputMonitor(pl.Callback):
             return
         self._seen_step = trainer.global_step
         self._times.append(time.perf_counter())
+        take = getattr(pl_module, "take_attention_stats", None)
+        if callable(take):
+            self._attn.append(take())
         if len(self._times) < 2:
             return
         steps = len(self._times) - 1
         dt = self._times[-1] - self._times[0]
         tokens_per_s = steps * self.tokens_per_step / dt
         self.last = {"train/tokens_per_s": tokens_per_s, "train/step_time_s": dt / steps}
-        if self.flops_per_token and self.peak_flops_per_device:
-            peak = self.peak_flops_per_device * trainer.world_size
-            self.last["train/mfu"] = self.flops_per_token * tokens_per_s / peak
+        if self.flops_fn is not None:
+            pairs, toks = (sum(x) for x in zip(*self._attn)) if self._attn else (0, 0)
+            flops = self.flops_fn(pairs / toks if toks else None)
+            self.last["train/flops_per_token"] = flops
+            if self.peak_flops_per_device:
+                self.last["train/mfu"] = flops * tokens_per_s / (self.peak_flops_per_device * trainer.world_size)
         for k, v in self.last.items():
             pl_module.log(k, v, on_step=True, on_epoch=False)

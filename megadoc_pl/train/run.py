@@ -1,0 +1,324 @@
+"""One training run end to end: data -> module -> Trainer -> fit -> metrics.json.
+
+``train(cfg)`` is what ``recipes/train.py`` calls; ``megadoc-pl fit`` (train/cli.py) uses the
+same :func:`setup_run` / :meth:`TrainingRun.fit` with Trainer arguments from the command line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from megadoc_pl.train import rundir
+from megadoc_pl.train.callbacks import NonFiniteLossError, ThroughputMonitor
+from megadoc_pl.train.module import MegadocLM
+
+
+@dataclass
+class TrainingRun:
+    """Everything one run is made of, built by :func:`setup_run`."""
+
+    cfg: DictConfig  # resolved recipe (model.vocab_size and train.max_steps filled in)
+    run_dir: Path
+    datamodule: pl.LightningDataModule
+    module: MegadocLM
+    trainer: pl.Trainer
+    ckpt_path: Optional[Path]  # checkpoint to resume from
+    provenance: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    # ------------------------------------------------------------------------------ fit
+
+    def fit(self) -> Path:
+        """Train (resuming if asked), validate at the end, save last.ckpt, write metrics.json."""
+        status, error = "failed", None
+        set_env = rundir.RUN_DIR_ENV not in os.environ
+        if set_env:  # ranks that Lightning launches later inherit the directory
+            os.environ[rundir.RUN_DIR_ENV] = str(self.run_dir)
+        try:
+            self.trainer.fit(self.module, datamodule=self.datamodule,
+                             ckpt_path=str(self.ckpt_path) if self.ckpt_path else None)
+            if self.trainer.interrupted:
+                status = "interrupted"
+            else:
+                self._final_validation()
+                self.trainer.save_checkpoint(self.run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT)
+                status = "finished"
+        except NonFiniteLossError as e:
+            status, error = "nonfinite_loss", str(e)
+            raise
+        except (KeyboardInterrupt, SystemExit) as e:
+            status, error = "interrupted", repr(e)
+            raise
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            if set_env:
+                os.environ.pop(rundir.RUN_DIR_ENV, None)
+            if self.trainer.is_global_zero:
+                rundir.save_metrics(self.run_dir, self.metrics(status, error))
+        return self.run_dir
+
+    def validate(self, ckpt_path: Optional[str] = None) -> dict[str, float]:
+        """Validate the module (or a checkpoint) on every named set; returns val/<name>/loss."""
+        self.trainer.validate(self.module, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
+        return dict(self.module.last_val)
+
+    def _final_validation(self) -> None:
+        # the last in-loop validation may be some steps before the end
+        if self.module.val_metrics is not None and self.module.last_val_step != self.trainer.global_step:
+            self.trainer.validate(self.module, datamodule=self.datamodule, verbose=False)
+
+    # ------------------------------------------------------------------------------ metrics.json
+
+    def metrics(self, status: str, error: Optional[str] = None) -> dict[str, Any]:
+        """The flat metrics.json object (SPEC 3.5)."""
+        m = self.module
+        out: dict[str, Any] = {}
+        for k, v in self.trainer.callback_metrics.items():  # downstream/*, grad norm, ...
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                out[k] = float(v)
+        out.update({k: float(v) for k, v in m.last_train.items()})
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, ThroughputMonitor):
+                out.update(cb.last)
+        out.update(m.last_val)
+        for k, v in m.best_val.items():
+            out[f"{k}_best"] = v
+        if m.counter is not None:
+            out.update(m.counter.metrics())
+            out["tokens_seen"] = int(m.counter.tokens.sum())
+        else:
+            out["tokens_seen"] = int(self.trainer.global_step * self.cfg.train.global_batch_size * self.cfg.data.seq_len)
+        plan = getattr(self.datamodule, "plan", None)
+        if plan is not None:
+            out["plan/steps"] = int(plan.steps)
+            out["plan/tokens"] = int(plan.tokens)
+        out.update({
+            "status": status,
+            "error": error,
+            "run_name": self.run_dir.name,
+            "recipe": self.cfg.recipe,
+            "scale": self.cfg.scale,
+            "steps": int(self.trainer.global_step),
+            "max_steps": int(self.cfg.train.max_steps),
+            "parameters": int(m.model.num_params()),
+            "parameters_non_embedding": int(m.model.num_params(embeddings=False)),
+            "global_batch_size": int(self.cfg.train.global_batch_size),
+            "micro_batch_size": int(self.cfg.train.micro_batch_size),
+            "accumulate_grad_batches": int(self.trainer.accumulate_grad_batches),
+            "world_size": int(self.trainer.world_size),
+            "seq_len": int(self.cfg.data.seq_len),
+            "precision": str(self.trainer.precision),
+            "resumed_from": str(self.ckpt_path) if self.ckpt_path else None,
+            "wall_time_s": round(m.train_time_s(), 3),
+            "total_time_s": round(time.time() - self.started, 3),
+        })
+        out.update(rundir.flat_provenance(self.provenance))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# building a run
+
+
+def on_gpu(cfg: DictConfig) -> bool:
+    acc = str(cfg.train.accelerator)
+    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(cfg: DictConfig) -> str:
+    """``auto``: bf16-mixed on GPU, 32-true on CPU; anything else is passed to Lightning."""
+    p = str(cfg.train.precision)
+    if p != "auto":
+        return p
+    return "bf16-mixed" if on_gpu(cfg) else "32-true"
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    """``fsdp`` wraps every transformer block; other names go to Lightning as they are."""
+    name = str(cfg.train.strategy)
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from megadoc_pl.model.llama import Block
+
+        # use_orig_params keeps parameter names (no-decay groups) and lets torch.compile see them
+        return FSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type="full")
+    return name
+
+
+def accumulation(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """global = micro x world x accumulation, exactly; otherwise a one-line error."""
+    per_pass = micro_batch_size * world_size
+    if micro_batch_size < 1 or global_batch_size % per_pass:
+        raise ValueError(
+            f"train.global_batch_size ({global_batch_size}) must be a multiple of train.micro_batch_size "
+            f"({micro_batch_size}) x world size ({world_size}) = {per_pass}; change one of them"
+        )
+    return global_batch_size // per_pass
+
+
+def trainer_kwargs(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Trainer arguments the recipe decides (the CLI shows these as its ``trainer.*`` defaults).
+
+    Validation runs every ``data.val.interval`` optimizer steps, or once at the end (0). The
+    interval is set on the Trainer by :func:`build_trainer`, in micro-batches, once the gradient
+    accumulation is known.
+    """
+    t = cfg.train
+    kw = {
+        "accelerator": str(t.accelerator),
+        "devices": t.devices,
+        "num_nodes": int(t.num_nodes),
+        "strategy": str(t.strategy),
+        "precision": resolve_precision(cfg),
+        "max_steps": int(t.max_steps) if t.max_steps is not None else -1,
+        "gradient_clip_val": float(t.grad_clip) if t.grad_clip else None,
+        "log_every_n_steps": max(1, int(t.log_every)),
+        # periodic checkpoints come from our ModelCheckpoint; the final one from TrainingRun.fit
+        "enable_checkpointing": int(t.ckpt_every) > 0,
+        "check_val_every_n_epoch": None,  # validation counted in steps, not epochs
+        "num_sanity_val_steps": 0,
+        # the datamodule shards windows by rank itself (window order is a pure function of the index)
+        "use_distributed_sampler": False,
+    }
+    if run_dir is not None:
+        kw["default_root_dir"] = str(run_dir)
+    return kw
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: Any, overrides: Optional[Mapping[str, Any]] = None,
+                  extra_callbacks: Optional[list] = None) -> pl.Trainer:
+    """The Lightning Trainer for a run: recipe settings, then ``overrides`` (CLI / tests) on top."""
+    overrides = dict(overrides or {})
+    kw = trainer_kwargs(cfg, run_dir)
+    kw.update({k: v for k, v in overrides.items() if k not in ("callbacks", "logger")})
+    if kw["strategy"] == "fsdp":
+        kw["strategy"] = build_strategy(cfg)
+
+    logger = overrides.get("logger", True)
+    if logger is True or logger is None:
+        # everything in the run directory itself: no lightning_logs/version_N folders
+        logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False)
+    kw["logger"] = logger
+
+    callbacks = list(extra_callbacks or []) + list(overrides.get("callbacks") or [])
+    if int(cfg.train.ckpt_every) > 0:
+        callbacks.append(ModelCheckpoint(
+            dirpath=str(run_dir / rundir.CKPT_DIR), filename="step-{step:06d}", auto_insert_metric_name=False,
+            every_n_train_steps=int(cfg.train.ckpt_every), save_top_k=-1, save_last=True,
+            save_on_train_epoch_end=False, enable_version_counter=False,
+        ))
+    callbacks.append(_throughput_callback(cfg, kw))
+    callbacks += _eval_callbacks(cfg, datamodule)
+    kw["callbacks"] = callbacks
+    if not getattr(datamodule, "val_set_names", None):
+        kw.setdefault("limit_val_batches", 0)
+
+    user_val_interval = kw.pop("val_check_interval", None)
+    trainer = pl.Trainer(**kw)
+    # The world size is only known once Lightning has resolved devices/nodes/launcher, so the two
+    # settings that depend on it are set on the Trainer right after (both are plain attributes
+    # read when fit starts).
+    accum = accumulation(int(cfg.train.global_batch_size), int(cfg.train.micro_batch_size), trainer.world_size)
+    trainer.accumulate_grad_batches = accum
+    interval = int(cfg.data.val.interval)
+    # Lightning counts validation intervals in (micro-)batches, we count optimizer steps
+    trainer.val_check_interval = user_val_interval or (interval if interval > 0 else int(cfg.train.max_steps)) * accum
+    return trainer
+
+
+def _throughput_callback(cfg: DictConfig, kw: Mapping[str, Any]) -> ThroughputMonitor:
+    """Throughput always; MFU against the GPU's bf16 peak when training in bf16 on a known GPU."""
+    from megadoc_pl.model import flops
+    from megadoc_pl.model.hf import config_from_recipe
+
+    model_cfg = config_from_recipe(OmegaConf.to_container(cfg.model, resolve=True))
+    seq_len = int(cfg.data.seq_len)
+    peak = None
+    if on_gpu(cfg) and torch.cuda.is_available() and "bf16" in str(kw.get("precision", "")):
+        peak = flops.peak_bf16_flops(torch.cuda.get_device_name())
+    return ThroughputMonitor(
+        int(cfg.train.global_batch_size) * seq_len,
+        flops_fn=lambda mean_keys: flops.flops_per_token(model_cfg, seq_len, mean_keys),
+        peak_flops_per_device=peak,
+        window=max(10, int(cfg.train.log_every)),
+    )
+
+
+def _eval_callbacks(cfg: DictConfig, datamodule: Any) -> list:
+    """Downstream multiple-choice evaluation when the recipe names tasks (eval.tasks)."""
+    if not cfg.eval.tasks:
+        return []
+    from megadoc_pl.eval.callbacks import DownstreamEvalCallback
+
+    return [DownstreamEvalCallback.from_recipe(cfg)] if hasattr(DownstreamEvalCallback, "from_recipe") else []
+
+
+def prepare(cfg: DictConfig) -> tuple[DictConfig, pl.LightningDataModule]:
+    """Data for a recipe and the config completed from it (vocab size, max steps)."""
+    from megadoc_pl.pipeline import prepare_data
+
+    dm = prepare_data(cfg)
+    cfg = cfg.copy()
+    if cfg.model.vocab_size is None:
+        vocab = getattr(dm, "vocab_size", None)
+        if vocab is None:
+            raise ValueError("the datamodule does not report vocab_size; set model.vocab_size")
+        cfg.model.vocab_size = int(vocab)
+    plan = getattr(dm, "plan", None)
+    if cfg.train.max_steps is None:
+        if plan is None:
+            raise ValueError("train.max_steps is not set and the data has no mixture plan to derive it from")
+        cfg.train.max_steps = int(plan.steps)
+    if int(cfg.train.max_steps) < 1:
+        raise ValueError(f"train.max_steps must be >= 1, got {cfg.train.max_steps}")
+    return cfg, dm
+
+
+def setup_run(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = None, stage: str = "fit") -> TrainingRun:
+    """Resolve the run directory, data, module and Trainer of a recipe (nothing trained yet).
+
+    ``stage='validate'`` looks at an existing run: no new directory check, config.yaml untouched.
+    """
+    run_dir = rundir.resolve_run_dir(cfg)
+    ckpt = rundir.resume_checkpoint(cfg, run_dir) if stage == "fit" else None
+    if stage == "fit" and ckpt is None and (run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT).exists():
+        raise SystemExit(
+            f"error: {run_dir} already holds a trained run; continue it with run.resume=last (--resume), "
+            "or pick a new run.name"
+        )
+    cfg = cfg.copy()
+    cfg.run.name = run_dir.name
+    cfg.run.root = str(run_dir.parent)
+    cfg, dm = prepare(cfg)
+    pl.seed_everything(int(cfg.train.seed), workers=True, verbose=False)
+    module = MegadocLM(OmegaConf.to_container(cfg, resolve=True))
+    trainer = build_trainer(cfg, run_dir, dm, trainer_overrides)
+    info = rundir.provenance(cfg)
+    if trainer.is_global_zero and stage == "fit":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.save_config(run_dir, cfg)
+        rundir.save_provenance(run_dir, info)
+    return TrainingRun(cfg=cfg, run_dir=run_dir, datamodule=dm, module=module, trainer=trainer,
+                       ckpt_path=ckpt, provenance=info)
+
+
+def train(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = None) -> Path:
+    """Train a resolved recipe; returns the run directory (config.yaml, events, checkpoints, metrics.json).
+
+    ``trainer_overrides`` are extra ``lightning.Trainer`` arguments (e.g. ``enable_progress_bar``).
+    """
+    return setup_run(cfg, trainer_overrides).fit()
