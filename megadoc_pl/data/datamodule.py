@@ -66,7 +66,24 @@ class TrainBatchSampler(Sampler):
                 yield list(range(lo, lo + self.m))
 
     def __len__(self) -> int:
-        return max(self.end_step - self._start_step(), 0) * self.A
+        # The whole run is one Lightning epoch: its length counts from step 0, so that after a
+        # resume Lightning's restored batch count plus what is left ends the epoch at end_step.
+        return self.end_step * self.A
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader that tells Lightning it is resumable: its position lives in the datamodule
+    (restored from the same checkpoint), so its own state is informational only."""
+
+    def __init__(self, *args: Any, position: Callable[[], int], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows_consumed": int(self._position())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass  # MegadocDataModule.load_state_dict restored the position already
 
 
 class ValBatchSampler(Sampler):
@@ -165,7 +182,9 @@ class MegadocDataModule(pl.LightningDataModule):
                                  r if rank is None else rank, w if world_size is None else world_size)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_windows, self.train_sampler())
+        # batch_size=None: each sampler item is a list of indices, fetched as one vectorised batch.
+        return _TrainLoader(self.train_windows, batch_size=None, sampler=self.train_sampler(),
+                            num_workers=self.num_workers, position=self.windows_consumed)
 
     def val_dataloader(self) -> list[DataLoader]:
         r, w = self._topology()

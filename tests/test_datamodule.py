@@ -1,0 +1,155 @@
+"""The LightningDataModule: rank sharding by index, exact resume through Lightning, fingerprints."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from megadoc_pl.data.datamodule import MegadocDataModule, TrainBatchSampler, ValBatchSampler, accumulation_steps
+from megadoc_pl.data.mixture import paper_plan
+from megadoc_pl.data.views import ViewOptions, build_view, documents_units, real_units
+from megadoc_pl.data.windows import StreamWindows, Windows
+
+from test_views import HELDOUT, make_corpus
+
+T = 16
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_tokenizer_path) -> dict:
+    return make_corpus(tmp_path_factory.mktemp("corpus"), tiny_tokenizer_path)
+
+
+def make_dm(corpus, global_batch=4, micro=2, seed=0, fingerprint="fp-A", num_workers=0, max_steps=None) -> MegadocDataModule:
+    R, S = corpus["real"], corpus["synth"]
+    ru = real_units(R, HELDOUT)
+    su = build_view(R, S, ViewOptions(view="stitch", generations=2, short_pool="drop"), HELDOUT)
+    plan = paper_plan(ru.num_tokens, 2, 0.5, global_batch, T, su.num_tokens)
+    steps = max_steps or plan.steps
+    streams = {"real": StreamWindows(ru, T, seed, "real"), "synthetic": StreamWindows(su, T, seed, "synthetic")}
+    train = Windows.from_plan(streams, plan, "document", length=steps * global_batch)
+    val = {"iid": Windows.sequential(documents_units(R, np.array([R.find("d4")[0], 0, 1]), "iid"), T, "document")}
+    return MegadocDataModule(train, val, plan, micro_batch_size=micro, max_steps=steps, num_workers=num_workers,
+                             fingerprint=fingerprint)
+
+
+def test_accumulation_steps():
+    assert accumulation_steps(64, 8, 1) == 8 and accumulation_steps(64, 8, 8) == 1 and accumulation_steps(64, 4, 2) == 8
+    with pytest.raises(ValueError, match=r"global_batch_size \(64\) must be a multiple of .* \(8\) x world size \(3\) = 24"):
+        accumulation_steps(64, 8, 3)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_rank_shards_are_disjoint_complete_and_world_size_invariant(micro):
+    G, steps = 8, 5
+    per_step = {}
+    for world in (1, 2, 4):
+        if G % (micro * world):
+            continue
+        step_sets = [set() for _ in range(steps)]
+        seen = []
+        for rank in range(world):
+            batches = list(TrainBatchSampler(lambda: 0, steps, G, micro, rank, world))
+            A = G // (micro * world)
+            assert len(batches) == steps * A and all(len(b) == micro for b in batches)
+            for i, b in enumerate(batches):
+                step_sets[i // A].update(b)
+                seen += b
+        assert sorted(seen) == list(range(steps * G))  # disjoint and complete
+        assert [sorted(s) for s in step_sets] == [list(range(s * G, (s + 1) * G)) for s in range(steps)]
+        per_step[world] = step_sets
+        if world == 1:  # one rank reads the global order itself
+            assert [i for b in TrainBatchSampler(lambda: 0, steps, G, micro) for i in b] == list(range(steps * G))
+    assert all(v == per_step[1] for v in per_step.values())
+    # Resuming at step 3 yields exactly the rest.
+    rest = [i for b in TrainBatchSampler(lambda: 3 * G, steps, G, micro) for i in b]
+    assert rest == list(range(3 * G, steps * G))
+    with pytest.raises(ValueError, match="not a whole number of global batches"):
+        list(TrainBatchSampler(lambda: 3, steps, G, micro))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_val_shards_disjoint_and_complete(world):
+    got = [i for r in range(world) for b in ValBatchSampler(11, 3, r, world) for i in b]
+    assert sorted(got) == list(range(11))
+    assert sum(len(ValBatchSampler(11, 3, r, world)) for r in range(world)) == 4
+
+
+def test_dataloaders_with_workers_match_in_process(corpus):
+    a, b = make_dm(corpus), make_dm(corpus, num_workers=2)
+    for x, y in zip(a.train_dataloader(), b.train_dataloader()):
+        assert set(x) == set(y)
+        for k in x:
+            assert (x[k] == y[k]).all() if torch.is_tensor(x[k]) else x[k] == y[k]
+    v = next(iter(a.val_dataloader()[0]))
+    assert v["window_index"].tolist() == [0, 1]
+    assert a.val_set_names == ["iid"]
+
+
+class _Recorder(pl.LightningModule):
+    """A one-parameter model that records the windows it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["window_index"].tolist())
+        return (self.w - batch["input_ids"].float().mean()) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def _trainer(max_steps, accumulate, root):
+    return pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                      accumulate_grad_batches=accumulate, num_sanity_val_steps=0, limit_val_batches=0,
+                      default_root_dir=str(root))
+
+
+def test_exact_resume_mid_run_through_lightning(corpus, tmp_path):
+    G, micro = 4, 2
+    full_dm, full = make_dm(corpus, G, micro), _Recorder()
+    steps = full_dm.max_steps
+    assert steps >= 6
+    _trainer(steps, 2, tmp_path).fit(full, datamodule=full_dm)
+    flat = [i for b in full.seen for i in b]
+    assert flat == list(range(steps * G))
+
+    part_dm, part = make_dm(corpus, G, micro), _Recorder()
+    t = _trainer(3, 2, tmp_path)
+    t.fit(part, datamodule=part_dm)
+    assert part_dm.state_dict()["windows_consumed"] == 3 * G
+    ckpt = tmp_path / "mid.ckpt"
+    t.save_checkpoint(ckpt)
+
+    resumed_dm, resumed = make_dm(corpus, G, micro), _Recorder()
+    _trainer(steps, 2, tmp_path).fit(resumed, datamodule=resumed_dm, ckpt_path=str(ckpt))
+    assert part.seen + resumed.seen == full.seen  # nothing skipped, nothing repeated
+    assert resumed_dm.windows_consumed() == steps * G
+
+    other = make_dm(corpus, G, micro, fingerprint="fp-B")
+    with pytest.raises(ValueError, match="dataset fingerprint .* differs"):
+        _trainer(steps, 2, tmp_path).fit(_Recorder(), datamodule=other, ckpt_path=str(ckpt))
+
+
+def test_state_dict_round_trip_without_a_trainer(corpus):
+    dm = make_dm(corpus)
+    dm.load_state_dict({"fingerprint": "fp-A", "windows_consumed": 8, "global_step": 2})
+    assert dm.windows_consumed() == 8
+    first = next(iter(dm.train_dataloader()))
+    assert first["window_index"].tolist() == [8, 9]
+    with pytest.raises(ValueError, match="fingerprint"):
+        dm.load_state_dict({"fingerprint": "other", "windows_consumed": 0})
+
+
+def test_describe_windows(corpus):
+    dm = make_dm(corpus)
+    d = dm.describe_windows([0, 1])
+    assert [x["index"] for x in d] == [0, 1]
+    assert {x["stream"] for x in d} <= {"real", "synthetic"}
+    assert all(sum(p["window_end"] - p["window_start"] for p in x["pieces"]) == T + 1 for x in d)
