@@ -142,6 +142,10 @@ class EvalConfig:
 
     tasks: dict = field(default_factory=dict)  # name -> JSONL multiple-choice file
     position_buckets: int = 32  # buckets of the loss-by-position curves
+    doc_position_buckets: int = 24  # log2 buckets of the position within the document ({0}, [1,2), [2,4), ..., open last)
+    downstream_every: int = 0  # score the eval.tasks every N optimizer steps (0: only at the end)
+    downstream_batch_size: int = 16  # sequences per forward pass of the multiple-choice scoring
+    downstream_limit: Optional[int] = None  # score only the first N questions of each task (None: all)
 
 
 @dataclass
