@@ -129,7 +129,7 @@ def data_efficiency(
             denom = ref_reps if ref_reps is not None else np.full(len(rep), float(d_real))
             with np.errstate(invalid="ignore", divide="ignore"):
                 mult = rep / denom
-            tail = (1.0 - fit.level) / 2.0
+            tail = fit.tail
             # inverted_cdf picks actual replicate values, so an inf upper end stays inf.
             row.d_eff_lo, row.d_eff_hi = (float(v) for v in np.quantile(rep, [tail, 1 - tail], method="inverted_cdf"))
             finite = mult[~np.isnan(mult)]
@@ -144,13 +144,20 @@ def data_efficiency(
 
 
 def efficiency_of_loss_samples(
-    law: PowerLaw, name: str, loss: float, loss_samples: Sequence[float], d_real: float, level: float = 0.9
+    law: PowerLaw,
+    name: str,
+    loss: float,
+    loss_samples: Sequence[float],
+    d_real: float,
+    level: float = 0.9,
+    tail: float | None = None,
 ) -> Efficiency:
     """Multiplier of ``loss`` under a fixed law, with an interval from samples of that loss.
 
     For when the uncertainty is in the method's loss rather than in the law: e.g. the bootstrap
     replicates of a method's fitted asymptote C (its loss as G -> infinity). Samples at or
-    below the law's asymptote give D_eff = inf (counted in ``n_unbounded``).
+    below the law's asymptote give D_eff = inf (counted in ``n_unbounded``). ``tail``: the
+    percentile taken at each end (pass ``fit.tail`` for a fit's replicates; default (1-level)/2).
     """
     try:
         d_eff = effective_tokens(law, float(loss))
@@ -161,7 +168,7 @@ def efficiency_of_loss_samples(
     ok = samples > law.C  # the law is not flat: effective_tokens above succeeded
     with np.errstate(over="ignore"):
         rep[ok] = (law.A / (samples[ok] - law.C)) ** (1.0 / law.B)
-    tail = (1.0 - level) / 2.0
+    tail = (1.0 - level) / 2.0 if tail is None else tail
     lo, hi = np.quantile(rep, [tail, 1 - tail], method="inverted_cdf")
     return Efficiency(name=name, loss=float(loss), d_real=float(d_real), d_eff=d_eff, multiplier=d_eff / d_real,
                       d_eff_lo=float(lo), d_eff_hi=float(hi), multiplier_lo=float(lo) / d_real,

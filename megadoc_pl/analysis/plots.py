@@ -47,13 +47,13 @@ def _save(fig, path: str | Path) -> Path:
 
 def _fit_curve(ax, fit: PowerLawFit, x_lo: float, x_hi: float, colour, x_shift: float = 0.0,
                label: str | None = None) -> None:
-    """The fitted law (solid), its bootstrap 5-95% band (shaded) and asymptote C (dashed)."""
+    """The fitted law (solid), its bootstrap band at the fit's level (shaded) and asymptote C (dashed)."""
     xs = np.geomspace(x_lo, x_hi, 200)
     ax.plot(xs - x_shift, fit.law(xs), color=colour, lw=1.2, label=label)
     if fit.replicates is not None and len(fit.replicates):
         reps = fit.replicates
         curves = reps[:, 0:1] / xs[None, :] ** reps[:, 1:2] + reps[:, 2:3]
-        lo, hi = np.quantile(curves, [(1 - fit.level) / 2, 1 - (1 - fit.level) / 2], axis=0)
+        lo, hi = np.quantile(curves, [fit.tail, 1 - fit.tail], axis=0)
         ax.fill_between(xs - x_shift, lo, hi, color=colour, alpha=0.15, lw=0)
     ax.axhline(fit.law.C, color=colour, ls="--", lw=0.9, alpha=0.8)
 

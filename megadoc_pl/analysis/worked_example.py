@@ -55,7 +55,7 @@ def run(out_dir: str | Path | None = None, n_boot: int = 2000, level: float = 0.
     fits = fit_groups(points, n_boot=n_boot, level=level, method="auto", seed=seed)
     say(format_fit_table(fits, x_name="G"))
     say("")
-    say("Residual bootstrap (5 points < 8 distinct x: a pairs resample would often keep only 3-4 "
+    say("Residual bootstrap (5 points < 10 distinct x: a pairs resample would often keep only 3-4 "
         "distinct G for 3 parameters). Five points pin the curve inside the data; the asymptote "
         "C is an extrapolation and its interval is wide.\n")
 
@@ -69,7 +69,7 @@ def run(out_dir: str | Path | None = None, n_boot: int = 2000, level: float = 0.
     for g in (64, 128):
         say(f"| {g} (extrapolated) | {s_fit(g):.3f} | {b_fit(g):.3f} | | {s_fit(g) - b_fit(g):.4f} |")
     gap_c = fits["simple"].replicates[:, 2] - fits["stitched"].replicates[:, 2]
-    tail = (1 - level) / 2
+    tail = fits["simple"].tail
     lo, hi = np.quantile(gap_c, [tail, 1 - tail])
     say(f"| inf (C_simple - C_stitched) | {s_fit.C:.3f} | {b_fit.C:.3f} | | {s_fit.C - b_fit.C:.4f} "
         f"[{lo:.3f}, {hi:.3f}] |")
@@ -86,7 +86,8 @@ def run(out_dir: str | Path | None = None, n_boot: int = 2000, level: float = 0.
     say(format_efficiency_table(data_efficiency(law, losses, D_REAL)))
     say("")
     say("At the fitted G -> infinity asymptotes C (interval: the law applied to C's bootstrap replicates):\n")
-    rows = [efficiency_of_loss_samples(law, f"{m} G->inf", fits[m].law.C, fits[m].replicates[:, 2], D_REAL, level)
+    rows = [efficiency_of_loss_samples(law, f"{m} G->inf", fits[m].law.C, fits[m].replicates[:, 2], D_REAL, level,
+                                       tail=fits[m].tail)
             for m in fits]
     say(format_efficiency_table(rows))
     say("")
