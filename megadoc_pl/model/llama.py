@@ -160,6 +160,10 @@ class Llama(nn.Module):
                 position_ids = positions_from_segment_ids(segment_ids.to(input_ids.device))
         cos_BT1K, sin_BT1K = self.rope(position_ids, x_BTD.dtype if not torch.is_autocast_enabled(x_BTD.device.type)
                                        else torch.get_autocast_dtype(x_BTD.device.type))
+        if torch.compiler.is_compiling():
+            # A per-batch Python int would be specialised and recompile on every new value; the
+            # row length is a valid upper bound for the varlen kernels (it only sizes the grid).
+            max_seqlen = T
         mask = make_mask(
             self.cfg.attention_backend, B, T, x_BTD.device, cos_BT1K.dtype, segment_ids, cu_seqlens, max_seqlen
         )
