@@ -246,7 +246,10 @@ class MegadocLM(pl.LightningModule):
 def _make_val_metrics(names: list[str], cfg: DictConfig) -> torch.nn.Module:
     from megadoc_pl.eval.validation import ValidationMetrics
 
-    return ValidationMetrics(names, position_buckets=int(cfg.eval.position_buckets), seq_len=int(cfg.data.seq_len))
+    kw = {}
+    if cfg.eval.get("doc_position_buckets") is not None:
+        kw["doc_position_buckets"] = int(cfg.eval.doc_position_buckets)
+    return ValidationMetrics(names, position_buckets=int(cfg.eval.position_buckets), seq_len=int(cfg.data.seq_len), **kw)
 
 
 def _describer(dm: Any):

@@ -264,7 +264,8 @@ def _eval_callbacks(cfg: DictConfig, datamodule: Any) -> list:
         return []
     from megadoc_pl.eval.callbacks import DownstreamEvalCallback
 
-    return [DownstreamEvalCallback.from_recipe(cfg)] if hasattr(DownstreamEvalCallback, "from_recipe") else []
+    tokenizer = getattr(getattr(datamodule, "prepared", None), "tokenizer", None)
+    return [DownstreamEvalCallback.from_recipe(cfg, tokenizer=tokenizer)]
 
 
 def prepare(cfg: DictConfig) -> tuple[DictConfig, pl.LightningDataModule]:
