@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", help="YAML/JSON tuning spec (flags below override its keys)")
     ap.add_argument("--recipe", help="method recipe name")
     ap.add_argument("--grid", choices=sorted(GRIDS), help="megadocs grid preset (default: synthetic)")
-    ap.add_argument("--centre", nargs="+", metavar="KEY=VALUE", help="start point (default: recipe values)")
+    ap.add_argument("--centre", action="append", metavar="KEY=VALUE",
+                    help="start point, one axis per flag (default: the recipe's values)")
     ap.add_argument("--objective", help="metrics.json key to optimise (default val/iid/loss)")
     ap.add_argument("--maximize", action="store_true", help="higher is better (accuracies)")
     ap.add_argument("--root", help="parent of the run directories (default runs/tune)")
