@@ -1,0 +1,399 @@
+"""From a recipe to training data: paths -> split -> token stores -> views -> mixture plan.
+
+``prepare_corpus(cfg)`` does the work and returns a :class:`PreparedData` (stores, split,
+units of every stream and validation set, the plan, the dataset fingerprint) with a
+``datamodule()`` factory; ``prepare_data(cfg)`` is the datamodule itself (what training uses;
+``dm.prepared`` holds the rest).
+
+Without ``data.real`` the built-in demo provides the world, its tokenizer and the generations
+the view needs (``megadoc_pl.demo``), with the validation split decided before generation so
+held-out documents are never seeds. Token stores are cached under ``data.cache_dir/stores``
+in directories named by what decides their content (input files, tokenizer, options); the
+store itself verifies content fingerprints and refuses a mismatch unless ``data.rebuild``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from megadoc_pl.data.datamodule import MegadocDataModule
+from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
+from megadoc_pl.data.views import SYNTHETIC_TASK, Units, ViewOptions, build_view, documents_units, real_units
+from megadoc_pl.data.windows import SCOPES, StreamWindows, Windows
+from megadoc_pl.utils import json_fingerprint
+
+# data.* keys that do not change which tokens a window holds (left out of the fingerprint).
+_RUNTIME_KEYS = ("num_workers", "cache_dir", "rebuild", "skip_bad_rows")
+
+
+def _say(message: str) -> None:
+    print(f"[data] {message}", file=sys.stderr, flush=True)
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+@dataclass
+class PreparedData:
+    """Everything data-side of a recipe, ready to make windows."""
+
+    cfg: DictConfig
+    tokenizer: Any  # data.tokenizer.TokenizerInfo
+    real: Any  # TokenStore of the real documents (held-out ones included)
+    synthetic: Any  # TokenStore of the generations, or None
+    split_file: Path
+    heldout: set[str]
+    real_units: Units
+    synthetic_units: Optional[Units]
+    val_units: dict[str, Units]
+    plan: MixturePlan
+    fingerprint: str
+    paths: dict = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+    @property
+    def max_steps(self) -> int:
+        ms = self.cfg.train.max_steps
+        return int(ms) if ms is not None else self.plan.steps
+
+    @property
+    def scope(self) -> str:
+        return str(self.cfg.model.attention_scope)
+
+    def train_windows(self) -> Windows:
+        seed = int(self.cfg.train.data_seed)
+        T = int(self.cfg.data.seq_len)
+        streams = {REAL: StreamWindows(self.real_units, T, seed, REAL)}
+        if self.synthetic_units is not None:
+            streams[SYNTHETIC] = StreamWindows(self.synthetic_units, T, seed, SYNTHETIC)
+        return Windows.from_plan(streams, self.plan, self.scope, length=self.max_steps * self.plan.global_batch_size)
+
+    def val_windows(self) -> dict[str, Windows]:
+        val = self.cfg.data.val
+        scope = str(val.scope) if val.scope is not None else self.scope
+        out = {}
+        for name, units in self.val_units.items():
+            w = Windows.sequential(units, int(self.cfg.data.seq_len), scope, val.max_windows)
+            if len(w) == 0:
+                _say(f"validation set '{name}' has {units.num_tokens} tokens, less than one window "
+                     f"of {int(self.cfg.data.seq_len) + 1}: skipped")
+                continue
+            out[name] = w
+        return out
+
+    def datamodule(self) -> MegadocDataModule:
+        dm = MegadocDataModule(self.train_windows(), self.val_windows(), self.plan,
+                               micro_batch_size=int(self.cfg.train.micro_batch_size), max_steps=self.max_steps,
+                               num_workers=int(self.cfg.data.num_workers), fingerprint=self.fingerprint)
+        dm.prepared = self
+        dm.vocab_size = self.vocab_size
+        return dm
+
+    def summary(self) -> dict:
+        """The dry-run plan: streams, steps, windows, tokens, units, view statistics."""
+        out = {
+            "recipe": str(self.cfg.recipe), "scale": str(self.cfg.scale), "view": str(self.cfg.data.view),
+            "generations": int(self.cfg.data.generations), "attention_scope": self.scope,
+            "plan": self.plan.to_dict(), "max_steps": self.max_steps,
+            "trained_tokens": self.max_steps * self.plan.global_batch_size * self.plan.seq_len,
+            "vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
+            "real": {"documents": self.real.num_documents, "heldout_documents": len(self.heldout),
+                     **self.real_units.stats},
+            "validation": {k: {"documents": u.num_units, "tokens": u.num_tokens} for k, u in self.val_units.items()},
+            "paths": {k: str(v) for k, v in self.paths.items()},
+        }
+        if self.synthetic_units is not None:
+            out["synthetic"] = {"units": self.synthetic_units.num_units, "pieces": self.synthetic_units.num_pieces,
+                                **self.synthetic_units.stats}
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Paths and stores
+
+
+def _needs_synthetic(cfg: DictConfig) -> bool:
+    return str(cfg.data.view) != "real"
+
+
+def _demo_paths(cfg: DictConfig) -> tuple[Any, Any]:
+    try:
+        from megadoc_pl import demo
+    except ImportError as e:  # pragma: no cover - the demo ships with the package
+        raise SystemExit(f"error: no data.real given and the built-in demo is unavailable ({e}); "
+                         "set data.real, data.tokenizer (and data.synthetic)") from None
+    return demo
+
+
+def _store_dir(cfg: DictConfig, kind: str, files: Sequence[Path], tokenizer: Any, extra: dict) -> Path:
+    # Named by cheap facts (path, size, mtime); the store checks content fingerprints itself.
+    key = {"kind": kind, "tokenizer": tokenizer.fingerprint, "add_bos": bool(cfg.data.add_bos),
+           "add_eos": bool(cfg.data.add_eos), "skip_bad_rows": bool(cfg.data.skip_bad_rows), **extra,
+           "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+    return Path(cfg.data.cache_dir) / "stores" / f"{kind}-{json_fingerprint(key)[:16]}"
+
+
+def _build_store(cfg: DictConfig, inputs: Sequence[str], tokenizer: Any, kind: str, what: str):
+    from megadoc_pl.data.readers import expand_inputs
+    from megadoc_pl.data.store import build_store
+
+    files = expand_inputs(inputs)
+    extra = {"text_field": str(cfg.data.text_field), "id_field": str(cfg.data.id_field)} if kind == "documents" else {}
+    out = _store_dir(cfg, kind, files, tokenizer, extra)
+    if not (out / "manifest.json").exists():
+        _say(f"tokenizing {what} ({len(files)} file(s)) -> {out}")
+    kw = dict(kind=kind, add_bos=bool(cfg.data.add_bos), add_eos=bool(cfg.data.add_eos),
+              skip_bad_rows=bool(cfg.data.skip_bad_rows), rebuild=bool(cfg.data.rebuild))
+    if kind == "documents":
+        kw.update(text_field=str(cfg.data.text_field), id_field=str(cfg.data.id_field))
+    return build_store(files, tokenizer, out, **kw)
+
+
+def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]:
+    """The validation split file (decided once, before generation), its held-out ids and sets."""
+    from megadoc_pl.data import split as split_mod
+
+    val = cfg.data.val
+    if val.split_file is not None:
+        path = Path(str(val.split_file))
+    else:
+        key = {"real": real.manifest.get("inputs"), "tokenizer": real.manifest.get("tokenizer_fingerprint"),
+               "val": OmegaConf.to_container(val, resolve=True)}
+        for k in ("max_windows", "scope", "interval", "split_file", "extra"):
+            key["val"].pop(k, None)
+        path = Path(cfg.data.cache_dir) / "splits" / f"split-{json_fingerprint(key)[:16]}.json"
+    split = split_mod.ensure_split(real, val, path)
+    heldout = set(split_mod.load_heldout_ids(path))
+    sets = {name: list(ids) for name, ids in split["sets"].items()} if isinstance(split, dict) else dict(split.sets)
+    return path, heldout, sets
+
+
+def _view_options(cfg: DictConfig) -> ViewOptions:
+    return ViewOptions.from_config(cfg.data, int(cfg.train.data_seed))
+
+
+def _synthetic_inputs(cfg: DictConfig, demo: Any, split_file: Path, real_path: Any, tok_path: Any) -> list[str]:
+    """data.synthetic, or demo generations for every task the view needs."""
+    if cfg.data.synthetic is not None:
+        return _as_list(cfg.data.synthetic)
+    if demo is None:
+        view = str(cfg.data.view)
+        raise ValueError(
+            f"data.view={view} needs generations of task '{SYNTHETIC_TASK[view]}' but data.synthetic is not set "
+            f"(fix: generate them with tools/synthesize.py --task {SYNTHETIC_TASK[view]} and set data.synthetic)"
+        )
+    views = ["stitch", "stretch"] if str(cfg.data.view) == "stitch_stretch" else [str(cfg.data.view)]
+    out = []
+    for v in views:
+        sub = copy.deepcopy(cfg)
+        sub.data.view = v
+        out.append(str(demo.ensure_generations(sub, split_file)))
+    return out
+
+
+def prepare_corpus(cfg: DictConfig) -> PreparedData:
+    """Stores, split, units and the plan of a recipe (tokenizing on first use, cached)."""
+    from megadoc_pl.data.tokenizer import load_tokenizer
+
+    data = cfg.data
+    if str(cfg.model.attention_scope) not in SCOPES:
+        raise ValueError(f"model.attention_scope={cfg.model.attention_scope!r} is not one of {', '.join(SCOPES)}")
+    opts = _view_options(cfg)
+    opts.validate()
+    demo = None
+    if data.real is None:
+        if data.synthetic is not None:
+            raise ValueError("data.synthetic is set but data.real is not (fix: set data.real to the corpus the "
+                             "generations were made from)")
+        demo = _demo_paths(cfg)
+        real_path, tok_path = demo.ensure_world(cfg)
+        real_inputs = [str(real_path)]
+    else:
+        if data.tokenizer is None:
+            raise ValueError("data.real is set but data.tokenizer is not (fix: data.tokenizer=path/to/tokenizer.json)")
+        real_inputs, tok_path, real_path = _as_list(data.real), str(data.tokenizer), None
+    tok = load_tokenizer(data.tokenizer if data.tokenizer is not None else tok_path)
+    real = _build_store(cfg, real_inputs, tok, "documents", "real documents")
+    split_file, heldout, sets = _split(cfg, real)
+
+    synth = None
+    syn_inputs: list[str] = []
+    if _needs_synthetic(cfg):
+        syn_inputs = _synthetic_inputs(cfg, demo, split_file, real_path, tok_path)
+        synth = _build_store(cfg, syn_inputs, tok, "generations", "generations")
+        if synth.manifest.get("tokenizer_fingerprint") != real.manifest.get("tokenizer_fingerprint"):
+            raise ValueError("the real and synthetic stores were tokenized with different tokenizers (fix: data.rebuild=true)")
+
+    ru = real_units(real, heldout)
+    su = build_view(real, synth, opts, heldout, encode=tok.encode) if synth is not None else None
+    val_units = _val_units(cfg, real, sets, tok)
+    plan = make_plan(cfg, ru, su)
+    fingerprint = dataset_fingerprint(cfg, [real] + ([synth] if synth is not None else []), split_file)
+    paths = {"real": ",".join(real_inputs), "tokenizer": tok.path, "split": split_file, "real_store": real.path}
+    if synth is not None:
+        paths.update(synthetic=",".join(syn_inputs), synthetic_store=synth.path)
+    return PreparedData(cfg, tok, real, synth, split_file, heldout, ru, su, val_units, plan, fingerprint, paths)
+
+
+def prepare_data(cfg: DictConfig) -> MegadocDataModule:
+    """The LightningDataModule of a recipe (``dm.prepared``: stores, split, units, plan)."""
+    return prepare_corpus(cfg).datamodule()
+
+
+def _val_units(cfg: DictConfig, real, sets: dict[str, list[str]], tok: Any) -> dict[str, Units]:
+    ids = real.source_ids
+    where = {s: i for i, s in enumerate(ids)}
+    out: dict[str, Units] = {}
+    for name, members in sets.items():
+        docs = np.array([where[s] for s in members if s in where], dtype=np.int64)
+        if len(docs):
+            out[name] = documents_units(real, docs, name)
+    for name, path in (cfg.data.val.extra or {}).items():
+        store = _build_store(cfg, _as_list(path), tok, "documents", f"validation set '{name}'")
+        out[str(name)] = documents_units(store, None, str(name))
+    return out
+
+
+def make_plan(cfg: DictConfig, real: Units, synthetic: Optional[Units]) -> MixturePlan:
+    """The mixture plan of a recipe from the stream sizes (SPEC 4)."""
+    mix = cfg.data.mixture
+    G, T = int(cfg.train.global_batch_size), int(cfg.data.seq_len)
+    if mix.mode == "paper":
+        return paper_plan(real.num_tokens, mix.real_epochs, mix.synthetic_fraction, G, T,
+                          synthetic.num_tokens if synthetic is not None else None, real.num_units,
+                          synthetic.num_units if synthetic is not None else 0)
+    if mix.mode == "budget":
+        tokens = {REAL: real.num_tokens}
+        units = {REAL: real.num_units}
+        if synthetic is not None:
+            tokens[SYNTHETIC], units[SYNTHETIC] = synthetic.num_tokens, synthetic.num_units
+        return budget_plan(tokens, G, T, mix.budget_tokens, OmegaConf.to_container(mix.stream_epochs),
+                           OmegaConf.to_container(mix.stream_weights), units)
+    raise ValueError(f"data.mixture.mode={mix.mode!r} is not one of paper, budget")
+
+
+def dataset_fingerprint(cfg: DictConfig, stores: Sequence[Any], split_file: Path) -> str:
+    """Hash of what decides every training window: the data section, store contents, split, seed.
+
+    Paths are left out (the same data moved elsewhere resumes fine); contents are in.
+    """
+    from megadoc_pl.utils import file_fingerprint
+
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for k in _RUNTIME_KEYS + ("real", "synthetic", "tokenizer", "val"):
+        data.pop(k, None)
+    stores_key = [{"inputs": [(f["sha256"], f["size"]) for f in s.manifest.get("inputs", [])],
+                   **{k: s.manifest.get(k) for k in ("kind", "tokenizer_fingerprint", "num_tokens", "num_documents",
+                                                     "add_bos", "add_eos")}} for s in stores]
+    return json_fingerprint({"data": data, "data_seed": int(cfg.train.data_seed),
+                             "attention_scope": str(cfg.model.attention_scope), "stores": stores_key,
+                             "split": file_fingerprint(split_file)["sha256"]})
+
+
+# --------------------------------------------------------------------------------------------
+# Dry run
+
+ASSUMED_MFU = 0.40  # SPEC 11 target, used for the time estimate of a dry run
+
+
+def dry_run_report(prepared: PreparedData, sample_windows: int = 64) -> dict:
+    """The plan plus model size, training FLOPs and, on a GPU, the expected wall time."""
+    cfg = prepared.cfg
+    report = prepared.summary()
+    try:
+        from megadoc_pl.model.hf import config_from_recipe
+
+        mcfg = config_from_recipe(OmegaConf.to_container(cfg.model, resolve=True), prepared.vocab_size)
+    except ImportError:  # the model part is optional for planning
+        return report
+    report["parameters"] = mcfg.num_params()
+    report["parameters_non_embedding"] = mcfg.num_params(embeddings=False)
+    try:
+        from megadoc_pl.model.flops import flops_per_token, mean_attended_keys, peak_bf16_flops
+    except ImportError:
+        report["train_flops_6ND"] = 6 * report["parameters"] * report["trained_tokens"]
+        return report
+    # Mean keys per query under the recipe's scope, measured on evenly spread training windows.
+    train = prepared.train_windows()
+    idx = np.unique(np.linspace(0, len(train) - 1, min(sample_windows, len(train))).astype(np.int64))
+    cu = train.batch(idx)["cu_seqlens"].numpy()
+    keys = mean_attended_keys(np.diff(cu))
+    per_token = flops_per_token(mcfg, int(cfg.data.seq_len), keys)
+    total = per_token * report["trained_tokens"]
+    report["flops"] = {"per_token": per_token, "total": total, "mean_attended_keys": round(keys, 2),
+                       "six_N_D": 6 * report["parameters"] * report["trained_tokens"]}
+    report["hardware"] = _time_estimate(cfg, total, peak_bf16_flops)
+    return report
+
+
+def _time_estimate(cfg: DictConfig, total_flops: float, peak_fn) -> dict:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"device": "cpu", "estimated_hours": None, "note": "no GPU detected: no time estimate"}
+        name = torch.cuda.get_device_name(0)
+        devices = cfg.train.devices
+        n = torch.cuda.device_count() if devices in ("auto", -1, None) else int(devices)
+        n *= int(cfg.train.num_nodes)
+    except Exception as e:  # pragma: no cover - odd CUDA setups
+        return {"device": "unknown", "estimated_hours": None, "note": str(e)}
+    peak = peak_fn(name)
+    if peak is None:
+        return {"device": name, "gpus": n, "estimated_hours": None, "note": "unknown peak FLOP/s (set MEGADOC_PEAK_FLOPS)"}
+    hours = total_flops / (n * peak * ASSUMED_MFU) / 3600
+    return {"device": name, "gpus": n, "peak_flops_per_gpu": peak, "assumed_mfu": ASSUMED_MFU,
+            "estimated_hours": round(hours, 3)}
+
+
+# --------------------------------------------------------------------------------------------
+# Inspection
+
+
+def dump_windows(prepared: PreparedData, split: str, start: int, count: int, out: str) -> int:
+    """Write windows [start, start + count) of ``train`` or ``val/NAME`` as JSONL; returns rows written."""
+    import json
+
+    from megadoc_pl.utils import atomic_write_text
+
+    if split == "train":
+        windows = prepared.train_windows()
+    elif split.startswith("val/") and split[4:] in prepared.val_windows():
+        windows = prepared.val_windows()[split[4:]]
+    else:
+        names = ", ".join(["train"] + [f"val/{n}" for n in prepared.val_windows()])
+        raise ValueError(f"--split {split!r} is not one of {names}")
+    stop = min(start + count, len(windows))
+    if start < 0 or start >= stop:
+        raise ValueError(f"--start {start} is outside the {len(windows)} windows of {split}")
+    idx = np.arange(start, stop)
+    tokens = windows.tokens(idx)
+    lines = []
+    for row, k in enumerate(idx):
+        d = windows.describe(int(k))
+        lines.append(json.dumps({
+            "index": int(k), "stream": d["stream"], "stream_window": d["stream_window"],
+            "tokens": tokens[row].tolist(), "text": prepared.tokenizer.decode(tokens[row]), "sources": d["pieces"],
+        }, ensure_ascii=False))
+    text = "\n".join(lines) + "\n"
+    if out == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(out, text)
+    return len(lines)
