@@ -37,6 +37,7 @@ class ValConfig:
     long_threshold: int = 2048  # token length at or above which a held-out document is `long`
     short_threshold: int = 512  # token length below which a held-out document is `short`
     heldout_fraction: float = 0.0  # extra fraction of real documents held out (0: just the named sets)
+    max_heldout_fraction: float = 0.1  # cap on all held-out documents as a fraction of the corpus; larger requests are scaled down (data/split.py)
     split_seed: int = 1234  # seed of the deterministic train/held-out split
     extra: dict = field(default_factory=dict)  # extra sets: name -> path of a document file (e.g. out-of-distribution)
     max_windows: Optional[int] = None  # cap on windows per validation set (None: all)

@@ -1,0 +1,187 @@
+"""The validation split: which real documents are held out, decided once, before generation.
+
+Rule (pure function of document ids, token lengths and the config; file order does not matter):
+
+1. Order all documents by ``stable_hash(f"{seed}:{id}")``.
+2. ``iid`` = the first ``num_iid`` documents in that order; ``long`` = the first ``num_long`` of the
+   documents with ``content length >= long_threshold`` tokens; ``short`` = the first
+   ``num_short`` with ``content length < short_threshold``; plus the first
+   ``heldout_fraction * N`` documents as extra held-out (no set of its own). The sets are
+   prefixes of the same order, so they overlap naturally (a long document in ``iid`` is also
+   the first candidate for ``long``). Held out = the union.
+3. Cap: the union may hold at most ``max_heldout_fraction`` of the corpus (at least one document
+   when the corpus has two or more). When the requested sets would exceed it, every requested
+   count is multiplied by the same factor, the largest one that fits, and the file records
+   ``"scaled": true`` with the factor. So a 3000-document demo holds out 300 documents, not 2000.
+
+Lengths are content lengths (without BOS/EOS), so the split does not depend on those settings.
+``split.json`` is written atomically; the generator calls :func:`load_heldout_ids` to refuse
+held-out seeds, and training uses :func:`train_ids` / the store's ``indices(..., exclude=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from megadoc_pl.utils import atomic_write_json, json_fingerprint, stable_hash
+
+PathLike = Union[str, os.PathLike]
+SPLIT_FORMAT_VERSION = 1
+SET_NAMES = ("iid", "long", "short")
+DEFAULT_MAX_HELDOUT_FRACTION = 0.1
+
+
+def _val_get(val: Any, key: str, default: Any = None) -> Any:
+    """Read a ValConfig / DictConfig / dict field."""
+    if isinstance(val, Mapping):
+        return val.get(key, default)
+    return getattr(val, key, default)
+
+
+def hash_order(ids: Sequence[str], seed: int) -> np.ndarray:
+    """Indices of ``ids`` sorted by their seeded stable hash (ties, impossible in practice, by id)."""
+    keys = [(stable_hash(f"{seed}:{i}"), i) for i in ids]
+    return np.array(sorted(range(len(ids)), key=keys.__getitem__), dtype=np.int64)
+
+
+def make_split(ids: Sequence[str], lengths: Sequence[int], val: Any) -> dict:
+    """The split of documents ``ids`` with content token ``lengths`` under ``val`` (ValConfig-like)."""
+    ids = [str(i) for i in ids]
+    lengths_np = np.asarray(lengths, dtype=np.int64)
+    if len(ids) != len(lengths_np):
+        raise ValueError(f"make_split: {len(ids)} ids but {len(lengths_np)} lengths")
+    if len(set(ids)) != len(ids):
+        raise ValueError("make_split: document ids are not unique (fix: give every document a unique id)")
+    seed = int(_val_get(val, "split_seed", 1234))
+    long_t = int(_val_get(val, "long_threshold", 2048))
+    short_t = int(_val_get(val, "short_threshold", 512))
+    cap_frac = float(_val_get(val, "max_heldout_fraction", DEFAULT_MAX_HELDOUT_FRACTION))
+    extra_frac = float(_val_get(val, "heldout_fraction", 0.0))
+    if not 0.0 <= cap_frac <= 1.0 or not 0.0 <= extra_frac <= 1.0:
+        raise ValueError(
+            f"data.val.max_heldout_fraction={cap_frac} / heldout_fraction={extra_frac} must be in [0, 1] (fix: use a fraction)"
+        )
+    n = len(ids)
+    requested = {
+        "iid": int(_val_get(val, "num_iid", 1000)),
+        "long": int(_val_get(val, "num_long", 500)),
+        "short": int(_val_get(val, "num_short", 500)),
+        "extra": int(math.floor(extra_frac * n)),
+    }
+    if any(v < 0 for v in requested.values()):
+        raise ValueError(f"data.val set sizes must be >= 0, got {requested} (fix: use non-negative counts)")
+    budget = max(1, int(math.floor(cap_frac * n))) if n >= 2 and cap_frac > 0 else 0
+
+    order = hash_order(ids, seed)
+    ordered_len = lengths_np[order]
+    pools = {
+        "iid": order,
+        "extra": order,
+        "long": order[ordered_len >= long_t],
+        "short": order[ordered_len < short_t],
+    }
+
+    def choose(scale: float) -> dict[str, np.ndarray]:
+        return {k: pools[k][: int(math.floor(requested[k] * scale))] for k in requested}
+
+    def union_size(sets: dict[str, np.ndarray]) -> int:
+        return len(np.unique(np.concatenate(list(sets.values())))) if sets else 0
+
+    scale, scaled = 1.0, False
+    chosen = choose(1.0)
+    if union_size(chosen) > budget:
+        # The union only grows with the scale: bisect for the largest factor that fits.
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if union_size(choose(mid)) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        scale, scaled = lo, True
+        chosen = choose(lo)
+    heldout_idx = np.unique(np.concatenate(list(chosen.values())))
+    # Keep sets and held-out ids in hash order: a deterministic, file-order-free listing.
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    heldout_sorted = heldout_idx[np.argsort(rank[heldout_idx])]
+    return {
+        "format_version": SPLIT_FORMAT_VERSION,
+        "seed": seed,
+        "num_documents": n,
+        "long_threshold": long_t,
+        "short_threshold": short_t,
+        "max_heldout_fraction": cap_frac,
+        "heldout_fraction": extra_frac,
+        "requested": requested,
+        "scaled": scaled,
+        "scale": scale,
+        "counts": {**{k: int(len(chosen[k])) for k in SET_NAMES}, "heldout": int(len(heldout_sorted))},
+        "ids_fingerprint": json_fingerprint(sorted(ids)),
+        "heldout": [ids[i] for i in heldout_sorted],
+        "sets": {k: [ids[i] for i in chosen[k]] for k in SET_NAMES},
+    }
+
+
+def split_from_store(store: Any, val: Any) -> dict:
+    """make_split over a real-document TokenStore (ids and content lengths)."""
+    ids = [str(s) for s in store.source_ids]
+    return make_split(ids, store.content_lengths, val)
+
+
+def write_split(path: PathLike, split: dict, extra_sets: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write ``split`` atomically; ``extra_sets`` (name -> file) is recorded for reference."""
+    out = dict(split)
+    if extra_sets:
+        out["extra_sets"] = {str(k): str(v) for k, v in extra_sets.items()}
+    atomic_write_json(path, out)
+    return Path(path)
+
+
+def load_split(path: PathLike) -> dict:
+    """Read and check a split file; one-line errors for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such split file (fix: check data.val.split_file, or let the pipeline compute one)")
+    try:
+        split = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}:{e.lineno}: split file is not valid JSON ({e.msg}) (fix: regenerate it)") from None
+    if not isinstance(split, dict) or not isinstance(split.get("heldout"), list):
+        raise ValueError(f"{p}: split file has no 'heldout' list (fix: regenerate it)")
+    sets = split.setdefault("sets", {})
+    if not isinstance(sets, dict):
+        raise ValueError(f"{p}: split file 'sets' is not an object (fix: regenerate it)")
+    heldout = set(split["heldout"])
+    for name, members in sets.items():
+        outside = [m for m in members if m not in heldout]
+        if outside:
+            raise ValueError(f"{p}: set '{name}' has ids that are not held out, e.g. {outside[0]!r} (fix: add them to 'heldout')")
+    return split
+
+
+def ensure_split(store: Any, val: Any, path: PathLike) -> dict:
+    """The split at ``path``: loaded when the file exists, else computed from ``store`` and written."""
+    p = Path(path)
+    if p.exists():
+        return load_split(p)
+    split = split_from_store(store, val)
+    write_split(p, split, _val_get(val, "extra", None) or None)
+    return split
+
+
+def load_heldout_ids(path: PathLike) -> set[str]:
+    """Ids of every held-out document (what the generator must refuse as seeds)."""
+    return set(load_split(path)["heldout"])
+
+
+def train_ids(split: Union[dict, PathLike], ids: Iterable[str]) -> list[str]:
+    """The ids among ``ids`` that are not held out, in the given order."""
+    heldout = set((split if isinstance(split, dict) else load_split(split))["heldout"])
+    return [i for i in ids if i not in heldout]
