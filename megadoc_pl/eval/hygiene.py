@@ -51,3 +51,30 @@ def check_disjoint(
         "split file, or rebuild the training data so it excludes them)",
         overlaps,
     )
+
+
+def units_source_ids(units) -> set[str]:
+    """Source ids of every stored document a stream's units draw tokens from.
+
+    ``units`` is a ``megadoc_pl.data.views.Units``; token sources without ``source_ids``
+    (delimiter literals) are skipped. For a generation store the source id is the id of the
+    real document the generation was made from.
+    """
+    import numpy as np
+
+    ids: set[str] = set()
+    for s, src in enumerate(units.sources):
+        if not hasattr(src, "source_ids"):
+            continue
+        docs = np.unique(units.piece_doc[units.piece_src == s])
+        ids.update(str(x) for x in np.asarray(src.source_ids)[docs])
+    return ids
+
+
+def check_units_disjoint(train_units, val_units: Mapping[str, object]) -> None:
+    """:func:`check_disjoint` on units: training streams (None entries skipped) vs named sets."""
+    train: set[str] = set()
+    for units in train_units:
+        if units is not None:
+            train |= units_source_ids(units)
+    check_disjoint(train, {name: units_source_ids(u) for name, u in val_units.items()})

@@ -1,0 +1,83 @@
+"""Offline evaluation over real token stores and windows; hygiene on real units; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megadoc_pl.data.store import build_store
+from megadoc_pl.data.views import documents_units, real_units
+from megadoc_pl.data.windows import Windows
+from megadoc_pl.eval.ensemble import Ensemble
+from megadoc_pl.eval.hygiene import HeldoutOverlapError, check_units_disjoint, units_source_ids
+from megadoc_pl.eval.position import read_curves_csv
+from megadoc_pl.eval.runner import evaluate_validation
+from megadoc_pl.model.llama import Llama, LlamaConfig
+
+T = 32
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Alice founded the town of Brindle in 1821 and built its first mill.",
+    "Megadocs stitch many rephrases of one document into a long context.",
+    "Rationales are inserted between equal token segments of the original.",
+    "A mixture draws windows from the real and the synthetic stream.",
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_tokenizer_path):
+    d = tmp_path_factory.mktemp("store")
+    rows = [{"id": f"doc{i}", "text": " ".join(TEXTS[(i + k) % 5] for k in range(1 + i % 4))} for i in range(24)]
+    (d / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return build_store(d / "docs.jsonl", tiny_tokenizer_path, d / "store", progress=False, num_proc=1)
+
+
+def tiny_llama(seed: int, vocab: int) -> Llama:
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_mlp=64, vocab_size=vocab,
+                             attention_backend="sdpa")).eval()
+
+
+@pytest.mark.parametrize("scope", ["window", "document"])
+def test_evaluate_validation_equals_cross_entropy_over_the_same_windows(store, tmp_path, scope):
+    model = tiny_llama(0, 300)
+    sets = {"iid": documents_units(store, np.arange(0, 12), "iid"), "long": documents_units(store, np.arange(12, 24), "long")}
+    windows = {k: Windows.sequential(u, T, scope) for k, u in sets.items()}
+    out = evaluate_validation(model, windows, seq_len=T, batch_size=3, position_buckets=4, out_dir=tmp_path,
+                              progress=False)
+    for name, w in windows.items():
+        n = len(w)
+        assert n >= 2
+        with torch.no_grad():
+            b = w.batch(list(range(n)))
+            hidden = model(b["input_ids"], position_ids=b["position_ids"], segment_ids=b["segment_ids"])
+            ce = F.cross_entropy(model.logits(hidden).reshape(-1, 300), b["targets"].reshape(-1))
+        assert out[f"val/{name}/loss"] == pytest.approx(float(ce), rel=1e-5)
+        assert out[f"val/{name}/tokens"] == n * T
+        rows = read_curves_csv(tmp_path / f"loss_by_position_{name}.csv")
+        assert sum(r["count"] for r in rows if r["kind"] == "document") == n * T
+
+
+def test_ensemble_of_copies_scores_like_the_model(store):
+    model = tiny_llama(1, 300)
+    windows = {"iid": Windows.sequential(documents_units(store, None, "iid"), T, "window", max_windows=3)}
+    single = evaluate_validation(model, windows, seq_len=T, progress=False)
+    ens = evaluate_validation(Ensemble([model, model], mode="prob"), windows, seq_len=T, progress=False)
+    assert ens["val/iid/loss"] == pytest.approx(single["val/iid/loss"], rel=1e-5)
+
+
+def test_hygiene_on_real_units(store):
+    heldout = {f"doc{i}" for i in range(6)}
+    ids = list(store.source_ids)
+    held_docs = np.array([i for i, s in enumerate(ids) if s in heldout])
+    train = real_units(store, heldout)
+    val = {"iid": documents_units(store, held_docs, "iid")}
+    assert units_source_ids(val["iid"]) == heldout
+    check_units_disjoint([train, None], val)
+    leaky = {"iid": val["iid"], "ood": documents_units(store, np.array([7, 8]), "ood")}
+    with pytest.raises(HeldoutOverlapError, match=r"'ood' shares 2 of 2 documents \(e.g. 'doc7', 'doc8'\)"):
+        check_units_disjoint([train], leaky)
