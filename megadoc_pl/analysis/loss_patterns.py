@@ -12,7 +12,8 @@ same L predicted tokens:
 * window ``w = max(1, round_half_up(0.05 * L))`` tokens; windowed mean
   ``m[p] = mean(diff[p : p + w])`` for every start ``p = 0 .. L - w`` (sliding, step 1).
 * **first anomaly**: the smallest start ``p`` with ``|m[p]| > |mu| + k * sigma`` (absolute
-  value: a large deviation by either model), or none.
+  value: a large deviation by either model), or none. Ties within 1e-9 of the largest |diff|
+  do not count, so floating-point rounding cannot invent anomalies (e.g. a constant diff).
 * relative position ``100 * p / L`` (0-based start, so in [0, 100)); -1 when there is none.
   The paper counts p from 1; ours is that value minus 100 / L percent.
 
@@ -96,7 +97,9 @@ def first_anomaly(diff: Sequence[float], k: float, fraction: float = DEFAULT_FRA
     mu, sigma = float(d.mean()), float(d.std())
     threshold = abs(mu) + k * sigma
     m = windowed_means(d, w)
-    hits = np.flatnonzero(np.abs(m) > threshold)
+    # Rounding (cumsum, mean) must not create anomalies where the exact values tie the threshold.
+    tol = 1e-9 * float(np.max(np.abs(d)))
+    hits = np.flatnonzero(np.abs(m) > threshold + tol)
     pos = int(hits[0]) if hits.size else None
     return Anomaly(length=d.size, window=w, mean=mu, std=sigma, k=float(k), threshold=threshold,
                    position=pos, window_mean=float(m[pos]) if pos is not None else None)
@@ -270,48 +273,26 @@ def write_losses_jsonl(path: str | Path, ids: Sequence[str], losses: Sequence[np
 
 
 def load_scoring_model(path: str | Path, device: str = "cpu"):
-    """A callable ``ids -> per-token losses of ids[1:]`` for a checkpoint or an HF export dir.
+    """A callable ``ids -> per-token losses of ids[1:]`` with the project's Llama.
 
-    ``.ckpt`` files go through ``megadoc_pl.model.hf.load_model_from_checkpoint``; directories
-    through ``Llama.from_hf`` (the project's model); if that is unavailable, a directory is
-    loaded with transformers' ``AutoModelForCausalLM`` (the same weights, HF's implementation).
+    ``.ckpt`` files load through ``megadoc_pl.model.hf.load_model_from_checkpoint``, directories
+    (Hugging Face exports) through ``Llama.from_hf``; both are imported here, not at module
+    import, so the analysis package needs no torch until a model is scored.
     """
-    import importlib
-
     import torch
 
+    from megadoc_pl.model import hf
+    from megadoc_pl.model.llama import Llama
+
     p = Path(path)
-    model = None
     if p.is_file():
-        try:
-            hf = importlib.import_module("megadoc_pl.model.hf")
-        except ImportError as e:
-            raise SystemExit(f"error: reading checkpoint {p} needs megadoc_pl.model.hf ({e}); "
-                             "export it to a Hugging Face directory and pass that instead") from None
-        model = hf.load_model_from_checkpoint(p)
+        model = hf.load_model_from_checkpoint(p, map_location="cpu")
     elif (p / "config.json").exists():
-        try:
-            from megadoc_pl.model.llama import Llama
-
-            model = Llama.from_hf(p)  # type: ignore[attr-defined]
-        except (ImportError, AttributeError):
-            model = None
-        if model is None:
-            from transformers import AutoModelForCausalLM
-
-            hf_model = AutoModelForCausalLM.from_pretrained(str(p), torch_dtype=torch.float32).to(device).eval()
-
-            @torch.no_grad()
-            def score_hf(ids: Sequence[int]) -> np.ndarray:
-                x = torch.tensor([list(ids)], device=device)
-                logits = hf_model(input_ids=x[:, :-1]).logits.float()
-                return torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="none").cpu().numpy()
-
-            return score_hf
+        model = Llama.from_hf(p)
     else:
-        raise ValueError(f"{p}: not a checkpoint file or a directory with config.json")
-    if isinstance(model, tuple):  # tolerate (model, config) returns
-        model = next(m for m in model if isinstance(m, torch.nn.Module))
+        raise ValueError(f"{p}: not a checkpoint file or a Hugging Face directory with config.json")
+    if isinstance(model, tuple):  # load_model_from_checkpoint returns (model, recipe)
+        model = model[0]
     model = model.to(device).float().eval()
 
     @torch.no_grad()
