@@ -258,15 +258,18 @@ class _BatchContext:
             stats["completion_tokens"] += sum(resp.completion_tokens)
             if resp.error is not None:
                 stats["failures"] += 1
-                self.errors.append(self._error(req.id, req.payload.get("source_id"), req.task, resp.error))
+                self.errors.append(self._error(req.id, req.payload.get("source_id"), req.task, resp.error,
+                                               seed=req.seed))
             else:
                 stats["completions"] += req.n
         return responses
 
-    def _error(self, request_id: str, source_id: str | None, stage: str, error: str, raw: str | None = None) -> dict:
+    def _error(self, request_id: str, source_id: str | None, stage: str, error: str,
+               raw: str | None = None, seed: int | None = None) -> dict:
         self.r.attempts[request_id] = self.r.attempts.get(request_id, 0) + 1
         e = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "request_id": request_id,
-             "source_id": source_id, "task": self.r.task.name, "stage": stage, "error": error}
+             "source_id": source_id, "task": self.r.task.name, "stage": stage, "error": error,
+             "attempt": self.r.attempts[request_id], "seed": seed}
         if raw is not None:
             e["raw"] = raw[:2000]
         return e
@@ -286,9 +289,9 @@ class _BatchContext:
         self.dropped.append({**row, "drop_reason": reason})
 
     def fail(self, unit: Unit, stage: str, request_id: str, gen_indices: list[int], error: str,
-             raw: str | None = None) -> None:
+             raw: str | None = None, seed: int | None = None) -> None:
         self.r.run_stats["failures"] += 1
-        self.errors.append(self._error(request_id, unit.doc.id, stage, error, raw))
+        self.errors.append(self._error(request_id, unit.doc.id, stage, error, raw, seed))
 
     def count(self, name: str, k: int = 1) -> None:
         extra = self.r.run_stats["counters"]

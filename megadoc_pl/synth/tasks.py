@@ -188,7 +188,8 @@ class Context(Protocol):
     def save_state(self, entries: list[dict]) -> None: ...
     def emit(self, row: dict) -> None: ...
     def drop(self, row: dict, reason: str) -> None: ...
-    def fail(self, unit: Unit, stage: str, request_id: str, gen_indices: list[int], error: str, raw: str | None = None) -> None: ...
+    def fail(self, unit: Unit, stage: str, request_id: str, gen_indices: list[int], error: str,
+             raw: str | None = None, seed: int | None = None) -> None: ...
     def count(self, name: str, k: int = 1) -> None: ...
 
 
@@ -250,7 +251,7 @@ class Task:
         seed = request_seed(self.cfg.seed, unit.key, stage, indices, ctx.attempt(rid))
         return Request(id=rid, messages=messages, n=n, max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=self.cfg.top_p, seed=seed, task=stage,
-                       payload={"source_id": unit.doc.id, **payload})
+                       payload={"source_id": unit.doc.id, "meta": unit.doc.meta, **payload})
 
     def row(self, ctx: Context, unit: Unit, gen_index: int, text: str, req: Request,
             completion_tokens: int, prompt_version: str, **task_fields: Any) -> dict:
@@ -376,7 +377,7 @@ class MagaTask(Task):
                 pairs = maga.parse_pairs(resp.texts[0], cfg.generations)
             except maga.ParseError as e:
                 ctx.count("maga_pairs_unparseable")
-                ctx.fail(unit, "maga_pairs", req.id, [], f"ParseError: {e}", raw=resp.texts[0])
+                ctx.fail(unit, "maga_pairs", req.id, [], f"ParseError: {e}", raw=resp.texts[0], seed=req.seed)
                 continue
             if len(pairs) < cfg.generations:
                 ctx.count("maga_pairs_short")
