@@ -151,10 +151,10 @@ def _jsonl_rows(path: Path) -> Iterator[RawRow]:
                     )
                     continue
                 try:
-                    row = json.loads(text)
+                    row = json.loads(text.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     yield line_no, BadRowError(
-                        path, line_no, "invalid_json", f"invalid JSON ({e.msg} at column {e.colno})",
+                        path, line_no, "invalid_json", f"invalid JSON at column {e.colno} ({e.msg})",
                         "write one JSON object per line or pass --skip-bad-rows",
                     )
                     continue

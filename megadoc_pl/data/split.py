@@ -11,7 +11,8 @@ Rule (pure function of document ids, token lengths and the config; file order do
    the first candidate for ``long``). Held out = the union.
 3. Cap: the union may hold at most ``max_heldout_fraction`` of the corpus (at least one document
    when the corpus has two or more). When the requested sets would exceed it, every requested
-   count is multiplied by the same factor, the largest one that fits, and the file records
+   count is multiplied by the same factor, the largest one that fits, then ``iid`` is topped up
+   (next documents in the order) until exactly the cap is held out; the file records
    ``"scaled": true`` with the factor. So a 3000-document demo holds out 300 documents, not 2000.
 
 Lengths are content lengths (without BOS/EOS), so the split does not depend on those settings.
@@ -106,6 +107,11 @@ def make_split(ids: Sequence[str], lengths: Sequence[int], val: Any) -> dict:
                 hi = mid
         scale, scaled = lo, True
         chosen = choose(lo)
+        # Flooring leaves the union a little under the cap: top iid up so exactly the cap is held out.
+        n_iid = len(chosen["iid"])
+        while union_size(chosen) < budget and n_iid < n:
+            n_iid += 1
+            chosen["iid"] = pools["iid"][:n_iid]
     heldout_idx = np.unique(np.concatenate(list(chosen.values())))
     # Keep sets and held-out ids in hash order: a deterministic, file-order-free listing.
     rank = np.empty(n, dtype=np.int64)
