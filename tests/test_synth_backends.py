@@ -335,3 +335,32 @@ def test_vllm_missing_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, installed or not
     with pytest.raises(SystemExit, match=r"pip install 'megadoc_pl\[generation\]'"):
         vllm_backend.VLLMBackend("m")
+
+
+# ----------------------------------------------------------------------------- end-to-end self-check
+
+
+def test_selfcheck_passes_with_transformers_backend(tmp_path, hf_backend, tiny_model):
+    # The check that tools/gpu_vllm_check.py runs with vLLM, here with transformers on CPU.
+    from megadoc_pl.synth.selfcheck import run_selfcheck
+
+    report = run_selfcheck(hf_backend, tmp_path, f"{tiny_model}/tokenizer.json", tiny_model,
+                           docs=4, generations=2, max_new_tokens=4)
+    assert report["rephrase"]["rows"] == 0  # the second rephrase run found everything done
+    assert report["rationale"]["rows"] == 8
+    assert report["maga"]["stage1_failures"] == 4  # a random model cannot write the JSON
+
+
+@pytest.mark.gpu
+def test_vllm_for_real_on_gpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("vllm")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "gpu_vllm_check.py"
+    proc = subprocess.run([sys.executable, str(tool), "--workdir", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]

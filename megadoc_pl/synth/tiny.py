@@ -29,9 +29,13 @@ def build_tiny_chat_model(
     vocab_size: int = 320,
     hidden_size: int = 32,
     num_layers: int = 2,
+    num_heads: int = 4,
     seed: int = 0,
 ) -> Path:
-    """Save a tiny chat model (config, weights, tokenizer with chat template) to ``out_dir``."""
+    """Save a tiny chat model (config, weights, tokenizer with chat template) to ``out_dir``.
+
+    For vLLM use a head size its kernels support (hidden_size / num_heads = 64, e.g. 256 / 4).
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -55,7 +59,7 @@ def build_tiny_chat_model(
     hf_tok.save_pretrained(out)
     config = LlamaConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
         max_position_embeddings=8192, bos_token_id=0, eos_token_id=1, pad_token_id=2,
     )
     torch.manual_seed(seed)

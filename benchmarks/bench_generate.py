@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Generation pipeline overhead: the runner vs the backend's bare generate calls (SPEC 11).
+
+Peer: the same transformers backend (tiny local Llama, CPU) called directly on exactly the
+requests the runner sent, in the same batches. The runner additionally reads and shards the
+input, renders prompts, bookkeeps resume state, writes rows with fsync and keeps stats.
+Target: runner wall time <= 1.10 x the bare generate time.
+
+    python benchmarks/bench_generate.py [--docs 48] [--generations 4] [--max-new-tokens 32]
+
+Two ratios are printed: across separate timed runs (best of --repeats), and within the runner's
+own run (wall time vs time spent inside backend.generate). A tiny model generates far faster than
+a real LLM, so this overstates the overhead of a real run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from megadoc_pl.synth.backends.hf import TransformersBackend
+from megadoc_pl.synth.runner import RunConfig, synthesize
+from megadoc_pl.synth.tasks import TaskConfig
+from megadoc_pl.synth.tiny import build_tiny_chat_model
+
+SENTENCES = [
+    "Alice founded the town of Brindle in 1821 and built its first mill near the river.",
+    "The mill ground wheat from the valley farms for almost a century.",
+    "Brindle later became known for its wool market and its stone bridge.",
+    "A flood in 1893 destroyed the bridge, which the town rebuilt in iron.",
+]
+
+
+class Timed:
+    """Wraps a backend: records each batch of requests and the time spent generating it."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.model_name = inner.model_name
+        self.batches: list = []
+        self.seconds = 0.0
+
+    def generate(self, requests):
+        t = time.perf_counter()
+        out = self.inner.generate(requests)
+        self.seconds += time.perf_counter() - t
+        self.batches.append(requests)
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--docs", type=int, default=48)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
+    try:
+        model = build_tiny_chat_model(work / "model")
+        docs = work / "docs.jsonl"
+        docs.write_text("".join(
+            json.dumps({"id": f"d{i}", "text": " ".join(SENTENCES[: 1 + i % 4]) + f" Number {i}."}) + "\n"
+            for i in range(args.docs)))
+        backend = TransformersBackend(str(model), device="cpu", batch_size=args.batch_size)
+        task = TaskConfig(task="rephrase", generations=args.generations, max_new_tokens=args.max_new_tokens)
+
+        runner_s, bare_s, inside = [], [], []
+        for rep in range(args.repeats):
+            out = work / f"out{rep}"
+            timed = Timed(backend)
+            t = time.perf_counter()
+            synthesize(task, RunConfig(inputs=[str(docs)], out=str(out), batch_size=args.batch_size,
+                                       progress=False), backend=timed)
+            runner_s.append(time.perf_counter() - t)
+            inside.append((runner_s[-1], timed.seconds))
+            t = time.perf_counter()
+            for batch in timed.batches:  # the peer: the same requests, the same batches
+                backend.generate(batch)
+            bare_s.append(time.perf_counter() - t)
+            shutil.rmtree(out)
+
+        rows = args.docs * args.generations
+        best_runner, best_bare = min(runner_s), min(bare_s)
+        wall, gen = min(inside, key=lambda x: x[0] / x[1])
+        print(f"rephrase, {args.docs} docs x G={args.generations}, {args.max_new_tokens} new tokens, "
+              f"batch {args.batch_size}, tiny Llama on CPU ({args.threads} thread), best of {args.repeats}")
+        print(f"  runner (read, shard, prompt, generate, write, stats): {best_runner:8.3f} s  "
+              f"({rows / best_runner:7.1f} rows/s)")
+        print(f"  bare backend.generate on the same requests:          {best_bare:8.3f} s  "
+              f"({rows / best_bare:7.1f} rows/s)")
+        print(f"  ratio runner / bare: {best_runner / best_bare:.3f}  (target <= 1.10)")
+        print(f"  within one run: wall {wall:.3f} s, inside generate {gen:.3f} s -> overhead "
+              f"{(wall - gen) / gen * 100:.1f}%")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
