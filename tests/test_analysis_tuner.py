@@ -200,3 +200,10 @@ def test_default_grid_is_the_megadocs_synthetic_grid():
     assert T.GRIDS["synthetic"]["data.mixture.synthetic_fraction"] == [0.5, 0.75, 0.9]
     assert T.GRIDS["real"]["train.weight_decay"] == [0.0, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
     assert sys.executable  # launch uses this interpreter
+
+
+def test_default_grid_and_centre_follow_the_recipe():
+    pytest.importorskip("megadoc_pl.recipes")
+    s = T.load_spec(None, recipe="baseline_real")  # view real: the real-only grid, tuned values as centre
+    assert s.axes == T.GRIDS["real"]
+    assert s.centre == {"data.mixture.real_epochs": 16, "train.lr": 3e-3, "train.weight_decay": 1.6}

@@ -44,9 +44,9 @@ def _boot_kwargs(a: argparse.Namespace) -> dict:
 
 
 def _points_from_runs(paths: list[str], x: str, y: str, group_by: str | None, reduce: str) -> dict:
-    runs = R.load_runs(paths)
+    runs = R.load_runs(paths, skip_missing=True)  # unfinished runs and stray files are skipped
     if not runs:
-        raise ValueError("no runs given")
+        raise ValueError("none of the given paths is a finished run (a directory with metrics.json)")
     return R.points_by_group(runs, x, y, group_by, reduce)
 
 
@@ -116,7 +116,7 @@ def cmd_efficiency(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     if a.baseline or a.baseline_csv:
         if a.baseline:
-            pts = R.points_by_group(R.load_runs(a.baseline), a.x, a.y, None, "best")["all"]
+            pts = R.points_by_group(R.load_runs(a.baseline, skip_missing=True), a.x, a.y, None, "best")["all"]
         else:
             pts = R.read_points_csv(a.baseline_csv, a.x, a.y_col, None)["all"]
         law: F.PowerLaw | F.PowerLawFit = eff.fit_data_law(*pts, **_boot_kwargs(a))
@@ -135,7 +135,7 @@ def cmd_efficiency(argv: list[str]) -> None:
             losses[name] = float(value)
         except ValueError:
             raise ValueError(f"--loss {item!r} is not NAME=LOSS") from None
-    for run in R.load_runs(a.methods):
+    for run in R.load_runs(a.methods, skip_missing=True):
         losses[str(run.get(a.name_by))] = run.number(a.y)
     if not losses:
         raise ValueError("no method losses: give --methods RUN... or --loss NAME=LOSS")

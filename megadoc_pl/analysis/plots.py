@@ -187,7 +187,8 @@ def plot_loss_diff(diff: Sequence[float], doc: Mapping, path: str | Path) -> Pat
             ax.axvline(pos, color=f"C{i + 1}", lw=0.8)
     ax.set_xlabel("token position")
     ax.set_ylabel("loss B - loss A (nats)")
-    ax.set_title(f"{doc['id']}: mean diff {doc['mean_diff']:+.3f}", fontsize=9)
+    ax.set_title(f"{doc['id']}: mean diff {doc['mean_diff']:+.3f} (vertical: start of the first anomalous "
+                 "window per k)", fontsize=9)
     ax.legend(fontsize=6, ncol=3)
     return _save(fig, path)
 

@@ -114,10 +114,10 @@ def load_run(path: str | Path) -> Run:
     p = Path(path)
     if p.is_dir():
         run_dir, metrics_path = p, p / "metrics.json"
-    elif p.suffix == ".json":
+    elif p.name == "metrics.json":
         run_dir, metrics_path = p.parent, p
     else:
-        raise ValueError(f"{p}: not a run directory or a metrics .json file")
+        raise ValueError(f"{p}: not a run directory or a metrics.json file")
     if not metrics_path.exists():
         raise ValueError(f"{run_dir}: no metrics.json (is this a finished run directory?)")
     metrics = flatten(_read_json(metrics_path), sep="/")
@@ -129,12 +129,14 @@ def load_run(path: str | Path) -> Run:
 def load_runs(paths: Iterable[str | Path], skip_missing: bool = False) -> list[Run]:
     """Runs from directories / metrics.json paths (sorted by name).
 
-    ``skip_missing``: directories without metrics.json (unfinished runs) are skipped, not errors.
+    ``skip_missing``: paths that are not finished runs (directories without metrics.json, other
+    files such as a tuner's state file caught by ``runs/*``) are skipped, not errors.
     """
     runs = []
     for p in paths:
         p = Path(p)
-        if skip_missing and p.is_dir() and not (p / "metrics.json").exists():
+        finished = (p / "metrics.json").exists() if p.is_dir() else p.name == "metrics.json"
+        if skip_missing and not finished:
             continue
         runs.append(load_run(p))
     return sorted(runs, key=lambda r: r.name)
@@ -154,7 +156,8 @@ def read_loss_by_position(path: str | Path) -> dict[str, dict[str, list[float]]]
     The eval part writes columns kind (window | document), bucket_start, bucket_end, count,
     mean_loss; without a kind column every row is kind "all". Columns are matched by name
     (bucket_start/start/position, bucket_end/end, mean_loss/loss/mean, count/n/tokens). The
-    position is the bucket centre (start + end - 1) / 2 when the end is finite, else the start.
+    position is the bucket centre (start + end - 1) / 2, except for the log2 ``document``
+    buckets and open-ended ones, which are placed at their start.
     Rows with a zero count or a non-finite loss are dropped.
     """
     path = Path(path)
@@ -186,9 +189,11 @@ def read_loss_by_position(path: str | Path) -> dict[str, dict[str, list[float]]]
             raise ValueError(f"{path}:{i}: non-numeric value in row {row}") from None
         if not math.isfinite(value) or n == 0 or math.isnan(start):
             continue
-        curve = out.setdefault(str(row.get(c_kind) or "all") if c_kind else "all",
-                               {"position": [], "loss": [], "count": []})
-        curve["position"].append((start + end - 1) / 2.0 if math.isfinite(end) else start)
+        kind = str(row.get(c_kind) or "all") if c_kind else "all"
+        curve = out.setdefault(kind, {"position": [], "loss": [], "count": []})
+        # Log2 document buckets are drawn at their start (0, 1, 2, 4, ...), linear ones at the centre.
+        centre = kind != "document" and math.isfinite(end)
+        curve["position"].append((start + end - 1) / 2.0 if centre else start)
         curve["loss"].append(value)
         curve["count"].append(n)
     return out

@@ -139,9 +139,10 @@ def _fmt_value(v: Any) -> str:
 def load_spec(path: str | Path | None = None, **overrides: Any) -> TuneSpec:
     """A TuneSpec from a YAML/JSON file and/or keyword overrides (None values are ignored).
 
-    ``grid: synthetic|real`` selects a megadocs grid; ``axes`` entries replace its axes (an axis
-    set to null is removed). Without a centre the recipe's own values are used when the recipe
-    can be loaded (snapped to the nearest grid value), else the middle value of each axis.
+    ``grid: synthetic|real`` selects a megadocs grid (default: ``real`` when the recipe's view is
+    ``real``, else ``synthetic``); ``axes`` entries replace its axes (an axis set to null is
+    removed). Without a centre the recipe's own values are used when the recipe can be loaded
+    (snapped to the nearest grid value), else the middle value of each axis.
     """
     raw: dict = {}
     if path is not None:
@@ -161,7 +162,10 @@ def load_spec(path: str | Path | None = None, **overrides: Any) -> TuneSpec:
         raise ValueError(f"unknown tuning-spec keys {unknown}; known: {sorted(known)}")
     if "recipe" not in raw:
         raise ValueError("the tuning spec needs a recipe (recipe: NAME, or --recipe NAME)")
-    grid = raw.pop("grid", "synthetic")
+    recipe_values = _recipe_values(raw["recipe"], list(raw.get("overrides") or []))
+    # Default grid: the real-only grid for a recipe without synthetic data, else the synthetic one.
+    default_grid = "real" if recipe_values.get("data.view") == "real" else "synthetic"
+    grid = raw.pop("grid", None) or default_grid
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}: use one of {', '.join(GRIDS)} or give axes")
     axes = {k: list(v) for k, v in GRIDS[grid].items()}
@@ -171,30 +175,26 @@ def load_spec(path: str | Path | None = None, **overrides: Any) -> TuneSpec:
         else:
             axes[k] = list(v)
     centre = dict(raw.pop("centre", None) or {})
-    missing = [k for k in axes if k not in centre]
-    if missing:
-        centre.update(_default_centre(raw["recipe"], list(raw.get("overrides") or []), axes, missing))
+    for k in axes:
+        if k not in centre:
+            v = recipe_values.get(k)
+            # The recipe's value snapped to the grid, else the middle of the axis.
+            centre[k] = _nearest(axes[k], float(v)) if isinstance(v, (int, float)) else axes[k][(len(axes[k]) - 1) // 2]
     return TuneSpec(axes=axes, centre=centre, **raw)
 
 
-def _default_centre(recipe: str, overrides: list, axes: dict, keys: list) -> dict:
-    """The recipe's values for ``keys`` snapped to the grid, or the middle of each axis."""
-    values: dict = {}
+def _recipe_values(recipe: str, overrides: list) -> dict:
+    """The resolved recipe as a flat dict of dotted keys, or {} when it cannot be loaded here."""
     try:
-        from megadoc_pl.recipes import load_recipe  # written by another part; optional here
-
-        cfg = load_recipe(recipe, overrides=[o for o in overrides if not str(o).startswith("run.")])
         from omegaconf import OmegaConf
 
-        for k in keys:
-            v = OmegaConf.select(cfg, k)
-            if isinstance(v, (int, float)):
-                values[k] = _nearest(axes[k], float(v))
+        from megadoc_pl.analysis.runs import flatten
+        from megadoc_pl.recipes import load_recipe
+
+        cfg = load_recipe(recipe, overrides=[o for o in overrides if not str(o).startswith("run.")])
+        return flatten(OmegaConf.to_container(cfg, resolve=True))
     except (ImportError, SystemExit, ValueError, KeyError):
-        pass
-    for k in keys:
-        values.setdefault(k, axes[k][(len(axes[k]) - 1) // 2])
-    return values
+        return {}
 
 
 def _nearest(grid: list, v: float) -> Any:
@@ -401,9 +401,20 @@ def write_run_configs(spec: TuneSpec, pending: Sequence[tuple], config_dir: str 
     return paths
 
 
+def _train_script(spec: TuneSpec) -> str:
+    """The training script: as given, else relative to the checkout that holds this package."""
+    script = Path(spec.train_script)
+    if script.exists():
+        return str(script)
+    alt = Path(__file__).resolve().parents[2] / script
+    if not script.is_absolute() and alt.exists():
+        return str(alt)
+    raise SystemExit(f"error: training script {script} not found; run from the repository root or set train_script")
+
+
 def launch(spec: TuneSpec, idx: tuple, python: str = sys.executable) -> None:
     """Train one point in this process's environment; SystemExit naming the run on failure."""
-    cmd = [python, *spec.command(idx)[1:]]
+    cmd = [python, _train_script(spec), *spec.command(idx)[2:]]
     print("launch:", shlex.join(cmd), flush=True)
     rc = subprocess.run(cmd).returncode
     name = spec.run_name(idx)
