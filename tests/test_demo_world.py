@@ -51,13 +51,30 @@ def test_shape_ids_and_meta():
 
 
 def test_meta_facts_are_stated_in_the_text():
-    # The template generator trusts meta["facts"]: every fact's words must be in the document.
+    # The template generator trusts meta["facts"]: each fact is stated by one sentence, in order.
+    from megadoc_pl.demo.template_backend import split_sentences, states
+
     world = build_world(1, 150)
     for d in _docs(1, 150):
-        low = d["text"].lower()
+        sentences = [s.lower() for s in split_sentences(d["text"])]
+        at = 0
         for fid in d["meta"]["facts"]:
-            for key in world.key_strings(world.facts[fid], skip_entity=d["meta"]["subject"]):
-                assert key.lower() in low, (d["id"], fid, key)
+            keys = sorted((k.lower() for k in world.key_strings(world.facts[fid], d["meta"]["subject"])),
+                          key=len, reverse=True)
+            hits = [i for i, s in enumerate(sentences) if states(s, keys)]
+            later = [i for i in hits if i >= at]
+            assert later, (d["id"], fid)  # stated, and after the previous fact of meta
+            at = later[0]
+
+
+def test_every_wording_is_one_sentence():
+    # Fact detection works sentence by sentence, so no template may span two sentences.
+    from megadoc_pl.demo.template_backend import split_sentences
+
+    for pred in PREDICATES.values():
+        for template in pred.statements + (pred.easy, pred.question):
+            filled = template.replace("{", "X").replace("}", "")
+            assert len(split_sentences(filled)) == 1, template
 
 
 def test_facts_are_shared_and_varied():

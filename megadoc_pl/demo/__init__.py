@@ -1,1 +1,164 @@
-"""megadoc_pl.demo"""
+"""The built-in demo: a procedural world, its tokenizer, and template generations, all cached.
+
+``ensure_demo(cfg)`` is what the pipeline calls when a recipe names no data paths. It is split
+in two so that the validation split can be decided between them (held-out documents are never
+generation seeds):
+
+    real, tokenizer = ensure_world(cfg)            # documents.jsonl + tokenizer directory
+    split_file = ...                               # the pipeline decides the split
+    synthetic = ensure_generations(cfg, split_file)  # what cfg.data.view needs (or None)
+
+Everything lands under ``cfg.data.cache_dir/demo`` keyed by what decides its content, is
+written atomically (generations: resumably, by the synth runner) and is reused when present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from megadoc_pl.utils import atomic_write_json, file_fingerprint, json_fingerprint
+
+# Bump when the tokenizer training changes: it is part of the tokenizer's cache path.
+TOKENIZER_VERSION = 1
+
+# Which generation task each corpus view needs.
+VIEW_TASKS = {"real": None, "rephrase": "rephrase", "stitch": "rephrase", "stretch": "rationale",
+              "maga": "maga", "maga_stitch": "maga"}
+MAGA_PAIRS = 5  # MAGA asks for 5 (genre, audience) pairs per document
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """One builder at a time per cache (several ranks or runs may start together)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def demo_root(cfg: Any) -> Path:
+    return Path(cfg.data.cache_dir) / "demo"
+
+
+def world_dir(cfg: Any) -> Path:
+    from megadoc_pl.demo.world import WORLD_VERSION
+
+    return demo_root(cfg) / f"world-v{WORLD_VERSION}-s{int(cfg.demo.seed)}-n{int(cfg.demo.num_documents)}"
+
+
+def ensure_world(cfg: Any) -> tuple[Path, Path]:
+    """The demo documents (JSONL) and the demo tokenizer directory, built on first use."""
+    from megadoc_pl.demo.tokenizer import build_demo_tokenizer
+    from megadoc_pl.demo.world import write_world
+
+    seed, n, vocab = int(cfg.demo.seed), int(cfg.demo.num_documents), int(cfg.demo.vocab_size)
+    wdir = world_dir(cfg)
+    docs = wdir / "documents.jsonl"
+    tok_dir = wdir / f"tokenizer-bpe{vocab}-v{TOKENIZER_VERSION}"
+    with _locked(demo_root(cfg)):
+        if not docs.exists():
+            _say(f"building the demo world: {n} documents (seed {seed}) -> {docs}")
+            write_world(docs, seed, n)
+        if not (tok_dir / "tokenizer.json").exists():
+            _say(f"training the demo tokenizer: byte-level BPE, vocab {vocab} -> {tok_dir}")
+            build_demo_tokenizer(docs, tok_dir, vocab)
+    return docs, tok_dir
+
+
+def generation_plan(cfg: Any) -> dict | None:
+    """What the view needs generated (task and settings), or None for the real-only view."""
+    view = str(cfg.data.view)
+    if view not in VIEW_TASKS:
+        raise ValueError(f"data.view={view!r} is not a view the demo can generate for "
+                         f"(choose from {', '.join(VIEW_TASKS)})")
+    task = VIEW_TASKS[view]
+    if task is None:
+        return None
+    g = int(cfg.data.generations)
+    if g < 1:
+        raise ValueError(f"data.view={view} needs data.generations >= 1 (got {g}) (fix: set data.generations=G)")
+    plan: dict[str, Any] = {"task": task, "generations": g, "backend": str(cfg.synth.backend),
+                            "model": cfg.synth.model}
+    if task == "rephrase":
+        plan["style"] = str(cfg.synth.style)
+    if task == "maga":
+        # The view uses the first G reformulations; stage 1 asks for max(5, G) pairs.
+        plan.update(generations=max(MAGA_PAIRS, g), maga_variant=str(cfg.synth.maga_variant),
+                    judge=bool(cfg.synth.judge))
+    return plan
+
+
+def ensure_generations(cfg: Any, split_file: str | Path | None = None, *, real: str | Path | None = None,
+                       tokenizer: str | Path | None = None) -> Path | None:
+    """Generations for ``cfg.data.view`` from the demo world (or from ``real``), via the synth
+    runner; returns the generation rows file, or None when the view needs none.
+
+    Documents held out in ``split_file`` are never used as seeds (the runner refuses them).
+    """
+    plan = generation_plan(cfg)
+    if plan is None:
+        return None
+    from megadoc_pl.demo.template_backend import TEMPLATE_VERSION
+    from megadoc_pl.synth.runner import RunConfig, synthesize
+    from megadoc_pl.synth.tasks import TaskConfig
+
+    if real is None:
+        real, default_tok = ensure_world(cfg)
+        tokenizer = tokenizer or default_tok
+        inputs_key: Any = {"demo_world": world_dir(cfg).name}
+    else:
+        inputs_key = file_fingerprint(real)
+    key = {
+        "plan": plan, "inputs": inputs_key, "template_version": TEMPLATE_VERSION, "seed": int(cfg.demo.seed),
+        "split": file_fingerprint(split_file)["sha256"] if split_file else None,
+        "tokenizer": file_fingerprint(Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else tokenizer)["sha256"]
+        if tokenizer else None,
+    }
+    out = demo_root(cfg) / "generations" / f"{plan['task']}-{json_fingerprint(key)[:16]}"
+    done = out / ".demo-complete.json"
+    with _locked(demo_root(cfg)):
+        if not done.exists():
+            _say(f"generating {plan['task']} for view {cfg.data.view} (G={cfg.data.generations}, "
+                 f"backend {plan['backend']}) -> {out}")
+            task_cfg = TaskConfig(task=plan["task"], generations=plan["generations"],
+                                  style=plan.get("style", "wikipedia"),
+                                  maga_variant=plan.get("maga_variant", "base"), judge=plan.get("judge", False),
+                                  seed=int(cfg.demo.seed))
+            backend_kwargs = {"model": plan["model"]} if plan["model"] else {}
+            run_cfg = RunConfig(inputs=[str(real)], out=str(out), backend=plan["backend"],
+                                backend_kwargs=backend_kwargs, model=plan["model"],
+                                split_file=str(split_file) if split_file else None,
+                                shard=0, num_shards=1, batch_size=256,
+                                tokenizer=str(tokenizer) if tokenizer else None)
+            stats = synthesize(task_cfg, run_cfg)
+            remaining = stats["run"].get("remaining_units", 0)
+            failures = stats["run"].get("failures", 0)
+            if remaining or failures:
+                raise RuntimeError(
+                    f"demo generation into {out} left {remaining} documents unfinished "
+                    f"({failures} failed requests; see {out}/.synth/errors) (fix: rerun, it resumes)")
+            atomic_write_json(done, {"key": key, "stats": stats["totals"]})
+    rows = sorted(out.glob("shard-*.jsonl"))
+    assert len(rows) == 1, rows  # one shard by construction
+    return rows[0]
+
+
+def ensure_demo(cfg: Any, split_file: str | Path | None = None) -> dict:
+    """World, tokenizer and the generations the view needs: ``{real, synthetic, tokenizer}``."""
+    real, tokenizer = ensure_world(cfg)
+    synthetic = ensure_generations(cfg, split_file)
+    return {"real": real, "synthetic": synthetic, "tokenizer": tokenizer}
+
+
+__all__ = ["ensure_demo", "ensure_world", "ensure_generations", "generation_plan", "VIEW_TASKS"]

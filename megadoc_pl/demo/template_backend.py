@@ -44,6 +44,9 @@ from megadoc_pl.demo.world import (
 )
 from megadoc_pl.synth import Request, Response, register_backend
 
+# Bump when the generated text changes: it is part of the demo's generation cache key and of the
+# model name recorded in every row.
+TEMPLATE_VERSION = 1
 STYLES = ("wikipedia", "qa", "easy", "hard")
 TASKS = ("rephrase", "rationale", "maga_pairs", "maga_reformulate", "maga_judge")
 
@@ -54,6 +57,18 @@ TASKS = ("rephrase", "rationale", "maga_pairs", "maga_reformulate", "maga_judge"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
 
 
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the sentences of ``text``, as ``split_sentences`` cuts them."""
+    spans = []
+    for line in re.finditer(r"[^\n]+", text):
+        start = line.start()
+        for m in _SENTENCE_END.finditer(line.group()):
+            spans.append((start, line.start() + m.start()))
+            start = line.start() + m.end()
+        spans.append((start, line.end()))
+    return spans
+
+
 def split_sentences(text: str) -> list[str]:
     """Sentences of a text; title lines and list items count as sentences."""
     out = []
@@ -61,6 +76,17 @@ def split_sentences(text: str) -> list[str]:
         block = block.strip().lstrip("-*").strip()
         out += [s.strip() for s in _SENTENCE_END.split(block) if s.strip()]
     return out
+
+
+def states(sentence: str, keys: list[str]) -> bool:
+    """Whether ``sentence`` holds every key word, each at its own place: a key found inside a
+    longer one does not count ("Garford" inside "Garford Glass Company"). Keys longest first."""
+    for key in keys:
+        i = sentence.find(key)
+        if i < 0:
+            return False
+        sentence = sentence[:i] + "\0" + sentence[i + len(key):]
+    return True
 
 
 @dataclass
@@ -84,12 +110,43 @@ class Source:
         first = self.sentences[0] if self.sentences else self.text.strip()[:60]
         return first.rstrip(".")[:60]
 
-    def mentioned(self, text: str) -> list[Fact]:
-        """The source facts that ``text`` states (all their key words occur in it)."""
+    @functools.cached_property
+    def _keys(self) -> list[tuple[Fact, list[str]]]:
+        """Each fact with its key words, lower-cased, longest first (see ``states``)."""
         assert self.world is not None
+        return [(f, sorted((k.lower() for k in self.world.key_strings(f, skip_entity=self.subject)),
+                           key=len, reverse=True)) for f in self.facts]
+
+    def mentioned(self, text: str) -> list[Fact]:
+        """The source facts that ``text`` states: all key words of the fact in one sentence."""
         low = text.lower()
-        return [f for f in self.facts
-                if all(k.lower() in low for k in self.world.key_strings(f, skip_entity=self.subject))]
+        sentences = [s.lower() for s in split_sentences(text)]
+        return [f for f, keys in self._keys
+                if all(k in low for k in keys) and any(states(s, keys) for s in sentences)]
+
+    @functools.cached_property
+    def _fact_spans(self) -> list[tuple[int, int, Fact]]:
+        """(start, end, fact): the sentence of the source that states each fact.
+
+        World documents state their facts in meta order, so the search for the next fact starts
+        at the sentence of the previous one (and wraps around for other texts).
+        """
+        low = self.text.lower()
+        spans = sentence_spans(self.text)
+        out, j = [], 0
+        for fact, keys in self._keys:
+            for k in list(range(j, len(spans))) + list(range(j)):
+                a, b = spans[k]
+                if states(low[a:b], keys):
+                    out.append((a, b, fact))
+                    j = k
+                    break
+        return out
+
+    def facts_between(self, lo: int, hi: int) -> list[Fact]:
+        """Facts stated by whole sentences inside ``text[lo:hi]`` (what ``mentioned`` would find
+        for that piece, in the usual case, without searching it)."""
+        return [f for a, b, f in self._fact_spans if lo <= a and b <= hi]
 
 
 def _source_from_meta(text: str, meta: dict | None) -> Source | None:
@@ -103,8 +160,9 @@ def _source_from_meta(text: str, meta: dict | None) -> Source | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _rendered(seed: int, num_documents: int, index: int) -> dict:
-    return render_document(build_world(seed, num_documents), index)
+def _demo_source(seed: int, num_documents: int, index: int) -> Source | None:
+    doc = render_document(build_world(seed, num_documents), index)
+    return _source_from_meta(doc["text"], doc["meta"])
 
 
 def _source_from_id(source_id: str, payload: dict) -> Source | None:
@@ -112,11 +170,11 @@ def _source_from_id(source_id: str, payload: dict) -> Source | None:
     parsed = parse_document_id(source_id)
     if parsed is None:
         return None
-    doc = _rendered(*parsed)
+    src = _demo_source(*parsed)
     pieces = [payload[k] for k in ("text", "prefix", "suffix") if isinstance(payload.get(k), str)]
-    if not all(piece in doc["text"] for piece in pieces):
+    if src is None or not all(piece in src.text for piece in pieces):
         return None  # the text was edited: fall back to its sentences
-    return _source_from_meta(doc["text"], doc["meta"])
+    return src
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +305,7 @@ def rephrase(src: Source, style: str, rng: random.Random) -> str:
 def _derivations(world: World, a: Fact, b: Fact) -> list[str]:
     """Statements that follow from two facts: ages, intervals, growth, places in regions."""
     out: list[str] = []
-    ents_a, ents_b = set(world.fact_entities(a)), set(world.fact_entities(b))
+    ents_a, ents_b = set(a.entities), set(b.entities)
     shared = sorted(ents_a & ents_b)
     for ent_id in shared:
         ent = world.entities[ent_id]
@@ -288,18 +346,28 @@ def rationale(src: Source, prefix: str, suffix: str, rng: random.Random) -> str:
         return " ".join(parts) or "Nothing needs to be added here."
     world = src.world
     assert world is not None
-    pre, post = src.mentioned(prefix), src.mentioned(suffix)
-    post_new = [f for f in post if f not in pre] or post
+    if src.text.startswith(prefix + suffix):  # the usual cut (no truncation): use sentence offsets
+        cut = len(prefix)
+        pre, post = src.facts_between(0, cut), src.facts_between(cut, len(prefix) + len(suffix))
+    else:
+        pre, post = src.mentioned(prefix), src.mentioned(suffix)
+    pre_ids = {f.id for f in pre}
+    post_new = [f for f in post if f.id not in pre_ids] or post
     known = {f.id for f in src.facts}
     lines: list[str] = []
-    for fact in pre[-2:]:
+    for fact in pre[-1:]:  # one premise from before the split; the thinking is about what follows
         lines.append(render_template(world, fact, _pick_statement(fact, rng)))
     for fact in post_new[:4]:
         lines.append(render_template(world, fact, _pick_statement(fact, rng)))
-        derived = [d for other in pre + post if other is not fact for d in _derivations(world, other, fact)]
-        if derived:
-            lines.append(rng.choice(derived))
-        ents = [e for e in world.fact_entities(fact) if e != src.subject]
+        ents = set(fact.entities)
+        related = [o for o in pre + post if o is not fact and not ents.isdisjoint(o.entities)]
+        rng.shuffle(related)
+        for other in related:  # the first pair that yields a derived statement
+            derived = _derivations(world, other, fact)
+            if derived:
+                lines.append(rng.choice(derived))
+                break
+        ents = [e for e in fact.entities if e != src.subject]
         if ents:
             bg = _background(world, rng.choice(ents), known, rng)
             if bg:
@@ -473,6 +541,7 @@ class TemplateBackend:
     """Deterministic template generation for the demo (``get_backend("template")``)."""
 
     name = "template"
+    model_name = f"template-v{TEMPLATE_VERSION}"
 
     def __init__(self, **_: object):
         # Constructor arguments (model, sampling defaults) are accepted and ignored: the runner
@@ -528,5 +597,5 @@ class TemplateBackend:
 
 register_backend("template", TemplateBackend)
 
-__all__ = ["TemplateBackend", "STYLES", "GENRES", "AUDIENCES", "rephrase", "rationale", "maga_pairs",
+__all__ = ["TemplateBackend", "TEMPLATE_VERSION", "STYLES", "GENRES", "AUDIENCES", "rephrase", "rationale", "maga_pairs",
            "maga_reformulate", "maga_judge", "coverage", "split_sentences", "Source"]

@@ -50,7 +50,7 @@ class Predicate:
     question: str  # a question whose answer is the fact (qa style)
     easy: str  # short, plain wording (easy style)
 
-    @property
+    @functools.cached_property
     def entity_roles(self) -> tuple[str, ...]:
         return tuple(r for r, k in self.roles if k in ENTITY_KINDS)
 
@@ -71,7 +71,7 @@ PREDICATES: dict[str, Predicate] = {
         _p("died", "person=person year=year town=town",
            ["{person} died in {town} in {year}.", "{person} died in {year} at {town}.",
             "In {year}, {person} died in {town}.", "{person}'s life ended in {town} in {year}."],
-           "When and where did {person} die?", "{person} died in {year}. It was in {town}."),
+           "When and where did {person} die?", "{person} died in {year}, in {town}."),
         _p("profession", "person=person profession=text",
            ["{person} worked as {profession}.", "By trade, {person} was {profession}.",
             "{person} made a living as {profession}."],
@@ -100,7 +100,7 @@ PREDICATES: dict[str, Predicate] = {
            ["{person} wrote \"{book}\", published in {year}.",
             "In {year}, {person} published a book called \"{book}\".",
             "\"{book}\", a book by {person}, appeared in {year}."],
-           "Which book did {person} publish, and when?", "{person} wrote a book. It is \"{book}\". It came out in {year}."),
+           "Which book did {person} publish, and when?", "{person} wrote a book called \"{book}\" in {year}."),
         _p("mayor", "person=person town=town year=year",
            ["{person} became mayor of {town} in {year}.", "In {year}, {person} was elected mayor of {town}.",
             "{town} chose {person} as its mayor in {year}."],
@@ -136,7 +136,7 @@ PREDICATES: dict[str, Predicate] = {
         _p("landmark", "town=town landmark=text year=year",
            ["{landmark} in {town} was built in {year}.", "In {year}, the people of {town} built {landmark}.",
             "{town} is home to {landmark}, built in {year}."],
-           "When was {landmark} in {town} built?", "{landmark} is in {town}. It was built in {year}."),
+           "When was {landmark} in {town} built?", "People built {landmark} in {town} in {year}."),
         _p("twin", "town=town partner=town year=year",
            ["{town} has been twinned with {partner} since {year}.",
             "Since {year}, {town} and {partner} have been twin towns.",
@@ -214,7 +214,7 @@ class Entity:
     gender: str = ""  # people: "f" or "m" (pronouns)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per fact: identity is equality (and fast)
 class Fact:
     id: str  # "F<index>"
     predicate: str  # a key of PREDICATES
@@ -223,7 +223,13 @@ class Fact:
     def value(self, role: str) -> object:
         return dict(self.values)[role]
 
-    @property
+    @functools.cached_property
+    def entities(self) -> tuple[str, ...]:
+        """Entity ids of the fact's entity roles, in role order."""
+        pred = PREDICATES[self.predicate]
+        return tuple(str(v) for r, v in self.values if r in pred.entity_roles)
+
+    @functools.cached_property
     def year(self) -> int | None:
         for role, v in self.values:
             if role == "year":
@@ -240,16 +246,16 @@ class World:
     entities: dict[str, Entity] = field(default_factory=dict)
     facts: dict[str, Fact] = field(default_factory=dict)
     by_entity: dict[str, list[str]] = field(default_factory=dict)  # entity id -> fact ids (creation order)
+    _words: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)  # text_values cache
 
     def entities_of(self, kind: str) -> list[Entity]:
         return [e for e in self.entities.values() if e.kind == kind]
 
-    def fact_entities(self, fact: Fact) -> list[str]:
-        pred = PREDICATES[fact.predicate]
-        return [str(fact.value(r)) for r in pred.entity_roles]
-
     def text_values(self, fact: Fact) -> dict[str, str]:
         """Every role of a fact as the words that stand for it in a sentence."""
+        cached = self._words.get(fact.id)
+        if cached is not None:
+            return cached
         out = {}
         kinds = dict(PREDICATES[fact.predicate].roles)
         for role, v in fact.values:
@@ -260,6 +266,7 @@ class World:
                 out[role] = f"{int(v):,}"  # type: ignore[arg-type]
             else:
                 out[role] = str(v)
+        self._words[fact.id] = out
         return out
 
     def key_strings(self, fact: Fact, skip_entity: str | None = None) -> list[str]:
@@ -283,7 +290,7 @@ class World:
         assert set(values) == {r for r, _ in pred.roles}, (predicate, values)
         fact = Fact(f"F{len(self.facts)}", predicate, tuple((r, values[r]) for r, _ in pred.roles))
         self.facts[fact.id] = fact
-        for ent_id in dict.fromkeys(self.fact_entities(fact)):
+        for ent_id in dict.fromkeys(fact.entities):
             self.by_entity[ent_id].append(fact.id)
         return fact
 
@@ -569,7 +576,7 @@ class DocPlan:
 def _neighbours(world: World, fact_ids: Iterable[str], seen: set[str]) -> list[str]:
     out: list[str] = []
     for fid in fact_ids:
-        for ent in world.fact_entities(world.facts[fid]):
+        for ent in world.facts[fid].entities:
             if ent not in seen and ent not in out:
                 out.append(ent)
     return out
@@ -629,9 +636,11 @@ def _order_facts(world: World, fids: tuple[str, ...], rng: random.Random) -> lis
     return out
 
 
-def _prose(world: World, items: list[tuple[str, str]], rng: random.Random, fillers: list[str]) -> list[str]:
-    """Paragraphs from (focus entity, fact id) items; a sentence leading with the same focus as
-    the previous one may use a pronoun."""
+def _prose(world: World, items: list[tuple[str, str]], rng: random.Random, fillers: list[str],
+           subject: str) -> list[str]:
+    """Paragraphs from (focus entity, fact id) items; a sentence leading with the document's
+    subject, like the previous one, may use a pronoun (only the subject: a reader of the text
+    can then still tell which entity every other fact is about)."""
     paragraphs, para = [], []
     last_lead: str | None = None
     size = rng.randint(3, 6)
@@ -639,7 +648,7 @@ def _prose(world: World, items: list[tuple[str, str]], rng: random.Random, fille
         fact = world.facts[fid]
         template = rng.choice(PREDICATES[fact.predicate].statements)
         lead = focus if leads_with(fact, template, focus) else None
-        pronoun = focus if (lead is not None and last_lead == focus and rng.random() < 0.6) else None
+        pronoun = focus if (lead == subject and last_lead == subject and rng.random() < 0.6) else None
         para.append(render_template(world, fact, template, pronoun))
         last_lead = lead
         if len(para) >= size:
@@ -669,15 +678,15 @@ def render_document(world: World, index: int) -> dict:
         for si, (ent, fids) in enumerate(sections):
             if si > 0 and rng.random() < 0.7:
                 blocks.append(capitalize_first(world.entities[ent].name))
-            blocks += _prose(world, [(ent, f) for f in fids], rng, fillers)
+            blocks += _prose(world, [(ent, f) for f in fids], rng, fillers, plan.subject)
     else:
-        paragraphs = _prose(world, [(ent, f) for ent, fids in sections for f in fids], rng, fillers)
+        paragraphs = _prose(world, [(ent, f) for ent, fids in sections for f in fids], rng, fillers, plan.subject)
         if plan.genre == "news":
             year = next((world.facts[f].year for f in order if world.facts[f].year), None)
             if year is not None:
                 paragraphs[0] = f"{subject.name.upper()}, {year}. {paragraphs[0]}"
         blocks += paragraphs
-    entities = list(dict.fromkeys(e for f in order for e in world.fact_entities(world.facts[f])))
+    entities = list(dict.fromkeys(e for f in order for e in world.facts[f].entities))
     meta = {
         "genre": plan.genre,
         "subject": plan.subject,
