@@ -73,7 +73,9 @@ def cmd_fit(argv: list[str]) -> None:
     else:
         raise ValueError("give run directories / metrics.json files, or --csv FILE")
     fits = F.fit_groups(points, x_offset=a.x_offset, x_scale=a.x_scale, **_boot_kwargs(a))
-    x_name = a.x if (a.x_offset, a.x_scale) == (0.0, 1.0) else f"(({a.x} + {a.x_offset:g}) / {a.x_scale:g})"
+    x_name = f"({a.x} + {a.x_offset:g})" if a.x_offset else a.x
+    if a.x_scale != 1.0:
+        x_name = f"({x_name} / {a.x_scale:g})"
     print(F.format_fit_table(fits, x_name=x_name))
     if a.json:
         atomic_write_json(a.json, {"x": a.x, "x_offset": a.x_offset, "x_scale": a.x_scale,

@@ -397,7 +397,8 @@ def format_fit_table(fits: dict[str, PowerLawFit], x_name: str = "x") -> str:
     lines = []
     any_fit = next(iter(fits.values()), None)
     pct = f"{round(100 * any_fit.level)}%" if any_fit is not None else ""
-    lines.append(f"L({x_name}) = A / {x_name}^B + C   (intervals: {pct}, expanded bootstrap percentile)")
+    arg = x_name if x_name.startswith("(") and x_name.endswith(")") else f"({x_name})"
+    lines.append(f"L{arg} = A / {x_name}^B + C   (intervals: {pct}, expanded bootstrap percentile)")
     lines.append("| group | n | A | B | C (asymptote) | rmse | bootstrap |")
     lines.append("|---|---|---|---|---|---|---|")
 
