@@ -22,7 +22,11 @@ def run_dir(tmp_path_factory) -> Path:
     from megadoc_pl.train.run import train
 
     root = tmp_path_factory.mktemp("e2e")
+    task = root / "toy.jsonl"
+    task.write_text(json.dumps({"question": "Who founded the town?", "choices": ["a river", "the founder"], "label": 1})
+                    + "\n")
     cfg = load_recipe("baseline_real", [
+        f"eval.tasks.toy={task}", "eval.downstream_every=2",
         "demo.num_documents=240", "data.seq_len=64", "data.val.num_iid=12", "data.val.num_long=6",
         "data.val.num_short=6", "data.val.long_threshold=64", "data.val.short_threshold=64",
         "data.val.max_windows=3", "data.val.interval=2", "train.max_steps=3", "train.global_batch_size=4",
@@ -44,6 +48,10 @@ def test_tensorboard_csv_and_metrics_json_hold_every_set(run_dir):
         final = ea.Scalars(f"val/{name}/loss")[-1].value
         assert metrics[f"val/{name}/loss"] == pytest.approx(final, rel=1e-6)
         assert (run_dir / f"loss_by_position_{name}.csv").is_file()
+    # downstream: every 2 steps and at the end (step 3), in TensorBoard and metrics.json
+    assert [e.step for e in ea.Scalars("downstream/toy/acc")] == [2, 3]
+    for key in ("downstream/toy/acc", "downstream/toy/acc_norm", "downstream/avg_error"):
+        assert metrics[key] == pytest.approx(ea.Scalars(key)[-1].value)
 
 
 def _evaluate(args: list[str], capsys) -> tuple[int, dict, str]:
