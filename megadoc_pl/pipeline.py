@@ -19,16 +19,18 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from megadoc_pl.data.datamodule import MegadocDataModule
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
 from megadoc_pl.data.views import SYNTHETIC_TASK, Units, ViewOptions, build_view, documents_units, real_units
 from megadoc_pl.data.windows import SCOPES, StreamWindows, Windows
 from megadoc_pl.utils import json_fingerprint
+
+if TYPE_CHECKING:  # Lightning is imported only when a datamodule is made (dry runs stay light)
+    from megadoc_pl.data.datamodule import MegadocDataModule
 
 # data.* keys that do not change which tokens a window holds (left out of the fingerprint).
 _RUNTIME_KEYS = ("num_workers", "cache_dir", "rebuild", "skip_bad_rows")
@@ -97,7 +99,9 @@ class PreparedData:
             out[name] = w
         return out
 
-    def datamodule(self) -> MegadocDataModule:
+    def datamodule(self) -> "MegadocDataModule":
+        from megadoc_pl.data.datamodule import MegadocDataModule
+
         dm = MegadocDataModule(self.train_windows(), self.val_windows(), self.plan,
                                micro_batch_size=int(self.cfg.train.micro_batch_size), max_steps=self.max_steps,
                                num_workers=int(self.cfg.data.num_workers), fingerprint=self.fingerprint)
@@ -251,7 +255,7 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
     return PreparedData(cfg, tok, real, synth, split_file, heldout, ru, su, val_units, plan, fingerprint, paths)
 
 
-def prepare_data(cfg: DictConfig) -> MegadocDataModule:
+def prepare_data(cfg: DictConfig) -> "MegadocDataModule":
     """The LightningDataModule of a recipe (``dm.prepared``: stores, split, units, plan)."""
     return prepare_corpus(cfg).datamodule()
 
