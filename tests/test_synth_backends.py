@@ -288,11 +288,11 @@ def _fake_vllm(fail_on: str | None = None):
     return types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams), calls
 
 
-def test_vllm_backend_calls_match_documented_api():
+def test_vllm_backend_calls_match_documented_api(tmp_path):
     fake, calls = _fake_vllm()
-    backend = vllm_backend.VLLMBackend("/models/llama", tensor_parallel_size=2, dtype="bfloat16", seed=7,
+    backend = vllm_backend.VLLMBackend(str(tmp_path), tensor_parallel_size=2, dtype="bfloat16", seed=7,
                                        max_model_len=8192, vllm_module=fake)
-    assert calls["init"] == [dict(model="/models/llama", tensor_parallel_size=2, dtype="bfloat16", seed=7,
+    assert calls["init"] == [dict(model=str(tmp_path), tensor_parallel_size=2, dtype="bfloat16", seed=7,
                                   enable_prefix_caching=True, gpu_memory_utilization=0.9,
                                   trust_remote_code=False, max_model_len=8192)]
     reqs = [req("a", "hello", n=4, max_new=1024, seed=3), req("b", "bye", n=1, max_new=512, temperature=0.0, seed=None)]
@@ -327,6 +327,12 @@ def test_vllm_kwargs_against_installed_vllm_signatures():
     assert set(kw) <= named | engine_fields
     vllm.SamplingParams(**vllm_backend.sampling_kwargs(req("a", "x", n=3, seed=1)))
     assert set(DOC_CHAT - {"messages"}) & set(inspect.signature(vllm.LLM.chat).parameters)
+
+
+def test_vllm_missing_model_dir_is_a_one_line_error(tmp_path):
+    fake, _ = _fake_vllm()
+    with pytest.raises(ValueError, match="no such model directory"):
+        vllm_backend.VLLMBackend(str(tmp_path / "absent"), vllm_module=fake)
 
 
 def test_vllm_missing_gives_install_hint(monkeypatch):

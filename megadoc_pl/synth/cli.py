@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=a.tokenizer, gpus=a.gpus, limit=a.limit, progress=not a.no_progress,
         )
         stats = synthesize(task_cfg, cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input, missing model or file: one line, no traceback
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 1
     run = stats["run"]
     print(

@@ -9,6 +9,7 @@ failure and retry it on the next run.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
 
@@ -65,6 +66,13 @@ _LAZY_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
+def check_model_path(model: str) -> None:
+    """A model given as a local path must exist (else hub loaders print a confusing repo-id error)."""
+    m = str(model)
+    if m.startswith(("/", "./", "../", "~")) and not Path(m).expanduser().exists():
+        raise ValueError(f"--model {m}: no such model directory (fix: check the path)")
+
+
 def register_backend(name: str, factory: BackendFactory) -> None:
     """Make ``get_backend(name, **kwargs)`` call ``factory(**kwargs)``. Re-registering replaces."""
     _REGISTRY[name] = factory
@@ -89,4 +97,9 @@ def get_backend(name: str, **kwargs) -> Backend:
         raise ValueError(
             f"unknown generation backend '{name}' (available: {', '.join(available_backends())})"
         )
-    return _REGISTRY[name](**kwargs)
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ValueError(f"generation backend '{name}': {e} (fix: drop that --backend-arg/flag)") from None

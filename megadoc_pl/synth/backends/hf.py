@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from megadoc_pl.synth.backends.base import Request, Response, register_backend
+from megadoc_pl.synth.backends.base import Request, Response, check_model_path, register_backend
 
 
 def _one_line(e: BaseException) -> str:
@@ -36,6 +36,7 @@ class TransformersBackend:
         import transformers
 
         self._torch = torch
+        check_model_path(model)
         self.model_name = str(model)
         self.batch_size = int(batch_size)
         if device is None:

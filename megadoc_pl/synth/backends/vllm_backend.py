@@ -15,7 +15,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from megadoc_pl.synth.backends.base import Request, Response, register_backend
+from megadoc_pl.synth.backends.base import Request, Response, check_model_path, register_backend
 from megadoc_pl.utils import require
 
 
@@ -84,6 +84,7 @@ class VLLMBackend:
     ) -> None:
         vllm = vllm_module or require("vllm", "generation", "the vLLM generation backend")
         self.model_name = str(model)
+        check_model_path(model)
         self._SamplingParams = vllm.SamplingParams
         self.engine_kwargs = engine_kwargs(
             model, tensor_parallel_size, dtype, seed, enable_prefix_caching,
