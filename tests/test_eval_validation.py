@@ -313,3 +313,27 @@ def test_log_to_writes_scalars_images_and_csv_from_a_real_trainer(tmp_path):
             assert mean == pytest.approx(final[name], rel=1e-5)
         window = [r for r in rows if r["kind"] == "window"]
         assert [(r["bucket_start"], r["bucket_end"]) for r in window] == [(0, 6), (6, 12), (12, 18), (18, 24)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_metrics_on_gpu_equal_cpu_and_survive_bf16_autocast():
+    model = tiny_llama()
+    batches = make_batches(3)
+    cpu = ValidationMetrics(["iid"], position_buckets=4, seq_len=T)
+    gpu = ValidationMetrics(["iid"], position_buckets=4, seq_len=T).cuda()
+    gpu_bf16 = ValidationMetrics(["iid"], position_buckets=4, seq_len=T).cuda()
+    with torch.no_grad():
+        for b in batches:
+            cpu.update("iid", token_losses(model, b), b)
+        model.cuda()
+        for b in batches:
+            bc = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+            gpu.update("iid", token_losses(model, bc), bc)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                gpu_bf16.update("iid", token_losses(model, bc), bc)
+    c, g, h = cpu.results()["iid"], gpu.results()["iid"], gpu_bf16.results()["iid"]
+    assert g.loss == pytest.approx(c.loss, rel=1e-4)
+    assert h.loss == pytest.approx(c.loss, rel=2e-2)
+    assert g.window.counts.tolist() == c.window.counts.tolist()
+    assert g.document.counts.tolist() == c.document.counts.tolist()
