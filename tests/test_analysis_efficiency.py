@@ -101,3 +101,35 @@ def test_megadocs_worked_example_runs_and_reports_the_multipliers(tmp_path):
     assert "| 32 | 3.410 | 3.384 | 0.026 |" in text
     for name in ("megadocs_loss_vs_G.png", "megadocs_loss_vs_epochs.png", "megadocs_fits.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_docs_show_the_current_worked_example_output():
+    """docs/analysis.md pastes the example's output; it must still be what the code prints."""
+    from pathlib import Path
+
+    from megadoc_pl.analysis import worked_example as W
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "analysis.md").read_text()
+    for line in W.run(None).splitlines():  # defaults: n_boot 2000, seed 0, as in the doc
+        assert line in doc, f"docs/analysis.md is stale; rerun the example and paste: {line!r}"
+
+
+def test_efficiency_cli_from_run_directories(tmp_path):
+    """Baseline runs at four real-data sizes (D derived from tokens seen / passes) and a method run."""
+    root = tmp_path / "runs"
+    for d in SIZES:
+        run = root / f"real_{d:.0f}"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(
+            {"val/iid/loss": float(LAW(d)), "train/tokens/real": 16 * d, "train/passes/real": 16.0}))
+    method = root / "stitch"
+    method.mkdir()
+    (method / "metrics.json").write_text(json.dumps({"val/iid/loss": float(LAW(1.8 * D_REAL))}))
+    out = tmp_path / "eff.json"
+    load_tool("fit_scaling").main(["efficiency", "--baseline", *(str(root / f"real_{d:.0f}") for d in SIZES),
+                                   "--methods", str(method), "--d-real", str(D_REAL), "--n-boot", "50",
+                                   "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["law"] == pytest.approx({"A": 300.0, "B": 0.24, "C": 1.9}, rel=1e-6)
+    (row,) = result["methods"]
+    assert row["name"] == "stitch" and row["multiplier"] == pytest.approx(1.8, rel=1e-6)

@@ -9,7 +9,7 @@
   python tools/fit_scaling.py --csv points.csv --json fits.json
 
   # data efficiency: baseline runs at several real-data sizes -> law -> methods' multipliers
-  python tools/fit_scaling.py efficiency --baseline runs/real_* --x tokens_real \\
+  python tools/fit_scaling.py efficiency --baseline runs/real_* \\
       --methods runs/rephrase_* runs/stitch_* --d-real 2.04e8
   python tools/fit_scaling.py efficiency --law 2.1e2,0.24,1.9 --loss stitched=3.384 --d-real 203867748
 
@@ -105,7 +105,8 @@ def cmd_efficiency(argv: list[str]) -> None:
     law.add_argument("--baseline-csv", help="CSV of the baseline's (tokens, loss) points")
     law.add_argument("--law", help="A,alpha,E of a given law L(D) = A / D^alpha + E")
     law.add_argument("--law-through", help="alpha,E,D,L: the law with alpha and E through the point (D, L)")
-    ap.add_argument("--x", default="tokens", help="baseline runs/CSV: key/column of the real-data size D")
+    ap.add_argument("--x", default=None, help="key (runs; default derived/real_tokens = real tokens seen / "
+                    "passes over real) or column (CSV; default tokens) of the real-data size D")
     ap.add_argument("--y", default="val/iid/loss", help="loss key of runs (CSV: column 'loss' unless --y-col)")
     ap.add_argument("--y-col", default="loss")
     ap.add_argument("--methods", nargs="*", default=[], help="method runs (loss from --y, name from --name-by)")
@@ -118,9 +119,10 @@ def cmd_efficiency(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     if a.baseline or a.baseline_csv:
         if a.baseline:
-            pts = R.points_by_group(R.load_runs(a.baseline, skip_missing=True), a.x, a.y, None, "best")["all"]
+            runs = R.load_runs(a.baseline, skip_missing=True)
+            pts = R.points_by_group(runs, a.x or R.REAL_TOKENS_KEY, a.y, None, "best")["all"]
         else:
-            pts = R.read_points_csv(a.baseline_csv, a.x, a.y_col, None)["all"]
+            pts = R.read_points_csv(a.baseline_csv, a.x or "tokens", a.y_col, None)["all"]
         law: F.PowerLaw | F.PowerLawFit = eff.fit_data_law(*pts, **_boot_kwargs(a))
         print(F.format_fit_table({"baseline L(D)": law}, x_name="D"))
     elif a.law:

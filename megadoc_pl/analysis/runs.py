@@ -109,6 +109,16 @@ def _read_yaml(path: Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
+REAL_TOKENS_KEY = "derived/real_tokens"  # unique real tokens D of a run (the data-scaling x)
+
+
+def _add_derived(metrics: dict) -> None:
+    """Metrics computed from others: unique real tokens = real tokens seen / passes over real."""
+    seen, passes = metrics.get("train/tokens/real"), metrics.get("train/passes/real")
+    if isinstance(seen, (int, float)) and isinstance(passes, (int, float)) and passes > 0:
+        metrics.setdefault(REAL_TOKENS_KEY, round(seen / passes))
+
+
 def load_run(path: str | Path) -> Run:
     """A run from its directory or its metrics.json path."""
     p = Path(path)
@@ -121,6 +131,7 @@ def load_run(path: str | Path) -> Run:
     if not metrics_path.exists():
         raise ValueError(f"{run_dir}: no metrics.json (is this a finished run directory?)")
     metrics = flatten(_read_json(metrics_path), sep="/")
+    _add_derived(metrics)
     config_path = run_dir / "config.yaml"
     config = flatten(_read_yaml(config_path)) if config_path.exists() else {}
     return Run(path=run_dir, metrics=metrics, config=config)
