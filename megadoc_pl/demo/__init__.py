@@ -99,10 +99,9 @@ def generation_plan(cfg: Any) -> dict | None:
     return plan
 
 
-def ensure_generations(cfg: Any, split_file: str | Path | None = None, *, real: str | Path | None = None,
-                       tokenizer: str | Path | None = None) -> Path | None:
-    """Generations for ``cfg.data.view`` from the demo world (or from ``real``), via the synth
-    runner; returns the generation rows file, or None when the view needs none.
+def ensure_generations(cfg: Any, split_file: str | Path | None = None) -> Path | None:
+    """Generations for ``cfg.data.view`` from the demo world, via the synth runner; returns the
+    generation rows file, or None when the view needs none.
 
     Documents held out in ``split_file`` are never used as seeds (the runner refuses them).
     """
@@ -113,17 +112,11 @@ def ensure_generations(cfg: Any, split_file: str | Path | None = None, *, real: 
     from megadoc_pl.synth.runner import RunConfig, synthesize
     from megadoc_pl.synth.tasks import TaskConfig
 
-    if real is None:
-        real, default_tok = ensure_world(cfg)
-        tokenizer = tokenizer or default_tok
-        inputs_key: Any = {"demo_world": world_dir(cfg).name}
-    else:
-        inputs_key = file_fingerprint(real)
+    real, tokenizer = ensure_world(cfg)
     key = {
-        "plan": plan, "inputs": inputs_key, "template_version": TEMPLATE_VERSION, "seed": int(cfg.demo.seed),
+        "plan": plan, "world": world_dir(cfg).name, "template_version": TEMPLATE_VERSION,
         "split": file_fingerprint(split_file)["sha256"] if split_file else None,
-        "tokenizer": file_fingerprint(Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else tokenizer)["sha256"]
-        if tokenizer else None,
+        "tokenizer": file_fingerprint(tokenizer / "tokenizer.json")["sha256"],  # rationale split points
     }
     out = demo_root(cfg) / "generations" / f"{plan['task']}-{json_fingerprint(key)[:16]}"
     done = out / ".demo-complete.json"
@@ -136,11 +129,11 @@ def ensure_generations(cfg: Any, split_file: str | Path | None = None, *, real: 
                                   maga_variant=plan.get("maga_variant", "base"), judge=plan.get("judge", False),
                                   seed=int(cfg.demo.seed))
             backend_kwargs = {"model": plan["model"]} if plan["model"] else {}
+            # One shard whatever the environment says (torchrun/SLURM variables would shard it).
             run_cfg = RunConfig(inputs=[str(real)], out=str(out), backend=plan["backend"],
                                 backend_kwargs=backend_kwargs, model=plan["model"],
                                 split_file=str(split_file) if split_file else None,
-                                shard=0, num_shards=1, batch_size=256,
-                                tokenizer=str(tokenizer) if tokenizer else None)
+                                shard=0, num_shards=1, batch_size=256, tokenizer=str(tokenizer))
             stats = synthesize(task_cfg, run_cfg)
             remaining = stats["run"].get("remaining_units", 0)
             failures = stats["run"].get("failures", 0)
