@@ -304,6 +304,7 @@ class Runner:
         from megadoc_pl.data.readers import expand_inputs
 
         self.t_start = time.perf_counter()  # wall time (and GPU-hours) include loading the model
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.cfg = cfg
         self.task_cfg = task_cfg
         self.shard, self.num_shards, self.shard_source = resolve_shard(cfg.shard, cfg.num_shards)
@@ -313,8 +314,8 @@ class Runner:
         self.heldout = self._load_heldout(cfg.split_file)
         counter = TokenCounter(self._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
         self.task = make_task(task_cfg, counter)
-        self._check_run_file(counter)
         self.backend = backend if backend is not None else get_backend(cfg.backend, **cfg.backend_kwargs)
+        self._check_run_file(counter)  # after the backend loaded: a typo in --model is not recorded
         if judge_backend is not None:
             self.judge_backend = judge_backend
         elif cfg.judge_backend is not None and task_cfg.judge:
@@ -495,7 +496,7 @@ class Runner:
         totals = {k: prev.get(k, 0) + s[k] for k in COUNTERS if k != "heldout_skipped"}
         totals["heldout_skipped"] = s["heldout_skipped"]
         run = {**s, "gpus": self.gpus, "backend": self.backend.name, "model": self.model_name,
-               "shard_source": self.shard_source, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               "shard_source": self.shard_source, "started": self.started}
         stats = {"shard": self.shard, "num_shards": self.num_shards, "task": self.task.name,
                  "complete": complete, "totals": totals,
                  "prompt_versions": self.task.prompt_versions(),
