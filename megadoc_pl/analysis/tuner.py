@@ -174,6 +174,10 @@ def load_spec(path: str | Path | None = None, **overrides: Any) -> TuneSpec:
             axes.pop(k, None)
         else:
             axes[k] = list(v)
+    if recipe_values:
+        bad = [k for k in axes if k not in recipe_values]
+        if bad:
+            raise ValueError(f"grid axis {', '.join(bad)} is not a key of recipe {raw['recipe']!r}")
     centre = dict(raw.pop("centre", None) or {})
     for k in axes:
         if k not in centre:
@@ -184,17 +188,24 @@ def load_spec(path: str | Path | None = None, **overrides: Any) -> TuneSpec:
 
 
 def _recipe_values(recipe: str, overrides: list) -> dict:
-    """The resolved recipe as a flat dict of dotted keys, or {} when it cannot be loaded here."""
+    """The resolved recipe as a flat dict of dotted keys ({} without the recipe loader).
+
+    Loading it here also checks the recipe name and the fixed overrides before any run is
+    written: a typo fails now with the loader's one-line message, not in every launched run.
+    """
     try:
-        from omegaconf import OmegaConf
-
-        from megadoc_pl.analysis.runs import flatten
         from megadoc_pl.recipes import load_recipe
-
-        cfg = load_recipe(recipe, overrides=[o for o in overrides if not str(o).startswith("run.")])
-        return flatten(OmegaConf.to_container(cfg, resolve=True))
-    except (ImportError, SystemExit, ValueError, KeyError):
+    except ImportError:
         return {}
+    from omegaconf import OmegaConf
+
+    from megadoc_pl.analysis.runs import flatten
+
+    try:
+        cfg = load_recipe(recipe, overrides=[o for o in overrides if not str(o).startswith("run.")])
+    except SystemExit as e:
+        raise ValueError(str(e).removeprefix("error: ")) from None
+    return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _nearest(grid: list, v: float) -> Any:
