@@ -75,7 +75,11 @@ def test_efficiency_cli(tmp_path, capsys):
     out = tmp_path / "eff.json"
     main(["efficiency", "--law-through", f"0.24,1.9,{D_REAL},3.5544", "--loss", "simple=3.41", "stitched=3.384",
           "--d-real", str(D_REAL), "--json", str(out)])
-    rows = {r["name"]: r for r in json.loads(out.read_text())["methods"]}
+    def strict(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    rows = {r["name"]: r for r in json.loads(out.read_text(), parse_constant=strict)["methods"]}
+    assert rows["simple"]["multiplier_lo"] is None  # a given law has no interval: null, not NaN
     for name, loss in (("simple", 3.41), ("stitched", 3.384)):
         expect = ((3.5544 - 1.9) / (loss - 1.9)) ** (1 / 0.24)
         assert rows[name]["multiplier"] == pytest.approx(expect, rel=1e-12)

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from megadoc_pl.analysis.fits import PowerLaw, PowerLawFit, bootstrap_power_law
+from megadoc_pl.analysis.fits import PowerLaw, PowerLawFit, bootstrap_power_law, json_number
 
 
 def fit_data_law(tokens: Sequence[float], losses: Sequence[float], **bootstrap) -> PowerLawFit:
@@ -76,7 +76,8 @@ class Efficiency:
     n_unbounded: int = 0  # replicates whose asymptote is at or above the loss (D_eff = inf)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: NaN (no interval) -> null, inf (unbounded) -> "inf"."""
+        return {k: json_number(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
 def _replicate_d_eff(reps: np.ndarray, loss: float) -> np.ndarray:

@@ -114,6 +114,7 @@ class PowerLawFit:
         return [PowerLaw(*map(float, row)) for row in self.replicates]
 
     def as_dict(self) -> dict:
+        """JSON-ready: missing intervals are null (strict JSON has no NaN)."""
         out = {"n": self.n, "sse": self.sse, "rmse": self.rmse, "formula": self.law.formula()}
         out["level"] = self.level
         out["bootstrap"] = self.bootstrap
@@ -121,9 +122,18 @@ class PowerLawFit:
         for name in PARAMS:
             lo, hi = self.interval(name)
             out[name] = getattr(self.law, name)
-            out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
+            out[f"{name}_lo"], out[f"{name}_hi"] = json_number(lo), json_number(hi)
         out["notes"] = list(self.notes)
         return out
+
+
+def json_number(v: float) -> float | str | None:
+    """A float for strict JSON: NaN -> null, +-inf -> "inf" / "-inf"."""
+    if math.isnan(v):
+        return None
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
 
 
 # --------------------------------------------------------------------------- profile solver
