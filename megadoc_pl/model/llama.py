@@ -158,14 +158,15 @@ class Llama(nn.Module):
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
             else:
                 position_ids = positions_from_segment_ids(segment_ids.to(input_ids.device))
-        cos_BT1K, sin_BT1K = self.rope(position_ids, x_BTD.dtype if not torch.is_autocast_enabled(x_BTD.device.type)
-                                       else torch.get_autocast_dtype(x_BTD.device.type))
+        dev = x_BTD.device.type
+        act_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BTD.dtype
+        cos_BT1K, sin_BT1K = self.rope(position_ids, act_dtype)
         if torch.compiler.is_compiling():
             # A per-batch Python int would be specialised and recompile on every new value; the
             # row length is a valid upper bound for the varlen kernels (it only sizes the grid).
             max_seqlen = T
         mask = make_mask(
-            self.cfg.attention_backend, B, T, x_BTD.device, cos_BT1K.dtype, segment_ids, cu_seqlens, max_seqlen
+            self.cfg.attention_backend, B, T, x_BTD.device, act_dtype, segment_ids, cu_seqlens, max_seqlen
         )
         for layer in self.layers:
             x_BTD = layer(x_BTD, cos_BT1K, sin_BT1K, mask)
@@ -210,9 +211,8 @@ class Attention(nn.Module):
         B, T, _ = x_BTD.shape
         H, KV, K = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x_BTD).view(B, T, H + 2 * KV, K)
-        q_BTHK, k_BTHK, v_BTHK = qkv.split([H, KV, KV], dim=2)
-        q_BTHK = apply_rope(q_BTHK, cos_BT1K, sin_BT1K)
-        k_BTHK = apply_rope(k_BTHK, cos_BT1K, sin_BT1K)
+        qk_BTHK, v_BTHK = qkv.split([H + KV, KV], dim=2)
+        q_BTHK, k_BTHK = apply_rope(qk_BTHK, cos_BT1K, sin_BT1K).split([H, KV], dim=2)  # q and k rotated at once
         y_BTHK = attention(q_BTHK, k_BTHK, v_BTHK, mask=mask)
         return self.wo(y_BTHK.reshape(B, T, H * K))
 
