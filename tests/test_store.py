@@ -166,17 +166,54 @@ def test_dtype_choice_and_large_vocab(tmp_path):
     assert st.tokens(1).tolist() == [1, 65_538, 3, 2]
 
 
+def messy_rows(n: int) -> list:
+    rows: list = [{"id": f"d{i}", "text": f"{TEXTS[i % 5]} number {i} " * (1 + i % 7), "k": i} for i in range(n)]
+    rows[10] = {"id": "d3", "text": "duplicate of an earlier id"}
+    rows[50] = {"id": "e", "text": ""}
+    rows[90] = {"text": TEXTS[0]}  # content id
+    rows[91] = {"text": TEXTS[0]}  # same content: duplicate content id
+    rows[150] = {"id": "x", "text": 12}
+    return rows
+
+
+def write_rows(path: Path, rows, raw_lines=()) -> Path:
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"".join(r + b"\n" for r in raw_lines))
+    return path
+
+
+def test_store_index_equals_reader_output(tmp_path, tiny_tokenizer_path, monkeypatch):
+    from megadoc_pl.data.readers import iter_documents
+
+    src = write_rows(tmp_path / "d.jsonl", messy_rows(200), [b"{broken", b'{"id": "late", "text": "caf\xe9 ok"}'])
+    counts: dict = {}
+    docs = list(iter_documents(src, skip_bad_rows=True, counts=counts))
+    monkeypatch.setattr(store_mod, "CHUNK_BYTES", 3000)  # duplicates found across chunk borders
+    st = build_store(src, tiny_tokenizer_path, tmp_path / "s", skip_bad_rows=True, num_proc=1, progress=False)
+    ref = load_tokenizer(tiny_tokenizer_path)
+    assert st.source_ids.tolist() == [d.id for d in docs]
+    assert [st.location(i)[1] for i in range(len(st))] == [d.line for d in docs]
+    assert [st.meta(i) for i in range(len(st))] == [d.meta for d in docs]
+    assert [st.content_tokens(i).tolist() for i in range(len(st))] == ref.encode_batch([d.text for d in docs])
+    assert (st.manifest["bad_rows"], st.manifest["bad_rows_by_kind"]) == (counts["bad_rows"], counts["bad_rows_by_kind"])
+    assert counts["bad_rows_by_kind"] == {"duplicate_id": 2, "empty_text": 1, "non_string_text": 1, "invalid_json": 1, "invalid_utf8": 1}
+
+
 def test_process_pool_matches_in_process(tmp_path, tiny_tokenizer_path, monkeypatch):
-    texts = [f"{TEXTS[i % 5]} number {i} " * (1 + i % 7) for i in range(300)]
-    src = write_docs(tmp_path / "d.jsonl", texts)
-    single = build_store(src, tiny_tokenizer_path, tmp_path / "one", num_proc=1, progress=False)
-    monkeypatch.setattr(store_mod, "SMALL_INPUT_BYTES", 0)  # force the worker processes
-    monkeypatch.setattr(store_mod, "CHUNK_CHARS", 2000)  # many chunks, so ordering matters
-    multi = build_store(src, tiny_tokenizer_path, tmp_path / "two", num_proc=2, progress=False)
+    src = write_rows(tmp_path / "d.jsonl", messy_rows(300))
+    single = build_store(src, tiny_tokenizer_path, tmp_path / "one", skip_bad_rows=True, num_proc=1, progress=False)
+    monkeypatch.setattr(store_mod, "CHUNK_BYTES", 2000)  # many chunks, so ordering matters
+    multi = build_store(src, tiny_tokenizer_path, tmp_path / "two", skip_bad_rows=True, num_proc=2, parallel="processes", progress=False)
     assert multi.manifest["num_proc"] == 2 and single.manifest["num_proc"] == 1
     assert np.array_equal(np.asarray(multi.token_array), np.asarray(single.token_array))
     assert np.array_equal(multi.offsets_full, single.offsets_full)
     assert multi.source_ids.tolist() == single.source_ids.tolist()
+    assert multi.manifest["bad_rows_by_kind"] == single.manifest["bad_rows_by_kind"]
+    assert [multi.meta(i) for i in range(len(multi))] == [single.meta(i) for i in range(len(single))]
+    # without skipping, a worker's bad row is the same one-line error, and nothing is left behind
+    with pytest.raises(ValueError) as e:
+        build_store(src, tiny_tokenizer_path, tmp_path / "three", num_proc=2, parallel="processes", progress=False)
+    assert str(e.value).startswith(f"{src}:11: duplicate id 'd3' (first at {src}:4)")
+    assert not (tmp_path / "three").exists() and no_partials(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,21 +259,21 @@ def test_reuse_refuse_rebuild(tmp_path, tiny_tokenizer_path):
 def test_interrupted_build_leaves_no_store(tmp_path, tiny_tokenizer_path, monkeypatch):
     texts = [f"document {i} " * 50 for i in range(200)]
     src = write_docs(tmp_path / "d.jsonl", texts, extra_rows=[{"id": "bad", "text": ""}])
-    monkeypatch.setattr(store_mod, "CHUNK_CHARS", 1000)  # several chunks written before the failure
+    monkeypatch.setattr(store_mod, "CHUNK_BYTES", 1000)  # several chunks written before the failure
     with pytest.raises(ValueError, match=r"d.jsonl:201: text field 'text' is empty"):
         build_store(src, tiny_tokenizer_path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and no_partials(tmp_path)
 
     calls = {"n": 0}
-    real_index_row = store_mod._index_row
+    real_process = store_mod._process
 
     def interrupt(*args):
         calls["n"] += 1
-        if calls["n"] == 150:
+        if calls["n"] == 4:
             raise KeyboardInterrupt
-        return real_index_row(*args)
+        return real_process(*args)
 
-    monkeypatch.setattr(store_mod, "_index_row", interrupt)
+    monkeypatch.setattr(store_mod, "_process", interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_store(src, tiny_tokenizer_path, tmp_path / "out", skip_bad_rows=True, progress=False)
     assert not (tmp_path / "out").exists() and no_partials(tmp_path)
@@ -327,3 +364,23 @@ def test_prepare_cli(tmp_path, tiny_tokenizer_path):
 
     missing = run_prepare("--input", str(tmp_path / "nope"), "--tokenizer", str(tiny_tokenizer_path), "--out", str(tmp_path / "o2"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no such file or directory" in missing.stderr
+
+
+def test_compressed_and_parquet_inputs_give_the_same_store(tmp_path, tiny_tokenizer_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    rows = [{"id": f"d{i}", "text": f"{TEXTS[i % 5]} {i}", "k": i} for i in range(50)]
+    plain = write_rows(tmp_path / "d.jsonl", rows)
+    zst = tmp_path / "d.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=16)
+    monkeypatch.setattr(store_mod, "PARQUET_BATCH_ROWS", 7)
+    stores = [build_store(p, tiny_tokenizer_path, tmp_path / f"s-{p.name}", progress=False)
+              for p in (plain, zst, tmp_path / "d.parquet")]
+    for st in stores[1:]:
+        assert np.array_equal(np.asarray(st.token_array), np.asarray(stores[0].token_array))
+        assert st.source_ids.tolist() == stores[0].source_ids.tolist()
+        assert st.column("line").tolist() == list(range(1, 51))
+        assert st.meta(49) == {"k": 49}

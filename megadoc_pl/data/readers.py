@@ -44,6 +44,9 @@ class BadRowError(ValueError):
         self.path, self.line, self.kind, self.problem, self.fix = str(path), line, kind, problem, fix
         super().__init__(f"{path}:{line}: {problem} (fix: {fix})")
 
+    def __reduce__(self):  # picklable across worker processes despite the custom signature
+        return (BadRowError, (self.path, self.line, self.kind, self.problem, self.fix))
+
 
 @dataclass
 class Document:
@@ -135,89 +138,95 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
 RawRow = tuple[int, Union[dict, BadRowError]]
 
 
-def _jsonl_rows(path: Path) -> Iterator[RawRow]:
+def _read_error(path: Path, e: BaseException) -> ValueError:
+    if isinstance(e, (OSError, EOFError)):  # truncated gzip, unreadable file
+        return ValueError(f"{path}: cannot read the file ({e}) (fix: check that it is a complete, valid file)")
+    return ValueError(f"{path}: cannot decompress ({e}) (fix: check that it is a complete .zst file)")
+
+
+def jsonl_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every non-blank line of a JSONL(.gz/.zst) file."""
+    p = Path(path)
     try:
-        with _open_binary(path) as f:
+        with _open_binary(p) as f:
             for line_no, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue  # blank lines (e.g. a trailing newline) are not rows
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield line_no, BadRowError(
-                        path, line_no, "invalid_utf8",
-                        f"invalid UTF-8 at byte {e.start} of the line",
-                        "re-encode the file as UTF-8 or pass --skip-bad-rows",
-                    )
-                    continue
-                try:
-                    row = json.loads(text.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    yield line_no, BadRowError(
-                        path, line_no, "invalid_json", f"invalid JSON at column {e.colno} ({e.msg})",
-                        "write one JSON object per line or pass --skip-bad-rows",
-                    )
-                    continue
-                if not isinstance(row, dict):
-                    yield line_no, BadRowError(
-                        path, line_no, "not_an_object", f"row is a JSON {type(row).__name__}, not an object",
-                        "write one JSON object per line or pass --skip-bad-rows",
-                    )
-                    continue
-                yield line_no, row
-    except (OSError, EOFError) as e:  # truncated gzip, corrupt zstd frame, unreadable file
-        raise ValueError(f"{path}: cannot read the file ({e}) (fix: check that it is a complete, valid file)") from None
-    except Exception as e:  # zstandard raises its own ZstdError
-        if type(e).__name__ == "ZstdError":
-            raise ValueError(f"{path}: cannot decompress ({e}) (fix: check that it is a complete .zst file)") from None
+                if raw.strip():  # blank lines (e.g. a trailing newline) are not rows
+                    yield line_no, raw
+    except Exception as e:
+        # zstandard raises its own ZstdError; every read failure becomes one line naming the file
+        if isinstance(e, (OSError, EOFError)) or type(e).__name__ == "ZstdError":
+            raise _read_error(p, e) from None
         raise
 
 
-def _parquet_rows(path: Path) -> Iterator[RawRow]:
+def decode_line(raw: bytes, path: PathLike, line: int) -> Union[dict, BadRowError]:
+    """One JSONL line -> row dict, or the BadRowError saying why it is not one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BadRowError(path, line, "invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line",
+                           "re-encode the file as UTF-8 or pass --skip-bad-rows")
+    try:
+        row = json.loads(text.rstrip("\r\n"))
+    except json.JSONDecodeError as e:
+        return BadRowError(path, line, "invalid_json", f"invalid JSON at column {e.colno} ({e.msg})",
+                           "write one JSON object per line or pass --skip-bad-rows")
+    if not isinstance(row, dict):
+        return BadRowError(path, line, "not_an_object", f"row is a JSON {type(row).__name__}, not an object",
+                           "write one JSON object per line or pass --skip-bad-rows")
+    return row
+
+
+def parquet_row_groups(path: PathLike) -> list[tuple[int, int]]:
+    """(first row number, number of rows) of each row group of a Parquet file."""
+    pf = _parquet_file(Path(path))
+    out, first = [], 1
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        out.append((first, n))
+        first += n
+    return out
+
+
+def _parquet_file(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError on a bad file
         raise ValueError(f"{path}: cannot read as Parquet ({e}) (fix: check that it is a valid Parquet file)") from None
-    row_no = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            row_no += 1
-            yield row_no, row
+
+
+def parquet_rows(path: PathLike, group: Optional[int] = None) -> Iterator[tuple[int, dict]]:
+    """(1-based row number, row dict) of a Parquet file, or of one of its row groups."""
+    p = Path(path)
+    pf = _parquet_file(p)
+    groups = range(pf.num_row_groups) if group is None else [group]
+    first = 1 + sum(pf.metadata.row_group(g).num_rows for g in range(groups[0] if len(groups) else 0))
+    for g in groups:
+        for row in pf.read_row_group(g).to_pylist():
+            yield first, row
+            first += 1
+
+
+def is_parquet(path: PathLike) -> bool:
+    return _suffix_of(Path(path)) in PARQUET_SUFFIXES
 
 
 def iter_rows(path: PathLike) -> Iterator[RawRow]:
     """(line, row dict or BadRowError) for every row of one file, in file order."""
-    p = Path(path)
-    if _suffix_of(p) in PARQUET_SUFFIXES:
-        return _parquet_rows(p)
-    return _jsonl_rows(p)
+    if is_parquet(path):
+        yield from parquet_rows(path)
+        return
+    for line, raw in jsonl_lines(path):
+        yield line, decode_line(raw, path, line)
 
 
 # --------------------------------------------------------------------------------------------
-# Validation helpers
+# Row -> record (pure: the token store runs these in worker processes)
 
 
-class _Counter:
-    """Counts skipped rows into the caller's dict: {"bad_rows": n, "bad_rows_by_kind": {...}}."""
-
-    def __init__(self, counts: Optional[dict], skip: bool):
-        self.counts = counts if counts is not None else {}
-        self.counts.setdefault("bad_rows", 0)
-        self.counts.setdefault("bad_rows_by_kind", {})
-        self.counts.setdefault("rows", 0)
-        self.skip = skip
-
-    def bad(self, err: BadRowError) -> None:
-        if not self.skip:
-            raise err
-        self.counts["bad_rows"] += 1
-        kinds = self.counts["bad_rows_by_kind"]
-        kinds[err.kind] = kinds.get(err.kind, 0) + 1
-
-
-def _check_text(value: Any, path: Path, line: int, name: str, present: bool) -> Union[str, BadRowError]:
+def _check_text(value: Any, path: PathLike, line: int, name: str, present: bool) -> Union[str, BadRowError]:
     skip_hint = "or pass --skip-bad-rows"
     if not present or value is None:
         return BadRowError(path, line, "missing_text", f"no text field '{name}'",
@@ -266,60 +275,30 @@ def _as_id(value: Any) -> Optional[str]:
     return None
 
 
-# --------------------------------------------------------------------------------------------
-# Documents
+def parse_document(row: Union[dict, BadRowError], path: PathLike, line: int, text_field: str = "text",
+                   id_field: str = "id") -> Union[Document, BadRowError]:
+    """A row -> Document (id from ``id_field`` or the content), or why it is bad (not duplicates)."""
+    if isinstance(row, BadRowError):
+        return row
+    present, value = _lookup(row, text_field)
+    text = _check_text(value, path, line, text_field, present)
+    if isinstance(text, BadRowError):
+        return text
+    has_id, raw_id = _lookup(row, id_field)
+    if has_id and raw_id is not None:
+        doc_id = _as_id(raw_id)
+        if not doc_id:
+            what = "empty" if raw_id == "" else f"a {type(raw_id).__name__}"
+            return BadRowError(path, line, "bad_id", f"id field '{id_field}' is {what}, not a string or integer",
+                               "give the row a string id, drop the field to derive one from the text, or pass --skip-bad-rows")
+    else:
+        doc_id = content_id(text)
+    meta = _without(_without(row, text_field), id_field) if has_id else _without(row, text_field)
+    return Document(id=doc_id, text=text, meta=meta, path=str(path), line=line)
 
-
-def iter_documents(
-    paths: Union[PathLike, Iterable[PathLike]],
-    text_field: str = "text",
-    id_field: str = "id",
-    skip_bad_rows: bool = False,
-    counts: Optional[dict] = None,
-) -> Iterator[Document]:
-    """Real documents from files or directories, in (sorted) file order, validated row by row.
-
-    ``counts`` (optional dict) receives ``rows`` (good rows), ``bad_rows`` and
-    ``bad_rows_by_kind``. Ids must be unique across all inputs; a row without an id gets
-    ``utils.content_id(text)``, so two identical texts without ids are duplicates.
-    """
-    counter = _Counter(counts, skip_bad_rows)
-    seen: dict[str, tuple[str, int]] = {}
-    for path in expand_inputs(paths):
-        for line, row in iter_rows(path):
-            if isinstance(row, BadRowError):
-                counter.bad(row)
-                continue
-            present, value = _lookup(row, text_field)
-            text = _check_text(value, path, line, text_field, present)
-            if isinstance(text, BadRowError):
-                counter.bad(text)
-                continue
-            has_id, raw_id = _lookup(row, id_field)
-            if has_id and raw_id is not None:
-                doc_id = _as_id(raw_id)
-                if not doc_id:
-                    what = "empty" if raw_id == "" else f"a {type(raw_id).__name__}"
-                    counter.bad(BadRowError(path, line, "bad_id", f"id field '{id_field}' is {what}, not a string or integer",
-                                            "give the row a string id, drop the field to derive one from the text, or pass --skip-bad-rows"))
-                    continue
-            else:
-                doc_id = content_id(text)
-            first = seen.get(doc_id)
-            if first is not None:
-                counter.bad(BadRowError(path, line, "duplicate_id", f"duplicate id {doc_id!r} (first at {first[0]}:{first[1]})",
-                                        "remove the duplicate row, make ids unique, or pass --skip-bad-rows"))
-                continue
-            seen[doc_id] = (str(path), line)
-            meta = _without(_without(row, text_field), id_field) if has_id else _without(row, text_field)
-            counter.counts["rows"] += 1
-            yield Document(id=doc_id, text=text, meta=meta, path=str(path), line=line)
-
-
-# --------------------------------------------------------------------------------------------
-# Generations
 
 _GEN_REQUIRED = ("source_id", "task", "gen_index", "text")
+UNASSIGNED = -1  # gen_index of a MAGACorpus row until RowChecker numbers it within its source
 
 
 def is_maga_row(row: dict) -> bool:
@@ -328,7 +307,22 @@ def is_maga_row(row: dict) -> bool:
     return "content_split" in row and isinstance(meta, dict) and "docid" in meta
 
 
-def _generation_from_spec_row(row: dict, path: Path, line: int) -> Union[Generation, BadRowError]:
+def parse_generation(row: Union[dict, BadRowError], path: PathLike, line: int) -> Union[Generation, BadRowError]:
+    """A SPEC 3.2 row or a MAGACorpus row -> Generation (MAGA rows get gen_index UNASSIGNED)."""
+    if isinstance(row, BadRowError):
+        return row
+    if is_maga_row(row):
+        return _generation_from_maga_row(row, path, line)
+    if "text" in row or "source_id" in row:
+        return _generation_from_spec_row(row, path, line)
+    return BadRowError(
+        path, line, "missing_text",
+        "row is neither a generation (source_id, task, gen_index, text) nor a MAGACorpus row (meta.docid, content_split)",
+        "write SPEC 3.2 generation rows or pass --skip-bad-rows",
+    )
+
+
+def _generation_from_spec_row(row: dict, path: PathLike, line: int) -> Union[Generation, BadRowError]:
     fix = "write SPEC 3.2 rows (source_id, task, gen_index, text) or pass --skip-bad-rows"
     present, value = _lookup(row, "text")
     text = _check_text(value, path, line, "text", present)
@@ -347,7 +341,7 @@ def _generation_from_spec_row(row: dict, path: Path, line: int) -> Union[Generat
     return Generation(source_id, task, gen_index, text, fields, str(path), line)
 
 
-def _generation_from_maga_row(row: dict, path: Path, line: int, next_index: dict[str, int]) -> Union[Generation, BadRowError]:
+def _generation_from_maga_row(row: dict, path: PathLike, line: int) -> Union[Generation, BadRowError]:
     fix = "check the MAGACorpus row (meta.docid, meta.chunk_id, content_split) or pass --skip-bad-rows"
     text = _check_text(row.get("content_split"), path, line, "content_split", True)
     if isinstance(text, BadRowError):
@@ -358,12 +352,96 @@ def _generation_from_maga_row(row: dict, path: Path, line: int, next_index: dict
         return BadRowError(path, line, "bad_field", f"meta.docid is {meta.get('docid')!r}, not a non-empty string", fix)
     if chunk_id is None:
         return BadRowError(path, line, "bad_field", f"meta.chunk_id is {meta.get('chunk_id')!r}, not a string", fix)
-    source_id = f"{docid}#{chunk_id}"
-    gen_index = next_index.get(source_id, 0)
-    next_index[source_id] = gen_index + 1
     fields = {k: v for k, v in meta.items() if k != "raw_text"}
     fields.update({k: v for k, v in row.items() if k not in ("meta", "content_split")})
-    return Generation(source_id, MAGA_TASK, gen_index, text, fields, str(path), line)
+    return Generation(f"{docid}#{chunk_id}", MAGA_TASK, UNASSIGNED, text, fields, str(path), line)
+
+
+# --------------------------------------------------------------------------------------------
+# In-order checks: duplicates, MAGA numbering, counting
+
+
+class RowChecker:
+    """The stateful part of reading, applied to parsed rows in input order.
+
+    Raises the first BadRowError, or (``skip_bad_rows``) counts it into ``counts``:
+    ``{"rows": good, "bad_rows": n, "bad_rows_by_kind": {kind: n}}``. Rejects duplicate ids
+    (documents) / duplicate (source_id, task, gen_index) (generations), keeping the first, and
+    numbers MAGACorpus rows within their source in input order.
+    """
+
+    def __init__(self, skip_bad_rows: bool = False, counts: Optional[dict] = None):
+        self.counts = counts if counts is not None else {}
+        self.counts.setdefault("rows", 0)
+        self.counts.setdefault("bad_rows", 0)
+        self.counts.setdefault("bad_rows_by_kind", {})
+        self.skip = skip_bad_rows
+        self.seen: dict[Any, tuple[str, int]] = {}
+        self.maga_next: dict[str, int] = {}
+
+    def bad(self, err: BadRowError) -> None:
+        if not self.skip:
+            raise err
+        self.counts["bad_rows"] += 1
+        kinds = self.counts["bad_rows_by_kind"]
+        kinds[err.kind] = kinds.get(err.kind, 0) + 1
+
+    def accept(self, rec: Union[Document, Generation, BadRowError]) -> bool:
+        """True if ``rec`` is a good, new record (MAGA gen_index filled in); else raise or count."""
+        if isinstance(rec, BadRowError):
+            self.bad(rec)
+            return False
+        if isinstance(rec, Document):
+            key: Any = rec.id
+        else:
+            if rec.gen_index == UNASSIGNED:
+                rec.gen_index = self.maga_next.get(rec.source_id, 0)
+                self.maga_next[rec.source_id] = rec.gen_index + 1
+            key = (rec.source_id, rec.task, rec.gen_index)
+        first = self.seen.get(key)
+        if first is not None:
+            self.bad(_duplicate(rec, first))
+            return False
+        self.seen[key] = (rec.path, rec.line)
+        self.counts["rows"] += 1
+        return True
+
+
+def _duplicate(rec: Union[Document, Generation], first: tuple[str, int]) -> BadRowError:
+    where = f"(first at {first[0]}:{first[1]})"
+    if isinstance(rec, Document):
+        return BadRowError(rec.path, rec.line, "duplicate_id", f"duplicate id {rec.id!r} {where}",
+                           "remove the duplicate row, make ids unique, or pass --skip-bad-rows")
+    return BadRowError(
+        rec.path, rec.line, "duplicate_id",
+        f"duplicate generation (source_id={rec.source_id!r}, task={rec.task!r}, gen_index={rec.gen_index}) {where}",
+        "remove the duplicate row or pass --skip-bad-rows",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Public iterators
+
+
+def iter_documents(
+    paths: Union[PathLike, Iterable[PathLike]],
+    text_field: str = "text",
+    id_field: str = "id",
+    skip_bad_rows: bool = False,
+    counts: Optional[dict] = None,
+) -> Iterator[Document]:
+    """Real documents from files or directories, in (sorted) file order, validated row by row.
+
+    ``counts`` (optional dict) receives ``rows`` (good rows), ``bad_rows`` and
+    ``bad_rows_by_kind``. Ids must be unique across all inputs; a row without an id gets
+    ``utils.content_id(text)``, so two identical texts without ids are duplicates.
+    """
+    checker = RowChecker(skip_bad_rows, counts)
+    for path in expand_inputs(paths):
+        for line, row in iter_rows(path):
+            doc = parse_document(row, path, line, text_field, id_field)
+            if checker.accept(doc):
+                yield doc  # type: ignore[misc]
 
 
 def iter_generations(
@@ -376,36 +454,9 @@ def iter_generations(
     ``(source_id, task, gen_index)`` must be unique across all inputs; for MAGACorpus rows the
     gen_index is the row's rank among the rows of its source (``docid#chunk_id``) in input order.
     """
-    counter = _Counter(counts, skip_bad_rows)
-    seen: dict[tuple[str, str, int], tuple[str, int]] = {}
-    maga_next: dict[str, int] = {}
+    checker = RowChecker(skip_bad_rows, counts)
     for path in expand_inputs(paths):
         for line, row in iter_rows(path):
-            if isinstance(row, BadRowError):
-                counter.bad(row)
-                continue
-            if is_maga_row(row):
-                gen = _generation_from_maga_row(row, path, line, maga_next)
-            elif "text" in row or "source_id" in row:
-                gen = _generation_from_spec_row(row, path, line)
-            else:
-                gen = BadRowError(
-                    path, line, "missing_text",
-                    "row is neither a generation (source_id, task, gen_index, text) nor a MAGACorpus row (meta.docid, content_split)",
-                    "write SPEC 3.2 generation rows or pass --skip-bad-rows",
-                )
-            if isinstance(gen, BadRowError):
-                counter.bad(gen)
-                continue
-            key = (gen.source_id, gen.task, gen.gen_index)
-            first = seen.get(key)
-            if first is not None:
-                counter.bad(BadRowError(
-                    path, line, "duplicate_id",
-                    f"duplicate generation (source_id={gen.source_id!r}, task={gen.task!r}, gen_index={gen.gen_index}) (first at {first[0]}:{first[1]})",
-                    "remove the duplicate row or pass --skip-bad-rows",
-                ))
-                continue
-            seen[key] = (str(path), line)
-            counter.counts["rows"] += 1
-            yield gen
+            gen = parse_generation(row, path, line)
+            if checker.accept(gen):
+                yield gen  # type: ignore[misc]

@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -32,11 +33,15 @@ import numpy as np
 
 from megadoc_pl.data.readers import (
     REAL_TASK,
+    BadRowError,
     Document,
-    Generation,
+    RowChecker,
+    decode_line,
     expand_inputs,
-    iter_documents,
-    iter_generations,
+    is_parquet,
+    jsonl_lines,
+    parse_document,
+    parse_generation,
 )
 from megadoc_pl.data.tokenizer import TokenizerInfo, load_tokenizer
 from megadoc_pl.utils import atomic_dir, atomic_write_json, file_fingerprint
@@ -57,10 +62,16 @@ PROMOTED_FIELDS: dict[str, tuple[str, Any]] = {
     "style": ("string", ""),
 }
 
-# Work unit sent to a tokenizer worker: about this many characters of text.
-CHUNK_CHARS = 1 << 20
-# Below this many input bytes the pool start-up costs more than it saves: tokenize in-process.
+# Work unit sent to a worker: about this many bytes of JSONL, or this many Parquet rows.
+CHUNK_BYTES = 1 << 20
+PARQUET_BATCH_ROWS = 1024
+# parallel="auto": worker processes only for inputs of at least this many bytes (below, starting
+# them costs more than they save) and at least this many cores (below, threads are as fast: the
+# Rust tokenizer runs without the GIL, and the GIL-bound rest, ~0.2 us per token for parsing and
+# id conversion, only becomes the bottleneck at about 5 cores).
 SMALL_INPUT_BYTES = 4 << 20
+PROCESSES_FROM_CORES = 5
+PARALLEL_MODES = ("auto", "threads", "processes")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -274,25 +285,97 @@ def _header(dtype: np.dtype, num_tokens: int) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenizer workers (one tokenizer per process, loaded once)
+# Workers: parse + validate + tokenize one chunk of rows (one tokenizer per process, loaded once)
+
+
+@dataclass
+class _Options:
+    kind: str
+    text_field: str
+    id_field: str
+    dtype: np.dtype
+    bos: Optional[int]
+    eos: Optional[int]
+
+
+@dataclass
+class _Chunk:
+    """Rows of one input file: raw JSONL lines, or a Parquet record batch and its first row number."""
+
+    path: str
+    lines: Optional[list[tuple[int, bytes]]] = None
+    batch: Any = None
+    first_row: int = 1
+
+
+@dataclass
+class _Parsed:
+    """A worker's answer for one chunk: every row parsed (texts dropped), tokens of the good ones."""
+
+    records: list  # Document / Generation (text "", meta/fields {}) or BadRowError, in row order
+    metas: list  # JSON of each good record's meta / fields (None for bad rows)
+    promoted: list  # PROMOTED_FIELDS values of each good generation (None otherwise)
+    lengths: np.ndarray  # (good rows,) int64 stored lengths
+    flat: np.ndarray  # tokens of the good rows, BOS/EOS included
+
 
 _WORKER: dict[str, Any] = {}
+# Tokenizers the parent had loaded when it forked the workers, by fingerprint: a forked worker
+# uses its inherited copy instead of parsing the JSON again (~0.3 s per worker for a 32k BPE).
+_INHERITED: dict[str, Any] = {}
 
 
-def _init_worker(json_str: str, dtype: str, bos_id: Optional[int], eos_id: Optional[int], single_threaded: bool) -> None:
-    if single_threaded:
-        # Several processes each running a rayon pool over all cores would oversubscribe them.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        os.environ["RAYON_NUM_THREADS"] = "1"
+def _init_worker(json_str: str, fingerprint: str, opts: _Options) -> None:
+    # Several processes each running a Rust thread pool over all cores would oversubscribe them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
     from tokenizers import Tokenizer
 
-    _WORKER.update(tok=Tokenizer.from_str(json_str), dtype=np.dtype(dtype), bos=bos_id, eos=eos_id)
+    tok = _INHERITED.get(fingerprint)
+    _WORKER.update(tok=tok if tok is not None else Tokenizer.from_str(json_str), opts=opts)
 
 
-def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _process_in_worker(chunk: _Chunk) -> _Parsed:
+    return _process(_WORKER["tok"], _WORKER["opts"], chunk)
+
+
+def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
+    """Parse, validate and tokenize one chunk; the order-dependent checks are left to the caller."""
+    if chunk.lines is not None:
+        rows: Iterable = ((line, decode_line(raw, chunk.path, line)) for line, raw in chunk.lines)
+    else:
+        rows = enumerate(chunk.batch.to_pylist(), start=chunk.first_row)
+    records, texts = [], []
+    for line, row in rows:
+        if opts.kind == "documents":
+            rec = parse_document(row, chunk.path, line, opts.text_field, opts.id_field)
+        else:
+            rec = parse_generation(row, chunk.path, line)
+        records.append(rec)
+        if not isinstance(rec, BadRowError):
+            texts.append(rec.text)
+    lengths, flat = _encode(tok, opts.dtype, opts.bos, opts.eos, texts)
+    metas, promoted = [], []
+    for rec in records:
+        if isinstance(rec, BadRowError):
+            metas.append(None)
+            promoted.append(None)
+            continue
+        rec.text = ""  # not sent back: the tokens are
+        if isinstance(rec, Document):
+            metas.append(json.dumps(rec.meta, ensure_ascii=False, default=str))
+            promoted.append(None)
+            rec.meta = {}
+        else:
+            metas.append(json.dumps(rec.fields, ensure_ascii=False, default=str))
+            promoted.append(tuple(_coerce(rec.fields.get(k), typ, dflt) for k, (typ, dflt) in PROMOTED_FIELDS.items()))
+            rec.fields = {}
+    return _Parsed(records, metas, promoted, lengths, flat)
+
+
+def _encode(tok, dtype: np.dtype, bos: Optional[int], eos: Optional[int], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(lengths int64, flat tokens) of ``texts`` with BOS/EOS added as configured."""
-    tok, dtype, bos, eos = _WORKER["tok"], _WORKER["dtype"], _WORKER["bos"], _WORKER["eos"]
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: same ids, less work
     encs = encode(texts, add_special_tokens=False)
     extra = (bos is not None) + (eos is not None)
     lengths = np.fromiter((len(e) for e in encs), dtype=np.int64, count=len(encs)) + extra
@@ -310,6 +393,19 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return lengths, flat
 
 
+def _coerce(value: Any, typ: str, default: Any) -> Any:
+    if value is None:
+        return default
+    try:
+        if typ == "int64":
+            return int(value)
+        if typ == "float64":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        return default
+
+
 def _ping() -> int:
     return os.getpid()
 
@@ -319,9 +415,9 @@ def _start_pool(num_proc: int, initargs: tuple) -> cf.ProcessPoolExecutor:
 
     fork (not spawn) because spawn re-imports the caller's ``__main__``: a script without an
     ``if __name__ == "__main__"`` guard, ``python -c`` or a notebook would break. The workers only
-    run the Rust tokenizer, so the usual fork hazards (locks held by other threads) do not apply.
-    TOKENIZERS_PARALLELISM is set while forking so that the children do not warn about a rayon
-    pool inherited from the parent (they run single-threaded anyway).
+    parse rows and run the Rust tokenizer, so the usual fork hazards (locks held by other threads)
+    do not apply. TOKENIZERS_PARALLELISM is set while forking so that the children do not warn
+    about a Rust thread pool inherited from the parent (they run single-threaded anyway).
     """
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
@@ -339,29 +435,37 @@ def _start_pool(num_proc: int, initargs: tuple) -> cf.ProcessPoolExecutor:
     return pool
 
 
-class _Encoder:
-    """Runs _encode_chunk in worker processes (or in-process), bounded, results in order."""
+class _Workers:
+    """Runs _process on chunks in worker processes (or threads), bounded, results in input order."""
 
-    def __init__(self, info: TokenizerInfo, dtype: np.dtype, bos: Optional[int], eos: Optional[int], num_proc: int, in_process: bool):
-        args = (info.json_str, dtype.str, bos, eos, not in_process)
+    def __init__(self, info: TokenizerInfo, opts: _Options, num_proc: int, in_process: bool):
+        self.in_process = in_process
+        self.tok, self.opts = info.tokenizer, opts
         if in_process:
-            # One helper thread: encode_batch releases the GIL and parallelises over cores in Rust,
-            # while the main thread keeps reading the next chunk.
-            _init_worker(*args)
-            self.pool: cf.Executor = cf.ThreadPoolExecutor(max_workers=1)
-            self.max_in_flight = 2
+            # encode_batch releases the GIL and parallelises over cores in Rust, so threads suffice:
+            # two chunks in flight keep the Rust pool busy while one chunk's stragglers finish and
+            # the main thread reads ahead.
+            self.pool: cf.Executor = cf.ThreadPoolExecutor(max_workers=2)
+            self.max_in_flight = 3
         else:
-            self.pool = _start_pool(num_proc, args)
+            _INHERITED[info.fingerprint] = info.tokenizer
+            try:
+                self.pool = _start_pool(num_proc, (info.json_str, info.fingerprint, opts))
+            finally:
+                _INHERITED.pop(info.fingerprint, None)
             self.max_in_flight = 2 * num_proc
         self.pending: collections.deque = collections.deque()
 
-    def submit(self, texts: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def submit(self, chunk: _Chunk) -> Iterator[_Parsed]:
         """Queue a chunk; yields the results that are ready (in order) when the queue is full."""
-        self.pending.append(self.pool.submit(_encode_chunk, texts))
+        if self.in_process:
+            self.pending.append(self.pool.submit(_process, self.tok, self.opts, chunk))
+        else:
+            self.pending.append(self.pool.submit(_process_in_worker, chunk))
         while len(self.pending) >= self.max_in_flight:
             yield self.pending.popleft().result()
 
-    def drain(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def drain(self) -> Iterator[_Parsed]:
         while self.pending:
             yield self.pending.popleft().result()
 
@@ -369,6 +473,33 @@ class _Encoder:
         for fut in self.pending:
             fut.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _chunks(files: list[Path]) -> Iterator[_Chunk]:
+    """The inputs cut into work units of about CHUNK_BYTES (JSONL) or PARQUET_BATCH_ROWS rows."""
+    for path in files:
+        if is_parquet(path):
+            import pyarrow.parquet as pq
+
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception as e:
+                raise ValueError(f"{path}: cannot read as Parquet ({e}) (fix: check that it is a valid Parquet file)") from None
+            first = 1
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                yield _Chunk(str(path), batch=batch, first_row=first)
+                first += batch.num_rows
+            continue
+        lines: list[tuple[int, bytes]] = []
+        size = 0
+        for line, raw in jsonl_lines(path):
+            lines.append((line, raw))
+            size += len(raw)
+            if size >= CHUNK_BYTES:
+                yield _Chunk(str(path), lines=lines)
+                lines, size = [], 0
+        if lines:
+            yield _Chunk(str(path), lines=lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,15 +554,21 @@ def build_store(
     skip_bad_rows: bool = False,
     rebuild: bool = False,
     num_proc: Optional[int] = None,
+    parallel: str = "auto",
     progress: bool = True,
 ) -> TokenStore:
     """Tokenize ``inputs`` (documents or generations) into a token store at ``out_dir``.
 
     Reuses an existing store built from the same inputs, tokenizer and options; refuses (one-line
-    ValueError naming what differs) when they differ, unless ``rebuild``.
+    ValueError naming what differs) when they differ, unless ``rebuild``. ``num_proc`` cores
+    (default: all available); ``parallel`` = threads (one process; the Rust tokenizer uses the
+    cores), processes (``num_proc`` forked workers parse and tokenize) or auto (processes for
+    large inputs on >= PROCESSES_FROM_CORES cores). The result does not depend on either.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown store kind {kind!r} (fix: use one of {', '.join(KINDS)})")
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"unknown parallel mode {parallel!r} (fix: use one of {', '.join(PARALLEL_MODES)})")
     info = tokenizer if isinstance(tokenizer, TokenizerInfo) else load_tokenizer(tokenizer)
     info.require_special(add_bos, add_eos)
     files = expand_inputs(inputs)
@@ -462,7 +599,7 @@ def build_store(
 
     try:
         with atomic_dir(out, overwrite=rebuild) as tmp:
-            _write_store(tmp, files, info, manifest, num_proc, progress)
+            _write_store(tmp, files, info, manifest, num_proc, parallel, progress)
     except FileExistsError:
         # Another process finished the same store first: use it if it is what we wanted.
         existing = _existing_store(out, manifest, rebuild=False)
@@ -493,58 +630,68 @@ def _existing_store(out: Path, manifest: dict, rebuild: bool) -> Optional[TokenS
     )
 
 
-def _records(files: list[Path], manifest: dict, counts: dict) -> Iterator[Union[Document, Generation]]:
-    if manifest["kind"] == "documents":
-        return iter_documents(files, manifest["text_field"], manifest["id_field"], manifest["skip_bad_rows"], counts)
-    return iter_generations(files, manifest["skip_bad_rows"], counts)
-
-
-def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: dict, num_proc: Optional[int], progress: bool) -> None:
+def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: dict, num_proc: Optional[int],
+                 parallel: str, progress: bool) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    dtype = np.dtype(manifest["dtype"])
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a store is an ordinary directory
+    kind = manifest["kind"]
+    opts = _Options(kind, manifest["text_field"], manifest["id_field"], np.dtype(manifest["dtype"]), manifest["bos_id"], manifest["eos_id"])
     num_proc = max(1, num_proc or default_num_proc())
     total_bytes = sum(f["size"] for f in manifest["inputs"])
-    in_process = num_proc == 1 or total_bytes < SMALL_INPUT_BYTES
+    if parallel == "auto":
+        in_process = num_proc < PROCESSES_FROM_CORES or total_bytes < SMALL_INPUT_BYTES
+    else:
+        in_process = parallel == "threads" or num_proc == 1
     file_index = {str(f): k for k, f in enumerate(files)}
     counts: dict = {}
+    checker = RowChecker(manifest["skip_bad_rows"], counts)
 
     cols: dict[str, list] = {k: [] for k in ("source_id", "task", "gen_index", "file", "line", "meta")}
-    promoted: dict[str, list] = {k: [] for k in PROMOTED_FIELDS}
+    promoted: list[tuple] = []
     offsets = [np.zeros(1, dtype=np.int64)]
     num_tokens = 0
-    encoder = _Encoder(info, dtype, manifest["bos_id"], manifest["eos_id"], num_proc, in_process)
-    bar = tqdm(desc=f"tokenizing {manifest['kind']}", unit=" doc", disable=not progress or None, leave=False)
+    workers = _Workers(info, opts, num_proc, in_process)
+    bar = tqdm(desc=f"tokenizing {kind}", unit=" doc", disable=not progress or None, leave=False)
 
     with open(tmp / "tokens.bin", "wb") as fout:
         fout.write(b"\x00" * HEADER_BYTES)  # real header written once the count is known
 
-        def write(results: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
+        def write(results: Iterator[_Parsed]) -> None:
             nonlocal num_tokens
-            for lengths, flat in results:
+            for res in results:
+                keep = []  # per good row: accepted by the in-order checks (duplicates are not)
+                for rec, meta, prom in zip(res.records, res.metas, res.promoted):
+                    ok = checker.accept(rec)
+                    if not isinstance(rec, BadRowError):
+                        keep.append(ok)
+                    if ok:
+                        cols["source_id"].append(rec.id if kind == "documents" else rec.source_id)
+                        cols["task"].append(REAL_TASK if kind == "documents" else rec.task)
+                        cols["gen_index"].append(-1 if kind == "documents" else rec.gen_index)
+                        cols["file"].append(file_index[rec.path])
+                        cols["line"].append(rec.line)
+                        cols["meta"].append(meta)
+                        if prom is not None:
+                            promoted.append(prom)
+                lengths, flat = res.lengths, res.flat
+                if not all(keep):
+                    keep_np = np.array(keep, dtype=bool)
+                    flat, lengths = flat[np.repeat(keep_np, lengths)], lengths[keep_np]
                 flat.tofile(fout)
                 offsets.append(num_tokens + np.cumsum(lengths))
                 num_tokens += int(flat.size)
                 bar.update(len(lengths))
 
         try:
-            texts: list[str] = []
-            chars = 0
-            for rec in _records(files, manifest, counts):
-                _index_row(rec, cols, promoted, file_index)
-                texts.append(rec.text)
-                chars += len(rec.text)
-                if chars >= CHUNK_CHARS:
-                    write(encoder.submit(texts))
-                    texts, chars = [], 0
-            if texts:
-                write(encoder.submit(texts))
-            write(encoder.drain())
+            for chunk in _chunks(files):
+                write(workers.submit(chunk))
+            write(workers.drain())
         finally:
-            encoder.close()
+            workers.close()
             bar.close()
         if not cols["source_id"]:
             raise ValueError(
@@ -552,7 +699,7 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
                 f"({counts.get('bad_rows', 0)} bad rows skipped) (fix: check the input files and field names)"
             )
         fout.seek(0)
-        fout.write(_header(dtype, num_tokens))
+        fout.write(_header(opts.dtype, num_tokens))
 
     offsets_np = np.concatenate(offsets)
     assert offsets_np.shape == (len(cols["source_id"]) + 1,) and offsets_np[-1] == num_tokens
@@ -565,9 +712,9 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
         "file": pa.array(cols["file"], pa.int32()),
         "line": pa.array(cols["line"], pa.int64()),
     }
-    if manifest["kind"] == "generations":
-        for name, (typ, _) in PROMOTED_FIELDS.items():
-            table[name] = pa.array(promoted[name], pa.string() if typ == "string" else typ)
+    if kind == "generations":
+        for k, (name, (typ, _)) in enumerate(PROMOTED_FIELDS.items()):
+            table[name] = pa.array([p[k] for p in promoted], pa.string() if typ == "string" else typ)
     table["meta"] = pa.array(cols["meta"], pa.string())
     pq.write_table(pa.table(table), tmp / "index.parquet", compression="zstd")
 
@@ -575,40 +722,15 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
     manifest.update(
         num_documents=len(cols["source_id"]),
         num_tokens=num_tokens,
-        bad_rows=counts.get("bad_rows", 0),
-        bad_rows_by_kind=counts.get("bad_rows_by_kind", {}),
+        bad_rows=counts["bad_rows"],
+        bad_rows_by_kind=counts["bad_rows_by_kind"],
         build_seconds=round(time.perf_counter() - t0, 3),
         num_proc=1 if in_process else num_proc,
     )
     atomic_write_json(tmp / "manifest.json", manifest)
 
 
-def _index_row(rec: Union[Document, Generation], cols: dict, promoted: dict, file_index: dict) -> None:
-    if isinstance(rec, Document):
-        cols["source_id"].append(rec.id)
-        cols["task"].append(REAL_TASK)
-        cols["gen_index"].append(-1)
-        meta = rec.meta
-    else:
-        cols["source_id"].append(rec.source_id)
-        cols["task"].append(rec.task)
-        cols["gen_index"].append(rec.gen_index)
-        meta = rec.fields
-        for name, (typ, default) in PROMOTED_FIELDS.items():
-            promoted[name].append(_coerce(meta.get(name), typ, default))
-    cols["file"].append(file_index[rec.path])
-    cols["line"].append(rec.line)
-    cols["meta"].append(json.dumps(meta, ensure_ascii=False, default=str))
-
-
-def _coerce(value: Any, typ: str, default: Any) -> Any:
-    if value is None:
-        return default
-    try:
-        if typ == "int64":
-            return int(value)
-        if typ == "float64":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        return default
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
