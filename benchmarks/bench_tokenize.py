@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
-def corpus_texts(mb: float) -> tuple[list[str], str]:
+def corpus_texts(mb: float, generated: bool) -> tuple[list[str], str]:
     """About ``mb`` MB of text: the shared CC shard repeated, else generated English-like text."""
     src = SHARED / "cc_en_head-0091.jsonl.gz"
-    if src.exists():
+    if src.exists() and not generated:
         base = [json.loads(line)["text"] for line in gzip.open(src, "rt", encoding="utf-8")]
         origin = f"{src.name} repeated"
     else:
@@ -55,9 +55,9 @@ def corpus_texts(mb: float) -> tuple[list[str], str]:
     return texts, origin
 
 
-def tokenizer_path(tmp: Path) -> Path:
+def tokenizer_path(tmp: Path, generated: bool) -> Path:
     tok = SHARED / "llama-test-tokenizer.json"
-    if tok.exists():
+    if tok.exists() and not generated:
         return tok
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import build_tiny_tokenizer  # a small byte-level BPE, built locally
@@ -84,6 +84,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs per contender (best is reported)")
     ap.add_argument("--num-proc", type=int, default=None, help="cores to use (default: all available)")
     ap.add_argument("--no-datasets", action="store_true", help="skip the datasets.map peer")
+    ap.add_argument("--generated", action="store_true", help="generated text and a locally trained tokenizer even if ../shared exists")
     args = ap.parse_args()
 
     from tokenizers import Tokenizer
@@ -94,8 +95,8 @@ def main() -> int:
     cores = args.num_proc or default_num_proc()
     tmp = Path(tempfile.mkdtemp(prefix="bench_tok_"))
     try:
-        texts, origin = corpus_texts(args.mb)
-        tok_path = tokenizer_path(tmp)
+        texts, origin = corpus_texts(args.mb, args.generated)
+        tok_path = tokenizer_path(tmp, args.generated)
         src = tmp / "docs.jsonl"
         with open(src, "w", encoding="utf-8") as f:
             for i, t in enumerate(texts):
