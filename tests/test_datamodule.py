@@ -198,6 +198,24 @@ def test_pipeline_with_user_paths_keeps_heldout_out_of_training(corpus, tmp_path
     assert dm.vocab_size == corpus["info"].vocab_size and dm.plan is prep.plan and dm.prepared is prep
 
 
+def test_pipeline_extra_validation_sets_and_val_scope(corpus, tmp_path):
+    import json
+
+    from megadoc_pl.pipeline import prepare_corpus
+
+    ood = tmp_path / "ood.jsonl"
+    ood.write_text("".join(json.dumps({"id": f"o{i}", "text": "A mixture draws windows from the real stream. " * 3}) + "\n"
+                           for i in range(3)))
+    prep = prepare_corpus(_user_recipe(corpus, tmp_path, extra=[f"data.val.extra.ood={ood}", "data.val.scope=window",
+                                                                   "model.attention_scope=document"]))
+    val = prep.val_windows()
+    assert "ood" in val and prep.val_units["ood"].num_units == 3
+    w = val["ood"]
+    assert {p["source_id"] for k in range(len(w)) for p in w.describe(k)["pieces"]} == {"o0", "o1", "o2"}
+    assert w.scope == "window" and prep.train_windows().scope == "document"
+    assert (w.batch([0])["segment_ids"] == 0).all()
+
+
 def test_pipeline_errors_are_one_line(corpus, tmp_path):
     from megadoc_pl.pipeline import prepare_corpus
 

@@ -58,7 +58,7 @@ class StreamWindows:
     """Windows of one stream (shuffled per pass and repeated, or in order and finite)."""
 
     def __init__(self, units: Units, seq_len: int, data_seed: int = 0, name: str = "", shuffle: bool = True,
-                 repeat: bool = True, cache_passes: int = 4):
+                 repeat: bool = True, cache_passes: int = 2):
         if units.num_units == 0 or units.num_tokens == 0:
             raise ValueError(f"stream '{name or units.name}' has no tokens (every source was held out or dropped)")
         self.units, self.seq_len, self.data_seed = units, int(seq_len), int(data_seed)
@@ -77,7 +77,8 @@ class StreamWindows:
         return max((self.pass_tokens - 1) // self.seq_len, 0)
 
     def pass_order(self, p: int) -> tuple[np.ndarray, np.ndarray]:
-        """(unit permutation, cumulative token starts) of pass p, cached (LRU)."""
+        """(unit permutation, cumulative token starts) of pass p, cached (LRU; a batch touches at
+        most two consecutive passes unless a pass is shorter than a window)."""
         hit = self._cache.get(p)
         if hit is not None:
             self._cache.move_to_end(p)
@@ -87,6 +88,7 @@ class StreamWindows:
             perm = np.random.default_rng(pass_seed(self.data_seed, self.name, p)).permutation(U)
         else:
             perm = np.arange(U)
+        perm = perm.astype(np.int32 if U < 2**31 else np.int64)  # ~5M units per pass at G=32: halve the cache
         starts = np.concatenate([[0], np.cumsum(self.unit_tokens[perm])]).astype(np.int64)
         self._cache[p] = (perm, starts)
         if len(self._cache) > self._cache_size:
