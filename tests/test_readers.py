@@ -107,7 +107,11 @@ def test_input_path_errors(tmp_path):
         tmp_path / "empty": f"{tmp_path / 'empty'}: directory has no input files",
         tmp_path / "x.csv": f"{tmp_path / 'x.csv'}: unsupported file type",
     }
+    write_jsonl(tmp_path / "x.jsonl", ROWS)
+    cases[tmp_path / "x.jsonl"] = f"{tmp_path / 'x.jsonl'}: input file given more than once"
     for path, start in cases.items():
+        if path.name == "x.jsonl":
+            path = [tmp_path, path]  # type: ignore[assignment]  # the directory already holds it
         with pytest.raises(ValueError) as e:
             expand_inputs(path)
         assert str(e.value).startswith(start) and "\n" not in str(e.value)

@@ -384,3 +384,17 @@ def test_compressed_and_parquet_inputs_give_the_same_store(tmp_path, tiny_tokeni
         assert st.source_ids.tolist() == stores[0].source_ids.tolist()
         assert st.column("line").tolist() == list(range(1, 51))
         assert st.meta(49) == {"k": 49}
+
+
+def test_documents_that_encode_to_nothing(tmp_path):
+    from tokenizers import Regex, normalizers
+
+    tok = _wordlevel(["b"], ["<unk>", "<s>", "</s>"])
+    tok.normalizer = normalizers.Replace(Regex("a"), "")  # "aaa" normalises to the empty string
+    p = tmp_path / "tokenizer.json"
+    tok.save(str(p))
+    src = write_docs(tmp_path / "d.jsonl", ["aaa", "a a"])
+    bare = build_store(src, p, tmp_path / "bare", add_bos=False, add_eos=False, progress=False)
+    assert (bare.num_documents, bare.num_tokens, bare.lengths.tolist(), bare.tokens(1).tolist()) == (2, 0, [0, 0], [])
+    framed = build_store(src, p, tmp_path / "framed", progress=False)
+    assert [framed.tokens(i).tolist() for i in range(2)] == [[1, 2], [1, 2]]

@@ -118,6 +118,12 @@ def expand_inputs(paths: Union[PathLike, Iterable[PathLike]]) -> list[Path]:
             raise ValueError(f"{p}: no such file or directory (fix: check the input path)")
     if not files:
         raise ValueError("no input files given (fix: pass at least one file or directory)")
+    seen: dict[Path, Path] = {}
+    for f in files:
+        key = f.resolve()
+        if key in seen:
+            raise ValueError(f"{f}: input file given more than once (also as {seen[key]}) (fix: pass each file or directory once)")
+        seen[key] = f
     return files
 
 

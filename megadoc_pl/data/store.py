@@ -123,7 +123,10 @@ class TokenStore:
         num_tokens = int(manifest["num_tokens"])
         tpath = path / "tokens.bin"
         _check_header(tpath, dtype, num_tokens)
-        tokens = np.memmap(tpath, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+        if num_tokens:
+            tokens = np.memmap(tpath, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+        else:  # documents that all encode to nothing, without BOS/EOS: mmap cannot map 0 bytes
+            tokens = np.zeros(0, dtype=dtype)
         offsets = np.load(path / "offsets.npy")
         if offsets.shape != (manifest["num_documents"] + 1,) or offsets[-1] != num_tokens:
             raise ValueError(f"{path}: offsets.npy does not match manifest.json (fix: rebuild the store with --rebuild)")
