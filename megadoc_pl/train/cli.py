@@ -138,7 +138,9 @@ def _build_cli_class():
             assert self.run is not None
             if ckpt_path:
                 self.run.ckpt_path = _checkpoint(self.run, ckpt_path)
-            print(self.run.fit())
+            run_dir = self.run.fit()
+            if self.trainer.is_global_zero:
+                print(f"run directory: {run_dir}")
 
         def validate(self, model: Any = None, datamodule: Any = None, ckpt_path: Optional[str] = None,
                      **_: Any) -> None:

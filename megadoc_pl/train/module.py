@@ -200,8 +200,9 @@ class MegadocLM(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.val_metrics is None:
             return
-        # logs val/<name>/loss, writes the loss-by-position CSVs/images into trainer.log_dir (= run dir)
-        results = self.val_metrics.log_to(self)
+        # logs val/<name>/loss and writes the loss-by-position CSVs/images into the run directory
+        # (default_root_dir: known on every rank; trainer.log_dir would be a collective)
+        results = self.val_metrics.log_to(self, out_dir=self.trainer.default_root_dir)
         if self.trainer.sanity_checking:
             return
         self.last_val = {f"val/{name}/loss": float(r.loss) for name, r in results.items()}

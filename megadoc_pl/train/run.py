@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -67,8 +68,16 @@ class TrainingRun:
             if set_env:
                 os.environ.pop(rundir.RUN_DIR_ENV, None)
             if self.trainer.is_global_zero:
-                rundir.save_metrics(self.run_dir, self.metrics(status, error))
+                self._write_metrics(status, error)
         return self.run_dir
+
+    def _write_metrics(self, status: str, error: Optional[str]) -> None:
+        try:
+            rundir.save_metrics(self.run_dir, self.metrics(status, error))
+        except Exception as e:  # never hide the exception that ended the run
+            if status == "finished":
+                raise
+            warnings.warn(f"could not write {self.run_dir / rundir.METRICS_FILE}: {e}")
 
     def validate(self, ckpt_path: Optional[str] = None) -> dict[str, float]:
         """Validate the module (or a checkpoint) on every named set; returns val/<name>/loss."""
@@ -305,6 +314,10 @@ def setup_run(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = 
     cfg.run.name = run_dir.name
     cfg.run.root = str(run_dir.parent)
     cfg, dm = prepare(cfg)
+    # reading window indices before the device transfer is deliberate (no GPU sync per batch)
+    warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer`.*")
+    # validation losses are logged already summed over ranks (eval.validation), no sync_dist needed
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
     pl.seed_everything(int(cfg.train.seed), workers=True, verbose=False)
     module = MegadocLM(OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, run_dir, dm, trainer_overrides)
