@@ -498,11 +498,11 @@ def _build_view(real, synth, opts: ViewOptions, heldout: Iterable[str],
             stats["sources_kept"] = int(ok.sum())
             return _to_units(stretched, sources, name, stats)
         # Hybrid: align the rephrase pools and the stretched originals on common sources.
-        common, ia, ib = np.intersect1d(pools.real_docs, rat_pools.real_docs[ok], return_indices=True)
-        ma = np.zeros(len(pools.real_docs), bool); ma[ia] = True
-        mb = np.zeros(int(ok.sum()), bool); mb[ib] = True
-        gens, real_part = gens.take(ma), stretched.take(mb)
-        stats["sources_kept"] = int(len(common))
+        stretched_docs = rat_pools.real_docs[ok]
+        both = np.intersect1d(pools.real_docs, stretched_docs)
+        gens = gens.take(np.isin(pools.real_docs, both))
+        real_part = stretched.take(np.isin(stretched_docs, both))
+        stats["sources_kept"] = int(len(both))
     else:
         real_part = _Groups.single(0, pools.real_docs, real.lengths[pools.real_docs])
 
