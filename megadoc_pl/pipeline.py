@@ -15,7 +15,6 @@ store itself verifies content fingerprints and refuses a mismatch unless ``data.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
