@@ -77,9 +77,17 @@ def test_special_tokens_from_config_and_missing(tmp_path):
 
 def test_llama3_style_specials(tmp_path):
     p = tmp_path / "tokenizer.json"
-    _wordlevel(["a", "b"], ["<unk>", "<|begin_of_text|>", "<|end_of_text|>"]).save(str(p))
+    _wordlevel(["a", "b"], ["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]).save(str(p))
     info = load_tokenizer(p)
     assert (info.bos_id, info.eos_id) == (1, 2)
+    # an instruct config names the end-of-turn token: documents still end with end-of-text
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}))
+    assert (load_tokenizer(tmp_path).bos_id, load_tokenizer(tmp_path).eos_id) == (1, 2)
+    only_turn = tmp_path / "chat"
+    only_turn.mkdir()
+    _wordlevel(["a"], ["<unk>", "<|im_start|>", "<|im_end|>"]).save(str(only_turn / "tokenizer.json"))
+    (only_turn / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert load_tokenizer(only_turn).eos_id == 2
 
 
 def test_transformers_directory_without_tokenizer_json(tmp_path, tiny_tokenizer_path):
@@ -203,7 +211,8 @@ def test_process_pool_matches_in_process(tmp_path, tiny_tokenizer_path, monkeypa
     single = build_store(src, tiny_tokenizer_path, tmp_path / "one", skip_bad_rows=True, num_proc=1, progress=False)
     monkeypatch.setattr(store_mod, "CHUNK_BYTES", 2000)  # many chunks, so ordering matters
     multi = build_store(src, tiny_tokenizer_path, tmp_path / "two", skip_bad_rows=True, num_proc=2, parallel="processes", progress=False)
-    assert multi.manifest["num_proc"] == 2 and single.manifest["num_proc"] == 1
+    assert (multi.manifest["parallel"], multi.manifest["num_proc"]) == ("processes", 2)
+    assert (single.manifest["parallel"], single.manifest["num_proc"]) == ("threads", 1)
     assert np.array_equal(np.asarray(multi.token_array), np.asarray(single.token_array))
     assert np.array_equal(multi.offsets_full, single.offsets_full)
     assert multi.source_ids.tolist() == single.source_ids.tolist()

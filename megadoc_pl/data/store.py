@@ -728,7 +728,8 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
         bad_rows=counts["bad_rows"],
         bad_rows_by_kind=counts["bad_rows_by_kind"],
         build_seconds=round(time.perf_counter() - t0, 3),
-        num_proc=1 if in_process else num_proc,
+        parallel="threads" if in_process else "processes",
+        num_proc=num_proc,
     )
     atomic_write_json(tmp / "manifest.json", manifest)
 

@@ -16,8 +16,9 @@ from typing import Optional, Union
 from tokenizers import Tokenizer
 
 # Special-token spellings, most common first. The first one present in the vocabulary wins.
-BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "[BOS]", "<|im_start|>", "[CLS]")
-EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]", "<|im_end|>", "<|eot_id|>", "[SEP]")
+# Document markers only: chat-turn tokens (<|im_start|>, <|eot_id|>, ...) are not guessed.
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "[BOS]")
+EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]")
 
 
 @dataclass
@@ -86,7 +87,15 @@ def _config_special(cfg_dir: Path, key: str) -> Optional[str]:
     return None
 
 
+# End-of-turn tokens of chat models: instruct tokenizer configs name them as eos_token, but a
+# pre-training document ends with the end-of-text token when the vocabulary has one.
+CHAT_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+
+
 def _detect(tok: Tokenizer, configured: Optional[str], candidates: tuple[str, ...]) -> Optional[int]:
+    if configured in CHAT_TURN_TOKENS:
+        candidates = candidates + (configured,)
+        configured = None
     for spelling in ((configured,) if configured else ()) + candidates:
         tid = tok.token_to_id(spelling)
         if tid is not None:
@@ -99,7 +108,8 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> TokenizerInfo:
 
     BOS/EOS come from tokenizer_config.json (``bos_token`` / ``eos_token``) when it names a
     token in the vocabulary, else from the usual spellings (<s>, </s>, <|begin_of_text|>,
-    <|end_of_text|>, <|endoftext|>, ...).
+    <|end_of_text|>, <|endoftext|>, ...). A chat end-of-turn EOS in the config (<|eot_id|>,
+    <|im_end|>) yields to an end-of-text token of the vocabulary.
     """
     p = Path(path)
     if p.is_dir():
@@ -117,7 +127,7 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> TokenizerInfo:
         tok = Tokenizer.from_str(json_str)
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise ValueError(f"{p}: not a valid tokenizers JSON ({str(e).splitlines()[0]}) (fix: pass a tokenizer.json saved by tokenizers/transformers)") from None
-    # Only consult the config beside the file when it is the tokenizer's own directory.
+    # transformers saves tokenizer_config.json beside tokenizer.json: it names the specials.
     bos_cfg = _config_special(cfg_dir, "bos_token")
     eos_cfg = _config_special(cfg_dir, "eos_token")
     return TokenizerInfo(
