@@ -15,11 +15,11 @@ from megadoc_pl.model import attention as A
 B, T, H, KV, D = 2, 40, 4, 2, 8
 
 
-def _qkv(kv: int = KV, seed: int = 0, dtype=torch.float32, device="cpu"):
+def _qkv(kv: int = KV, seed: int = 0, dtype=torch.float32, device="cpu", d: int = D):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=g).to(device, dtype)
-    k = torch.randn(B, T, kv, D, generator=g).to(device, dtype)
-    v = torch.randn(B, T, kv, D, generator=g).to(device, dtype)
+    q = torch.randn(B, T, H, d, generator=g).to(device, dtype)
+    k = torch.randn(B, T, kv, d, generator=g).to(device, dtype)
+    v = torch.randn(B, T, kv, d, generator=g).to(device, dtype)
     return q, k, v
 
 
@@ -181,7 +181,7 @@ def test_torch_varlen_wrapper_contract(monkeypatch):
 
 def _gpu_check(backend: str):
     dev = "cuda"
-    q, k, v = (x.requires_grad_() for x in _qkv(dtype=torch.bfloat16, device=dev))
+    q, k, v = (x.requires_grad_() for x in _qkv(dtype=torch.bfloat16, device=dev, d=64))  # kernel-friendly head dim
     seg = SEG.to(dev)
     out = A.attention(q, k, v, segment_ids=seg, cu_seqlens=CU.to(dev), max_seqlen=25, backend=backend)
     q2, k2, v2 = (x.detach().float().requires_grad_() for x in (q, k, v))
