@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from megadoc_pl.data.datamodule import accumulation_steps
 from megadoc_pl.train import rundir
 from megadoc_pl.train.callbacks import NonFiniteLossError, ThroughputMonitor
 from megadoc_pl.train.module import MegadocLM
@@ -168,17 +169,6 @@ def build_strategy(cfg: DictConfig) -> Any:
     return name
 
 
-def accumulation(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    """global = micro x world x accumulation, exactly; otherwise a one-line error."""
-    per_pass = micro_batch_size * world_size
-    if micro_batch_size < 1 or global_batch_size % per_pass:
-        raise ValueError(
-            f"train.global_batch_size ({global_batch_size}) must be a multiple of train.micro_batch_size "
-            f"({micro_batch_size}) x world size ({world_size}) = {per_pass}; change one of them"
-        )
-    return global_batch_size // per_pass
-
-
 def trainer_kwargs(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str, Any]:
     """Trainer arguments the recipe decides (the CLI shows these as its ``trainer.*`` defaults).
 
@@ -241,7 +231,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: Any, overrides: Op
     # The world size is only known once Lightning has resolved devices/nodes/launcher, so the two
     # settings that depend on it are set on the Trainer right after (both are plain attributes
     # read when fit starts).
-    accum = accumulation(int(cfg.train.global_batch_size), int(cfg.train.micro_batch_size), trainer.world_size)
+    accum = accumulation_steps(int(cfg.train.global_batch_size), int(cfg.train.micro_batch_size), trainer.world_size)
     trainer.accumulate_grad_batches = accum
     interval = int(cfg.data.val.interval)
     # Lightning counts validation intervals in (micro-)batches, we count optimizer steps
