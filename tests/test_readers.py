@@ -95,6 +95,8 @@ def test_directories_expand_sorted_and_skip_hidden(tmp_path):
     write_jsonl(d / "sub" / "c.jsonl.zst", [ROWS[2]])
     write_jsonl(d / ".partial.jsonl", [{"id": "hidden", "text": "x"}])
     (d / "notes.txt").write_text("ignored")
+    # bookkeeping beside the data (the synthesis runner's stats.json) is not read as rows
+    (d / "stats.json").write_text('{"requests": 3}')
     assert [p.name for p in expand_inputs(d)] == ["a.jsonl.gz", "b.jsonl", "c.jsonl.zst"]
     assert [doc.id for doc in iter_documents(d)] == ["a", "b", "c"]
 

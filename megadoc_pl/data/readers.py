@@ -84,11 +84,16 @@ def _suffix_of(path: Path) -> Optional[str]:
     return None
 
 
+# Bookkeeping files that tools write beside their data (the synthesis runner's stats.json, a
+# store's manifest, a split file); inside a directory they are not input rows.
+METADATA_NAMES = frozenset({"stats.json", "manifest.json", "split.json"})
+
+
 def expand_inputs(paths: Union[PathLike, Iterable[PathLike]]) -> list[Path]:
     """Files named by ``paths``; a directory expands to its supported files (recursive, sorted).
 
-    Hidden files and folders (names starting with '.', e.g. partial writes) are ignored inside
-    directories. A missing path, an unsupported file or an empty directory is a one-line error.
+    Hidden files and folders (names starting with '.', e.g. partial writes) and bookkeeping files
+    (METADATA_NAMES) are ignored inside directories. A missing path, an unsupported file or an empty directory is a one-line error.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -101,6 +106,7 @@ def expand_inputs(paths: Union[PathLike, Iterable[PathLike]]) -> list[Path]:
                 for f in p.rglob("*")
                 if f.is_file()
                 and _suffix_of(f)
+                and f.name not in METADATA_NAMES
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
             if not found:
