@@ -184,6 +184,7 @@ def trainer_kwargs(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str,
         "strategy": str(t.strategy),
         "precision": resolve_precision(cfg),
         "max_steps": int(t.max_steps) if t.max_steps is not None else -1,
+        "max_epochs": 1,  # the datamodule's training loader is the whole run
         "gradient_clip_val": float(t.grad_clip) if t.grad_clip else None,
         "log_every_n_steps": max(1, int(t.log_every)),
         # periodic checkpoints come from our ModelCheckpoint; the final one from TrainingRun.fit
