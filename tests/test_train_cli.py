@@ -39,6 +39,20 @@ def test_print_config_shows_the_resolved_recipe_and_trainer(capsys):
     assert out["set"] == ["train.lr=0.01", "train.grad_clip=0.5"]
 
 
+def test_print_config_round_trips_through_config_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--recipe", "rephrase", "--set", "data.generations=8", "--trainer.num_nodes", "2", "--print_config"])
+    first = capsys.readouterr().out
+    (tmp_path / "run.yaml").write_text(first)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "run.yaml"), "--print_config"])
+    again = yaml.safe_load(capsys.readouterr().out)
+    first = yaml.safe_load(first)
+    assert again["recipe_config"] == first["recipe_config"]
+    assert again["recipe_config"]["recipe"] == "rephrase" and again["recipe_config"]["data"]["generations"] == 8
+    assert again["trainer"]["num_nodes"] == 2
+
+
 def test_bad_recipe_is_one_line():
     with pytest.raises(SystemExit) as e:
         main(["fit", "--recipe", "no_such_recipe"])

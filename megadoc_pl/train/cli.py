@@ -53,7 +53,8 @@ def _pre_parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     pre.add_argument("--recipe", default=None)
     pre.add_argument("--scale", default=None)
     pre.add_argument("--set", action="append", default=[], dest="overrides")
-    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--resume", nargs="?", const="true", default="false",
+                     type=lambda v: str(v).lower() in ("1", "true", "yes"))
     return pre.parse_known_args(list(argv))
 
 
