@@ -123,7 +123,7 @@ class RunConfig:
 
     root: str = "runs"  # parent of run directories
     name: Optional[str] = None  # run directory name (None: recipe-scale-timestamp)
-    resume: Optional[str] = None  # 'last' or a checkpoint path: resume exactly from it
+    resume: Optional[str] = None  # 'last' (must exist), 'auto' (if one exists, else start fresh) or a checkpoint path: resume exactly from it
 
 
 @dataclass
