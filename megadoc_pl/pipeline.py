@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
 from megadoc_pl.data.views import SYNTHETIC_TASK, Units, ViewOptions, build_view, documents_units, real_units
 from megadoc_pl.data.windows import SCOPES, StreamWindows, Windows
+from megadoc_pl.eval.hygiene import check_units_disjoint
 from megadoc_pl.utils import json_fingerprint
 
 if TYPE_CHECKING:  # Lightning is imported only when a datamodule is made (dry runs stay light)
@@ -246,6 +247,8 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
     ru = real_units(real, heldout)
     su = build_view(real, synth, opts, heldout, encode=tok.encode) if synth is not None else None
     val_units = _val_units(cfg, real, sets, tok)
+    # held-out hygiene: no validation document may be a training source (by id), whatever the view
+    check_units_disjoint([ru, su], val_units)
     plan = make_plan(cfg, ru, su)
     fingerprint = dataset_fingerprint(cfg, [real] + ([synth] if synth is not None else []), split_file)
     paths = {"real": ",".join(real_inputs), "tokenizer": tok.path, "split": split_file, "real_store": real.path}

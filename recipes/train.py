@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad recipe, bad data, impossible mixture: one line, no trace
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from megadoc_pl.train.callbacks import NonFiniteLossError
+
+        if isinstance(e, NonFiniteLossError):  # a NaN/inf loss stops the run with its step and sources
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

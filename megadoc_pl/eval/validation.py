@@ -216,9 +216,10 @@ class ValidationMetrics(nn.Module):
             return results
         for name, r in results.items():
             pl_module.log(loss_key(name), r.loss, add_dataloader_idx=False)
+        # trainer.log_dir is a collective under DDP: every rank must read it, before the rank-0 branch
+        out = Path(out_dir or trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return results
-        out = Path(out_dir or trainer.log_dir or trainer.default_root_dir)
         for name, r in results.items():
             write_curves_csv(out / f"loss_by_position_{name}.csv", [r.window, r.document])
         for logger in trainer.loggers:

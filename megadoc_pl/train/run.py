@@ -103,6 +103,8 @@ class TrainingRun:
         for cb in self.trainer.callbacks:
             if isinstance(cb, ThroughputMonitor):
                 out.update(cb.last)
+            # downstream scores survive the post-fit validate(), which clears callback_metrics
+            out.update({k: float(v) for k, v in (getattr(cb, "last_metrics", None) or {}).items()})
         out.update(m.last_val)
         for k, v in m.best_val.items():
             out[f"{k}_best"] = v
