@@ -20,18 +20,9 @@ _CORPUS = [
 
 def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 300) -> Path:
     """Train a small byte-level BPE with <s>/</s>/<pad> specials; returns the tokenizer.json path."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from megadoc_pl.data.tokenizer import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok = train_byte_level_bpe(_CORPUS, vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "tokenizer.json"
     tok.save(str(path))

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 from tokenizers import Tokenizer
 
@@ -62,6 +62,28 @@ def _encode_fast(tok: Tokenizer, texts: list[str]):
     if fast is not None:
         return fast(texts, add_special_tokens=False)
     return tok.encode_batch(texts, add_special_tokens=False)
+
+
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int,
+                         special_tokens: Sequence[str] = ("<s>", "</s>", "<pad>")) -> Tokenizer:
+    """Train a byte-level BPE whose specials take the first ids (<s>=0, </s>=1, <pad>=2 by default).
+
+    Deterministic for the same texts in the same order; no post-processor adds BOS/EOS (the
+    token store decides). Used by the demo tokenizer, the tiny chat model and the test fixtures.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
 
 
 def fingerprint_json(json_str: str) -> str:

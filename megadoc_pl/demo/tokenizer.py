@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from megadoc_pl.data.tokenizer import train_byte_level_bpe
 from megadoc_pl.utils import atomic_dir
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
@@ -26,21 +27,9 @@ def _texts(jsonl_path: Path) -> Iterator[str]:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):  # -> tokenizers.Tokenizer
     """Train a byte-level BPE. Deterministic for the same texts in the same order."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"demo.vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    return train_byte_level_bpe(texts, vocab_size, SPECIAL_TOKENS)
 
 
 def save_tokenizer_dir(tok, out_dir: Path) -> None:  # tok: tokenizers.Tokenizer
