@@ -7,14 +7,13 @@ and returns the path.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from megadoc_pl.analysis.fits import PowerLawFit
+from megadoc_pl.utils import atomic_write_bytes
 
 Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]  # label -> (x values, losses)
 
@@ -29,20 +28,11 @@ def _figure(width: float = 6.4, height: float = 4.2):
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def _fit_curve(ax, fit: PowerLawFit, x_lo: float, x_hi: float, colour, x_shift: float = 0.0,
