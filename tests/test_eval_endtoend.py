@@ -97,3 +97,21 @@ def test_evaluate_refuses_a_validation_set_overlapping_training(run_dir, capsys)
     assert rc == 2
     assert err.startswith("error: held-out hygiene: validation set 'dup' shares ")
     assert err.count("\n") == 1
+
+
+def test_export_of_a_demo_run_finds_the_demo_tokenizer(run_dir, tmp_path):
+    """A demo recipe has no data.tokenizer; the export takes the demo's own tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megadoc_pl.model.hf import export_checkpoint, load_model_from_checkpoint
+
+    out = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(out)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours, _ = load_model_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    ids = torch.tensor([tok("The town was founded by a miller.").input_ids])
+    with torch.no_grad():
+        ref = ours.logits(ours(ids.long()))
+        got = hf(ids).logits
+    assert torch.allclose(got, ref, atol=1e-4)

@@ -272,7 +272,15 @@ def export_checkpoint(ckpt_path: PathLike, out_dir: PathLike, tokenizer: Optiona
                       dtype: str = "float32", overwrite: bool = False) -> Path:
     """Lightning checkpoint -> HF directory; the tokenizer defaults to the recipe's data.tokenizer."""
     model, cfg = load_model_from_checkpoint(ckpt_path)
-    tokenizer = tokenizer or (cfg.get("data") or {}).get("tokenizer")
+    data = cfg.get("data") or {}
+    tokenizer = tokenizer or data.get("tokenizer")
+    if tokenizer is None and data.get("real") is None and cfg.get("demo"):
+        # a demo run: its tokenizer is the demo's, which the recipe determines (cached, rebuilt if absent)
+        from omegaconf import OmegaConf
+
+        from megadoc_pl.demo import ensure_world
+
+        tokenizer = ensure_world(OmegaConf.create(cfg))[1]
     if tokenizer is None:
         raise ValueError(
             f"{ckpt_path}: the recipe has no data.tokenizer (demo tokenizer?) (fix: pass --tokenizer PATH "
