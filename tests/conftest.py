@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from types import ModuleType
+from typing import Iterator
 
 import pytest
 
@@ -27,6 +30,29 @@ def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 300) -> Path:
     path = out_dir / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+def load_script(relpath: str) -> ModuleType:
+    """Import a script of the repository (``tools/<name>.py``, ``recipes/train.py``) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(relpath.replace("/", "_")[:-3], REPO / relpath)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 
 from megadoc_pl.analysis import efficiency as E
 from megadoc_pl.analysis.fits import PowerLaw
-from test_analysis_fits import load_tool
+from conftest import load_script
 
 LAW = PowerLaw(300.0, 0.24, 1.9)
 D_REAL = 203_867_748
@@ -71,7 +71,7 @@ def test_loss_samples_below_the_asymptote_give_unbounded_intervals():
 
 
 def test_efficiency_cli(tmp_path, capsys):
-    main = load_tool("fit_scaling").main
+    main = load_script("tools/fit_scaling.py").main
     out = tmp_path / "eff.json"
     main(["efficiency", "--law-through", f"0.24,1.9,{D_REAL},3.5544", "--loss", "simple=3.41", "stitched=3.384",
           "--d-real", str(D_REAL), "--json", str(out)])
@@ -130,7 +130,7 @@ def test_efficiency_cli_from_run_directories(tmp_path):
     method.mkdir()
     (method / "metrics.json").write_text(json.dumps({"val/iid/loss": float(LAW(1.8 * D_REAL))}))
     out = tmp_path / "eff.json"
-    load_tool("fit_scaling").main(["efficiency", "--baseline", *(str(root / f"real_{d:.0f}") for d in SIZES),
+    load_script("tools/fit_scaling.py").main(["efficiency", "--baseline", *(str(root / f"real_{d:.0f}") for d in SIZES),
                                    "--methods", str(method), "--d-real", str(D_REAL), "--n-boot", "50",
                                    "--json", str(out)])
     result = json.loads(out.read_text())

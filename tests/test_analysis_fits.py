@@ -12,6 +12,8 @@ import yaml
 from megadoc_pl.analysis import fits as F
 from megadoc_pl.analysis.runs import load_runs, points_by_group
 
+from conftest import load_script
+
 TRUTH = F.PowerLaw(2.0, 0.5, 1.5)
 
 
@@ -162,20 +164,8 @@ def test_points_by_group_reduces_sweeps(tmp_path):
         points_by_group(runs, "train.nope", "val/iid/loss")
 
 
-def load_tool(name: str):
-    """Import tools/<name>.py (the thin CLIs are scripts, not package modules)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_fit_scaling_cli_on_runs_and_csv(tmp_path, capsys):
-    main = load_tool("fit_scaling").main
+    main = load_script("tools/fit_scaling.py").main
     runs = tmp_path / "runs"
     law = F.PowerLaw(0.05, 1.02, 3.43)
     sizes = [150e6, 300e6, 600e6, 1.5e9, 3e9]

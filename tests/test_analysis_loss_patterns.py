@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from megadoc_pl.analysis import loss_patterns as LP
-from test_analysis_fits import load_tool
+from conftest import load_script
 
 
 @pytest.mark.parametrize("length,expected", [(1, 1), (10, 1), (29, 1), (30, 2), (50, 3), (100, 5), (2048, 102)])
@@ -95,7 +95,7 @@ def test_loss_file_formats_and_pairing(tmp_path):
 
 
 def test_cli_on_precomputed_losses(tmp_path, capsys):
-    main = load_tool("loss_patterns").main
+    main = load_script("tools/loss_patterns.py").main
     rng = np.random.default_rng(2)
     ids = [f"doc{i}" for i in range(6)]
     la = [rng.normal(3, 0.3, 200) for _ in ids]
@@ -148,7 +148,7 @@ def test_cli_scores_documents_with_a_checkpoint_and_an_export(tmp_path, tiny_tok
              "Alice founded the town of Brindle in 1821 and built its first mill."]
     docs.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
     out = tmp_path / "out"
-    load_tool("loss_patterns").main(["--model-a", str(ckpt), "--model-b", str(tmp_path / "b"),
+    load_script("tools/loss_patterns.py").main(["--model-a", str(ckpt), "--model-b", str(tmp_path / "b"),
                                      "--documents", str(docs), "--tokenizer", str(tiny_tokenizer_path),
                                      "--out", str(out), "--max-tokens", "64"])
     ids, losses, tokens = LP.read_losses(out / "losses_a.jsonl")

@@ -11,7 +11,7 @@ import yaml
 from megadoc_pl.analysis import plots as P
 from megadoc_pl.analysis.fits import bootstrap_power_law
 from megadoc_pl.analysis.runs import load_runs, read_loss_by_position, run_table, table_markdown
-from test_analysis_fits import load_tool
+from conftest import load_script
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -106,7 +106,7 @@ def test_plot_runs_cli(tmp_path, capsys):
     fake_run(root, "s32-E32-worse", "rephrase", 32, 32, 3.5)  # a worse run at the same point: not plotted
     (root / "unfinished").mkdir()
     out = tmp_path / "report"
-    load_tool("plot_runs").main([*map(str, sorted(root.iterdir())), "--out", str(out)])
+    load_script("tools/plot_runs.py").main([*map(str, sorted(root.iterdir())), "--out", str(out)])
     text = capsys.readouterr().out
     assert "9 runs" in text
     csv_lines = (out / "runs.csv").read_text().splitlines()
@@ -119,6 +119,6 @@ def test_plot_runs_cli(tmp_path, capsys):
     # nothing to plot: a note, no file
     lone = tmp_path / "lone"
     fake_run(lone, "only", "rephrase", 2, 4, 3.5)
-    load_tool("plot_runs").main([str(lone / "only"), "--out", str(tmp_path / "r2")])
+    load_script("tools/plot_runs.py").main([str(lone / "only"), "--out", str(tmp_path / "r2")])
     assert "skipped loss_vs_generations" in capsys.readouterr().out
     assert not (tmp_path / "r2" / "loss_vs_generations.png").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from megadoc_pl.analysis import tuner as T
-from test_analysis_fits import load_tool
+from conftest import load_script
 
 AXES = {
     "data.mixture.real_epochs": [1, 2, 4, 8, 16, 32, 64],
@@ -105,7 +105,7 @@ def test_ties_and_nan_do_not_move_the_centre(tmp_path):
 
 def test_cli_resumes_from_its_state_file_midway(tmp_path, capsys):
     """Kill midway: finish only some runs between calls; the search ends where an uninterrupted one does."""
-    main = load_tool("tune").main
+    main = load_script("tools/tune.py").main
     root = tmp_path / "runs"
     args = ["--recipe", "rephrase", "--root", str(root), "--centre", "data.mixture.real_epochs=1",
             "--centre", "train.lr=0.01", "--centre", "train.weight_decay=0.1",
@@ -165,7 +165,7 @@ def test_launch_trains_each_point_once(tmp_path):
         root: {tmp_path / 'runs'}
         train_script: {fake}
     """))
-    main = load_tool("tune").main
+    main = load_script("tools/tune.py").main
     main(["--spec", str(spec_file), "--launch"])
     names = log.read_text().split()
     assert len(names) == len(set(names))

@@ -12,6 +12,7 @@ from megadoc_pl.data.mixture import paper_plan
 from megadoc_pl.data.views import ViewOptions, build_view, documents_units, real_units
 from megadoc_pl.data.windows import StreamWindows, Windows
 
+from conftest import load_script
 from test_views import HELDOUT, make_corpus
 
 T = 16
@@ -229,23 +230,12 @@ def test_pipeline_errors_are_one_line(corpus, tmp_path):
         prepare_corpus(_user_recipe(corpus, tmp_path, extra=["data.synthetic=null"]))
 
 
-def _script(path):
-    import importlib.util
-
-    from megadoc_pl.recipes import recipes_dir
-
-    spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3], recipes_dir().parent / path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_dry_run_and_dump_windows_on_the_demo(tmp_path, capsys):
     import json
 
     common = [f"data.cache_dir={tmp_path / 'cache'}", "demo.num_documents=150", "data.generations=2",
               "data.val.num_iid=10", "data.val.num_long=5", "data.val.num_short=5"]
-    assert _script("recipes/train.py").main(["--recipe", "megadoc_stitch", "--dry-run", *common]) == 0
+    assert load_script("recipes/train.py").main(["--recipe", "megadoc_stitch", "--dry-run", *common]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["view"] == "stitch" and plan["plan"]["steps"] > 0 and plan["parameters"] > 0
     assert set(plan["plan"]["streams"]) == {"real", "synthetic"}
@@ -253,7 +243,7 @@ def test_dry_run_and_dump_windows_on_the_demo(tmp_path, capsys):
     assert plan["flops"]["total"] > 0 and "device" in plan["hardware"]
     assert plan["max_steps"] == 300 and plan["trained_tokens"] == 300 * 8 * 256
     rows = tmp_path / "w.jsonl"
-    dump = _script("tools/dump_windows.py")
+    dump = load_script("tools/dump_windows.py")
     assert dump.main(["--recipe", "megadoc_stitch", *common, "--split", "train", "--start", "3", "--count", "2",
                       "--out", str(rows)]) == 0
     got = [json.loads(x) for x in rows.read_text().splitlines()]

@@ -17,6 +17,8 @@ from megadoc_pl.synth.backends import vllm_backend
 from megadoc_pl.synth.backends.openai_http import OpenAIBackend, split_tokens
 from megadoc_pl.synth.tiny import build_tiny_chat_model
 
+from conftest import one_thread
+
 
 def req(rid: str, content: str, n: int = 1, max_new: int = 8, temperature: float = 1.0, seed: int | None = 0):
     return Request(rid, [{"role": "user", "content": content}], n, max_new, temperature, 1.0, seed, "rephrase",
@@ -48,13 +50,8 @@ def test_registry_builds_registered_backend_and_rejects_unknown():
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
-    # A model this small gains nothing from threads, and on a shared CPU they only contend.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

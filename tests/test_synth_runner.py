@@ -22,6 +22,8 @@ from megadoc_pl.synth.runner import RunConfig, resolve_shard, shard_of, synthesi
 from megadoc_pl.synth.tasks import TaskConfig
 from megadoc_pl.synth.tiny import build_tiny_chat_model
 
+from conftest import one_thread
+
 REPO = Path(__file__).resolve().parents[1]
 
 SENTENCES = [
@@ -62,13 +64,8 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
-    # A model this small gains nothing from threads, and on a shared CPU they only contend.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 def run(out, inputs, task_kw, backend="transformers", backend_kwargs=None, **run_kw):

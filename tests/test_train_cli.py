@@ -9,7 +9,8 @@ import yaml
 
 from megadoc_pl.train.cli import main
 
-from train_helpers import one_thread, tiny_overrides, write_corpus
+from conftest import one_thread
+from train_helpers import tiny_overrides, write_corpus
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,8 @@ import torch
 
 from megadoc_pl.train.run import train
 
-from train_helpers import QUIET, one_thread, scalars, tiny_recipe, write_corpus
+from conftest import one_thread
+from train_helpers import QUIET, scalars, tiny_recipe, write_corpus
 
 
 @pytest.mark.slow

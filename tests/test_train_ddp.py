@@ -17,7 +17,8 @@ import pytest
 
 from megadoc_pl.train.run import train
 
-from train_helpers import one_thread, QUIET, scalars, tiny_overrides, tiny_recipe, write_corpus
+from conftest import one_thread
+from train_helpers import QUIET, scalars, tiny_overrides, tiny_recipe, write_corpus
 
 STEPS = 4
 

@@ -15,7 +15,8 @@ from megadoc_pl.model.hf import load_model_from_checkpoint
 from megadoc_pl.train.callbacks import NonFiniteLossError
 from megadoc_pl.train.run import train
 
-from train_helpers import one_thread, QUIET, scalars, scalars_per_file, tiny_recipe, write_corpus
+from conftest import one_thread
+from train_helpers import QUIET, scalars, scalars_per_file, tiny_recipe, write_corpus
 
 
 @pytest.fixture(autouse=True)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import random
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import torch
+from typing import Sequence
 
 from omegaconf import DictConfig
 
@@ -61,17 +58,6 @@ def tiny_recipe(corpus: Path, tokenizer: Path, root: Path, name: str, steps: int
 
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def scalars_per_file(run_dir: Path, tag: str) -> list[dict[int, float]]:
