@@ -55,6 +55,17 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    """A seeded one-layer Llama (d_model 32, sdpa attention) in eval mode; ``overrides`` are LlamaConfig fields."""
+    import torch
+
+    from megadoc_pl.model.llama import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    fields = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_mlp=64, attention_backend="sdpa")
+    return Llama(LlamaConfig(**{**fields, "vocab_size": vocab_size, **overrides})).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_path(tmp_path_factory) -> Path:
     """A tokenizer.json of a ~300-token byte-level BPE (BOS '<s>' = 0, EOS '</s>' = 1, pad = 2)."""

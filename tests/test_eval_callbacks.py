@@ -14,7 +14,8 @@ from megadoc_pl.data.tokenizer import load_tokenizer
 from megadoc_pl.eval.callbacks import DownstreamEvalCallback
 from megadoc_pl.eval.multiple_choice import MultipleChoiceScorer, evaluate_tasks, load_task
 from megadoc_pl.eval.scoring import causal_rows_batch
-from megadoc_pl.model.llama import Llama, LlamaConfig
+
+from conftest import tiny_llama
 
 T = 16
 
@@ -22,9 +23,7 @@ T = 16
 class TinyLM(pl.LightningModule):
     def __init__(self, vocab: int):
         super().__init__()
-        torch.manual_seed(0)
-        self.model = Llama(LlamaConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_mlp=64, vocab_size=vocab,
-                                       attention_backend="sdpa"))
+        self.model = tiny_llama(vocab, seed=0).train()
 
     def training_step(self, batch, batch_idx):
         return self.model.loss(self.model(batch["input_ids"]), batch["targets"])

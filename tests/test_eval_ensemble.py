@@ -13,14 +13,13 @@ from megadoc_pl.eval.ensemble import Ensemble
 from megadoc_pl.eval.scoring import IGNORE, causal_rows_batch, token_losses
 from megadoc_pl.model.llama import Llama, LlamaConfig
 
+from conftest import tiny_llama
+
 V, T = 48, 20
 
 
-def tiny_llama(seed: int) -> Llama:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_mlp=64, vocab_size=V,
-                      attention_backend="sdpa", init_std=0.2)  # large init: members disagree visibly
-    return Llama(cfg).eval()
+def member(seed: int) -> Llama:
+    return tiny_llama(V, seed, init_std=0.2)  # large init: members disagree visibly
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def batch():
 
 @pytest.mark.parametrize("mode", ["logit", "prob"])
 def test_k_copies_of_one_model_equal_the_model(batch, mode):
-    model = tiny_llama(0)
+    model = member(0)
     with torch.no_grad():
         single = token_losses(model, batch)
         ens = Ensemble([copy.deepcopy(model) for _ in range(3)], mode=mode, chunk_tokens=7)
@@ -45,7 +44,7 @@ def test_k_copies_of_one_model_equal_the_model(batch, mode):
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 10_000])
 def test_logit_and_prob_averaging_equal_full_logit_oracles(batch, chunk_tokens):
-    members = [tiny_llama(s) for s in range(3)]
+    members = [member(s) for s in range(3)]
     with torch.no_grad():
         logits_KBTV = torch.stack([m.logits(m(batch["input_ids"])).double() for m in members])
         tgt = batch["targets"]
@@ -70,7 +69,7 @@ def test_bad_ensembles_are_refused():
     with pytest.raises(ValueError, match="at least one member"):
         Ensemble([])
     with pytest.raises(ValueError, match="unknown ensemble mode 'median'"):
-        Ensemble([tiny_llama(0)], mode="median")
+        Ensemble([member(0)], mode="median")
     other = Llama(LlamaConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_mlp=64, vocab_size=V + 1))
     with pytest.raises(ValueError, match="vocabulary"):
-        Ensemble([tiny_llama(0), other])
+        Ensemble([member(0), other])

@@ -16,7 +16,8 @@ from megadoc_pl.eval.ensemble import Ensemble
 from megadoc_pl.eval.hygiene import HeldoutOverlapError, check_units_disjoint, units_source_ids
 from megadoc_pl.eval.position import read_curves_csv
 from megadoc_pl.eval.runner import evaluate_validation
-from megadoc_pl.model.llama import Llama, LlamaConfig
+
+from conftest import tiny_llama
 
 T = 32
 TEXTS = [
@@ -36,15 +37,9 @@ def store(tmp_path_factory, tiny_tokenizer_path):
     return build_store(d / "docs.jsonl", tiny_tokenizer_path, d / "store", progress=False, num_proc=1)
 
 
-def tiny_llama(seed: int, vocab: int) -> Llama:
-    torch.manual_seed(seed)
-    return Llama(LlamaConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_mlp=64, vocab_size=vocab,
-                             attention_backend="sdpa")).eval()
-
-
 @pytest.mark.parametrize("scope", ["window", "document"])
 def test_evaluate_validation_equals_cross_entropy_over_the_same_windows(store, tmp_path, scope):
-    model = tiny_llama(0, 300)
+    model = tiny_llama(300, 0)
     sets = {"iid": documents_units(store, np.arange(0, 12), "iid"), "long": documents_units(store, np.arange(12, 24), "long")}
     windows = {k: Windows.sequential(u, T, scope) for k, u in sets.items()}
     out = evaluate_validation(model, windows, seq_len=T, batch_size=3, position_buckets=4, out_dir=tmp_path,
@@ -63,7 +58,7 @@ def test_evaluate_validation_equals_cross_entropy_over_the_same_windows(store, t
 
 
 def test_ensemble_of_copies_scores_like_the_model(store):
-    model = tiny_llama(1, 300)
+    model = tiny_llama(300, 1)
     windows = {"iid": Windows.sequential(documents_units(store, None, "iid"), T, "window", max_windows=3)}
     single = evaluate_validation(model, windows, seq_len=T, progress=False)
     ens = evaluate_validation(Ensemble([model, model], mode="prob"), windows, seq_len=T, progress=False)

@@ -19,17 +19,16 @@ from megadoc_pl.eval.position import (
 )
 from megadoc_pl.eval.scoring import causal_rows_batch, token_losses
 from megadoc_pl.eval.validation import ValidationMetrics
-from megadoc_pl.model.llama import Llama, LlamaConfig
+from megadoc_pl.model.llama import Llama
+
+from conftest import tiny_llama
 
 T = 24
 VOCAB = 64
 
 
-def tiny_llama(seed: int = 0) -> Llama:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_mlp=64, vocab_size=VOCAB,
-                      attention_backend="sdpa", loss_chunk_size=7)
-    return Llama(cfg).eval()
+def small_llama(seed: int = 0) -> Llama:
+    return tiny_llama(VOCAB, seed, loss_chunk_size=7)
 
 
 def make_batches(n_batches: int, B: int = 3, seed: int = 1) -> list[dict]:
@@ -81,7 +80,7 @@ def test_window_bucket_edges_match_index(seq_len, n):
 
 
 def test_loss_and_curves_equal_independent_cross_entropy():
-    model = tiny_llama()
+    model = small_llama()
     batches = make_batches(4)
     metrics = ValidationMetrics(["iid", "long"], position_buckets=4, seq_len=T, doc_position_buckets=8)
     with torch.no_grad():
@@ -116,7 +115,7 @@ def test_loss_and_curves_equal_independent_cross_entropy():
 
 
 def test_count_weighted_curves_average_back_to_the_loss():
-    model = tiny_llama(3)
+    model = small_llama(3)
     metrics = ValidationMetrics(["iid"], position_buckets=5, seq_len=T)
     with torch.no_grad():
         for b in make_batches(3, seed=7):
@@ -169,7 +168,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model = tiny_llama()
+        model = small_llama()
         batches = make_batches(5)
         metrics = ValidationMetrics(["iid", "long"], position_buckets=4, seq_len=T, doc_position_buckets=8)
         with torch.no_grad():
@@ -211,7 +210,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     single = ValidationMetrics(["iid", "long"], position_buckets=4, seq_len=T, doc_position_buckets=8)
-    model = tiny_llama()
+    model = small_llama()
     with torch.no_grad():
         for i, b in enumerate(make_batches(5)):
             single.update("iid" if i < 4 else "long", token_losses(model, b), b)
@@ -258,7 +257,7 @@ def test_log_to_writes_scalars_images_and_csv_from_a_real_trainer(tmp_path):
     class TinyModule(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = tiny_llama().train()
+            self.model = small_llama().train()
             self.val_metrics = ValidationMetrics(list(sets), position_buckets=4, seq_len=T, doc_position_buckets=8)
 
         def training_step(self, batch, batch_idx):
@@ -318,7 +317,7 @@ def test_log_to_writes_scalars_images_and_csv_from_a_real_trainer(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_metrics_on_gpu_equal_cpu_and_survive_bf16_autocast():
-    model = tiny_llama()
+    model = small_llama()
     batches = make_batches(3)
     cpu = ValidationMetrics(["iid"], position_buckets=4, seq_len=T)
     gpu = ValidationMetrics(["iid"], position_buckets=4, seq_len=T).cuda()
