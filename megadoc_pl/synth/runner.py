@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from megadoc_pl.synth.backends.base import Backend, Request, Response, get_backend
+from megadoc_pl.synth.backends.base import Backend, Request, Response, error_line, get_backend
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
 from megadoc_pl.utils import atomic_write_json, stable_hash
 
@@ -241,8 +241,7 @@ class _BatchContext:
         try:
             responses = backend.generate(requests)
         except Exception as e:  # noqa: BLE001 - a broken backend call fails its requests, not the run
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
-            responses = [Response(r.id, [], 0, [], msg) for r in requests]
+            responses = [Response(r.id, [], 0, [], error_line(e)) for r in requests]
         if len(responses) != len(requests):
             responses = [Response(r.id, [], 0, [], f"backend returned {len(responses)} responses for "
                                   f"{len(requests)} requests") for r in requests]

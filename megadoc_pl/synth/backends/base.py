@@ -66,6 +66,11 @@ _LAZY_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
+def error_line(e: BaseException) -> str:
+    """``Response.error`` for an exception: its type and the first line of its message (<= 500 chars)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+
+
 def check_model_path(model: str) -> None:
     """A model given as a local path must exist (else hub loaders print a confusing repo-id error)."""
     m = str(model)

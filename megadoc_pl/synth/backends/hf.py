@@ -13,11 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from megadoc_pl.synth.backends.base import Request, Response, check_model_path, register_backend
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+from megadoc_pl.synth.backends.base import Request, Response, check_model_path, error_line, register_backend
 
 
 class TransformersBackend:
@@ -93,14 +89,14 @@ class TransformersBackend:
                     results = self._generate_batch(batch, [prompts[r.id] for r in batch])
                 except Exception as e:  # noqa: BLE001 - retried one by one below
                     if len(batch) == 1:
-                        results = [Response(batch[0].id, [], lengths[batch[0].id], [], _one_line(e))]
+                        results = [Response(batch[0].id, [], lengths[batch[0].id], [], error_line(e))]
                     else:
                         results = []
                         for r in batch:
                             try:
                                 results += self._generate_batch([r], [prompts[r.id]])
                             except Exception as e1:  # noqa: BLE001
-                                results.append(Response(r.id, [], lengths[r.id], [], _one_line(e1)))
+                                results.append(Response(r.id, [], lengths[r.id], [], error_line(e1)))
                 for res in results:
                     done[res.request_id] = res
         return [done[r.id] for r in requests]

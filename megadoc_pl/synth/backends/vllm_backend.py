@@ -15,7 +15,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from megadoc_pl.synth.backends.base import Request, Response, check_model_path, register_backend
+from megadoc_pl.synth.backends.base import Request, Response, check_model_path, error_line, register_backend
 from megadoc_pl.utils import require
 
 
@@ -58,10 +58,6 @@ def sampling_kwargs(req: Request) -> dict[str, Any]:
     if req.seed is not None:
         kw["seed"] = int(req.seed)
     return kw
-
-
-def _one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
 
 
 class VLLMBackend:
@@ -129,7 +125,7 @@ class VLLMBackend:
             try:
                 responses += self._chat([r])
             except Exception as e:  # noqa: BLE001
-                responses.append(Response(r.id, [], 0, [], _one_line(e)))
+                responses.append(Response(r.id, [], 0, [], error_line(e)))
         return responses
 
 
