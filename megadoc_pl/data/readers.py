@@ -189,18 +189,8 @@ def decode_line(raw: bytes, path: PathLike, line: int) -> Union[dict, BadRowErro
     return row
 
 
-def parquet_row_groups(path: PathLike) -> list[tuple[int, int]]:
-    """(first row number, number of rows) of each row group of a Parquet file."""
-    pf = _parquet_file(Path(path))
-    out, first = [], 1
-    for g in range(pf.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        out.append((first, n))
-        first += n
-    return out
-
-
-def _parquet_file(path: Path):
+def open_parquet(path: PathLike):  # -> pyarrow.parquet.ParquetFile
+    """Open a Parquet file; a file pyarrow cannot read is a one-line ValueError naming it."""
     import pyarrow.parquet as pq
 
     try:
@@ -209,13 +199,11 @@ def _parquet_file(path: Path):
         raise ValueError(f"{path}: cannot read as Parquet ({e}) (fix: check that it is a valid Parquet file)") from None
 
 
-def parquet_rows(path: PathLike, group: Optional[int] = None) -> Iterator[tuple[int, dict]]:
-    """(1-based row number, row dict) of a Parquet file, or of one of its row groups."""
-    p = Path(path)
-    pf = _parquet_file(p)
-    groups = range(pf.num_row_groups) if group is None else [group]
-    first = 1 + sum(pf.metadata.row_group(g).num_rows for g in range(groups[0] if len(groups) else 0))
-    for g in groups:
+def parquet_rows(path: PathLike) -> Iterator[tuple[int, dict]]:
+    """(1-based row number, row dict) of every row of a Parquet file."""
+    pf = open_parquet(path)
+    first = 1
+    for g in range(pf.num_row_groups):
         for row in pf.read_row_group(g).to_pylist():
             yield first, row
             first += 1

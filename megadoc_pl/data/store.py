@@ -40,6 +40,7 @@ from megadoc_pl.data.readers import (
     expand_inputs,
     is_parquet,
     jsonl_lines,
+    open_parquet,
     parse_document,
     parse_generation,
 )
@@ -482,14 +483,8 @@ def _chunks(files: list[Path]) -> Iterator[_Chunk]:
     """The inputs cut into work units of about CHUNK_BYTES (JSONL) or PARQUET_BATCH_ROWS rows."""
     for path in files:
         if is_parquet(path):
-            import pyarrow.parquet as pq
-
-            try:
-                pf = pq.ParquetFile(path)
-            except Exception as e:
-                raise ValueError(f"{path}: cannot read as Parquet ({e}) (fix: check that it is a valid Parquet file)") from None
             first = 1
-            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for batch in open_parquet(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
                 yield _Chunk(str(path), batch=batch, first_row=first)
                 first += batch.num_rows
             continue
