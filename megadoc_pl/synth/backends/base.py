@@ -50,19 +50,12 @@ BackendFactory = Callable[..., Backend]
 _REGISTRY: dict[str, BackendFactory] = {}
 
 # Backends that live in modules of their own register themselves on import; importing the module
-# lazily keeps heavy optional dependencies (vllm, torch for transformers) out of startup. The demo
-# registers "template" from somewhere under megadoc_pl/demo/: the candidates are tried in order.
-_LAZY_MODULES: dict[str, tuple[str, ...]] = {
-    "vllm": ("megadoc_pl.synth.backends.vllm_backend",),
-    "transformers": ("megadoc_pl.synth.backends.hf",),
-    "openai": ("megadoc_pl.synth.backends.openai_http",),
-    "template": (
-        "megadoc_pl.demo.template_backend",
-        "megadoc_pl.demo.backend",
-        "megadoc_pl.demo.generator",
-        "megadoc_pl.demo.templates",
-        "megadoc_pl.demo",
-    ),
+# lazily keeps heavy optional dependencies (vllm, torch for transformers) out of startup.
+_LAZY_MODULES: dict[str, str] = {
+    "vllm": "megadoc_pl.synth.backends.vllm_backend",
+    "transformers": "megadoc_pl.synth.backends.hf",
+    "openai": "megadoc_pl.synth.backends.openai_http",
+    "template": "megadoc_pl.demo.template_backend",  # the demo's deterministic generator
 }
 
 
@@ -89,15 +82,8 @@ def available_backends() -> list[str]:
 
 def get_backend(name: str, **kwargs) -> Backend:
     """Build the backend registered under ``name`` (importing its module on first use)."""
-    for module in _LAZY_MODULES.get(name, ()):
-        if name in _REGISTRY:
-            break
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            # The module itself missing (not one of its own imports) means: try the next candidate.
-            if e.name != module:
-                raise
+    if name not in _REGISTRY and name in _LAZY_MODULES:
+        importlib.import_module(_LAZY_MODULES[name])
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown generation backend '{name}' (available: {', '.join(available_backends())})"
