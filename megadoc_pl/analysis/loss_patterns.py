@@ -326,10 +326,11 @@ def score_documents(
     from megadoc_pl.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
+    tok.require_special(add_bos, False)  # BOS requested but absent is an error, as for the store
     ids, token_ids, strings = [], [], []
     for doc in iter_documents([documents], text_field=text_field, id_field=id_field):
         t = tok.encode(doc.text)
-        if add_bos and tok.bos_id is not None:
+        if add_bos:
             t = [tok.bos_id] + t
         t = t[:max_tokens]
         if len(t) < 2:
