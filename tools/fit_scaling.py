@@ -119,8 +119,7 @@ def cmd_efficiency(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     if a.baseline or a.baseline_csv:
         if a.baseline:
-            runs = R.load_runs(a.baseline, skip_missing=True)
-            pts = R.points_by_group(runs, a.x or R.REAL_TOKENS_KEY, a.y, None, "best")["all"]
+            pts = _points_from_runs(a.baseline, a.x or R.REAL_TOKENS_KEY, a.y, None, "best")["all"]
         else:
             pts = R.read_points_csv(a.baseline_csv, a.x or "tokens", a.y_col, None)["all"]
         law: F.PowerLaw | F.PowerLawFit = eff.fit_data_law(*pts, **_boot_kwargs(a))
