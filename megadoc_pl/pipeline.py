@@ -4,6 +4,9 @@
 units of every stream and validation set, the plan, the dataset fingerprint) with a
 ``datamodule()`` factory; ``prepare_data(cfg)`` is the datamodule itself (what training uses;
 ``dm.prepared`` holds the rest).
+``dry_run_report(prepared)`` is the plan as JSON-able numbers (tokens, passes, steps,
+parameters, FLOPs, hours); ``assumed_dry_run_report(cfg, sizes)`` is the same report from
+assumed stream sizes, without preparing anything.
 
 Without ``data.real`` the built-in demo provides the world, its tokenizer and the generations
 the view needs (``megadoc_pl.demo``), with the validation split decided before generation so
@@ -18,7 +21,7 @@ import copy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -71,8 +74,7 @@ class PreparedData:
 
     @property
     def max_steps(self) -> int:
-        ms = self.cfg.train.max_steps
-        return int(ms) if ms is not None else self.plan.steps
+        return run_steps(self.cfg, self.plan)
 
     @property
     def scope(self) -> str:
@@ -111,17 +113,14 @@ class PreparedData:
 
     def summary(self) -> dict:
         """The dry-run plan: streams, steps, windows, tokens, units, view statistics."""
-        out = {
-            "recipe": str(self.cfg.recipe), "scale": str(self.cfg.scale), "view": str(self.cfg.data.view),
-            "generations": int(self.cfg.data.generations), "attention_scope": self.scope,
-            "plan": self.plan.to_dict(), "max_steps": self.max_steps,
-            "trained_tokens": self.max_steps * self.plan.global_batch_size * self.plan.seq_len,
-            "vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
+        out = plan_summary(self.cfg, self.plan, self.vocab_size)
+        out.update({
+            "fingerprint": self.fingerprint,
             "real": {"documents": self.real.num_documents, "heldout_documents": len(self.heldout),
                      **self.real_units.stats},
             "validation": {k: {"documents": u.num_units, "tokens": u.num_tokens} for k, u in self.val_units.items()},
             "paths": {k: str(v) for k, v in self.paths.items()},
-        }
+        })
         if self.synthetic_units is not None:
             out["synthetic"] = {"units": self.synthetic_units.num_units, "pieces": self.synthetic_units.num_pieces,
                                 **self.synthetic_units.stats}
@@ -277,21 +276,31 @@ def _val_units(cfg: DictConfig, real, sets: dict[str, list[str]], tok: Any) -> d
 
 
 def make_plan(cfg: DictConfig, real: Units, synthetic: Optional[Units]) -> MixturePlan:
-    """The mixture plan of a recipe from the stream sizes (SPEC 4)."""
+    """The mixture plan of a recipe from its streams' units (SPEC 4)."""
+    tokens, units = {REAL: real.num_tokens}, {REAL: real.num_units}
+    if synthetic is not None:
+        tokens[SYNTHETIC], units[SYNTHETIC] = synthetic.num_tokens, synthetic.num_units
+    return plan_from_sizes(cfg, tokens, units)
+
+
+def plan_from_sizes(cfg: DictConfig, tokens: Mapping[str, int], units: Optional[Mapping[str, int]] = None) -> MixturePlan:
+    """The mixture plan of a recipe from its streams' unique tokens per pass (and units, when known)."""
     mix = cfg.data.mixture
     G, T = int(cfg.train.global_batch_size), int(cfg.data.seq_len)
+    units = dict(units or {})
     if mix.mode == "paper":
-        return paper_plan(real.num_tokens, mix.real_epochs, mix.synthetic_fraction, G, T,
-                          synthetic.num_tokens if synthetic is not None else None, real.num_units,
-                          synthetic.num_units if synthetic is not None else 0)
+        return paper_plan(tokens[REAL], mix.real_epochs, mix.synthetic_fraction, G, T, tokens.get(SYNTHETIC),
+                          units.get(REAL, 0), units.get(SYNTHETIC, 0))
     if mix.mode == "budget":
-        tokens = {REAL: real.num_tokens}
-        units = {REAL: real.num_units}
-        if synthetic is not None:
-            tokens[SYNTHETIC], units[SYNTHETIC] = synthetic.num_tokens, synthetic.num_units
-        return budget_plan(tokens, G, T, mix.budget_tokens, OmegaConf.to_container(mix.stream_epochs),
+        return budget_plan(dict(tokens), G, T, mix.budget_tokens, OmegaConf.to_container(mix.stream_epochs),
                            OmegaConf.to_container(mix.stream_weights), units)
     raise ValueError(f"data.mixture.mode={mix.mode!r} is not one of paper, budget")
+
+
+def run_steps(cfg: DictConfig, plan: MixturePlan) -> int:
+    """Optimizer steps the run takes: ``train.max_steps`` when set (a prefix of the plan), else the plan's."""
+    ms = cfg.train.max_steps
+    return int(ms) if ms is not None else plan.steps
 
 
 def dataset_fingerprint(cfg: DictConfig, stores: Sequence[Any], split_file: Path) -> str:
@@ -318,31 +327,127 @@ def dataset_fingerprint(cfg: DictConfig, stores: Sequence[Any], split_file: Path
 ASSUMED_MFU = 0.40  # SPEC 11 target, used for the time estimate of a dry run
 
 
+def plan_summary(cfg: DictConfig, plan: MixturePlan, vocab_size: int) -> dict:
+    """The part of a dry-run report that the recipe and the stream sizes alone decide."""
+    steps = run_steps(cfg, plan)
+    return {
+        "recipe": str(cfg.recipe), "scale": str(cfg.scale), "view": str(cfg.data.view),
+        "generations": int(cfg.data.generations), "attention_scope": str(cfg.model.attention_scope),
+        "plan": plan.to_dict(), "max_steps": steps,
+        "trained_tokens": steps * plan.global_batch_size * plan.seq_len, "vocab_size": int(vocab_size),
+    }
+
+
 def dry_run_report(prepared: PreparedData, sample_windows: int = 64) -> dict:
     """The plan plus model size, training FLOPs and, on a GPU, the expected wall time."""
-    cfg = prepared.cfg
-    report = prepared.summary()
+
+    def measured_keys() -> tuple[float, str]:
+        # Mean keys per query under the recipe's scope, measured on evenly spread training windows.
+        from megadoc_pl.model.flops import mean_attended_keys
+
+        train = prepared.train_windows()
+        idx = np.unique(np.linspace(0, len(train) - 1, min(sample_windows, len(train))).astype(np.int64))
+        cu = train.batch(idx)["cu_seqlens"].numpy()
+        return mean_attended_keys(np.diff(cu)), f"measured on {len(idx)} training windows"
+
+    return _add_model_and_cost(prepared.cfg, prepared.summary(), prepared.vocab_size, measured_keys)
+
+
+def assumed_dry_run_report(cfg: DictConfig, stream_tokens: Mapping[str, int]) -> dict:
+    """The dry-run report from assumed stream sizes (unique tokens per pass), reading no data.
+
+    Nothing is prepared (no demo world, no tokenizer, no store): the vocabulary is
+    ``model.vocab_size`` or the default of ``model.size``, and attention is costed over whole
+    windows (exact for scope ``window``, an upper bound for ``document`` / ``megadoc``).
+    """
+    from megadoc_pl.model.llama import LlamaConfig
+
+    if str(cfg.model.attention_scope) not in SCOPES:
+        raise ValueError(f"model.attention_scope={cfg.model.attention_scope!r} is not one of {', '.join(SCOPES)}")
+    _view_options(cfg).validate()
+    view = str(cfg.data.view)
+    streams = [REAL, SYNTHETIC] if _needs_synthetic(cfg) else [REAL]
+    unknown = sorted(set(stream_tokens) - {REAL, SYNTHETIC})
+    if unknown:
+        raise ValueError(f"assumed sizes name unknown stream(s) {unknown}; the streams are {REAL} and {SYNTHETIC}")
+    if REAL not in stream_tokens:
+        raise ValueError(f"recipe {cfg.recipe} needs the real stream's size (e.g. --assume-tokens {REAL}=200M)")
+    if SYNTHETIC in streams and SYNTHETIC not in stream_tokens:
+        raise ValueError(f"recipe {cfg.recipe} (data.view={view}) has a synthetic stream: give its size too "
+                         f"(e.g. --assume-tokens {REAL}=200M,{SYNTHETIC}=3.7B)")
+    if SYNTHETIC not in streams and SYNTHETIC in stream_tokens:
+        raise ValueError(f"recipe {cfg.recipe} (data.view={view}) has no synthetic stream: drop {SYNTHETIC}= "
+                         "from the assumed sizes")
+    tokens = {n: int(stream_tokens[n]) for n in streams}
+    plan = plan_from_sizes(cfg, tokens)
+    size = str(cfg.model.size)
+    if cfg.model.vocab_size is not None:
+        vocab, vocab_from = int(cfg.model.vocab_size), "model.vocab_size"
+    else:
+        vocab, vocab_from = LlamaConfig.from_name(size).vocab_size, f"default of model.size={size}"
+    report = plan_summary(cfg, plan, vocab)
+    for s in report["plan"]["streams"].values():
+        s["units_per_pass"] = None  # unknown without the data
+    report["assumed"] = {"stream_tokens": tokens, "vocab_size": vocab_from,
+                         "note": "stream sizes assumed: no data read, no units, validation sets or fingerprint"}
+    T = int(cfg.data.seq_len)
+    scope = str(cfg.model.attention_scope)
+    how = "whole windows (exact for scope window)" if scope == "window" else (
+        f"whole windows: an upper bound, scope {scope} cuts windows at boundaries an assumed-size run cannot see")
+    return _add_model_and_cost(cfg, report, vocab, lambda: ((T + 1) / 2, how))
+
+
+_SIZE_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_stream_sizes(text: str) -> dict[str, int]:
+    """``'real=203867748,synthetic=3.7B'`` -> ``{'real': 203867748, 'synthetic': 3700000000}``.
+
+    Counts are whole tokens; ``_`` separators and decimal k/M/B(G)/T suffixes are allowed.
+    """
+    from decimal import Decimal, InvalidOperation
+
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip().replace("_", "")
+        if not sep or not name or not value:
+            raise ValueError(f"{item.strip()!r} is not NAME=TOKENS (e.g. real=200M,synthetic=3.7B)")
+        if name in out:
+            raise ValueError(f"stream {name!r} is given twice")
+        mult = _SIZE_SUFFIXES.get(value[-1].lower(), 1)
+        number = value[:-1] if mult > 1 else value
+        try:
+            count = Decimal(number) * mult
+        except InvalidOperation:
+            raise ValueError(f"{name}={value}: not a token count (e.g. 203867748, 200M, 3.7B)") from None
+        if not count.is_finite() or count < 0 or count != count.to_integral_value():
+            raise ValueError(f"{name}={value}: a token count is a whole number >= 0")
+        out[name] = int(count)
+    return out
+
+
+def _add_model_and_cost(cfg: DictConfig, report: dict, vocab_size: int,
+                        mean_keys: Callable[[], tuple[float, str]]) -> dict:
+    """Add parameters, training FLOPs and the hardware estimate to a plan summary (both dry runs)."""
     try:
         from megadoc_pl.model.hf import config_from_recipe
 
-        mcfg = config_from_recipe(OmegaConf.to_container(cfg.model, resolve=True), prepared.vocab_size)
+        mcfg = config_from_recipe(OmegaConf.to_container(cfg.model, resolve=True), vocab_size)
     except ImportError:  # the model part is optional for planning
         return report
     report["parameters"] = mcfg.num_params()
     report["parameters_non_embedding"] = mcfg.num_params(embeddings=False)
     try:
-        from megadoc_pl.model.flops import flops_per_token, mean_attended_keys, peak_bf16_flops
+        from megadoc_pl.model.flops import flops_per_token, peak_bf16_flops
     except ImportError:
         report["train_flops_6ND"] = 6 * report["parameters"] * report["trained_tokens"]
         return report
-    # Mean keys per query under the recipe's scope, measured on evenly spread training windows.
-    train = prepared.train_windows()
-    idx = np.unique(np.linspace(0, len(train) - 1, min(sample_windows, len(train))).astype(np.int64))
-    cu = train.batch(idx)["cu_seqlens"].numpy()
-    keys = mean_attended_keys(np.diff(cu))
+    keys, keys_from = mean_keys()
     per_token = flops_per_token(mcfg, int(cfg.data.seq_len), keys)
     total = per_token * report["trained_tokens"]
     report["flops"] = {"per_token": per_token, "total": total, "mean_attended_keys": round(keys, 2),
+                       "mean_attended_keys_from": keys_from,
                        "six_N_D": 6 * report["parameters"] * report["trained_tokens"]}
     report["hardware"] = _time_estimate(cfg, total, peak_bf16_flops)
     return report

@@ -5,6 +5,8 @@
     python recipes/train.py --recipe megadoc_stitch scale=paper_300m data.real=real/ \\
         data.synthetic=gen/rephrase data.tokenizer=tok/tokenizer.json
     python recipes/train.py --recipe rephrase data.generations=8 --dry-run   # the plan, as JSON
+    python recipes/train.py --recipe megadoc_stitch scale=paper_300m --dry-run \
+        --assume-tokens real=203867748,synthetic=3.7B                   # the plan without any data
     python recipes/train.py --list                                       # recipes and scales
 """
 
@@ -21,11 +23,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="config overrides, e.g. scale=paper_300m data.seq_len=1024 train.lr=3e-3")
     ap.add_argument("--dry-run", action="store_true", help="prepare the data and print the plan as JSON; no training")
+    ap.add_argument("--assume-tokens", type=_stream_sizes, metavar="real=N[,synthetic=M]",
+                    help="with --dry-run: plan from these stream sizes (unique tokens per pass; 200M, 3.7B...) "
+                         "without preparing any data; vocabulary from model.vocab_size or model.size")
     ap.add_argument("--list", action="store_true", help="list method recipes and scale presets")
     args = ap.parse_args(argv)
     if not args.list and not args.recipe:
         ap.error("--recipe NAME is required (see --list)")
+    if args.assume_tokens is not None and not args.dry_run:
+        ap.error("--assume-tokens only plans: add --dry-run")
     return args
+
+
+def _stream_sizes(text: str) -> dict[str, int]:
+    from megadoc_pl.pipeline import parse_stream_sizes
+
+    try:
+        return parse_stream_sizes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = recipes.load_recipe(args.recipe, args.overrides)
         if args.dry_run:
-            from megadoc_pl.pipeline import dry_run_report, prepare_corpus
+            from megadoc_pl import pipeline
 
-            print(json.dumps(dry_run_report(prepare_corpus(cfg)), indent=2, default=str))
+            if args.assume_tokens is not None:
+                report = pipeline.assumed_dry_run_report(cfg, args.assume_tokens)
+            else:
+                report = pipeline.dry_run_report(pipeline.prepare_corpus(cfg))
+            print(json.dumps(report, indent=2, default=str))
             return 0
         from megadoc_pl.train.run import train  # the training stack is imported only to train
 
