@@ -31,12 +31,16 @@ def list_recipes(kind: str = "methods") -> list[str]:
 
 
 def _yaml(kind: str, name: str) -> tuple[Path, DictConfig]:
+    what = "recipe" if kind == "methods" else "scale"
+    available = ", ".join(list_recipes(kind)) or "(none)"
     path = Path(name)
-    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ValueError(f"{name}: no such {what} file (fix: check the path, or name one of: {available})")
+    else:
         path = recipes_dir() / kind / f"{name}.yaml"
-    if not path.is_file():
-        what = "recipe" if kind == "methods" else "scale"
-        raise ValueError(f"unknown {what} {name!r}; available: {', '.join(list_recipes(kind)) or '(none)'}")
+        if not path.is_file():
+            raise ValueError(f"unknown {what} {name!r}; available: {available}")
     try:
         conf = OmegaConf.load(path)
     except Exception as e:  # YAML syntax error: one line naming the file
