@@ -6,7 +6,6 @@ same :func:`setup_run` / :meth:`TrainingRun.fit` with Trainer arguments from the
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
