@@ -11,7 +11,8 @@ import pytest
 
 from megadoc_pl.recipes import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import load_script
+
 SETS = ("iid", "long", "short")
 
 pytestmark = pytest.mark.slow
@@ -55,12 +56,7 @@ def test_tensorboard_csv_and_metrics_json_hold_every_set(run_dir):
 
 
 def _evaluate(args: list[str], capsys) -> tuple[int, dict, str]:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    rc = tool.main(args + ["--quiet", "--device", "cpu"])
+    rc = load_script("tools/evaluate.py").main(args + ["--quiet", "--device", "cpu"])
     out = capsys.readouterr()
     return rc, (json.loads(out.out) if rc == 0 else {}), out.err
 
