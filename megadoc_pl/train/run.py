@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from megadoc_pl.data.datamodule import accumulation_steps
@@ -124,8 +125,9 @@ class TrainingRun:
             "scale": self.cfg.scale,
             "steps": int(self.trainer.global_step),
             "max_steps": int(self.cfg.train.max_steps),
-            "parameters": int(m.model.num_params()),
-            "parameters_non_embedding": int(m.model.num_params(embeddings=False)),
+            # from the config: under FSDP the module's own parameters are this rank's shards
+            "parameters": int(m.model.cfg.num_params()),
+            "parameters_non_embedding": int(m.model.cfg.num_params(embeddings=False)),
             "global_batch_size": int(self.cfg.train.global_batch_size),
             "micro_batch_size": int(self.cfg.train.micro_batch_size),
             "accumulate_grad_batches": int(self.trainer.accumulate_grad_batches),
@@ -144,6 +146,43 @@ class TrainingRun:
 # building a run
 
 
+class CPUFSDPStrategy(FSDPStrategy):
+    """FSDPStrategy on the CPU (gloo): CPU tests and debugging of FSDP runs.
+
+    torch's FSDP shards, gathers and reduce-scatters CPU tensors over gloo when it is given
+    ``device_id=cpu``. Lightning stands in the way twice: its accelerator connector refuses
+    ``accelerator='cpu'`` for the name ``fsdp`` or a strategy whose type *is* ``FSDPStrategy`` (a
+    subclass passes), and it wraps with ``device_id=root_device.index``, which is None on the CPU
+    and makes torch look for an accelerator ("FSDP needs a non-CPU accelerator device"). So this
+    class wraps the model itself with the CPU device, and gathers full state dicts without the
+    CPU offload (below); everything else is Lightning's FSDPStrategy.
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            model = FullyShardedDataParallel(
+                module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs,
+            )
+            # Lightning's already-wrapped branch below would warn that the policy is ignored
+            self.kwargs.pop("auto_wrap_policy", None)
+        return super()._setup_model(model)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # Lightning gathers with offload_to_cpu=True; when the gathered weights already live on the
+        # CPU, torch's FSDP "moves" them in place and then frees that storage (a segfault on save)
+        full = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, full):
+            return self.model.state_dict()
+
+
 def on_gpu(cfg: DictConfig) -> bool:
     acc = str(cfg.train.accelerator)
     return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
@@ -157,16 +196,21 @@ def resolve_precision(cfg: DictConfig) -> str:
     return "bf16-mixed" if on_gpu(cfg) else "32-true"
 
 
-def build_strategy(cfg: DictConfig) -> Any:
-    """``fsdp`` wraps every transformer block; other names go to Lightning as they are."""
+def build_strategy(cfg: DictConfig, accelerator: Optional[str] = None) -> Any:
+    """``fsdp`` wraps every transformer block; other names go to Lightning as they are.
+
+    ``accelerator`` is the Trainer's (default ``train.accelerator``): on the CPU, FSDP runs over
+    gloo through :class:`CPUFSDPStrategy`.
+    """
     name = str(cfg.train.strategy)
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
         from megadoc_pl.model.llama import Block
 
+        acc = str(accelerator if accelerator is not None else cfg.train.accelerator)
+        cpu = acc == "cpu" or (acc == "auto" and not torch.cuda.is_available())
+        cls = CPUFSDPStrategy if cpu else FSDPStrategy
         # use_orig_params keeps parameter names (no-decay groups) and lets torch.compile see them
-        return FSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type="full")
+        return cls(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type="full")
     return name
 
 
@@ -207,7 +251,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: Any, overrides: Op
     kw = trainer_kwargs(cfg, run_dir)
     kw.update({k: v for k, v in overrides.items() if k not in ("callbacks", "logger")})
     if kw["strategy"] == "fsdp":
-        kw["strategy"] = build_strategy(cfg)
+        kw["strategy"] = build_strategy(cfg, kw["accelerator"])
 
     logger = overrides.get("logger", True)
     if logger is True or logger is None:
