@@ -6,6 +6,7 @@ same :func:`setup_run` / :meth:`TrainingRun.fit` with Trainer arguments from the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -146,41 +147,80 @@ class TrainingRun:
 # building a run
 
 
-class CPUFSDPStrategy(FSDPStrategy):
-    """FSDPStrategy on the CPU (gloo): CPU tests and debugging of FSDP runs.
+class MegadocFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy with the fixes a megadoc_pl run needs (``train.strategy=fsdp``).
 
-    torch's FSDP shards, gathers and reduce-scatters CPU tensors over gloo when it is given
-    ``device_id=cpu``. Lightning stands in the way twice: its accelerator connector refuses
-    ``accelerator='cpu'`` for the name ``fsdp`` or a strategy whose type *is* ``FSDPStrategy`` (a
-    subclass passes), and it wraps with ``device_id=root_device.index``, which is None on the CPU
-    and makes torch look for an accelerator ("FSDP needs a non-CPU accelerator device"). So this
-    class wraps the model itself with the CPU device, and gathers full state dicts without the
-    CPU offload (below); everything else is Lightning's FSDPStrategy.
+    - Validation after fit (``TrainingRun._final_validation``) reuses the root FSDP wrapper.
+      Lightning wraps the LightningModule again, finds the Blocks already wrapped, skips the root
+      and leaves the root's parameters (embeddings, final norm, head) as this rank's flat shards:
+      "'weight' must be 2-D" (Lightning issue #19015).
+    - Mixed precision keeps buffers in fp32. Lightning's FSDP bf16-mixed casts buffers to bf16,
+      which rounds RoPE's ``inv_freq`` (0.3162 -> 0.3164): the run would train with other rotary
+      frequencies than DDP, evaluation and the exported model use.
+    - It runs on the CPU over gloo (tests, debugging). torch's FSDP supports CPU tensors given
+      ``device_id=cpu``; Lightning passes ``root_device.index`` (None on the CPU, so torch looks
+      for an accelerator), gathers full state dicts with ``offload_to_cpu=True`` (wrong on the CPU,
+      see :meth:`_full_state_dict_context`), and refuses ``accelerator='cpu'`` for the name
+      ``fsdp`` or the exact type ``FSDPStrategy`` (a subclass passes).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._root: Optional[torch.nn.Module] = None
+
+    @property
+    def mixed_precision_config(self) -> Any:
+        config = super().mixed_precision_config
+        if config is not None and "mixed" in str(self.precision_plugin.precision) and config.buffer_dtype is not None:
+            config = dataclasses.replace(config, buffer_dtype=torch.float32)
+        return config
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        if self._root is not None and self._root.module is model:
+            return self._root
+        if self.root_device.type == "cpu" and not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             model = FullyShardedDataParallel(
                 module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
                 sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs,
             )
-            # Lightning's already-wrapped branch below would warn that the policy is ignored
-            self.kwargs.pop("auto_wrap_policy", None)
-        return super()._setup_model(model)
+            self.kwargs.pop("auto_wrap_policy", None)  # else Lightning warns that it ignores the policy
+        self._root = super()._setup_model(model)
+        return self._root
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        if self._state_dict_type != "full":
+        if not self._full_on_cpu():
             return super().lightning_module_state_dict()
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        with self._full_state_dict_context():
+            return self.model.state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if not self._full_on_cpu():
+            return super().optimizer_state(optimizer)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import OptimStateKeyType
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
+        with self._full_state_dict_context():
+            state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:  # keyed by parameter index, as Lightning stores it
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
+
+    def _full_on_cpu(self) -> bool:
+        return self._state_dict_type == "full" and self.root_device.type == "cpu"
+
+    def _full_state_dict_context(self) -> Any:
+        """Full state dicts on rank 0 without ``offload_to_cpu``: on the CPU that option makes
+        torch skip its copies, so gathered weights point into freed memory (segfault) and each
+        Adam ``exp_avg`` into the buffer reused for ``exp_avg_sq`` (a silently wrong resume)."""
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        # Lightning gathers with offload_to_cpu=True; when the gathered weights already live on the
-        # CPU, torch's FSDP "moves" them in place and then frees that storage (a segfault on save)
-        full = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
-        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, full):
-            return self.model.state_dict()
+        return FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                    FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                                    FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True))
 
 
 def on_gpu(cfg: DictConfig) -> bool:
@@ -196,21 +236,14 @@ def resolve_precision(cfg: DictConfig) -> str:
     return "bf16-mixed" if on_gpu(cfg) else "32-true"
 
 
-def build_strategy(cfg: DictConfig, accelerator: Optional[str] = None) -> Any:
-    """``fsdp`` wraps every transformer block; other names go to Lightning as they are.
-
-    ``accelerator`` is the Trainer's (default ``train.accelerator``): on the CPU, FSDP runs over
-    gloo through :class:`CPUFSDPStrategy`.
-    """
+def build_strategy(cfg: DictConfig) -> Any:
+    """``fsdp`` wraps every transformer block; other names go to Lightning as they are."""
     name = str(cfg.train.strategy)
     if name == "fsdp":
         from megadoc_pl.model.llama import Block
 
-        acc = str(accelerator if accelerator is not None else cfg.train.accelerator)
-        cpu = acc == "cpu" or (acc == "auto" and not torch.cuda.is_available())
-        cls = CPUFSDPStrategy if cpu else FSDPStrategy
         # use_orig_params keeps parameter names (no-decay groups) and lets torch.compile see them
-        return cls(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type="full")
+        return MegadocFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type="full")
     return name
 
 
@@ -251,7 +284,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: Any, overrides: Op
     kw = trainer_kwargs(cfg, run_dir)
     kw.update({k: v for k, v in overrides.items() if k not in ("callbacks", "logger")})
     if kw["strategy"] == "fsdp":
-        kw["strategy"] = build_strategy(cfg, kw["accelerator"])
+        kw["strategy"] = build_strategy(cfg)
 
     logger = overrides.get("logger", True)
     if logger is True or logger is None:
