@@ -219,6 +219,7 @@ def test_scores_equal_an_unbatched_oracle_through_the_hf_export(tmp_path, tiny_t
 
 def test_lm_eval_harness_agrees_through_the_export(tmp_path, tiny_tokenizer_path, tok):
     pytest.importorskip("lm_eval", reason="lm-eval-harness is optional (pip install 'megadoc_pl[eval]')")
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (pip install 'megadoc_pl[eval]')")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
