@@ -407,3 +407,21 @@ def test_documents_that_encode_to_nothing(tmp_path):
     assert (bare.num_documents, bare.num_tokens, bare.lengths.tolist(), bare.tokens(1).tolist()) == (2, 0, [0, 0], [])
     framed = build_store(src, p, tmp_path / "framed", progress=False)
     assert [framed.tokens(i).tolist() for i in range(2)] == [[1, 2], [1, 2]]
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    """Atomic writes go through mkstemp (0600); results must follow the umask like ordinary files."""
+    import os
+    import stat
+
+    from megadoc_pl.utils import atomic_dir, atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

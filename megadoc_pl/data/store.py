@@ -45,7 +45,7 @@ from megadoc_pl.data.readers import (
     parse_generation,
 )
 from megadoc_pl.data.tokenizer import TokenizerInfo, load_tokenizer
-from megadoc_pl.utils import atomic_dir, atomic_write_json, file_fingerprint
+from megadoc_pl.utils import atomic_dir, atomic_write_json, current_umask, file_fingerprint
 
 PathLike = Union[str, os.PathLike]
 
@@ -635,7 +635,7 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a store is an ordinary directory
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a store is an ordinary directory
     kind = manifest["kind"]
     opts = _Options(kind, manifest["text_field"], manifest["id_field"], np.dtype(manifest["dtype"]), manifest["bos_id"], manifest["eos_id"])
     num_proc = max(1, num_proc or default_num_proc())
@@ -729,7 +729,3 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
     atomic_write_json(tmp / "manifest.json", manifest)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
