@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from megadoc_pl.utils import atomic_write_json, atomic_write_text
+from megadoc_pl.utils import atomic_write_json, atomic_write_text, iter_jsonl
 
 DEFAULT_KS = (1.0, 2.0, 3.0)
 DEFAULT_FRACTION = 0.05
@@ -224,23 +224,16 @@ def read_losses(path: str | Path) -> tuple[list[str] | None, list[np.ndarray], l
     losses: list[np.ndarray] = []
     tokens: list[list[str]] = []
     all_have_ids = True
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: invalid JSON ({e.msg})") from None
-            if isinstance(row, list):
-                row = {"losses": row}
-            if not isinstance(row, dict) or not isinstance(row.get("losses"), list):
-                raise ValueError(f"{p}:{n}: expected {{\"losses\": [...]}} or a list of numbers")
-            all_have_ids &= "id" in row
-            ids.append(str(row.get("id", len(losses))))
-            losses.append(np.asarray(row["losses"], dtype=np.float64))
-            if isinstance(row.get("tokens"), list):
-                tokens.append([str(t) for t in row["tokens"]])
+    for n, row in iter_jsonl(p):
+        if isinstance(row, list):
+            row = {"losses": row}
+        if not isinstance(row, dict) or not isinstance(row.get("losses"), list):
+            raise ValueError(f"{p}:{n}: expected {{\"losses\": [...]}} or a list of numbers")
+        all_have_ids &= "id" in row
+        ids.append(str(row.get("id", len(losses))))
+        losses.append(np.asarray(row["losses"], dtype=np.float64))
+        if isinstance(row.get("tokens"), list):
+            tokens.append([str(t) for t in row["tokens"]])
     return (ids if all_have_ids else None), losses, (tokens if len(tokens) == len(losses) else None)
 
 

@@ -25,7 +25,6 @@ sequence starts with BOS, as every training document did.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from megadoc_pl.eval.scoring import IGNORE, causal_rows_batch, token_losses
+from megadoc_pl.utils import iter_jsonl
 
 TARGET_DELIMITER = " "  # lm-eval's default target_delimiter between context and choice
 
@@ -108,17 +108,10 @@ def load_task(path: str | Path, limit: Optional[int] = None) -> list[MCExample]:
     if not path.is_file():
         raise ValueError(f"{path}: no such multiple-choice task file (fix: pass name=path.jsonl with an existing file)")
     examples: list[MCExample] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg}) (fix: one JSON object per line)") from None
-            examples.append(parse_row(row, f"{path}:{line_no}"))
-            if limit is not None and len(examples) >= limit:
-                break
+    for line_no, row in iter_jsonl(path):
+        examples.append(parse_row(row, f"{path}:{line_no}"))
+        if limit is not None and len(examples) >= limit:
+            break
     if not examples:
         raise ValueError(f"{path}: no examples (fix: the file must hold at least one JSONL row)")
     return examples
