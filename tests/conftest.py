@@ -12,13 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-_CORPUS = [
+SAMPLE_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Alice founded the town of Brindle in 1821 and built its first mill.",
     "Megadocs stitch many rephrases of one document into a long context.",
     "Rationales are inserted between equal token segments of the original.",
     "A mixture draws windows from the real and the synthetic stream.",
-] * 20
+]
+_CORPUS = SAMPLE_TEXTS * 20  # the tiny tokenizer's training text
 
 
 def build_tiny_tokenizer(out_dir: Path, vocab_size: int = 300) -> Path:

@@ -17,16 +17,10 @@ from megadoc_pl.eval.hygiene import HeldoutOverlapError, check_units_disjoint, u
 from megadoc_pl.eval.position import read_curves_csv
 from megadoc_pl.eval.runner import evaluate_validation
 
-from conftest import tiny_llama
+from conftest import SAMPLE_TEXTS, tiny_llama
 
 T = 32
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Alice founded the town of Brindle in 1821 and built its first mill.",
-    "Megadocs stitch many rephrases of one document into a long context.",
-    "Rationales are inserted between equal token segments of the original.",
-    "A mixture draws windows from the real and the synthetic stream.",
-]
+TEXTS = SAMPLE_TEXTS
 
 
 @pytest.fixture(scope="module")

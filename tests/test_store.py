@@ -16,14 +16,10 @@ import megadoc_pl.data.store as store_mod
 from megadoc_pl.data.store import TokenStore, build_store, token_dtype
 from megadoc_pl.data.tokenizer import fingerprint_json, load_tokenizer
 
+from conftest import SAMPLE_TEXTS
+
 REPO = Path(__file__).resolve().parents[1]
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Alice founded the town of Brindle in 1821 and built its first mill.",
-    "Megadocs stitch many rephrases of one document into a long context.",
-    "Rationales are inserted between equal token segments of the original.",
-    "A mixture draws windows from the real and the synthetic stream.",
-]
+TEXTS = SAMPLE_TEXTS
 
 
 def write_docs(path: Path, texts=TEXTS, extra_rows=()) -> Path:
