@@ -1,0 +1,59 @@
+"""Golden loss curve of the CPU demo recipe (torchtitan keeps tests/assets/losses the same way).
+
+A shrunken ``megadoc_stitch`` demo (240-document world, 4 template rephrases, 64-token windows,
+12 steps, one thread) must reproduce the stored per-step training losses and final validation
+losses bit for bit: a refactor that changes any number (data order, masking, positions,
+initialisation, the optimizer) fails here. Regenerate deliberately, after a change that is meant
+to change the numbers, with ``MEGADOC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden_losses.py``
+and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import one_thread
+
+GOLDEN = Path(__file__).parent / "assets" / "losses" / "megadoc_stitch_demo.json"
+OVERRIDES = [
+    "demo.num_documents=240", "data.generations=4", "data.mixture.real_epochs=4", "data.seq_len=64",
+    "data.val.num_iid=12", "data.val.num_long=6", "data.val.num_short=6", "data.val.long_threshold=160",
+    "data.val.short_threshold=80", "data.val.max_windows=4", "data.val.interval=6",
+    "train.max_steps=12", "train.global_batch_size=4", "train.micro_batch_size=2", "train.accelerator=cpu",
+    "train.devices=1",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def _curve(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    out = {"train/loss": [[e.step, e.value] for e in ea.Scalars("train/loss")]}
+    for tag in sorted(t for t in tags if t.startswith("val/") and t.endswith("/loss")):
+        out[tag] = [[e.step, e.value] for e in ea.Scalars(tag)]
+    return out
+
+
+def test_demo_losses_match_the_golden_curve(tmp_path):
+    from megadoc_pl.recipes import load_recipe
+    from megadoc_pl.train.run import train
+
+    cfg = load_recipe("megadoc_stitch", OVERRIDES + [f"run.root={tmp_path}/runs", "run.name=golden",
+                                                     f"data.cache_dir={tmp_path}/cache"])
+    with one_thread():
+        run_dir = train(cfg, {"enable_progress_bar": False, "enable_model_summary": False})
+    curve = _curve(run_dir)
+    assert len(curve["train/loss"]) == 12 and {"val/iid/loss", "val/long/loss", "val/short/loss"} <= set(curve)
+    if os.environ.get("MEGADOC_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in curve.items()) + "\n}\n")
+    expected = json.loads(GOLDEN.read_text())
+    assert curve == expected, "the demo's losses changed (see the module docstring before regenerating)"
