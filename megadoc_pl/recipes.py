@@ -3,7 +3,9 @@
 Precedence, lowest first: the schema defaults of :class:`megadoc_pl.config.RecipeConfig` <
 ``recipes/methods/<recipe>.yaml`` < ``recipes/scales/<scale>.yaml`` < command-line overrides.
 ``scale=NAME`` among the overrides selects the preset (default: the schema's ``demo``).
-Unknown recipe names, scale names and keys are one-line errors listing what exists.
+Unknown recipe names, scale names and keys are one-line errors listing what exists, and
+:func:`validate_recipe` checks every value that can be checked without data (the model it
+builds, the view options, the optimiser and mixture numbers) before anything is prepared.
 """
 
 from __future__ import annotations
@@ -100,6 +102,68 @@ def load_recipe(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     cfg = _merge(cfg, cli, "command-line override")
     cfg.recipe = path.stem
     cfg.scale = spath.stem
+    return cfg
+
+
+def validate_recipe(cfg: DictConfig) -> None:
+    """Every check a resolved recipe can get before data is read or a run directory exists.
+
+    Choice fields are checked by their ``Literal`` types when the recipe is composed; this adds
+    the rest: the model config is built (size, overrides, attention backend, sequence length),
+    the view options are checked, and the optimiser, batch, mixture and validation numbers must
+    be in range. Raises ``ValueError`` with one line naming the key and the fix.
+    """
+    from megadoc_pl.data.views import ViewOptions
+    from megadoc_pl.model.config import LlamaConfig
+
+    try:
+        LlamaConfig.from_recipe(OmegaConf.to_container(cfg, resolve=True))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model: {e}") from None
+    ViewOptions.from_config(cfg.data, int(cfg.train.data_seed)).validate()
+    t, mix, val = cfg.train, cfg.data.mixture, cfg.data.val
+    checks = [
+        ("train.lr", t.lr, t.lr > 0, "> 0"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        ("train.eps", t.eps, t.eps > 0, "> 0"),
+        ("train.betas", list(t.betas), all(0 <= b < 1 for b in t.betas), "two numbers in [0, 1)"),
+        ("train.warmup_fraction", t.warmup_fraction, 0 <= t.warmup_fraction <= 1, "in [0, 1]"),
+        ("train.decay_fraction", t.decay_fraction, 0 <= t.decay_fraction <= 1, "in [0, 1]"),
+        ("train.grad_clip", t.grad_clip, t.grad_clip >= 0, ">= 0 (0: no clipping)"),
+        ("train.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
+        ("train.micro_batch_size", t.micro_batch_size, 1 <= t.micro_batch_size <= t.global_batch_size,
+         f">= 1 and <= train.global_batch_size ({t.global_batch_size})"),
+        ("train.max_steps", t.max_steps, t.max_steps is None or t.max_steps >= 1, ">= 1 (or null: the plan's)"),
+        ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("train.ckpt_every", t.ckpt_every, t.ckpt_every >= 0, ">= 0 (0: only at the end)"),
+        ("train.num_nodes", t.num_nodes, t.num_nodes >= 1, ">= 1"),
+        ("data.seq_len", cfg.data.seq_len, cfg.data.seq_len >= 1, ">= 1"),
+        ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
+        ("data.val.interval", val.interval, val.interval >= 0, ">= 0 (0: only at the end)"),
+        ("data.val.max_windows", val.max_windows, val.max_windows is None or val.max_windows >= 1, ">= 1 (or null: all)"),
+        ("model.loss_chunk_size", cfg.model.loss_chunk_size, cfg.model.loss_chunk_size >= 1, ">= 1"),
+    ]
+    for key in ("num_iid", "num_long", "num_short"):
+        checks.append((f"data.val.{key}", val[key], val[key] >= 0, ">= 0"))
+    if mix.mode == "paper":
+        checks += [("data.mixture.real_epochs", mix.real_epochs, mix.real_epochs > 0, "> 0"),
+                   ("data.mixture.synthetic_fraction", mix.synthetic_fraction, 0 <= mix.synthetic_fraction < 1,
+                    "in [0, 1)")]
+    else:
+        checks.append(("data.mixture.budget_tokens", mix.budget_tokens,
+                       mix.budget_tokens is None or mix.budget_tokens > 0, "> 0 (or null: the stream epochs decide)"))
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"{key}={value}: must be {rule} (fix: set {key} in the recipe or as an override)")
+    resume = cfg.run.resume
+    if resume not in (None, "last", "auto") and not Path(str(resume)).is_file():
+        raise ValueError(f"run.resume={resume}: not 'last', 'auto' or an existing checkpoint file")
+
+
+def compose_recipe(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """:func:`load_recipe`, then :func:`validate_recipe`: what every entry point starts from."""
+    cfg = load_recipe(name, overrides)
+    validate_recipe(cfg)
     return cfg
 
 

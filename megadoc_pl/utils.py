@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, fingerprints, stable hashing, optional imports."""
+"""Small shared helpers: logging, atomic writes, fingerprints, stable hashing, optional imports."""
 
 from __future__ import annotations
 
@@ -6,11 +6,80 @@ import contextlib
 import hashlib
 import importlib
 import json
+import logging
 import os
+import sys
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def global_rank() -> int:
+    """This process's global rank from the launcher's environment (0 outside distributed runs).
+
+    torchrun and SLURM set ``RANK`` / ``SLURM_PROCID``; Lightning's own launcher sets
+    ``NODE_RANK`` and ``LOCAL_RANK`` for the ranks it starts (rank 0 sets neither).
+    """
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return int(os.environ.get("NODE_RANK", 0)) + int(os.environ.get("LOCAL_RANK", 0))
+
+
+class _RankZero(logging.Filter):
+    """Info and below from global rank 0 only; warnings and errors from every rank, tagged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rank = global_rank()
+        if rank != 0 and record.levelno < logging.WARNING:
+            return False
+        record.rank_tag = f" rank {rank}" if rank else ""
+        return True
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The ``megadoc_pl.<name>`` logger: ``[name] message`` lines on stderr, progress from rank 0 only.
+
+    The handler sits on the ``megadoc_pl`` parent logger (added once), so applications may
+    reconfigure or silence it with the standard ``logging`` calls.
+    """
+    root = logging.getLogger("megadoc_pl")
+    if not any(isinstance(f, _RankZero) for h in root.handlers for f in h.filters):
+        handler = _StderrHandler()
+        handler.addFilter(_RankZero())
+        handler.setFormatter(logging.Formatter("[%(short_name)s%(rank_tag)s] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    logger = logging.getLogger(f"megadoc_pl.{name}")
+    logger.addFilter(_ShortName(name))
+    return logger
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (test capture, redirection)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _ShortName(logging.Filter):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.short = name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.short_name = self.short
+        return True
 
 
 def require(module: str, extra: str, what: str = "") -> Any:

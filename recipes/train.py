@@ -36,47 +36,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _stream_sizes(text: str) -> dict[str, int]:
-    from megadoc_pl.pipeline import parse_stream_sizes
-
     try:
         return parse_stream_sizes(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+_SIZE_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_stream_sizes(text: str) -> dict[str, int]:
+    """``'real=203867748,synthetic=3.7B'`` -> ``{'real': 203867748, 'synthetic': 3700000000}``.
+
+    Counts are whole tokens; ``_`` separators and decimal k/M/B(G)/T suffixes are allowed.
+    """
+    from decimal import Decimal, InvalidOperation
+
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip().replace("_", "")
+        if not sep or not name or not value:
+            raise ValueError(f"{item.strip()!r} is not NAME=TOKENS (e.g. real=200M,synthetic=3.7B)")
+        if name in out:
+            raise ValueError(f"stream {name!r} is given twice")
+        mult = _SIZE_SUFFIXES.get(value[-1].lower(), 1)
+        number = value[:-1] if mult > 1 else value
+        try:
+            count = Decimal(number) * mult
+        except InvalidOperation:
+            raise ValueError(f"{name}={value}: not a token count (e.g. 203867748, 200M, 3.7B)") from None
+        if not count.is_finite() or count < 0 or count != count.to_integral_value():
+            raise ValueError(f"{name}={value}: a token count is a whole number >= 0")
+        out[name] = int(count)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.list and not args.dry_run:
+        # training: the same code path as ``megadoc-pl fit`` (one parser, one precedence, one exit code table)
+        from megadoc_pl.train.cli import main as cli_main
+
+        return cli_main(["fit", "--recipe", args.recipe] + [a for o in args.overrides for a in ("--set", o)])
     from megadoc_pl import recipes
 
     try:
         if args.list:
             print(recipes.describe_all())
             return 0
-        cfg = recipes.load_recipe(args.recipe, args.overrides)
-        if args.dry_run:
-            from megadoc_pl import pipeline
+        cfg = recipes.compose_recipe(args.recipe, args.overrides)
+        from megadoc_pl import dryrun
 
-            if args.assume_tokens is not None:
-                report = pipeline.assumed_dry_run_report(cfg, args.assume_tokens)
-            else:
-                report = pipeline.dry_run_report(pipeline.prepare_corpus(cfg))
-            print(json.dumps(report, indent=2, default=str))
-            return 0
-        from megadoc_pl.train.run import train  # the training stack is imported only to train
+        if args.assume_tokens is not None:
+            report = dryrun.assumed_dry_run_report(cfg, args.assume_tokens)
+        else:
+            from megadoc_pl.data.prepare import prepare_corpus
 
-        run_dir = train(cfg)
-        print(f"run directory: {run_dir}")
+            report = dryrun.dry_run_report(prepare_corpus(cfg))
+        print(json.dumps(report, indent=2, default=str))
         return 0
     except ValueError as e:  # bad recipe, bad data, impossible mixture: one line, no trace
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from megadoc_pl.train.callbacks import NonFiniteLossError
-
-        if isinstance(e, NonFiniteLossError):  # a NaN/inf loss stops the run with its step and sources
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        raise
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def _user_recipe(corpus, tmp_path, view="stitch", extra=()):
 
 
 def test_pipeline_with_user_paths_keeps_heldout_out_of_training(corpus, tmp_path):
-    from megadoc_pl.pipeline import prepare_corpus
+    from megadoc_pl.data.prepare import prepare_corpus
 
     cfg = _user_recipe(corpus, tmp_path)
     prep = prepare_corpus(cfg)
@@ -202,7 +202,7 @@ def test_pipeline_with_user_paths_keeps_heldout_out_of_training(corpus, tmp_path
 def test_pipeline_extra_validation_sets_and_val_scope(corpus, tmp_path):
     import json
 
-    from megadoc_pl.pipeline import prepare_corpus
+    from megadoc_pl.data.prepare import prepare_corpus
 
     ood = tmp_path / "ood.jsonl"
     ood.write_text("".join(json.dumps({"id": f"o{i}", "text": "A mixture draws windows from the real stream. " * 3}) + "\n"
@@ -218,13 +218,13 @@ def test_pipeline_extra_validation_sets_and_val_scope(corpus, tmp_path):
 
 
 def test_pipeline_errors_are_one_line(corpus, tmp_path):
-    from megadoc_pl.pipeline import prepare_corpus
+    from megadoc_pl.data.prepare import prepare_corpus
 
     with pytest.raises(ValueError, match="data.tokenizer is not"):
         prepare_corpus(_user_recipe(corpus, tmp_path, extra=["data.tokenizer=null"]))
     with pytest.raises(ValueError, match="needs a synthetic stream"):
         prepare_corpus(_user_recipe(corpus, tmp_path, view="real"))
-    with pytest.raises(ValueError, match=r"synthetic_fraction must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"synthetic_fraction=1.0: must be in \[0, 1\)"):
         prepare_corpus(_user_recipe(corpus, tmp_path, extra=["data.mixture.synthetic_fraction=1.0"]))
     with pytest.raises(ValueError, match="data.synthetic is not set"):
         prepare_corpus(_user_recipe(corpus, tmp_path, extra=["data.synthetic=null"]))

@@ -84,7 +84,7 @@ def test_evaluate_reproduces_the_run_and_ensembles_copies(run_dir, tmp_path, cap
 
 def test_evaluate_refuses_a_validation_set_overlapping_training(run_dir, capsys):
     from megadoc_pl.eval.runner import load_recipe_file
-    from megadoc_pl.pipeline import prepare_corpus
+    from megadoc_pl.data.prepare import prepare_corpus
 
     # the demo world's documents file: training documents and held-out ones, same ids
     world = prepare_corpus(load_recipe_file(run_dir / "config.yaml")).paths["real"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megadoc_pl.eval.hygiene import HeldoutOverlapError, check_disjoint
+from megadoc_pl.data.hygiene import HeldoutOverlapError, check_disjoint
 
 
 def test_disjoint_sets_pass():

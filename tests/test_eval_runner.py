@@ -13,7 +13,7 @@ from megadoc_pl.data.store import build_store
 from megadoc_pl.data.views import documents_units, real_units
 from megadoc_pl.data.windows import Windows
 from megadoc_pl.eval.ensemble import Ensemble
-from megadoc_pl.eval.hygiene import HeldoutOverlapError, check_units_disjoint, units_source_ids
+from megadoc_pl.data.hygiene import HeldoutOverlapError, check_units_disjoint, units_source_ids
 from megadoc_pl.eval.position import read_curves_csv
 from megadoc_pl.eval.runner import evaluate_validation
 

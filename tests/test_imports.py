@@ -46,6 +46,6 @@ def test_every_module_imports_without_optional_dependencies():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["failed"] == {}
     # the walk really covered the package (its parts and the backends below synth/)
-    for name in ("megadoc_pl.pipeline", "megadoc_pl.model.attention", "megadoc_pl.synth.backends.vllm_backend",
+    for name in ("megadoc_pl.data.prepare", "megadoc_pl.dryrun", "megadoc_pl.model.attention", "megadoc_pl.synth.backends.vllm_backend",
                  "megadoc_pl.eval.multiple_choice", "megadoc_pl.demo.template_backend"):
         assert name in result["modules"]

@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from megadoc_pl.train.cli import main
+from megadoc_pl.config import RecipeConfig
+from megadoc_pl.train.cli import TRAINER_LINKS, main
 
 from conftest import one_thread
 from train_helpers import tiny_overrides, write_corpus
@@ -23,44 +24,106 @@ def _sets(overrides):
     return [a for o in overrides for a in ("--set", o)]
 
 
-def test_print_config_shows_the_resolved_recipe_and_trainer(capsys):
+def _print_config(argv, capsys) -> dict:
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--recipe", "megadoc_stitch", "--scale", "demo", "--set", "train.lr=0.01",
-              "--set", "train.grad_clip=0.5", "--trainer.devices", "3", "--print_config"])
+        main(argv + ["--print_config"])
     assert e.value.code in (0, None)
-    out = yaml.safe_load(capsys.readouterr().out)
-    rc = out["recipe_config"]
-    assert rc["recipe"] == "megadoc_stitch" and rc["scale"] == "demo"
-    assert rc["train"]["lr"] == 0.01 and rc["data"]["view"] == "stitch"
-    t = out["trainer"]
-    # recipe-derived defaults, then the explicit flag on top
-    assert t["gradient_clip_val"] == 0.5 and t["precision"] in ("32-true", "bf16-mixed")
-    assert str(t["devices"]) == "3"
-    assert t["use_distributed_sampler"] is False and t["check_val_every_n_epoch"] is None
-    assert out["set"] == ["train.lr=0.01", "train.grad_clip=0.5"]
+    return yaml.safe_load(capsys.readouterr().out)
 
 
-def test_print_config_round_trips_through_config_file(tmp_path, capsys):
+def test_print_config_shows_the_resolved_recipe_and_links_the_trainer(capsys):
+    out = _print_config(["fit", "--recipe", "megadoc_stitch", "--scale", "demo", "--set", "train.lr=0.01",
+                         "--set", "train.grad_clip=0.5", "--trainer.devices", "3",
+                         "--trainer.enable_progress_bar", "false"], capsys)
+    cfg = out["cfg"]
+    assert cfg["recipe"] == "megadoc_stitch" and cfg["scale"] == "demo"
+    assert cfg["train"]["lr"] == 0.01 and cfg["data"]["view"] == "stitch" and cfg["train"]["grad_clip"] == 0.5
+    assert cfg["train"]["devices"] == 3  # --trainer.devices is a spelling of the recipe key
+    # linked Trainer settings have one value, the recipe's: they are not a second place to set them
+    assert not set(TRAINER_LINKS) & set(out["trainer"])
+    assert out["trainer"]["enable_progress_bar"] is False
+
+
+def test_config_and_set_compose_in_command_line_order(tmp_path, capsys):
+    first = _print_config(["fit", "--recipe", "rephrase", "--set", "data.generations=8", "--set", "train.num_nodes=2"],
+                          capsys)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(first))
+    again = _print_config(["fit", "--config", str(path)], capsys)
+    assert again["cfg"] == first["cfg"]
+    assert again["cfg"]["recipe"] == "rephrase" and again["cfg"]["data"]["generations"] == 8
+    assert again["cfg"]["train"]["num_nodes"] == 2
+    later = _print_config(["fit", "--config", str(path), "--set", "train.lr=0.5"], capsys)
+    assert later["cfg"]["train"]["lr"] == 0.5
+    earlier = _print_config(["fit", "--set", "train.lr=0.5", "--config", str(path)], capsys)
+    assert earlier["cfg"]["train"]["lr"] == first["cfg"]["train"]["lr"]  # the later file wins
+
+
+def test_help_explains_every_recipe_key(capsys):
+    capsys.readouterr()
     with pytest.raises(SystemExit):
-        main(["fit", "--recipe", "rephrase", "--set", "data.generations=8", "--trainer.num_nodes", "2", "--print_config"])
-    first = capsys.readouterr().out
-    (tmp_path / "run.yaml").write_text(first)
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(tmp_path / "run.yaml"), "--print_config"])
-    again = yaml.safe_load(capsys.readouterr().out)
-    first = yaml.safe_load(first)
-    assert again["recipe_config"] == first["recipe_config"]
-    assert again["recipe_config"]["recipe"] == "rephrase" and again["recipe_config"]["data"]["generations"] == 8
-    assert again["trainer"]["num_nodes"] == 2
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    missing = []
+    for key, doc in _leaf_docs(RecipeConfig):
+        flag = f"--cfg.{key} "
+        first_words = " ".join(doc.split()[:4])
+        if flag not in text or first_words not in text:
+            missing.append(key)
+    assert not missing, f"keys without a flag and its sentence in --help: {missing}"
 
 
-def test_bad_recipe_is_one_line():
-    with pytest.raises(SystemExit) as e:
-        main(["fit", "--recipe", "no_such_recipe"])
-    assert str(e.value).startswith("error: unknown recipe 'no_such_recipe'; available:")
-    with pytest.raises(SystemExit) as e:
-        main(["fit", "--recipe", "baseline_real", "--set", "train.no_such_key=1"])
-    assert "unknown key" in str(e.value) and "\n" not in str(e.value)
+def _leaf_docs(cls, prefix: str = ""):
+    """(dotted key, attribute docstring) of every leaf field of a config dataclass, read from its source."""
+    import ast
+    import dataclasses
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            yield from _leaf_docs(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            assert f.name in docs, f"{cls.__name__}.{f.name} has no attribute docstring"
+            yield f"{prefix}{f.name}", docs[f.name]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.size=300mm", "unknown model size '300mm'"),
+    ("model.attention_backend=xformers", "xformers"),
+    ("train.lr=-1", "train.lr=-1.0: must be > 0"),
+    ("data.view=stitchh", "stitchh"),
+])
+def test_recipe_typos_fail_up_front_in_one_line_without_a_run_directory(tmp_path, capsys, override, words):
+    capsys.readouterr()
+    where = ["--set", f"run.root={tmp_path}/runs", "--set", f"data.cache_dir={tmp_path}/cache"]
+    key, value = override.split("=", 1)
+    for argv in (["fit", "--recipe", "megadoc_stitch", *where, "--set", override],
+                 ["fit", "--recipe", "megadoc_stitch", *where, f"--cfg.{key}", value]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    # refused before data preparation (no cache) and before a run directory exists
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_bad_arguments_are_one_line(capsys):
+    capsys.readouterr()
+    assert main(["fit", "--recipe", "no_such_recipe"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown recipe 'no_such_recipe'; available:")
+    assert main(["fit", "--recipe", "baseline_real", "--set", "train.no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key" in err and len(err.strip().splitlines()) == 1
+    assert main(["fit", "--recipe", "baseline_real", "--trainer.no_such_flag", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_flag" in err and "--help" in err and len(err.strip().splitlines()) == 1
 
 
 def test_fit_then_validate_last_checkpoint(tmp_path, tiny_tokenizer_path, capsys):
@@ -72,6 +135,13 @@ def test_fit_then_validate_last_checkpoint(tmp_path, tiny_tokenizer_path, capsys
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["status"] == "finished" and m["steps"] == 2 and m["max_steps"] == 2
     assert "max_steps: 2" in (run_dir / "config.yaml").read_text()  # the flag went back into the recipe
+    # a printed config, given back with --set after it, trains at the --set value
+    cfg_file = tmp_path / "cli.yaml"
+    cfg_file.write_text(yaml.safe_dump(_print_config(["fit", "--recipe", "baseline_real", *sets], capsys)))
+    assert main(["fit", "--config", str(cfg_file), "--set", "run.name=cli-lr", "--set", "train.lr=0.5",
+                 "--set", "train.max_steps=1", *quiet]) == 0
+    lr = _scalars(tmp_path / "runs" / "cli-lr", "train/lr")
+    assert max(lr) == pytest.approx(0.5) and "lr: 0.5" in (tmp_path / "runs" / "cli-lr" / "config.yaml").read_text()
     capsys.readouterr()
 
     main(["validate", "--recipe", "baseline_real", *sets, *quiet, "--ckpt_path", "last"])
@@ -82,5 +152,14 @@ def test_fit_then_validate_last_checkpoint(tmp_path, tiny_tokenizer_path, capsys
         assert v == pytest.approx(m[k], rel=1e-6)
 
     # fitting the same run again without --resume is refused; --resume of a finished run is a no-op
-    with pytest.raises(SystemExit, match="already holds a trained run"):
-        main(["fit", "--recipe", "baseline_real", *sets, *quiet, "--trainer.max_steps", "2"])
+    capsys.readouterr()
+    assert main(["fit", "--recipe", "baseline_real", *sets, *quiet, "--trainer.max_steps", "2"]) == 2
+    assert "already holds a trained run" in capsys.readouterr().err
+
+
+def _scalars(run_dir, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [e.value for e in ea.Scalars(tag)]

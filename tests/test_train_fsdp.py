@@ -1,6 +1,6 @@
 """Real two-process FSDP runs on CPU (gloo, loopback) through the ``megadoc-pl`` CLI.
 
-``train.strategy=fsdp`` (megadoc_pl.train.run.MegadocFSDPStrategy: every Block one FSDP unit,
+``train.strategy=fsdp`` (megadoc_pl.train.fsdp.MegadocFSDPStrategy: every Block one FSDP unit,
 use_orig_params, full-state-dict checkpoints) must optimise what a one-process run with the same
 global batch (accumulation 2 instead of 2 ranks) optimises, up to floating-point summation order.
 
@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from megadoc_pl.model.hf import load_model_from_checkpoint
-from megadoc_pl.train.run import MegadocFSDPStrategy, build_strategy, train
+from megadoc_pl.train.fsdp import MegadocFSDPStrategy
+from megadoc_pl.train.run import build_strategy, train
 
 from conftest import one_thread
 from train_helpers import QUIET, scalars, tiny_overrides, tiny_recipe, write_corpus

@@ -12,6 +12,7 @@ function of (recipe, seed, index), so the rows are exactly what training reads a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -24,17 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=8, help="number of windows")
     ap.add_argument("--out", required=True, help="output JSONL file ('-' for stdout)")
     args = ap.parse_args(argv)
-    from megadoc_pl.pipeline import dump_windows, prepare_corpus
+    from megadoc_pl.data.prepare import prepare_corpus
+    from megadoc_pl.data.windows import window_rows
     from megadoc_pl.recipes import load_recipe
+    from megadoc_pl.utils import atomic_write_text
 
     try:
-        cfg = load_recipe(args.recipe, args.overrides)
-        n = dump_windows(prepare_corpus(cfg), args.split, args.start, args.count, args.out)
+        prepared = prepare_corpus(load_recipe(args.recipe, args.overrides))
+        rows = window_rows(prepared.windows(args.split), args.start, args.count, prepared.tokenizer.decode)
     except (ValueError, IndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.out != "-":
-        print(f"wrote {n} windows to {args.out}", file=sys.stderr)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(args.out, text)
+        print(f"wrote {len(rows)} windows to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -317,3 +317,18 @@ class Windows:
             })
         return {"index": int(k), "stream": self.streams[int(stream[0])].name, "stream_window": int(local[0]),
                 "pieces": pieces}
+
+
+def window_rows(windows: Windows, start: int, count: int, decode: Callable[[np.ndarray], str]) -> list[dict]:
+    """Windows [start, start + count) as JSON-able rows: tokens, decoded text, and the sources of every piece."""
+    stop = min(start + count, len(windows))
+    if start < 0 or start >= stop:
+        raise ValueError(f"--start {start} is outside the {len(windows)} windows")
+    idx = np.arange(start, stop)
+    tokens = windows.tokens(idx)
+    rows = []
+    for row, k in enumerate(idx):
+        d = windows.describe(int(k))
+        rows.append({"index": int(k), "stream": d["stream"], "stream_window": d["stream_window"],
+                     "tokens": tokens[row].tolist(), "text": decode(tokens[row]), "sources": d["pieces"]})
+    return rows

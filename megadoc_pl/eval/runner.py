@@ -156,7 +156,7 @@ def _resolve_recipe(spec: EvalSpec, ckpt_cfg: Optional[dict]) -> Optional[DictCo
 
 def run_evaluation(spec: EvalSpec) -> dict[str, Any]:
     """Load models, rebuild the validation sets, check hygiene, score sets and tasks."""
-    from megadoc_pl.eval.hygiene import check_units_disjoint
+    from megadoc_pl.data.hygiene import check_units_disjoint
 
     models, ckpt_cfg = load_models(spec.checkpoints, spec.hf)
     cfg = _resolve_recipe(spec, ckpt_cfg)
@@ -175,7 +175,7 @@ def run_evaluation(spec: EvalSpec) -> dict[str, Any]:
     }
     prepared = None
     if cfg is not None and (spec.validation or (spec.tasks and spec.tokenizer is None)):
-        from megadoc_pl.pipeline import prepare_corpus
+        from megadoc_pl.data.prepare import prepare_corpus
 
         prepared = prepare_corpus(cfg)
 

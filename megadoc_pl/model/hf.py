@@ -226,16 +226,6 @@ def load_hf_weights(model: Llama, hf_dir: PathLike) -> Llama:
 # Lightning checkpoints
 
 
-def config_from_recipe(model_section: dict, vocab_size: Optional[int] = None) -> LlamaConfig:
-    """LlamaConfig from a recipe's ``model`` section (config.ModelConfigSection as a dict)."""
-    vocab = model_section.get("vocab_size") or vocab_size
-    if vocab is None:
-        raise ValueError("model.vocab_size is not set and no tokenizer vocabulary was given")
-    extra = {k: model_section[k] for k in ("attention_backend", "rope_theta", "loss_chunk_size") if k in model_section}
-    extra.update(model_section.get("overrides") or {})
-    return LlamaConfig.from_name(model_section.get("size", "tiny"), vocab_size=int(vocab), **extra)
-
-
 def load_model_from_checkpoint(ckpt_path: PathLike, map_location: str = "cpu") -> tuple[Llama, dict]:
     """(Llama with the checkpoint's weights, resolved recipe dict) from a Lightning checkpoint.
 
@@ -260,7 +250,7 @@ def load_model_from_checkpoint(ckpt_path: PathLike, map_location: str = "cpu") -
             state[key[len("model."):].replace("_orig_mod.", "")] = value
     if "embed.weight" not in state:
         raise ValueError(f"{p}: state_dict has no 'model.embed.weight' (not a megadoc_pl Llama checkpoint)")
-    model_cfg = config_from_recipe(cfg.get("model", {}), vocab_size=state["embed.weight"].shape[0])
+    model_cfg = LlamaConfig.from_recipe(cfg, vocab_size=state["embed.weight"].shape[0])
     with torch.device("meta"):
         model = Llama(model_cfg)
     model.load_state_dict(state, assign=True)

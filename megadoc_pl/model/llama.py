@@ -7,93 +7,16 @@ need no permutation. RoPE positions come from ``position_ids`` so they can resta
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megadoc_pl.model.config import SIZES, LlamaConfig  # noqa: F401  (re-exported: the model's public names)
 from megadoc_pl.model.attention import attention, make_mask, positions_from_segment_ids, segment_ids_from_cu_seqlens
 from megadoc_pl.model.loss import chunked_cross_entropy
-
-
-@dataclass
-class LlamaConfig:
-    """Architecture of one model; ``from_name`` gives the named sizes."""
-
-    d_model: int = 128  # residual stream width
-    n_layers: int = 2  # transformer blocks
-    n_heads: int = 4  # query heads (head_dim = d_model // n_heads)
-    n_kv_heads: int = 4  # key/value heads (GQA when < n_heads)
-    d_mlp: int = 384  # SwiGLU inner width
-    vocab_size: int = 2048  # embedding rows and LM-head outputs
-    rope_theta: float = 10000.0  # RoPE base
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    init_std: float = 0.02  # std of every weight matrix at init (embeddings included)
-    scale_residual_init: bool = False  # also divide output projections' std by sqrt(2 * n_layers) (GPT-2 style); off = the papers' plain 0.02
-    max_seq_len: int = 4096  # longest context trained on (recorded in exports; RoPE has no table)
-    attention_backend: str = "auto"  # auto | flash_attn | torch_varlen | flex | sdpa
-    loss_chunk_size: int = 1024  # tokens per chunk of the chunked cross-entropy
-    name: str = "custom"  # named size this config came from
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.n_heads != 0:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_heads % self.n_kv_heads != 0:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.head_dim % 2 != 0:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @classmethod
-    def from_name(cls, name: str, vocab_size: Optional[int] = None, **overrides) -> "LlamaConfig":
-        """A named size (``SIZES``); ``vocab_size`` (default: the paper's) and fields may be overridden."""
-        if name not in SIZES:
-            raise ValueError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(overrides) - fields)
-        if bad:
-            raise ValueError(f"unknown LlamaConfig field(s) {bad} in model overrides; fields: {', '.join(sorted(fields))}")
-        kw = dict(SIZES[name], name=name)
-        if vocab_size is not None:
-            kw["vocab_size"] = vocab_size
-        kw.update(overrides)
-        return cls(**kw)
-
-    def num_params(self, embeddings: bool = True) -> int:
-        """Parameter count from the config alone (equals the instantiated model's)."""
-        d, hd = self.d_model, self.head_dim
-        attn = d * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * d
-        mlp = 3 * d * self.d_mlp
-        body = self.n_layers * (attn + mlp + 2 * d) + d  # two norms per block + final norm
-        return body + (2 * self.vocab_size * d if embeddings else 0)
-
-
-# Named sizes. megadocs (research/megadocs.md 1.3; vocab 128,256, context 4096) and MAGA
-# (research/maga.md 11, corrected table: hidden 1024 for 134M, ffn 14336 / 18432 for 7B / 13B;
-# head_dim 128; vocab 49,152, context 8192). MAGA's "total params" are non-embedding counts.
-_MEGADOCS = dict(vocab_size=128256, max_seq_len=4096)
-_MAGA = dict(vocab_size=49152, max_seq_len=8192)
-SIZES: dict[str, dict] = {
-    "nano": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=192, vocab_size=512, max_seq_len=256),
-    "tiny": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_mlp=384, vocab_size=2048, max_seq_len=512),
-    "small": dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_mlp=768, vocab_size=2048, max_seq_len=1024),
-    "150m": dict(d_model=512, n_layers=6, n_heads=8, n_kv_heads=8, d_mlp=1792, **_MEGADOCS),
-    "300m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_mlp=2688, **_MEGADOCS),
-    "600m": dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, d_mlp=3584, **_MEGADOCS),
-    "1_5b": dict(d_model=1536, n_layers=36, n_heads=16, n_kv_heads=8, d_mlp=5376, **_MEGADOCS),
-    "maga_134m": dict(d_model=1024, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=4096, **_MAGA),
-    "maga_377m": dict(d_model=1536, n_layers=10, n_heads=12, n_kv_heads=12, d_mlp=6144, **_MAGA),
-    "maga_1_7b": dict(d_model=2560, n_layers=16, n_heads=20, n_kv_heads=20, d_mlp=10240, **_MAGA),
-    "maga_7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_mlp=14336, **_MAGA),
-    "maga_13b": dict(d_model=4096, n_layers=48, n_heads=32, n_kv_heads=8, d_mlp=18432, **_MAGA),
-}
 
 
 # ---------------------------------------------------------------------------------------------

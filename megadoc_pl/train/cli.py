@@ -1,42 +1,50 @@
-"""``megadoc-pl``: Lightning's CLI over the same recipes as ``recipes/train.py``.
+"""``megadoc-pl``: the one command-line parser (Lightning's CLI) over the typed recipe.
 
 ::
 
     megadoc-pl fit --recipe megadoc_stitch --scale paper_300m --set data.real=real/ \\
-        --trainer.num_nodes 4 --trainer.devices 8
-    megadoc-pl fit --recipe megadoc_stitch --set run.name=stitch-a --resume      # continue last.ckpt
+        --set train.num_nodes=4 --set train.devices=8
+    megadoc-pl fit --recipe megadoc_stitch --cfg.train.lr 3e-3 --trainer.enable_progress_bar false
+    megadoc-pl fit --recipe megadoc_stitch --set run.name=stitch-a --resume         # continue last.ckpt
     megadoc-pl validate --recipe megadoc_stitch --set run.name=stitch-a --ckpt_path last
-    megadoc-pl fit --recipe megadoc_stitch --print_config > stitch.yaml          # everything, resolved
-    megadoc-pl fit --config stitch.yaml                                          # ... and back
+    megadoc-pl fit --recipe megadoc_stitch --print_config > stitch.yaml             # everything, resolved
+    megadoc-pl fit --config stitch.yaml --set train.lr=0.5                          # ... and back
+    megadoc-pl fit --help                                                           # every key, explained
 
-How the two configuration systems meet: ``--recipe/--scale/--set`` are read first and resolved by
-:func:`megadoc_pl.recipes.load_recipe` (the same files, precedence and errors as
-``recipes/train.py``). The resolved recipe becomes the default of the ``recipe_config`` argument
-and the recipe's Trainer settings (devices, nodes, strategy, precision, steps, clipping, logging)
-become the ``trainer.*`` defaults, so ``--print_config`` shows the whole run and any
-``--trainer.*`` flag overrides the recipe. Model and data are not LightningCLI sections: they are
-built from ``recipe_config`` by :func:`megadoc_pl.train.run.setup_run`, exactly as for
-``recipes/train.py``. Trainer flags that correspond to recipe keys (devices, num_nodes,
-accelerator, strategy, precision, max_steps, gradient_clip_val, log_every_n_steps) are written
-back into the recipe so ``config.yaml`` records what ran.
+The recipe is the typed argument ``cfg`` (:class:`megadoc_pl.config.RecipeConfig`; every key
+is a ``--cfg.KEY`` flag whose help is the field's docstring). Precedence, lowest first:
+
+1. the schema defaults of ``RecipeConfig``;
+2. ``--recipe NAME`` (``recipes/methods/NAME.yaml`` or a YAML path), then its scale preset
+   (``--scale NAME``, ``--set scale=NAME`` or the recipe's own);
+3. ``--config FILE``, ``--cfg.KEY VALUE`` and ``--set KEY=VALUE`` (the same as
+   ``--cfg.KEY=VALUE``), in command-line order: a later one wins, so
+   ``--config run.yaml --set train.lr=0.5`` trains at 0.5.
+
+The Trainer settings a recipe decides (accelerator, devices, num_nodes, strategy, precision,
+max_steps, gradient clipping, logging interval) are *linked* from ``cfg.train``
+(``link_arguments``): there is one value, the recipe's. ``--trainer.devices 4`` (and the other
+linked names) is accepted as a spelling of ``--cfg.train.devices 4``; every other ``--trainer.*``
+flag goes to the Trainer as it is. ``--recipe``, ``--scale``, ``--set`` and ``--resume`` are
+read from the command line before the parser is built (they decide its defaults) and are also
+parser arguments, so ``--help`` lists them.
+
+``recipes/train.py --recipe NAME k=v ...`` is a front door to this same code path.
+Exit codes: 0 done, 2 bad recipe / data / arguments (one line on stderr), 3 a non-finite loss.
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from megadoc_pl.utils import require
-
-# Trainer argument -> recipe key it mirrors
-_TRAINER_TO_RECIPE = {
+# Trainer argument -> the recipe key it is linked from (and an alias of on the command line).
+TRAINER_LINKS = {
     "accelerator": "train.accelerator",
     "devices": "train.devices",
     "num_nodes": "train.num_nodes",
@@ -46,50 +54,110 @@ _TRAINER_TO_RECIPE = {
     "gradient_clip_val": "train.grad_clip",
     "log_every_n_steps": "train.log_every",
 }
+_PRE_FLAGS = ("--recipe", "--scale", "--set")
+EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
 
 
-def _pre_parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", default=None)
-    pre.add_argument("--scale", default=None)
-    pre.add_argument("--set", action="append", default=[], dest="overrides")
-    pre.add_argument("--resume", nargs="?", const="true", default="false",
-                     type=lambda v: str(v).lower() in ("1", "true", "yes"))
-    return pre.parse_known_args(list(argv))
+class CommandLine:
+    """What is read from argv before the parser exists: the recipe, scale, ``--set`` items, --resume.
+
+    ``rest`` is what the parser reads: ``--set KEY=VALUE`` becomes ``--cfg.KEY=VALUE`` and a
+    linked ``--trainer.NAME V`` becomes ``--cfg.train.KEY=V``, each in its place.
+    """
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.recipe: Optional[str] = None
+        self.scale: Optional[str] = None
+        self.sets: list[str] = []
+        self.resume = False
+        self.rest: list[str] = []
+        argv = list(argv)
+        i = 0
+        while i < len(argv):
+            arg = argv[i]
+            flag, eq, value = arg.partition("=")
+            if flag in _PRE_FLAGS:
+                if not eq:
+                    if i + 1 >= len(argv):
+                        raise ValueError(f"{flag} needs a value (see megadoc-pl fit --help)")
+                    value, i = argv[i + 1], i + 1
+                if flag == "--set":
+                    self.sets.append(value)
+                    key, eq_set, set_value = value.partition("=")
+                    if not eq_set:
+                        raise ValueError(f"--set {value!r} is not KEY=VALUE (e.g. --set train.lr=3e-3)")
+                    if key.strip() == "scale":
+                        self.scale = set_value.strip()
+                    else:
+                        self.rest.append(f"--cfg.{key.strip()}={set_value}")
+                else:
+                    setattr(self, flag[2:], value)
+            elif flag == "--resume":
+                self.resume = not eq or value.lower() in ("1", "true", "yes")
+            elif flag.startswith("--trainer.") and flag[len("--trainer."):] in TRAINER_LINKS:
+                key = TRAINER_LINKS[flag[len("--trainer."):]]
+                if not eq:
+                    if i + 1 >= len(argv):
+                        raise ValueError(f"{flag} needs a value")
+                    value, i = argv[i + 1], i + 1
+                self.rest.append(f"--cfg.{key}={value}")
+            else:
+                self.rest.append(arg)
+            i += 1
+        if self.resume:
+            self.rest.append("--cfg.run.resume=last")
+
+    def recipe_defaults(self) -> Any:
+        """The composed recipe (method < scale < --set), the parser's default for ``cfg``."""
+        from megadoc_pl.recipes import load_recipe
+
+        sets = [s for s in self.sets if s.partition("=")[0].strip() != "scale"]
+        sets += [f"scale={self.scale}"] if self.scale else []
+        return load_recipe(self.recipe or "baseline_real", sets + (["run.resume=last"] if self.resume else []))
 
 
-def _recipe_from_args(known: argparse.Namespace):
-    from megadoc_pl.recipes import load_recipe
+def _link(parser: Any, key: str, target: str) -> None:
+    from megadoc_pl.train.run import resolve_precision_name
 
-    overrides = list(known.overrides)
-    if known.scale:
-        overrides.append(f"scale={known.scale}")
-    if known.resume:
-        overrides.append("run.resume=last")
-    return load_recipe(known.recipe or "baseline_real", overrides)
+    computes = {
+        "precision": (("cfg.train.precision", "cfg.train.accelerator"), resolve_precision_name),
+        "max_steps": (f"cfg.{key}", lambda v: -1 if v is None else int(v)),
+        "gradient_clip_val": (f"cfg.{key}", lambda v: float(v) if v else None),
+        "log_every_n_steps": (f"cfg.{key}", lambda v: max(1, int(v))),
+    }
+    source, fn = computes.get(target, (f"cfg.{key}", None))
+    parser.link_arguments(source, f"trainer.{target}", compute_fn=fn)
 
 
 def _build_cli_class():
-    require("jsonargparse", "cli", "the megadoc-pl command (pip install 'jsonargparse[signatures]>=4.39')")
-    from lightning.pytorch import Trainer
+    import jsonargparse
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from megadoc_pl.config import RecipeConfig
     from megadoc_pl.train import run as run_mod
 
-    class MegadocCLI(LightningCLI):
-        """LightningCLI whose model and data come from a megadoc_pl recipe."""
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
-        def __init__(self, recipe_cfg: Any, recipe_args: argparse.Namespace, args: Optional[list[str]] = None):
-            self.recipe_cfg = recipe_cfg
-            self.recipe_args = recipe_args
+    class OneLineErrorParser(LightningArgumentParser):
+        """Bad arguments: one line and a hint instead of the whole usage."""
+
+        def error(self, message: str, ex: Optional[Exception] = None) -> None:  # type: ignore[override]
+            lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+            text = "; ".join(lines[:2]) if lines else "bad arguments"
+            raise ValueError(f"{text} (see: {self.prog} --help)")
+
+    class MegadocCLI(LightningCLI):
+        """LightningCLI whose model and data come from the typed recipe ``cfg``."""
+
+        def __init__(self, recipe_defaults: Any, command_line: CommandLine, args: list[str]) -> None:
+            self.recipe_defaults = recipe_defaults
+            self.command_line = command_line
             self.run: Optional[run_mod.TrainingRun] = None
-            defaults = _recipe_trainer_defaults(recipe_cfg)
-            self._recipe_trainer_defaults = defaults
             super().__init__(
-                model_class=None, datamodule_class=None, save_config_callback=None, trainer_defaults=defaults,
+                model_class=None, datamodule_class=None, save_config_callback=None,
                 seed_everything_default=False, auto_configure_optimizers=False, load_from_checkpoint_support=False,
-                parser_kwargs={"description": "megadoc_pl training with Lightning's CLI (recipes + trainer flags)"},
+                parser_class=OneLineErrorParser,
+                parser_kwargs={"description": "megadoc_pl training: a typed recipe (--cfg.*) and Lightning's Trainer"},
                 args=args,
             )
 
@@ -97,20 +165,21 @@ def _build_cli_class():
 
         def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(self.trainer_class, "trainer")
-            parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items()})
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            a = self.recipe_args
-            parser.add_argument("--recipe", type=Optional[str], default=a.recipe,
-                                help="method recipe name (recipes/methods/NAME.yaml) or a YAML path")
-            parser.add_argument("--scale", type=Optional[str], default=a.scale, help="scale preset name")
-            parser.add_argument("--set", type=list[str], default=list(a.overrides),
-                                help="recipe overrides key=value (repeat --set for several)")
-            parser.add_argument("--resume", type=bool, default=bool(a.resume),
-                                help="continue the run's checkpoints/last.ckpt (run.resume=last)")
-            parser.add_argument("--recipe_config", type=dict,
-                                default=OmegaConf.to_container(self.recipe_cfg, resolve=True),
-                                help="the resolved recipe (filled from --recipe/--scale/--set; a --config file may give it)")
+            c = self.command_line
+            parser.add_argument("--recipe", type=Optional[str], default=c.recipe,
+                                help="method recipe name (recipes/methods/NAME.yaml) or a YAML path; sets the cfg defaults")
+            parser.add_argument("--scale", type=Optional[str], default=c.scale,
+                                help="scale preset name (recipes/scales/NAME.yaml)")
+            parser.add_argument("--set", type=list[str], default=[],
+                                help="recipe override KEY=VALUE, i.e. --cfg.KEY=VALUE in its place (repeat for several)")
+            parser.add_argument("--resume", type=bool, default=c.resume,
+                                help="continue the run's checkpoints/last.ckpt (cfg.run.resume=last)")
+            parser.add_argument("--cfg", type=RecipeConfig, help="the recipe: every key, typed and documented")
+            parser.set_defaults({"cfg": OmegaConf.to_container(self.recipe_defaults, resolve=True)})
+            for target, key in TRAINER_LINKS.items():
+                _link(parser, key, target)
 
         def _parse_ckpt_path(self) -> None:
             """Checkpoints carry the recipe in hparams['cfg']; nothing to merge into the CLI config."""
@@ -118,11 +187,17 @@ def _build_cli_class():
         # --------------------------------------------------------------------- instantiate
 
         def instantiate_classes(self) -> None:
+            from lightning.pytorch import Trainer
+
+            from megadoc_pl.recipes import validate_recipe
+
             self.config_init = self.parser.instantiate_classes(self.config)
             section = self.config_init.get(str(self.subcommand), self.config_init)
-            cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), section["recipe_config"])
-            trainer_args = dict(section["trainer"])
-            overrides = _trainer_overrides(trainer_args, self._recipe_trainer_defaults, cfg)
+            cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.structured(section["cfg"]))
+            validate_recipe(cfg)
+            defaults = {k: p.default for k, p in inspect.signature(Trainer.__init__).parameters.items()}
+            overrides = {k: v for k, v in dict(section["trainer"]).items()
+                         if k not in TRAINER_LINKS and k in defaults and v != defaults[k]}
             self.run = run_mod.setup_run(cfg, overrides, stage=self.subcommand or "fit")
             self.model, self.datamodule, self.trainer = self.run.module, self.run.datamodule, self.run.trainer
 
@@ -151,38 +226,7 @@ def _build_cli_class():
             if self.trainer.is_global_zero:
                 print(json.dumps(values, indent=2, sort_keys=True))
 
-    return MegadocCLI, Trainer
-
-
-def _recipe_trainer_defaults(cfg: Any) -> dict[str, Any]:
-    from megadoc_pl.train.run import trainer_kwargs
-
-    return trainer_kwargs(cfg)
-
-
-def _trainer_overrides(trainer_args: dict, recipe_defaults: dict, cfg: Any) -> dict[str, Any]:
-    """Trainer flags that differ from the recipe's (or Lightning's) defaults.
-
-    Flags that mirror a recipe key are written into ``cfg`` (so config.yaml records them) and
-    rebuilt from there; the others are returned as Trainer overrides.
-    """
-    from lightning.pytorch import Trainer
-
-    signature = {k: p.default for k, p in inspect.signature(Trainer.__init__).parameters.items()}
-    out: dict[str, Any] = {}
-    for key, value in trainer_args.items():
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)  # jsonargparse keeps '--trainer.devices 2' as the string '2'
-        default = recipe_defaults[key] if key in recipe_defaults else signature.get(key, value)
-        if value == default:
-            continue
-        if key in _TRAINER_TO_RECIPE:
-            if key == "max_steps" and value in (-1, None):
-                continue
-            OmegaConf.update(cfg, _TRAINER_TO_RECIPE[key], value, merge=False)
-        else:
-            out[key] = value
-    return out
+    return MegadocCLI
 
 
 def _checkpoint(run: Any, ckpt_path: str) -> Path:
@@ -191,32 +235,39 @@ def _checkpoint(run: Any, ckpt_path: str) -> Path:
     if ckpt_path in ("last", "auto"):
         path = run.run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT
         if not path.is_file():
-            raise SystemExit(f"error: --ckpt_path {ckpt_path}: {path} does not exist (give run.name of a trained run)")
+            raise ValueError(f"--ckpt_path {ckpt_path}: {path} does not exist (give run.name of a trained run)")
         return path
     path = Path(ckpt_path)
     if not path.is_file():
-        raise SystemExit(f"error: --ckpt_path {ckpt_path}: no such file")
+        raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console script ``megadoc-pl``."""
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script ``megadoc-pl``; returns the exit code (see the module docstring)."""
+    import warnings
+
     from megadoc_pl.train.callbacks import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    known, rest = _pre_parse(argv)
-    try:
-        cfg = _recipe_from_args(known)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    cli_cls, _ = _build_cli_class()
     # we hand LightningCLI the arguments left after reading --recipe/--scale/--set on purpose
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     try:
-        cli_cls(cfg, known, args=rest)
-    except (ValueError, NonFiniteLossError) as e:
-        raise SystemExit(f"error: {e}") from None
+        command_line = CommandLine(argv)
+        _build_cli_class()(command_line.recipe_defaults(), command_line, args=command_line.rest)
+    except ValueError as e:  # bad recipe, arguments, data or mixture: one line, no trace
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteLossError as e:  # a NaN/inf loss stops the run with its step and sources
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except SystemExit as e:  # refusals raised as SystemExit('error: ...') (run directory, resume)
+        if isinstance(e.code, str) and e.code.startswith("error:"):
+            print(e.code, file=sys.stderr)
+            return EXIT_BAD_INPUT
+        raise
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

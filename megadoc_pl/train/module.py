@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megadoc_pl.model.hf import config_from_recipe, load_hf_weights
-from megadoc_pl.model.llama import Llama
+from megadoc_pl.model.hf import load_hf_weights
+from megadoc_pl.model.llama import Llama, LlamaConfig
 from megadoc_pl.train.callbacks import NonFiniteLossError, StreamCounter, nonfinite_message
 from megadoc_pl.train.optim import build_adamw, build_scheduler, make_schedule
 
@@ -46,7 +46,7 @@ class MegadocLM(pl.LightningModule):
         cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         self.save_hyperparameters({"cfg": cfg})
         self.cfg: DictConfig = OmegaConf.create(cfg)
-        self.model = Llama(config_from_recipe(cfg["model"]))
+        self.model = Llama(LlamaConfig.from_recipe(cfg))
         if self.cfg.model.init_from:
             load_hf_weights(self.model, self.cfg.model.init_from)
         self.val_set_names: list[str] = []

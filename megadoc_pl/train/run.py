@@ -6,7 +6,6 @@ same :func:`setup_run` / :meth:`TrainingRun.fit` with Trainer arguments from the
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import warnings
@@ -18,12 +17,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from megadoc_pl.data.datamodule import accumulation_steps
 from megadoc_pl.train import rundir
 from megadoc_pl.train.callbacks import NonFiniteLossError, ThroughputMonitor
+from megadoc_pl.train.metrics import run_metrics
 from megadoc_pl.train.module import MegadocLM
 
 
@@ -95,155 +94,42 @@ class TrainingRun:
 
     def metrics(self, status: str, error: Optional[str] = None) -> dict[str, Any]:
         """The flat metrics.json object (SPEC 3.5)."""
-        m = self.module
-        out: dict[str, Any] = {}
-        for k, v in self.trainer.callback_metrics.items():  # downstream/*, grad norm, ...
-            if isinstance(v, torch.Tensor) and v.numel() == 1:
-                out[k] = float(v)
-        out.update({k: float(v) for k, v in m.last_train.items()})
-        for cb in self.trainer.callbacks:
-            if isinstance(cb, ThroughputMonitor):
-                out.update(cb.last)
-            # downstream scores survive the post-fit validate(), which clears callback_metrics
-            out.update({k: float(v) for k, v in (getattr(cb, "last_metrics", None) or {}).items()})
-        out.update(m.last_val)
-        for k, v in m.best_val.items():
-            out[f"{k}_best"] = v
-        if m.counter is not None:
-            out.update(m.counter.metrics())
-            out["tokens_seen"] = int(m.counter.tokens.sum())
-        else:
-            out["tokens_seen"] = int(self.trainer.global_step * self.cfg.train.global_batch_size * self.cfg.data.seq_len)
-        plan = getattr(self.datamodule, "plan", None)
-        if plan is not None:
-            out["plan/steps"] = int(plan.steps)
-            out["plan/tokens"] = int(plan.tokens)
-        out.update({
-            "status": status,
-            "error": error,
-            "run_name": self.run_dir.name,
-            "recipe": self.cfg.recipe,
-            "scale": self.cfg.scale,
-            "steps": int(self.trainer.global_step),
-            "max_steps": int(self.cfg.train.max_steps),
-            # from the config: under FSDP the module's own parameters are this rank's shards
-            "parameters": int(m.model.cfg.num_params()),
-            "parameters_non_embedding": int(m.model.cfg.num_params(embeddings=False)),
-            "global_batch_size": int(self.cfg.train.global_batch_size),
-            "micro_batch_size": int(self.cfg.train.micro_batch_size),
-            "accumulate_grad_batches": int(self.trainer.accumulate_grad_batches),
-            "world_size": int(self.trainer.world_size),
-            "seq_len": int(self.cfg.data.seq_len),
-            "precision": str(self.trainer.precision),
-            "resumed_from": str(self.ckpt_path) if self.ckpt_path else None,
-            "wall_time_s": round(m.train_time_s(), 3),
-            "total_time_s": round(time.time() - self.started, 3),
-        })
-        out.update(rundir.flat_provenance(self.provenance))
-        return out
+        return run_metrics(self.trainer, self.module, self.cfg, getattr(self.datamodule, "plan", None),
+                           status=status, error=error, run_name=self.run_dir.name, provenance=self.provenance,
+                           resumed_from=self.ckpt_path, started=self.started)
 
 
 # ---------------------------------------------------------------------------------------------
 # building a run
 
 
-class MegadocFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDPStrategy with the fixes a megadoc_pl run needs (``train.strategy=fsdp``).
-
-    - Validation after fit (``TrainingRun._final_validation``) reuses the root FSDP wrapper.
-      Lightning wraps the LightningModule again, finds the Blocks already wrapped, skips the root
-      and leaves the root's parameters (embeddings, final norm, head) as this rank's flat shards:
-      "'weight' must be 2-D" (Lightning issue #19015).
-    - Mixed precision keeps buffers in fp32. Lightning's FSDP bf16-mixed casts buffers to bf16,
-      which rounds RoPE's ``inv_freq`` (0.3162 -> 0.3164): the run would train with other rotary
-      frequencies than DDP, evaluation and the exported model use.
-    - It runs on the CPU over gloo (tests, debugging). torch's FSDP supports CPU tensors given
-      ``device_id=cpu``; Lightning passes ``root_device.index`` (None on the CPU, so torch looks
-      for an accelerator), gathers full state dicts with ``offload_to_cpu=True`` (wrong on the CPU,
-      see :meth:`_full_state_dict_context`), and refuses ``accelerator='cpu'`` for the name
-      ``fsdp`` or the exact type ``FSDPStrategy`` (a subclass passes).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._root: Optional[torch.nn.Module] = None
-
-    @property
-    def mixed_precision_config(self) -> Any:
-        config = super().mixed_precision_config
-        if config is not None and "mixed" in str(self.precision_plugin.precision) and config.buffer_dtype is not None:
-            config = dataclasses.replace(config, buffer_dtype=torch.float32)
-        return config
-
-    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        if self._root is not None and self._root.module is model:
-            return self._root
-        if self.root_device.type == "cpu" and not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-            model = FullyShardedDataParallel(
-                module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs,
-            )
-            self.kwargs.pop("auto_wrap_policy", None)  # else Lightning warns that it ignores the policy
-        self._root = super()._setup_model(model)
-        return self._root
-
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        if not self._full_on_cpu():
-            return super().lightning_module_state_dict()
-        with self._full_state_dict_context():
-            return self.model.state_dict()
-
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        if not self._full_on_cpu():
-            return super().optimizer_state(optimizer)
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp import OptimStateKeyType
-
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
-        with self._full_state_dict_context():
-            state = FSDP.optim_state_dict(self.model, optimizer)
-            if self.global_rank == 0:  # keyed by parameter index, as Lightning stores it
-                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
-            return state
-
-    def _full_on_cpu(self) -> bool:
-        return self._state_dict_type == "full" and self.root_device.type == "cpu"
-
-    def _full_state_dict_context(self) -> Any:
-        """Full state dicts on rank 0 without ``offload_to_cpu``: on the CPU that option makes
-        torch skip its copies, so gathered weights point into freed memory (segfault) and each
-        Adam ``exp_avg`` into the buffer reused for ``exp_avg_sq`` (a silently wrong resume)."""
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
-                                    FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
-                                    FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True))
-
-
 def on_gpu(cfg: DictConfig) -> bool:
-    acc = str(cfg.train.accelerator)
-    return acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+    return _on_gpu(str(cfg.train.accelerator))
+
+
+def _on_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def resolve_precision(cfg: DictConfig) -> str:
     """``auto``: bf16-mixed on GPU, 32-true on CPU; anything else is passed to Lightning."""
-    p = str(cfg.train.precision)
-    if p != "auto":
-        return p
-    return "bf16-mixed" if on_gpu(cfg) else "32-true"
+    return resolve_precision_name(str(cfg.train.precision), str(cfg.train.accelerator))
+
+
+def resolve_precision_name(precision: str, accelerator: str) -> str:
+    """:func:`resolve_precision` from the two recipe values (the CLI links ``trainer.precision`` through it)."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if _on_gpu(accelerator) else "32-true"
 
 
 def build_strategy(cfg: DictConfig) -> Any:
-    """``fsdp`` wraps every transformer block; other names go to Lightning as they are."""
+    """``fsdp`` wraps every transformer block (train/fsdp.py); other names go to Lightning as they are."""
     name = str(cfg.train.strategy)
     if name == "fsdp":
-        from megadoc_pl.model.llama import Block
+        from megadoc_pl.train.fsdp import fsdp_strategy
 
-        # use_orig_params keeps parameter names (no-decay groups) and lets torch.compile see them
-        return MegadocFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type="full")
+        return fsdp_strategy()
     return name
 
 
@@ -321,9 +207,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: Any, overrides: Op
 def _throughput_callback(cfg: DictConfig, kw: Mapping[str, Any]) -> ThroughputMonitor:
     """Throughput always; MFU against the GPU's bf16 peak when training in bf16 on a known GPU."""
     from megadoc_pl.model import flops
-    from megadoc_pl.model.hf import config_from_recipe
+    from megadoc_pl.model.config import LlamaConfig
 
-    model_cfg = config_from_recipe(OmegaConf.to_container(cfg.model, resolve=True))
+    model_cfg = LlamaConfig.from_recipe(OmegaConf.to_container(cfg, resolve=True))
     seq_len = int(cfg.data.seq_len)
     peak = None
     if on_gpu(cfg) and torch.cuda.is_available() and "bf16" in str(kw.get("precision", "")):
@@ -348,7 +234,7 @@ def _eval_callbacks(cfg: DictConfig, datamodule: Any) -> list:
 
 def prepare(cfg: DictConfig) -> tuple[DictConfig, pl.LightningDataModule]:
     """Data for a recipe and the config completed from it (vocab size, max steps)."""
-    from megadoc_pl.pipeline import prepare_data
+    from megadoc_pl.data.prepare import prepare_data
 
     dm = prepare_data(cfg)
     cfg = cfg.copy()

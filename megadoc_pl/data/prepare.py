@@ -1,12 +1,10 @@
-"""From a recipe to training data: paths -> split -> token stores -> views -> mixture plan.
+"""Data preparation, from a recipe to training data: paths -> split -> token stores -> views -> plan.
 
 ``prepare_corpus(cfg)`` does the work and returns a :class:`PreparedData` (stores, split,
 units of every stream and validation set, the plan, the dataset fingerprint) with a
 ``datamodule()`` factory; ``prepare_data(cfg)`` is the datamodule itself (what training uses;
-``dm.prepared`` holds the rest).
-``dry_run_report(prepared)`` is the plan as JSON-able numbers (tokens, passes, steps,
-parameters, FLOPs, hours); ``assumed_dry_run_report(cfg, sizes)`` is the same report from
-assumed stream sizes, without preparing anything.
+``dm.prepared`` holds the rest). The dry-run report built on top of this lives in
+:mod:`megadoc_pl.dryrun`.
 
 Without ``data.real`` the built-in demo provides the world, its tokenizer and the generations
 the view needs (``megadoc_pl.demo``), with the validation split decided before generation so
@@ -18,29 +16,25 @@ store itself verifies content fingerprints and refuses a mismatch unless ``data.
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from megadoc_pl.data.hygiene import check_units_disjoint
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
 from megadoc_pl.data.views import SYNTHETIC_TASK, Units, ViewOptions, build_view, documents_units, real_units
-from megadoc_pl.data.windows import SCOPES, StreamWindows, Windows
-from megadoc_pl.eval.hygiene import check_units_disjoint
-from megadoc_pl.utils import json_fingerprint
+from megadoc_pl.data.windows import StreamWindows, Windows
+from megadoc_pl.utils import get_logger, json_fingerprint
 
 if TYPE_CHECKING:  # Lightning is imported only when a datamodule is made (dry runs stay light)
     from megadoc_pl.data.datamodule import MegadocDataModule
 
 # data.* keys that do not change which tokens a window holds (left out of the fingerprint).
 _RUNTIME_KEYS = ("num_workers", "cache_dir", "rebuild", "skip_bad_rows")
-
-
-def _say(message: str) -> None:
-    print(f"[data] {message}", file=sys.stderr, flush=True)
+_log = get_logger("data")
 
 
 def _as_list(value: Any) -> list[str]:
@@ -95,11 +89,21 @@ class PreparedData:
         for name, units in self.val_units.items():
             w = Windows.sequential(units, int(self.cfg.data.seq_len), scope, val.max_windows)
             if len(w) == 0:
-                _say(f"validation set '{name}' has {units.num_tokens} tokens, less than one window "
+                _log.info(f"validation set '{name}' has {units.num_tokens} tokens, less than one window "
                      f"of {int(self.cfg.data.seq_len) + 1}: skipped")
                 continue
             out[name] = w
         return out
+
+    def windows(self, split: str) -> Windows:
+        """The windows of ``train`` or ``val/NAME``."""
+        if split == "train":
+            return self.train_windows()
+        val = self.val_windows()
+        if split.startswith("val/") and split[4:] in val:
+            return val[split[4:]]
+        names = ", ".join(["train"] + [f"val/{n}" for n in val])
+        raise ValueError(f"--split {split!r} is not one of {names}")
 
     def datamodule(self) -> "MegadocDataModule":
         from megadoc_pl.data.datamodule import MegadocDataModule
@@ -110,21 +114,6 @@ class PreparedData:
         dm.prepared = self
         dm.vocab_size = self.vocab_size
         return dm
-
-    def summary(self) -> dict:
-        """The dry-run plan: streams, steps, windows, tokens, units, view statistics."""
-        out = plan_summary(self.cfg, self.plan, self.vocab_size)
-        out.update({
-            "fingerprint": self.fingerprint,
-            "real": {"documents": self.real.num_documents, "heldout_documents": len(self.heldout),
-                     **self.real_units.stats},
-            "validation": {k: {"documents": u.num_units, "tokens": u.num_tokens} for k, u in self.val_units.items()},
-            "paths": {k: str(v) for k, v in self.paths.items()},
-        })
-        if self.synthetic_units is not None:
-            out["synthetic"] = {"units": self.synthetic_units.num_units, "pieces": self.synthetic_units.num_pieces,
-                                **self.synthetic_units.stats}
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +149,7 @@ def _build_store(cfg: DictConfig, inputs: Sequence[str], tokenizer: Any, kind: s
     extra = {"text_field": str(cfg.data.text_field), "id_field": str(cfg.data.id_field)} if kind == "documents" else {}
     out = _store_dir(cfg, kind, files, tokenizer, extra)
     if not (out / "manifest.json").exists():
-        _say(f"tokenizing {what} ({len(files)} file(s)) -> {out}")
+        _log.info(f"tokenizing {what} ({len(files)} file(s)) -> {out}")
     kw = dict(kind=kind, add_bos=bool(cfg.data.add_bos), add_eos=bool(cfg.data.add_eos),
               skip_bad_rows=bool(cfg.data.skip_bad_rows), rebuild=bool(cfg.data.rebuild))
     if kind == "documents":
@@ -187,10 +176,6 @@ def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]
     return path, heldout, sets
 
 
-def _view_options(cfg: DictConfig) -> ViewOptions:
-    return ViewOptions.from_config(cfg.data, int(cfg.train.data_seed))
-
-
 def _synthetic_inputs(cfg: DictConfig, demo: Any, split_file: Path, real_path: Any, tok_path: Any) -> list[str]:
     """data.synthetic, or demo generations for every task the view needs."""
     if cfg.data.synthetic is not None:
@@ -214,11 +199,11 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
     """Stores, split, units and the plan of a recipe (tokenizing on first use, cached)."""
     from megadoc_pl.data.tokenizer import load_tokenizer
 
+    from megadoc_pl.recipes import validate_recipe
+
+    validate_recipe(cfg)
     data = cfg.data
-    if str(cfg.model.attention_scope) not in SCOPES:
-        raise ValueError(f"model.attention_scope={cfg.model.attention_scope!r} is not one of {', '.join(SCOPES)}")
-    opts = _view_options(cfg)
-    opts.validate()
+    opts = ViewOptions.from_config(cfg.data, int(cfg.train.data_seed))
     demo = None
     if data.real is None:
         if data.synthetic is not None:
@@ -319,192 +304,3 @@ def dataset_fingerprint(cfg: DictConfig, stores: Sequence[Any], split_file: Path
     return json_fingerprint({"data": data, "data_seed": int(cfg.train.data_seed),
                              "attention_scope": str(cfg.model.attention_scope), "stores": stores_key,
                              "split": file_fingerprint(split_file)["sha256"]})
-
-
-# --------------------------------------------------------------------------------------------
-# Dry run
-
-ASSUMED_MFU = 0.40  # SPEC 11 target, used for the time estimate of a dry run
-
-
-def plan_summary(cfg: DictConfig, plan: MixturePlan, vocab_size: int) -> dict:
-    """The part of a dry-run report that the recipe and the stream sizes alone decide."""
-    steps = run_steps(cfg, plan)
-    return {
-        "recipe": str(cfg.recipe), "scale": str(cfg.scale), "view": str(cfg.data.view),
-        "generations": int(cfg.data.generations), "attention_scope": str(cfg.model.attention_scope),
-        "plan": plan.to_dict(), "max_steps": steps,
-        "trained_tokens": steps * plan.global_batch_size * plan.seq_len, "vocab_size": int(vocab_size),
-    }
-
-
-def dry_run_report(prepared: PreparedData, sample_windows: int = 64) -> dict:
-    """The plan plus model size, training FLOPs and, on a GPU, the expected wall time."""
-
-    def measured_keys() -> tuple[float, str]:
-        # Mean keys per query under the recipe's scope, measured on evenly spread training windows.
-        from megadoc_pl.model.flops import mean_attended_keys
-
-        train = prepared.train_windows()
-        idx = np.unique(np.linspace(0, len(train) - 1, min(sample_windows, len(train))).astype(np.int64))
-        cu = train.batch(idx)["cu_seqlens"].numpy()
-        return mean_attended_keys(np.diff(cu)), f"measured on {len(idx)} training windows"
-
-    return _add_model_and_cost(prepared.cfg, prepared.summary(), prepared.vocab_size, measured_keys)
-
-
-def assumed_dry_run_report(cfg: DictConfig, stream_tokens: Mapping[str, int]) -> dict:
-    """The dry-run report from assumed stream sizes (unique tokens per pass), reading no data.
-
-    Nothing is prepared (no demo world, no tokenizer, no store): the vocabulary is
-    ``model.vocab_size`` or the default of ``model.size``, and attention is costed over whole
-    windows (exact for scope ``window``, an upper bound for ``document`` / ``megadoc``).
-    """
-    from megadoc_pl.model.llama import LlamaConfig
-
-    if str(cfg.model.attention_scope) not in SCOPES:
-        raise ValueError(f"model.attention_scope={cfg.model.attention_scope!r} is not one of {', '.join(SCOPES)}")
-    _view_options(cfg).validate()
-    view = str(cfg.data.view)
-    streams = [REAL, SYNTHETIC] if _needs_synthetic(cfg) else [REAL]
-    unknown = sorted(set(stream_tokens) - {REAL, SYNTHETIC})
-    if unknown:
-        raise ValueError(f"assumed sizes name unknown stream(s) {unknown}; the streams are {REAL} and {SYNTHETIC}")
-    if REAL not in stream_tokens:
-        raise ValueError(f"recipe {cfg.recipe} needs the real stream's size (e.g. --assume-tokens {REAL}=200M)")
-    if SYNTHETIC in streams and SYNTHETIC not in stream_tokens:
-        raise ValueError(f"recipe {cfg.recipe} (data.view={view}) has a synthetic stream: give its size too "
-                         f"(e.g. --assume-tokens {REAL}=200M,{SYNTHETIC}=3.7B)")
-    if SYNTHETIC not in streams and SYNTHETIC in stream_tokens:
-        raise ValueError(f"recipe {cfg.recipe} (data.view={view}) has no synthetic stream: drop {SYNTHETIC}= "
-                         "from the assumed sizes")
-    tokens = {n: int(stream_tokens[n]) for n in streams}
-    plan = plan_from_sizes(cfg, tokens)
-    size = str(cfg.model.size)
-    if cfg.model.vocab_size is not None:
-        vocab, vocab_from = int(cfg.model.vocab_size), "model.vocab_size"
-    else:
-        vocab, vocab_from = LlamaConfig.from_name(size).vocab_size, f"default of model.size={size}"
-    report = plan_summary(cfg, plan, vocab)
-    for s in report["plan"]["streams"].values():
-        s["units_per_pass"] = None  # unknown without the data
-    report["assumed"] = {"stream_tokens": tokens, "vocab_size": vocab_from,
-                         "note": "stream sizes assumed: no data read, no units, validation sets or fingerprint"}
-    T = int(cfg.data.seq_len)
-    scope = str(cfg.model.attention_scope)
-    how = "whole windows (exact for scope window)" if scope == "window" else (
-        f"whole windows: an upper bound, scope {scope} cuts windows at boundaries an assumed-size run cannot see")
-    return _add_model_and_cost(cfg, report, vocab, lambda: ((T + 1) / 2, how))
-
-
-_SIZE_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-
-
-def parse_stream_sizes(text: str) -> dict[str, int]:
-    """``'real=203867748,synthetic=3.7B'`` -> ``{'real': 203867748, 'synthetic': 3700000000}``.
-
-    Counts are whole tokens; ``_`` separators and decimal k/M/B(G)/T suffixes are allowed.
-    """
-    from decimal import Decimal, InvalidOperation
-
-    out: dict[str, int] = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        name, value = name.strip(), value.strip().replace("_", "")
-        if not sep or not name or not value:
-            raise ValueError(f"{item.strip()!r} is not NAME=TOKENS (e.g. real=200M,synthetic=3.7B)")
-        if name in out:
-            raise ValueError(f"stream {name!r} is given twice")
-        mult = _SIZE_SUFFIXES.get(value[-1].lower(), 1)
-        number = value[:-1] if mult > 1 else value
-        try:
-            count = Decimal(number) * mult
-        except InvalidOperation:
-            raise ValueError(f"{name}={value}: not a token count (e.g. 203867748, 200M, 3.7B)") from None
-        if not count.is_finite() or count < 0 or count != count.to_integral_value():
-            raise ValueError(f"{name}={value}: a token count is a whole number >= 0")
-        out[name] = int(count)
-    return out
-
-
-def _add_model_and_cost(cfg: DictConfig, report: dict, vocab_size: int,
-                        mean_keys: Callable[[], tuple[float, str]]) -> dict:
-    """Add parameters, training FLOPs and the hardware estimate to a plan summary (both dry runs)."""
-    try:
-        from megadoc_pl.model.hf import config_from_recipe
-
-        mcfg = config_from_recipe(OmegaConf.to_container(cfg.model, resolve=True), vocab_size)
-    except ImportError:  # the model part is optional for planning
-        return report
-    report["parameters"] = mcfg.num_params()
-    report["parameters_non_embedding"] = mcfg.num_params(embeddings=False)
-    try:
-        from megadoc_pl.model.flops import flops_per_token, peak_bf16_flops
-    except ImportError:
-        report["train_flops_6ND"] = 6 * report["parameters"] * report["trained_tokens"]
-        return report
-    keys, keys_from = mean_keys()
-    per_token = flops_per_token(mcfg, int(cfg.data.seq_len), keys)
-    total = per_token * report["trained_tokens"]
-    report["flops"] = {"per_token": per_token, "total": total, "mean_attended_keys": round(keys, 2),
-                       "mean_attended_keys_from": keys_from,
-                       "six_N_D": 6 * report["parameters"] * report["trained_tokens"]}
-    report["hardware"] = _time_estimate(cfg, total, peak_bf16_flops)
-    return report
-
-
-def _time_estimate(cfg: DictConfig, total_flops: float, peak_fn) -> dict:
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return {"device": "cpu", "estimated_hours": None, "note": "no GPU detected: no time estimate"}
-        name = torch.cuda.get_device_name(0)
-        devices = cfg.train.devices
-        n = torch.cuda.device_count() if devices in ("auto", -1, None) else int(devices)
-        n *= int(cfg.train.num_nodes)
-    except Exception as e:  # pragma: no cover - odd CUDA setups
-        return {"device": "unknown", "estimated_hours": None, "note": str(e)}
-    peak = peak_fn(name)
-    if peak is None:
-        return {"device": name, "gpus": n, "estimated_hours": None, "note": "unknown peak FLOP/s (set MEGADOC_PEAK_FLOPS)"}
-    hours = total_flops / (n * peak * ASSUMED_MFU) / 3600
-    return {"device": name, "gpus": n, "peak_flops_per_gpu": peak, "assumed_mfu": ASSUMED_MFU,
-            "estimated_hours": round(hours, 3)}
-
-
-# --------------------------------------------------------------------------------------------
-# Inspection
-
-
-def dump_windows(prepared: PreparedData, split: str, start: int, count: int, out: str) -> int:
-    """Write windows [start, start + count) of ``train`` or ``val/NAME`` as JSONL; returns rows written."""
-    import json
-
-    from megadoc_pl.utils import atomic_write_text
-
-    if split == "train":
-        windows = prepared.train_windows()
-    elif split.startswith("val/") and split[4:] in prepared.val_windows():
-        windows = prepared.val_windows()[split[4:]]
-    else:
-        names = ", ".join(["train"] + [f"val/{n}" for n in prepared.val_windows()])
-        raise ValueError(f"--split {split!r} is not one of {names}")
-    stop = min(start + count, len(windows))
-    if start < 0 or start >= stop:
-        raise ValueError(f"--start {start} is outside the {len(windows)} windows of {split}")
-    idx = np.arange(start, stop)
-    tokens = windows.tokens(idx)
-    lines = []
-    for row, k in enumerate(idx):
-        d = windows.describe(int(k))
-        lines.append(json.dumps({
-            "index": int(k), "stream": d["stream"], "stream_window": d["stream_window"],
-            "tokens": tokens[row].tolist(), "text": prepared.tokenizer.decode(tokens[row]), "sources": d["pieces"],
-        }, ensure_ascii=False))
-    text = "\n".join(lines) + "\n"
-    if out == "-":
-        sys.stdout.write(text)
-    else:
-        atomic_write_text(out, text)
-    return len(lines)

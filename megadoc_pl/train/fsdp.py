@@ -1,0 +1,93 @@
+"""FSDP for megadoc_pl runs (``train.strategy=fsdp``): Lightning's FSDPStrategy with the fixes a run needs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+
+class MegadocFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy with the fixes a megadoc_pl run needs (``train.strategy=fsdp``).
+
+    - Validation after fit (``TrainingRun._final_validation``) reuses the root FSDP wrapper.
+      Lightning wraps the LightningModule again, finds the Blocks already wrapped, skips the root
+      and leaves the root's parameters (embeddings, final norm, head) as this rank's flat shards:
+      "'weight' must be 2-D" (Lightning issue #19015).
+    - Mixed precision keeps buffers in fp32. Lightning's FSDP bf16-mixed casts buffers to bf16,
+      which rounds RoPE's ``inv_freq`` (0.3162 -> 0.3164): the run would train with other rotary
+      frequencies than DDP, evaluation and the exported model use.
+    - It runs on the CPU over gloo (tests, debugging). torch's FSDP supports CPU tensors given
+      ``device_id=cpu``; Lightning passes ``root_device.index`` (None on the CPU, so torch looks
+      for an accelerator), gathers full state dicts with ``offload_to_cpu=True`` (wrong on the CPU,
+      see :meth:`_full_state_dict_context`), and refuses ``accelerator='cpu'`` for the name
+      ``fsdp`` or the exact type ``FSDPStrategy`` (a subclass passes).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._root: Optional[torch.nn.Module] = None
+
+    @property
+    def mixed_precision_config(self) -> Any:
+        config = super().mixed_precision_config
+        if config is not None and "mixed" in str(self.precision_plugin.precision) and config.buffer_dtype is not None:
+            config = dataclasses.replace(config, buffer_dtype=torch.float32)
+        return config
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if self._root is not None and self._root.module is model:
+            return self._root
+        if self.root_device.type == "cpu" and not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            model = FullyShardedDataParallel(
+                module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs,
+            )
+            self.kwargs.pop("auto_wrap_policy", None)  # else Lightning warns that it ignores the policy
+        self._root = super()._setup_model(model)
+        return self._root
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if not self._full_on_cpu():
+            return super().lightning_module_state_dict()
+        with self._full_state_dict_context():
+            return self.model.state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if not self._full_on_cpu():
+            return super().optimizer_state(optimizer)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import OptimStateKeyType
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
+        with self._full_state_dict_context():
+            state = FSDP.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:  # keyed by parameter index, as Lightning stores it
+                state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
+
+    def _full_on_cpu(self) -> bool:
+        return self._state_dict_type == "full" and self.root_device.type == "cpu"
+
+    def _full_state_dict_context(self) -> Any:
+        """Full state dicts on rank 0 without ``offload_to_cpu``: on the CPU that option makes
+        torch skip its copies, so gathered weights point into freed memory (segfault) and each
+        Adam ``exp_avg`` into the buffer reused for ``exp_avg_sq`` (a silently wrong resume)."""
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT,
+                                    FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                                    FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True))
+
+
+def fsdp_strategy() -> MegadocFSDPStrategy:
+    """Every transformer block wrapped; full state dicts in checkpoints."""
+    from megadoc_pl.model.llama import Block
+
+    # use_orig_params keeps parameter names (no-decay groups) and lets torch.compile see them
+    return MegadocFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type="full")
