@@ -9,7 +9,8 @@ A store is a directory::
                     tokens[offsets[i]:offsets[i+1]] = [BOS] + encode(text) + [EOS]
     offsets.npy     int64, num_documents + 1 cumulative offsets
     index.parquet   one row per document: source_id, task, gen_index, file, line, promoted
-                    generation fields (split_index, judge_score, genre, audience, style) and
+                    generation fields (split_index, judge_score, genre, audience, style,
+                    chunk_index) and
                     meta (the rest of the row / the generation fields, as JSON)
 
 It is built under a temporary name and renamed (utils.atomic_dir), so an interrupted build
@@ -61,6 +62,7 @@ PROMOTED_FIELDS: dict[str, tuple[str, Any]] = {
     "genre": ("string", ""),
     "audience": ("string", ""),
     "style": ("string", ""),
+    "chunk_index": ("int64", -1),  # --long-sources chunk: which chunk of the source was rewritten
 }
 
 # Work unit sent to a worker: about this many bytes of JSONL, or this many Parquet rows.
@@ -217,11 +219,14 @@ class TokenStore:
 
     def meta(self, i: int) -> dict:
         """The rest of the input row (documents) or the generation's task fields (generations)."""
+        return json.loads(self._metas()[i])
+
+    def _metas(self) -> list[str]:
         if self._meta_column is None:
             import pyarrow.parquet as pq
 
             self._meta_column = pq.read_table(self.path / "index.parquet", columns=["meta"]).column("meta").to_pylist()
-        return json.loads(self._meta_column[i])
+        return self._meta_column
 
     # -- vectorised access
 
@@ -240,6 +245,11 @@ class TokenStore:
 
     def column(self, name: str) -> np.ndarray:
         """An index column as a numpy array (source_id, task, gen_index, file, line, or a promoted field)."""
+        if name not in self._index.column_names and name in PROMOTED_FIELDS and self.kind == "generations":
+            # A store built before the field was promoted: read it from the generation fields.
+            typ, default = PROMOTED_FIELDS[name]
+            values = [_coerce(json.loads(m).get(name), typ, default) for m in self._metas()]
+            return np.array(values, dtype=object if typ == "string" else typ)
         if name not in self._index.column_names:
             raise KeyError(f"{self.path}: index has no column {name!r} (columns: {', '.join(self._index.column_names)})")
         return self._index.column(name).to_numpy(zero_copy_only=False)

@@ -9,6 +9,13 @@ Notation: source s has real text r(s) (one document of the real store) and gener
 g_1(s)..g_P(s) (documents of the synthetic store with ``source_id`` s), of which a view uses the
 first G by ``gen_index``.
 
+Chunked sources (``synthesize --long-sources chunk``): a source longer than the prompt budget was
+rewritten chunk by chunk, and its rows carry ``chunk_index`` k (``gen_index = k * P + g``). Each
+chunk is a pool of its own: a view takes the first G of *every* chunk, in chunk order, so every
+chunk reaches training. ``stitch`` / ``maga_stitch`` build one megadoc per source from chunk 0's
+G generations, then chunk 1's, ..., with r(s) placed as configured; ``rephrase`` / ``maga`` make
+one unit per generation of every chunk. A source is short when any of its chunks is.
+
 ==============  ==========================================================================
 view            units
 ==============  ==========================================================================
@@ -251,7 +258,8 @@ def _train_sources(real, heldout: set[str]) -> tuple[np.ndarray, np.ndarray, dic
 
 def _pools(real, synth, task: str, heldout: set[str], generations: int, short_pool: str,
            judge_min_score: Optional[float] = None, keep_all: bool = False) -> _Pools:
-    """First-G generations (by gen_index) of ``task`` for every training source."""
+    """First-G generations (by gen_index) of ``task`` for every training source; for a chunked
+    source, the first G of every chunk, in chunk order."""
     real_docs, ids, stats = _train_sources(real, heldout)
     if synth is None:
         raise ValueError(f"view needs generations of task '{task}' but data.synthetic is not set "
@@ -279,18 +287,30 @@ def _pools(real, synth, task: str, heldout: set[str], generations: int, short_po
     pos_of_doc = np.full(real.num_documents, -1, np.int64)
     pos_of_doc[real_docs] = np.arange(len(real_docs))
     pos = pos_of_doc[src_doc]
-    order = np.lexsort((synth.gen_indices[gen_docs], pos))
-    gen_docs, pos = gen_docs[order], pos[order]
-    counts = np.bincount(pos, minlength=len(real_docs))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(len(pos)) - starts[pos]
+    # A chunked source (--long-sources chunk) has one pool per chunk: rank within (source, chunk).
+    chunk = np.maximum(synth.column("chunk_index")[gen_docs], 0)
+    order = np.lexsort((synth.gen_indices[gen_docs], chunk, pos))
+    gen_docs, pos, chunk = gen_docs[order], pos[order], chunk[order]
+    first = np.ones(len(pos), bool)
+    first[1:] = (pos[1:] != pos[:-1]) | (chunk[1:] != chunk[:-1])
+    group_start = np.flatnonzero(first)
+    rank = np.arange(len(pos)) - group_start[np.cumsum(first) - 1]
+    # Per source, its smallest pool (0 for a source without generations).
+    counts = np.zeros(len(real_docs), np.int64)
+    group_pos = pos[group_start]
+    counts[group_pos] = np.iinfo(np.int64).max
+    np.minimum.at(counts, group_pos, np.diff(np.append(group_start, len(pos))))
+    chunked = np.zeros(len(real_docs), bool)
+    chunked[pos[chunk > 0]] = True
+    stats["chunked_sources"] = int(chunked.sum())
     short = counts < generations
     stats["pool_min"] = int(counts.min()) if len(counts) else 0
     if short.any():
         if short_pool == "error":
             k = int(np.flatnonzero(short)[0])
+            where = " in one of its chunks" if chunked[k] else ""
             raise ValueError(
-                f"source {ids[k]!r} has {int(counts[k])} '{task}' generations but the recipe uses G={generations} "
+                f"source {ids[k]!r} has {int(counts[k])} '{task}' generations{where} but the recipe uses G={generations} "
                 f"({int(short.sum())} of {len(short)} sources are short) (fix: lower data.generations, generate "
                 f"more, or set data.short_pool=drop)"
             )
