@@ -117,7 +117,7 @@ class _Server:
 
     def __init__(self):
         self.calls: list[dict] = []
-        self.script: list[str] = []  # per call: "ok" | "500" | "429" | "400" | "slow"
+        self.script: list[str] = []  # per call: "ok" | "500" | "429" | "400" | "404" | "slow"
         self.lock = threading.Lock()
         outer = self
 
@@ -133,7 +133,7 @@ class _Server:
                 try:
                     if action == "slow":
                         time.sleep(1.5)
-                    if action in ("500", "429", "400"):
+                    if action in ("500", "429", "400", "404"):
                         self.send_response(int(action))
                         if action == "429":
                             self.send_header("Retry-After", "0")
@@ -143,7 +143,8 @@ class _Server:
                     n = body.get("n", 1)
                     last = body["messages"][-1]["content"]
                     reply = {
-                        "choices": [{"index": i, "message": {"role": "assistant", "content": f"{last}#{i}"}}
+                        "choices": [{"index": i, "message": {"role": "assistant", "content": f"{last}#{i}"},
+                                     "finish_reason": "length" if i == 0 else "stop"}
                                     for i in reversed(range(n))],  # out of order on purpose
                         "usage": {"prompt_tokens": 7, "completion_tokens": 5 * n},
                     }
@@ -184,7 +185,8 @@ def test_openai_request_shape_and_choices(server):
     out = backend.generate([req("a", "hello", n=3, max_new=9, seed=11), req("b", "bye", n=1)])
     assert out[0].texts == ["hello#0", "hello#1", "hello#2"]  # sorted by choice index
     assert out[0].prompt_tokens == 7 and sum(out[0].completion_tokens) == 15
-    assert out[1].texts == ["bye#0"] and out[1].error is None
+    assert out[0].finish_reasons == ["length", "stop", "stop"] and out[0].tokens_estimated  # split of a total
+    assert out[1].texts == ["bye#0"] and out[1].error is None and not out[1].tokens_estimated
     bodies = sorted((c["body"] for c in server.calls), key=lambda b: b["n"], reverse=True)
     assert bodies[0] == {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "n": 3,
                          "temperature": 1.0, "top_p": 1.0, "max_tokens": 9, "seed": 11}
@@ -218,7 +220,7 @@ def test_openai_gives_up_and_does_not_retry_client_errors(server):
 
 def test_openai_split_n_and_unreachable_server(server):
     out = _client(server, split_n=True).generate([req("a", "x", n=2, seed=5)])
-    assert out[0].texts == ["x#0", "x#0"]
+    assert out[0].texts == ["x#0", "x#0"] and not out[0].tokens_estimated  # one usage per completion
     assert sorted(c["body"]["seed"] for c in server.calls) == [5, 6]
     dead = OpenAIBackend(base_url="http://127.0.0.1:9/v1", model="m", max_retries=1, backoff=0.01, timeout=1)
     out = dead.generate([req("a", "x")])

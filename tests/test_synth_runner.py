@@ -410,6 +410,8 @@ def test_sigkill_mid_run_then_resume_gives_every_generation_once(tmp_path, tiny_
     rows = read_rows(out)
     assert sorted(keys(rows)) == [(d["id"], g) for d in docs for g in range(2)]  # each exactly once
     assert len(rows) == len(set(keys(rows)))
+    totals = json.loads((out / "stats.json").read_text())["totals"]
+    assert totals["rows_written"] == 48 and totals["units_done"] == 24  # recounted from the files
 
 
 # ----------------------------------------------------------------------------- command line

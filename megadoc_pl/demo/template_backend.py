@@ -591,7 +591,8 @@ class TemplateBackend:
             except (ValueError, KeyError, TypeError) as e:  # one bad request never stops the batch
                 out.append(Response(req.id, [], prompt_words, [], error=f"{type(e).__name__}: {e}"))
                 continue
-            out.append(Response(req.id, texts, prompt_words, [_words(t) for t in texts]))
+            out.append(Response(req.id, texts, prompt_words, [_words(t) for t in texts],
+                                finish_reasons=["stop"] * len(texts)))
         return out
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from megadoc_pl.synth.backends.base import available_backends
-from megadoc_pl.synth.runner import RunConfig, aggregate_stats, synthesize
+from megadoc_pl.synth.runner import RunConfig, aggregate_stats, local_out_dir, synthesize
 from megadoc_pl.synth.tasks import LONG_SOURCES, MAGA_VARIANTS, STYLES, TASKS, TaskConfig
 
 
@@ -33,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-source-tokens", type=int, default=4096,
                    help="prompt budget for the source text (rationale: prefix + suffix)")
     g.add_argument("--long-sources", choices=LONG_SOURCES, default="truncate",
-                   help="rephrase/maga: truncate long sources, or split them into paragraph chunks")
+                   help="rephrase/maga: truncate long sources, or split them into paragraph chunks "
+                   "(G generations per chunk; rows carry chunk_index and views use every chunk)")
+    g.add_argument("--min-chunk-tokens", type=int, default=None,
+                   help="chunk: no chunk shorter; a short tail is merged with the chunk before it "
+                   "(default: max-source-tokens / 8)")
+    g.add_argument("--reject-duplicates", action="store_true",
+                   help="rephrase: drop completions that nearly repeat another sample of the same prompt")
     g.add_argument("--min-keyword-coverage", type=float, default=0.1,
                    help="maga: drop outputs covering fewer of the source's keywords (0: keep all)")
     g.add_argument("--strip-boilerplate", action=argparse.BooleanOptionalAction, default=None,
@@ -55,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-shards", type=int, default=None)
     d.add_argument("--batch-size", type=int, default=64, help="documents per backend round")
     d.add_argument("--limit", type=int, default=None, help="at most this many documents in this run")
+    d.add_argument("--max-consecutive-failures", type=int, default=8,
+                   help="stop when this many requests in a row fail the same way (0: never)")
     d.add_argument("--gpus", type=int, default=None, help="GPUs billed in stats (default: visible)")
     d.add_argument("--no-progress", action="store_true")
 
@@ -119,14 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         if a.stats_only:
-            print(json.dumps(aggregate_stats(Path(a.out))["totals"], indent=2))
+            print(json.dumps(aggregate_stats(local_out_dir(a.out))["totals"], indent=2))
             return 0
         task_cfg = TaskConfig(
             task=a.task, generations=a.generations, style=a.style, maga_variant=a.maga_variant,
             judge=a.judge, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
             max_source_tokens=a.max_source_tokens, long_sources=a.long_sources,
-            min_keyword_coverage=a.min_keyword_coverage, strip_boilerplate=a.strip_boilerplate,
-            seed=a.seed, prompt_dir=a.prompt_dir,
+            min_chunk_tokens=a.min_chunk_tokens, min_keyword_coverage=a.min_keyword_coverage,
+            strip_boilerplate=a.strip_boilerplate, seed=a.seed, prompt_dir=a.prompt_dir,
+            reject_duplicates=a.reject_duplicates,
         )
         kwargs = {**backend_kwargs(a.backend, a, a.model, a.base_url), **_extra(a.backend_arg)}
         judge_kwargs = {}
@@ -138,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             judge_backend=a.judge_backend, judge_backend_kwargs=judge_kwargs, model=a.model,
             split_file=a.split_file, shard=a.shard, num_shards=a.num_shards, batch_size=a.batch_size,
             text_field=a.text_field, id_field=a.id_field, skip_bad_rows=a.skip_bad_rows,
-            tokenizer=a.tokenizer, gpus=a.gpus, limit=a.limit, progress=not a.no_progress,
+            tokenizer=a.tokenizer, gpus=a.gpus, limit=a.limit,
+            max_consecutive_failures=a.max_consecutive_failures, progress=not a.no_progress,
         )
         stats = synthesize(task_cfg, cfg)
     except (ValueError, OSError) as e:  # bad input, missing model or file: one line, no traceback
@@ -152,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({run['gpu_hours']:.3f} GPU-h); stats in {Path(a.out) / 'stats.json'}",
         file=sys.stderr,
     )
+    if run["units_not_started"]:
+        print(f"[synth] --limit {a.limit}: {run['units_not_started']} more units of this shard are not "
+              "started; rerun to continue", file=sys.stderr)
     if run["remaining_units"]:
-        print(f"[synth] {run['remaining_units']} documents are not finished (failed requests are in "
+        print(f"[synth] {run['remaining_units']} units are not finished (failed requests are in "
               f"{Path(a.out) / '.synth' / 'errors'}); rerun the same command to retry them",
               file=sys.stderr)
         return 2

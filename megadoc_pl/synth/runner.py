@@ -9,19 +9,34 @@ Layout of an output directory ``DIR`` (shard i of n; every node writes only its 
     DIR/.synth/errors/shard-...jsonl      failed requests (retried by the next run)
     DIR/.synth/dropped/shard-...jsonl     outputs removed by cleaning (count as done)
     DIR/.synth/state/shard-...jsonl       maga stage-1 pairs (never regenerated)
+    DIR/.synth/judged/shard-...jsonl      judge scores of rows kept with judge_pending (folded
+                                          into the rows file, rewritten atomically)
+    DIR/.synth/locks/shard-....lock       held (flock) while a run writes the shard
 
 Everything auxiliary sits in the hidden ``.synth`` folder so that readers given ``DIR`` see only
 generation rows. Resume works at request granularity: on start the runner cuts a torn last line
 (a run killed mid-write), collects the finished (source_id, gen_index) pairs, and asks only for
 what is missing, so every (source, generation) ends up exactly once however often a run is
-killed. A request that fails is recorded and retried by the next run; it never stops this one.
+killed. A request that fails is recorded and retried by the next run; it never stops this one,
+unless ``max_consecutive_failures`` requests in a row fail the same way (a dead server, a wrong
+model name, a request the server rejects): then the run stops with one line (``CircuitOpen``).
+
+Only one process writes a shard at a time: a second run of the same shard is refused
+(``ShardBusy``) while the first holds the shard's lock. A start that fails validation leaves no
+``run.json`` (and removes the directories it created), so the corrected command starts afresh.
+The output counters of ``stats.json`` (rows written and dropped, failures, units done) are
+recounted from the files on every start, so they are exact after kills; the spend counters
+(requests, tokens, wall time) are summed over runs and miss at most the batch a kill interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,10 +44,18 @@ from typing import Any, Iterator
 
 from megadoc_pl.synth.backends.base import Backend, Request, Response, error_line, get_backend
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
-from megadoc_pl.utils import atomic_write_json, stable_hash
+from megadoc_pl.utils import atomic_write_json, current_umask, stable_hash
 
 RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max_source_tokens",
-            "judge", "num_shards", "model", "budget_unit")
+            "min_chunk_tokens", "judge", "num_shards", "model", "budget_unit")
+
+
+class ShardBusy(ValueError):
+    """Another process holds the lock of this shard."""
+
+
+class CircuitOpen(ValueError):
+    """Too many consecutive requests failed the same way: the run stops instead of walking the shard."""
 
 
 @dataclass
@@ -56,6 +79,8 @@ class RunConfig:
     tokenizer: str | None = None  # training tokenizer: budgets and rationale split points
     gpus: int | None = None  # GPUs billed for GPU-hours (None: visible GPUs if the backend uses them)
     limit: int | None = None  # at most this many pending units in this run (smoke tests)
+    max_consecutive_failures: int = 8  # stop after this many failed requests in a row with the
+    # same error (0: never stop; failures are still recorded and retried by the next run)
     progress: bool = True
 
 
@@ -101,7 +126,9 @@ class ShardFiles:
     errors: Path
     dropped: Path
     state: Path
+    judged: Path
     stats: Path
+    lock: Path
     run: Path
 
     @classmethod
@@ -109,7 +136,67 @@ class ShardFiles:
         name, aux = shard_name(i, n), out / ".synth"
         return cls(out / f"{name}.jsonl", aux / "errors" / f"{name}.jsonl",
                    aux / "dropped" / f"{name}.jsonl", aux / "state" / f"{name}.jsonl",
-                   aux / "stats" / f"{name}.json", aux / "run.json")
+                   aux / "judged" / f"{name}.jsonl", aux / "stats" / f"{name}.json",
+                   aux / "locks" / f"{name}.lock", aux / "run.json")
+
+
+def local_out_dir(out: str) -> Path:
+    """--out as a local directory; object-storage URLs are refused with one line (no local 's3:')."""
+    if out.startswith("file://"):
+        return Path(out[len("file://"):])
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", out):
+        raise ValueError(f"--out {out}: object-storage URLs are not supported by the generation runner "
+                         "(fix: write to a local or mounted directory, then copy it to the bucket)")
+    return Path(out)
+
+
+class ShardLock:
+    """An exclusive ``flock`` on a shard's lock file while a run writes it. The kernel releases it
+    when the process ends (a killed run leaves no stale lock). On NFS v4 flock is a POSIX lock
+    and holds across nodes; Lustre needs the ``flock`` mount option."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path, self.what = path, what
+        self.f = None
+        self.created: list[Path] = []  # directories this lock created (removed by discard)
+
+    def acquire(self) -> None:
+        import fcntl
+
+        for d in reversed(self.path.parents):
+            if not d.exists():
+                self.created.append(d)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ShardBusy(f"{self.what} is being written by {holder} (fix: wait for that run to end, "
+                            "or give this one another --out or --shard)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.flush()
+        self.f = f
+
+    def release(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+    def discard(self) -> None:
+        """Release, and remove the lock file and the directories acquire created (a failed start)."""
+        if self.created:
+            self.path.unlink(missing_ok=True)
+        self.release()
+        for d in reversed(self.created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # not empty: someone else wrote there meanwhile
 
 
 def repair_tail(path: Path) -> int:
@@ -157,6 +244,28 @@ def read_jsonl(path: Path) -> Iterator[dict]:
                 ) from None
 
 
+def rewrite_rows(path: Path, update) -> int:
+    """Stream ``path`` through ``update(row) -> bool`` (True: changed) into a temporary file and
+    rename it over ``path`` (readers and a kill see the old or the new file, never half of one).
+    Returns the number of rows changed; the file is left alone when none is."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    changed = 0
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in read_jsonl(path):
+                changed += bool(update(row))
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if changed:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return changed
+
+
 class Appender:
     """Append JSON lines in whole batches, flushed and fsynced before returning."""
 
@@ -193,6 +302,15 @@ def visible_gpus() -> int:
 
 COUNTERS = ("requests", "completions", "failures", "prompt_tokens", "completion_tokens",
             "rows_written", "rows_dropped", "units_done", "heldout_skipped", "wall_s", "gpu_hours")
+# Totals recounted from the shard's files on every start (exact after kills); the other
+# counters are summed over runs.
+FILE_COUNTERS = ("rows_written", "rows_dropped", "failures")
+
+
+def failure_kind(error: str) -> str:
+    """What the circuit breaker compares: the error with numbers masked, cut short (HTTP 404 and
+    HTTP 400 from one server, or 'prompt of 5000 tokens' and 'of 6000 tokens', are one kind)."""
+    return re.sub(r"\d+", "#", error)[:60]
 
 
 def aggregate_stats(out: Path) -> dict:
@@ -233,6 +351,7 @@ class _BatchContext:
         self.rows: list[dict] = []
         self.dropped: list[dict] = []
         self.errors: list[dict] = []
+        self.judged: list[dict] = []  # judge results of rows kept earlier with judge_pending
 
     def call(self, requests: list[Request], judge: bool = False) -> list[Response]:
         if not requests:
@@ -261,6 +380,7 @@ class _BatchContext:
                                                seed=req.seed))
             else:
                 stats["completions"] += req.n
+            self.r.breaker.record(resp.error)
         return responses
 
     def _error(self, request_id: str, source_id: str | None, stage: str, error: str,
@@ -296,6 +416,41 @@ class _BatchContext:
         extra = self.r.run_stats["counters"]
         extra[name] = extra.get(name, 0) + k
 
+    def judge_pending(self, unit: Unit) -> list[dict]:
+        """Rows of this unit written earlier with ``judge_pending`` (their judge call failed)."""
+        return [self.r.judge_pending[(unit.doc.id, g)] for g in self.r.task.expected(unit, self.state) or []
+                if (unit.doc.id, g) in self.r.judge_pending]
+
+    def rejudged(self, row: dict, fields: dict) -> None:
+        self.judged.append({"source_id": row["source_id"], "gen_index": row["gen_index"], **fields})
+
+
+class CircuitBreaker:
+    """Counts consecutive failed requests of one kind (``failure_kind``); ``check`` raises
+    CircuitOpen once there are ``limit`` of them (0: never)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self.kind: str | None = None
+        self.count = 0
+        self.last = ""
+
+    def record(self, error: str | None) -> None:
+        if error is None:
+            self.kind, self.count = None, 0
+            return
+        kind = failure_kind(error)
+        self.count = self.count + 1 if kind == self.kind else 1
+        self.kind, self.last = kind, error
+
+    def check(self) -> None:
+        if self.limit and self.count >= self.limit:
+            raise CircuitOpen(
+                f"stopped after {self.count} consecutive failed requests: {self.last} (fix: check the "
+                "server, --model and --base-url, then rerun: failed requests are retried; "
+                "--max-consecutive-failures 0 never stops)"
+            )
+
 
 class Runner:
     def __init__(self, task_cfg: TaskConfig, cfg: RunConfig, backend: Backend | None = None,
@@ -306,15 +461,15 @@ class Runner:
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.cfg = cfg
         self.task_cfg = task_cfg
+        self.out = local_out_dir(cfg.out)
         self.shard, self.num_shards, self.shard_source = resolve_shard(cfg.shard, cfg.num_shards)
         self.inputs = [str(p) for p in expand_inputs(cfg.inputs)]
-        self.out = Path(cfg.out)
         self.files = ShardFiles.of(self.out, self.shard, self.num_shards)
         self.heldout = self._load_heldout(cfg.split_file)
         counter = TokenCounter(self._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
         self.task = make_task(task_cfg, counter)
+        self.run_record = self._check_run_file(counter)  # before loading a model for minutes
         self.backend = backend if backend is not None else get_backend(cfg.backend, **cfg.backend_kwargs)
-        self._check_run_file(counter)  # after the backend loaded: a typo in --model is not recorded
         if judge_backend is not None:
             self.judge_backend = judge_backend
         elif cfg.judge_backend is not None and task_cfg.judge:
@@ -324,6 +479,7 @@ class Runner:
         self.model_name = getattr(self.backend, "model_name", None) or cfg.model or self.backend.name
         self.judge_model_name = (getattr(self.judge_backend, "model_name", None)
                                  or cfg.judge_backend_kwargs.get("model") or self.model_name)
+        self.breaker = CircuitBreaker(cfg.max_consecutive_failures)
 
     # -- setup
 
@@ -348,46 +504,71 @@ class Runner:
             return load_tokenizer(Path(model) / "tokenizer.json")
         return None
 
-    def _check_run_file(self, counter: TokenCounter) -> None:
-        """Refuse to mix different generation settings or shard counts in one directory."""
+    def _check_run_file(self, counter: TokenCounter) -> dict | None:
+        """Refuse to mix different generation settings or shard counts in one directory; returns
+        the record to write once the start has been validated (None: run.json exists)."""
         t = self.task_cfg
         run = {"task": t.task, "generations": t.generations, "style": t.style if t.task == "rephrase" else None,
                "maga_variant": t.maga_variant if t.task == "maga" else None,
                "long_sources": t.long_sources, "max_source_tokens": t.max_source_tokens,
+               "min_chunk_tokens": t.min_chunk_tokens if t.long_sources == "chunk" else None,
                "judge": t.judge if t.task == "maga" else None, "num_shards": self.num_shards,
                "model": self.cfg.model or self.cfg.backend_kwargs.get("model"),
                "budget_unit": counter.unit}
-        if self.files.run.exists():
-            old = json.loads(self.files.run.read_text())
-            diff = [k for k in RUN_KEYS if old.get(k) != run.get(k)]
-            if diff:
-                what = ", ".join(f"{k}={old.get(k)!r} (now {run.get(k)!r})" for k in diff)
-                raise ValueError(
-                    f"{self.out} holds a generation run with other settings: {what} "
-                    "(fix: rerun with the same settings to resume, or use a new --out)"
-                )
-        else:
-            atomic_write_json(self.files.run, {**run, "task_config": asdict(t),
-                                               "inputs": self.inputs, "split_file": self.cfg.split_file})
+        if not self.files.run.exists():
+            return {**run, "task_config": asdict(t), "inputs": self.inputs, "split_file": self.cfg.split_file}
+        old = json.loads(self.files.run.read_text())
+        diff = [k for k in RUN_KEYS if old.get(k) != run.get(k)]
+        if diff:
+            what = ", ".join(f"{k}={old.get(k)!r} (now {run.get(k)!r})" for k in diff)
+            raise ValueError(
+                f"{self.out} holds a generation run with other settings: {what} "
+                "(fix: rerun with the same settings to resume, or use a new --out)"
+            )
+        return None
 
     # -- resume state
 
     def _load_progress(self) -> None:
-        for path in (self.files.rows, self.files.dropped, self.files.errors, self.files.state):
+        for path in (self.files.rows, self.files.dropped, self.files.errors, self.files.state, self.files.judged):
             cut = repair_tail(path)
             if cut:
                 print(f"[synth] {path}: removed a torn last line ({cut} bytes) left by a killed run",
                       file=sys.stderr)
+        self._merge_judged()
         self.done: set[tuple[str, int]] = set()
-        for path in (self.files.rows, self.files.dropped):
+        self.judge_pending: dict[tuple[str, int], dict] = {}
+        self.file_counts = {k: 0 for k in FILE_COUNTERS}
+        for path, counter in ((self.files.rows, "rows_written"), (self.files.dropped, "rows_dropped")):
             for row in read_jsonl(path):
                 if row.get("task") == self.task.name:
-                    self.done.add((row["source_id"], int(row["gen_index"])))
+                    key = (row["source_id"], int(row["gen_index"]))
+                    self.done.add(key)
+                    self.file_counts[counter] += 1
+                    if row.get("judge_pending") and counter == "rows_written":
+                        self.judge_pending[key] = row
         self.attempts: dict[str, int] = {}
         for e in read_jsonl(self.files.errors):
             self.attempts[e["request_id"]] = self.attempts.get(e["request_id"], 0) + 1
+            self.file_counts["failures"] += 1
         self.state: dict[str, dict] = {e["key"]: e for e in read_jsonl(self.files.state)}
         self.prev_stats = json.loads(self.files.stats.read_text()) if self.files.stats.exists() else {}
+
+    def _merge_judged(self) -> None:
+        """Fold judge results of rows kept with ``judge_pending`` into the rows file."""
+        judged = {(e["source_id"], int(e["gen_index"])): e for e in read_jsonl(self.files.judged)}
+        if not judged or not self.files.rows.exists():
+            return
+
+        def update(row: dict) -> bool:
+            e = judged.get((row["source_id"], int(row["gen_index"])))
+            if e is None or not row.get("judge_pending"):
+                return False
+            row.update({k: v for k, v in e.items() if k not in ("source_id", "gen_index")})
+            del row["judge_pending"]
+            return True
+
+        rewrite_rows(self.files.rows, update)
 
     def _missing(self, unit: Unit) -> list[int] | None:
         """gen indices still to do ([] when finished; None: stage 1 has not run)."""
@@ -395,6 +576,10 @@ class Runner:
         if expected is None:
             return None
         return [g for g in expected if (unit.doc.id, g) not in self.done]
+
+    def _finished(self, unit: Unit) -> bool:
+        return self._missing(unit) == [] and not any(
+            (unit.doc.id, g) in self.judge_pending for g in self.task.expected(unit, self.state))
 
     def _documents(self, counts: dict):
         from megadoc_pl.data.readers import iter_documents
@@ -412,17 +597,33 @@ class Runner:
         for doc in self._documents(counts):
             counts["shard_docs"] = counts.get("shard_docs", 0) + 1
             for unit in self.task.units(doc):
-                missing = self._missing(unit)
-                if missing is None or missing:
-                    yield unit, missing
+                counts["units"] = counts.get("units", 0) + 1
+                if not self._finished(unit):
+                    yield unit, self._missing(unit)
 
     # -- main loop
 
     def run(self) -> dict:
-        self._load_progress()
-        # Pre-pass: validate the input, count the held-out and pending work (for the ETA).
-        counts: dict = {}
-        pending = sum(1 for _ in self._pending_units(counts))
+        lock = ShardLock(self.files.lock, f"shard {self.shard} of {self.num_shards} in {self.out}")
+        lock.acquire()
+        try:
+            self._load_progress()
+            # Pre-pass: validate the input, count the held-out and pending work (for the ETA).
+            counts: dict = {}
+            try:
+                pending_all = sum(1 for _ in self._pending_units(counts))
+                self._validate_start(counts)
+            except Exception:
+                if self.run_record is not None:
+                    lock.discard()  # a failed first start leaves nothing behind
+                raise
+            if self.run_record is not None:
+                atomic_write_json(self.files.run, self.run_record)
+            return self._generate(pending_all, counts)
+        finally:
+            lock.release()
+
+    def _validate_start(self, counts: dict) -> None:
         if counts.get("heldout", 0) and not counts.get("usable", 0):
             raise ValueError(
                 f"all {counts['heldout']} input documents are held-out validation documents in "
@@ -431,16 +632,18 @@ class Runner:
             )
         if not counts.get("usable", 0):
             raise ValueError("the inputs hold no documents (fix: check --input and --text-field)")
-        pending_all = pending
-        if self.cfg.limit is not None:
-            pending = min(pending, self.cfg.limit)
 
+    def _generate(self, pending_all: int, counts: dict) -> dict:
+        pending = pending_all if self.cfg.limit is None else min(pending_all, self.cfg.limit)
         self.run_stats: dict[str, Any] = {k: 0 for k in COUNTERS}
         self.run_stats.update(by_stage={}, counters={}, heldout_skipped=counts.get("heldout", 0))
         uses_gpu = bool(getattr(self.backend, "uses_gpu", False))
         self.gpus = self.cfg.gpus if self.cfg.gpus is not None else (visible_gpus() if uses_gpu else 0)
+        self.units_total = counts.get("units", 0)
+        self.remaining_all = pending_all
         outputs = {name: Appender(path) for name, path in
-                   (("rows", self.files.rows), ("dropped", self.files.dropped), ("errors", self.files.errors))}
+                   (("rows", self.files.rows), ("dropped", self.files.dropped), ("errors", self.files.errors),
+                    ("judged", self.files.judged))}
         self.state_file = Appender(self.files.state)
         start = self.t_start
         finished = 0
@@ -458,28 +661,42 @@ class Runner:
                     batch = []
             if batch:
                 finished += self._run_batch(batch, outputs, start, bar)
+        except CircuitOpen:
+            self._write_stats(start, complete=False)
+            raise
         finally:
             bar.close()
             for a in outputs.values():
                 a.close()
             self.state_file.close()
-        remaining = pending_all - finished
-        stats = self._write_stats(start, complete=remaining == 0)
-        stats["run"]["remaining_units"] = remaining
+            self._merge_judged()
+        self._warn_duplicates()
+        stats = self._write_stats(start, complete=self.remaining_all == 0)
+        stats["run"]["remaining_units"] = pending - finished  # of the work this run took on
+        stats["run"]["units_not_started"] = pending_all - pending  # left out by --limit
         return stats
 
     def _run_batch(self, batch, outputs, start: float, bar) -> int:
         ctx = _BatchContext(self)
-        self.task.run(batch, ctx)
-        outputs["errors"].write(ctx.errors)
-        outputs["dropped"].write(ctx.dropped)
-        outputs["rows"].write(ctx.rows)
-        for row in ctx.rows + ctx.dropped:
-            self.done.add((row["source_id"], int(row["gen_index"])))
-        finished = sum(1 for unit, _ in batch if self._missing(unit) == [])
-        s = self.run_stats
-        s["rows_written"] += len(ctx.rows)
-        s["rows_dropped"] += len(ctx.dropped)
+        try:
+            self.task.run(batch, ctx)
+        finally:  # a tripped circuit breaker still records what the batch did
+            outputs["errors"].write(ctx.errors)
+            outputs["dropped"].write(ctx.dropped)
+            outputs["rows"].write(ctx.rows)
+            outputs["judged"].write(ctx.judged)
+            for row in ctx.rows + ctx.dropped:
+                self.done.add((row["source_id"], int(row["gen_index"])))
+                if row.get("judge_pending"):
+                    self.judge_pending[(row["source_id"], int(row["gen_index"]))] = row
+            for e in ctx.judged:
+                self.judge_pending.pop((e["source_id"], int(e["gen_index"])), None)
+            s = self.run_stats
+            s["rows_written"] += len(ctx.rows)
+            s["rows_dropped"] += len(ctx.dropped)
+        self.breaker.check()  # after the batch's rows are safe (a down judge keeps them)
+        finished = sum(1 for unit, _ in batch if self._finished(unit))
+        self.remaining_all -= finished
         s["units_done"] += finished
         elapsed = time.perf_counter() - start
         bar.update(len(batch))
@@ -487,17 +704,28 @@ class Runner:
         self._write_stats(start, complete=False)
         return finished
 
+    def _warn_duplicates(self) -> None:
+        dup = self.run_stats["counters"].get("near_duplicate_completions", 0)
+        if dup:
+            total = self.run_stats["completions"]
+            action = "dropped" if self.task_cfg.reject_duplicates else "kept (--reject-duplicates drops them)"
+            print(f"[synth] warning: {dup} of {total} completions nearly repeat another sample of the same "
+                  f"prompt, {action}; the server probably samples greedily or ignores the seed "
+                  "(fix: check its sampling settings)", file=sys.stderr)
+
     def _write_stats(self, start: float, complete: bool) -> dict:
         s = self.run_stats
         s["wall_s"] = round(time.perf_counter() - start, 3)
         s["gpu_hours"] = s["wall_s"] * self.gpus / 3600.0
         prev = self.prev_stats.get("totals", {})
         totals = {k: prev.get(k, 0) + s[k] for k in COUNTERS if k != "heldout_skipped"}
+        totals.update({k: self.file_counts[k] + s[k] for k in FILE_COUNTERS})
+        totals["units_done"] = self.units_total - self.remaining_all
         totals["heldout_skipped"] = s["heldout_skipped"]
         run = {**s, "gpus": self.gpus, "backend": self.backend.name, "model": self.model_name,
                "shard_source": self.shard_source, "started": self.started}
         stats = {"shard": self.shard, "num_shards": self.num_shards, "task": self.task.name,
-                 "complete": complete, "totals": totals,
+                 "complete": complete, "totals": totals, "units": self.units_total,
                  "prompt_versions": self.task.prompt_versions(),
                  "runs": self.prev_stats.get("runs", []) + [run], "run": run}
         atomic_write_json(self.files.stats, {k: v for k, v in stats.items() if k != "run"})

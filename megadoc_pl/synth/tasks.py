@@ -54,10 +54,15 @@ class TaskConfig:
     judge_temperature: float = 0.0  # the judge is greedy: a score, not a sample
     max_source_tokens: int = 4096  # prompt budget for the source text (rationale: prefix + suffix)
     long_sources: str = "truncate"  # rephrase/maga: truncate | chunk (paragraph-aligned chunks)
+    min_chunk_tokens: int | None = None  # chunk: no chunk shorter (a short tail joins the one before);
+    # None: max_source_tokens // 8
     min_keyword_coverage: float = 0.1  # maga: drop outputs covering fewer source keywords (0: off)
     strip_boilerplate: bool | None = None  # remove "Sure, here is ..." openers/closers (None: maga only)
     seed: int = 0
     prompt_dir: str | None = None  # replacement prompt templates (same file names)
+    reject_duplicates: bool = False  # rephrase: drop a completion that nearly repeats another
+    # sample of the same prompt (counted and warned about either way)
+    judge_attempts: int = 3  # maga: judge calls per reformulation in one run before it is kept unjudged
 
     def __post_init__(self) -> None:
         if self.generations is None:
@@ -73,11 +78,22 @@ class TaskConfig:
             (self.max_source_tokens >= 16, f"--max-source-tokens must be >= 16, got {self.max_source_tokens}"),
             (0.0 <= self.min_keyword_coverage <= 1.0,
              f"--min-keyword-coverage must be in [0, 1], got {self.min_keyword_coverage}"),
-            (self.temperature >= 0 and 0 < self.top_p <= 1, "need temperature >= 0 and 0 < top_p <= 1"),
+            (0 <= self.temperature <= 2, f"--temperature must be in [0, 2] (vLLM and OpenAI-compatible "
+             f"servers reject the rest), got {self.temperature}"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
+            (not (self.task == "rephrase" and self.temperature == 0 and self.generations > 1),
+             f"--temperature 0 is greedy: the G={self.generations} samples of one prompt would be identical "
+             "(vLLM refuses n > 1 when greedy) (fix: --temperature 0.7 to 1.0, or --generations 1)"),
+            (self.judge_attempts >= 1, f"judge_attempts must be >= 1, got {self.judge_attempts}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.min_chunk_tokens is None:
+            self.min_chunk_tokens = max(1, self.max_source_tokens // 8)
+        if not 1 <= self.min_chunk_tokens <= self.max_source_tokens // 2:
+            raise ValueError(f"--min-chunk-tokens must be in [1, max_source_tokens/2 = {self.max_source_tokens // 2}], "
+                             f"got {self.min_chunk_tokens}")
         if self.max_new_tokens is None:
             self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[self.task]
         if self.strip_boilerplate is None:
@@ -128,29 +144,43 @@ def truncate_tail(text: str, spans: list[tuple[int, int]], budget: int) -> tuple
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 
-def chunk_ranges(text: str, spans: list[tuple[int, int]], budget: int) -> list[tuple[int, int]]:
+def chunk_ranges(text: str, spans: list[tuple[int, int]], budget: int, min_tokens: int = 1) -> list[tuple[int, int]]:
     """Character ranges of consecutive chunks of at most ``budget`` tokens, cut at paragraph
-    breaks where possible (a paragraph longer than the budget is cut on token boundaries)."""
-    if len(spans) <= budget:
+    breaks where possible (a paragraph longer than the budget is cut on token boundaries).
+
+    No chunk is shorter than ``min_tokens`` (<= budget // 2): a paragraph break that would leave
+    a shorter chunk is not used, and a short tail is merged with the chunk before it, the pair
+    re-cut near its middle, so no model is asked to rewrite a few stray tokens.
+    """
+    n = len(spans)
+    if n <= budget:
         return [(0, len(text))]
+    assert 1 <= min_tokens <= budget // 2
     starts = [s for s, _ in spans]
     # Candidate cut points: the token index at which each paragraph starts.
     cuts = sorted({bisect.bisect_left(starts, m.end()) for m in _PARAGRAPH_BREAK.finditer(text)})
-    cuts = [c for c in cuts if 0 < c < len(spans)] + [len(spans)]
-    ranges_tok: list[tuple[int, int]] = []
-    begin = 0
-    while begin < len(spans):
-        limit = begin + budget
-        fitting = [c for c in cuts if begin < c <= limit]
-        end = fitting[-1] if fitting else min(limit, len(spans))
-        ranges_tok.append((begin, end))
-        begin = end
-    out = []
-    for k, (b, e) in enumerate(ranges_tok):
-        start_char = 0 if k == 0 else spans[b][0]
-        end_char = len(text) if e == len(spans) else spans[e][0]
-        out.append((start_char, end_char))
-    return out
+    cuts = [c for c in cuts if 0 < c < n] + [n]
+    bounds = [0]
+    while bounds[-1] < n:
+        begin = bounds[-1]
+        fitting = [c for c in cuts if begin + min_tokens <= c <= begin + budget]
+        bounds.append(fitting[-1] if fitting else min(begin + budget, n))
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < min_tokens:
+        # A short tail: re-cut the last two chunks together (more than budget tokens) near the middle.
+        lo, hi = bounds[-3], n
+        inside = [c for c in cuts if max(lo + min_tokens, hi - budget) <= c <= min(hi - min_tokens, lo + budget)]
+        mid = (lo + hi) // 2
+        bounds[-2] = min(inside, key=lambda c: abs(c - mid)) if inside else mid
+    return [(0 if k == 0 else spans[b][0], len(text) if e == n else spans[e][0])
+            for k, (b, e) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+
+_NON_WORD = re.compile(r"\W+")
+
+
+def near_duplicate_key(text: str) -> str:
+    """Two completions with the same key differ at most in case, spacing and punctuation."""
+    return _NON_WORD.sub(" ", text.lower()).strip()
 
 
 # ----------------------------------------------------------------------------- units
@@ -191,6 +221,8 @@ class Context(Protocol):
     def fail(self, unit: Unit, stage: str, request_id: str, gen_indices: list[int], error: str,
              raw: str | None = None, seed: int | None = None) -> None: ...
     def count(self, name: str, k: int = 1) -> None: ...
+    def judge_pending(self, unit: Unit) -> list[dict]: ...
+    def rejudged(self, row: dict, fields: dict) -> None: ...
 
 
 def request_seed(base: int, key: str, stage: str, indices: list[int], attempt: int) -> int:
@@ -225,7 +257,7 @@ class Task:
         spans = self.counter.spans(doc.text)
         budget = cfg.max_source_tokens
         if cfg.long_sources == "chunk" and len(spans) > budget:
-            ranges = chunk_ranges(doc.text, spans, budget)
+            ranges = chunk_ranges(doc.text, spans, budget, cfg.min_chunk_tokens)
             starts = [s for s, _ in spans]
             units = []
             for k, (a, b) in enumerate(ranges):
@@ -253,8 +285,9 @@ class Task:
                        temperature=temperature, top_p=self.cfg.top_p, seed=seed, task=stage,
                        payload={"source_id": unit.doc.id, "meta": unit.doc.meta, **payload})
 
-    def row(self, ctx: Context, unit: Unit, gen_index: int, text: str, req: Request,
-            completion_tokens: int, prompt_version: str, **task_fields: Any) -> dict:
+    def row(self, ctx: Context, unit: Unit, gen_index: int, text: str, req: Request, resp: Response,
+            k: int, prompt_version: str, **task_fields: Any) -> dict:
+        """The SPEC 3.2 row of completion k of ``resp``."""
         row = {"source_id": unit.doc.id, "task": self.name, "gen_index": gen_index, "text": text}
         row.update(task_fields)
         row.update(unit.fields())
@@ -263,8 +296,11 @@ class Task:
             sampling={"temperature": req.temperature, "top_p": req.top_p,
                       "max_new_tokens": req.max_new_tokens, "n": req.n, "seed": req.seed},
             prompt_version=prompt_version,
-            completion_tokens=completion_tokens,
+            completion_tokens=resp.completion_tokens[k],
+            finish_reason=resp.finish_reasons[k] if k < len(resp.finish_reasons) else None,
         )
+        if resp.tokens_estimated:
+            row["completion_tokens_estimated"] = True
         return row
 
     def clean(self, text: str) -> tuple[str, list[str]]:
@@ -291,10 +327,21 @@ class RephraseTask(Task):
         for (unit, missing, req), resp in zip(todo, ctx.call(reqs)):
             if resp.error is not None:
                 continue
-            for gen_index, text, ntok in zip(missing, resp.texts, resp.completion_tokens):
+            seen: dict[str, int] = {}  # near-duplicate key -> first gen_index with it
+            for k, (gen_index, text) in enumerate(zip(missing, resp.texts)):
                 clean, removed = self.clean(text)
-                ctx.emit(self.row(ctx, unit, gen_index, clean, req, ntok, tmpl.prompt_version,
-                                  style=self.cfg.style, boilerplate_removed=len(removed)))
+                row = self.row(ctx, unit, gen_index, clean, req, resp, k, tmpl.prompt_version,
+                               style=self.cfg.style, boilerplate_removed=len(removed))
+                first = seen.setdefault(near_duplicate_key(clean), gen_index)
+                if first == gen_index:
+                    ctx.emit(row)
+                    continue
+                ctx.count("near_duplicate_completions")
+                row["near_duplicate_of"] = first
+                if self.cfg.reject_duplicates:
+                    ctx.drop(row, "near_duplicate")
+                else:
+                    ctx.emit(row)
 
 
 # ----------------------------------------------------------------------------- rationale
@@ -341,7 +388,7 @@ class RationaleTask(Task):
             if resp.error is not None:
                 continue
             clean, removed = self.clean(resp.texts[0])
-            row = self.row(ctx, unit, i, clean, req, resp.completion_tokens[0], tmpl.prompt_version,
+            row = self.row(ctx, unit, i, clean, req, resp, 0, tmpl.prompt_version,
                            split_index=i, split_token_offset=offset,
                            num_splits=len(unit.extra["splits"]), boilerplate_removed=len(removed))
             row["truncated"] = truncated
@@ -409,7 +456,7 @@ class MagaTask(Task):
                 continue
             clean, removed = self.clean(resp.texts[0])
             coverage = maga.keyword_coverage(unit.text, clean)
-            row = self.row(ctx, unit, gen_index, clean, req, resp.completion_tokens[0],
+            row = self.row(ctx, unit, gen_index, clean, req, resp, 0,
                            reform_t.prompt_version, genre=genre, audience=audience,
                            pair_index=gen_index - unit.gen_offset, maga_variant=cfg.maga_variant,
                            judge_score=None, keyword_coverage=round(coverage, 4),
@@ -421,29 +468,51 @@ class MagaTask(Task):
                 continue
             candidates.append((unit, row))
 
-        # Optional judge: Limited Consistency score 1-5 for each kept reformulation.
-        if cfg.judge and candidates:
-            judge_t = self.template("maga_judge")
-            jreqs = [self.request(ctx, unit, "maga_judge", [row["gen_index"]],
-                                  judge_t.render(text=unit.text, rewritten=row["text"]),
-                                  1, cfg.judge_max_new_tokens, cfg.judge_temperature,
-                                  {"text": unit.text, "rewritten": row["text"]})
-                     for unit, row in candidates]
-            judged = []
-            for (unit, row), req, resp in zip(candidates, jreqs, ctx.call(jreqs, judge=True)):
-                if resp.error is not None:
-                    continue  # the reformulation is redone with its judge on the next run
-                try:
-                    row["judge_score"] = maga.parse_judge(resp.texts[0])
-                except maga.ParseError as e:
-                    ctx.count("judge_unparseable")
-                    row["judge_error"] = str(e)
-                row["judge_model"] = ctx.judge_model
-                row["judge_prompt_version"] = judge_t.prompt_version
-                judged.append((unit, row))
-            candidates = judged
+        # Optional judge: Limited Consistency score 1-5 for each kept reformulation and for rows
+        # an earlier run kept unjudged. A reformulation is never thrown away for its judge: when
+        # every judge attempt fails it is kept with judge_score null and judge_pending, and the
+        # next run judges it (the runner folds the score into the row).
+        if cfg.judge:
+            rejudge = [(unit, row) for unit, _ in work for row in ctx.judge_pending(unit)]
+            verdicts = self._judge(ctx, candidates + rejudge)
+            for (_, row), fields in zip(candidates, verdicts):
+                row.update(fields or {"judge_pending": True})
+            for (_, row), fields in zip(rejudge, verdicts[len(candidates):]):
+                if fields is not None:
+                    ctx.rejudged(row, fields)
         for _, row in candidates:
             ctx.emit(row)
+
+    def _judge(self, ctx: Context, items: list[tuple[Unit, dict]]) -> list[dict | None]:
+        """Judge fields of each (unit, row), retried up to ``judge_attempts`` times on their own;
+        None where every attempt failed."""
+        cfg = self.cfg
+        judge_t = self.template("maga_judge")
+        verdicts: list[dict | None] = [None] * len(items)
+        todo = list(range(len(items)))
+        for _ in range(cfg.judge_attempts):
+            if not todo:
+                break
+            reqs = [self.request(ctx, items[i][0], "maga_judge", [items[i][1]["gen_index"]],
+                                 judge_t.render(text=items[i][0].text, rewritten=items[i][1]["text"]),
+                                 1, cfg.judge_max_new_tokens, cfg.judge_temperature,
+                                 {"text": items[i][0].text, "rewritten": items[i][1]["text"]})
+                    for i in todo]
+            failed = []
+            for i, resp in zip(todo, ctx.call(reqs, judge=True)):
+                if resp.error is not None:
+                    failed.append(i)
+                    continue
+                fields: dict[str, Any] = {"judge_model": ctx.judge_model,
+                                          "judge_prompt_version": judge_t.prompt_version}
+                try:
+                    fields["judge_score"] = maga.parse_judge(resp.texts[0])
+                except maga.ParseError as e:
+                    ctx.count("judge_unparseable")
+                    fields["judge_error"] = str(e)
+                verdicts[i] = fields
+            todo = failed
+        return verdicts
 
 
 def make_task(cfg: TaskConfig, counter: TokenCounter) -> Task:

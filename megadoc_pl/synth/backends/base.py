@@ -36,6 +36,9 @@ class Response:
     prompt_tokens: int  # tokens in the rendered prompt (0 when the backend cannot tell)
     completion_tokens: list[int]  # tokens per completion
     error: str | None = None  # one line; the request is retried on the next run
+    finish_reasons: list[str | None] = field(default_factory=list)  # per completion: "stop" (the
+    # model ended it), "length" (cut at max_new_tokens), ...; [] when the backend cannot tell
+    tokens_estimated: bool = False  # completion_tokens split from a per-request total, not counted
 
 
 @runtime_checkable

@@ -127,12 +127,13 @@ class TransformersBackend:
         prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
         responses = []
         for b, req in enumerate(batch):
-            texts, counts = [], []
+            texts, counts, reasons = [], [], []
             for seq in new_BL[b * req.n : (b + 1) * req.n]:
-                length = next((i + 1 for i, t in enumerate(seq) if t in self.eos_ids), len(seq))
-                counts.append(length)
-                texts.append(self.tokenizer.decode(seq[:length], skip_special_tokens=True))
-            responses.append(Response(req.id, texts, int(prompt_tokens[b]), counts))
+                stop = next((i + 1 for i, t in enumerate(seq) if t in self.eos_ids), None)
+                counts.append(stop or len(seq))
+                reasons.append("stop" if stop else "length")
+                texts.append(self.tokenizer.decode(seq[: counts[-1]], skip_special_tokens=True))
+            responses.append(Response(req.id, texts, int(prompt_tokens[b]), counts, finish_reasons=reasons))
         return responses
 
 

@@ -7,7 +7,8 @@ or 5xx is retried with exponential backoff and jitter (``Retry-After`` is honour
 runner records it and retries on the next run.
 
 Servers report token usage per request, not per completion; with n > 1 the completion total is
-split over the completions in proportion to their text length.
+split over the completions in proportion to their text length and flagged as an estimate
+(``split_n=True`` asks n times for one completion: exact counts, no shared prompt).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ class OpenAIBackend:
                 calls = [self._body(req, req.n, req.seed)]
             texts: list[str] = []
             counts: list[int] = []
+            reasons: list[str | None] = []
             prompt_tokens = 0
             for body in calls:
                 reply = self._post_with_retries(body)
@@ -153,7 +155,10 @@ class OpenAIBackend:
                 prompt_tokens = int(usage.get("prompt_tokens") or 0)
                 texts += got
                 counts += split_tokens(int(usage.get("completion_tokens") or 0), got)
-            return Response(req.id, texts, prompt_tokens, counts)
+                reasons += [c.get("finish_reason") for c in choices]
+            # usage is per call: with n > 1 in one call the per-completion counts are estimates
+            return Response(req.id, texts, prompt_tokens, counts, finish_reasons=reasons,
+                            tokens_estimated=len(calls) == 1 and req.n > 1)
         except Exception as e:  # noqa: BLE001 - recorded per request, never aborts the run
             return Response(req.id, [], 0, [], f"{type(e).__name__}: {e}"[:500])
 

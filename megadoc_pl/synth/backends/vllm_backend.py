@@ -109,6 +109,7 @@ class VLLMBackend:
                     texts=[c.text for c in completions],
                     prompt_tokens=len(out.prompt_token_ids or []),
                     completion_tokens=[len(c.token_ids) for c in completions],
+                    finish_reasons=[getattr(c, "finish_reason", None) for c in completions],
                 )
             )
         return responses
