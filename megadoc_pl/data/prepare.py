@@ -176,7 +176,7 @@ def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]
     return path, heldout, sets
 
 
-def _synthetic_inputs(cfg: DictConfig, demo: Any, split_file: Path, real_path: Any, tok_path: Any) -> list[str]:
+def _synthetic_inputs(cfg: DictConfig, demo: Any, split_file: Path) -> list[str]:
     """data.synthetic, or demo generations for every task the view needs."""
     if cfg.data.synthetic is not None:
         return _as_list(cfg.data.synthetic)
@@ -215,7 +215,7 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
     else:
         if data.tokenizer is None:
             raise ValueError("data.real is set but data.tokenizer is not (fix: data.tokenizer=path/to/tokenizer.json)")
-        real_inputs, tok_path, real_path = _as_list(data.real), str(data.tokenizer), None
+        real_inputs, tok_path = _as_list(data.real), str(data.tokenizer)
     tok = load_tokenizer(data.tokenizer if data.tokenizer is not None else tok_path)
     real = _build_store(cfg, real_inputs, tok, "documents", "real documents")
     split_file, heldout, sets = _split(cfg, real)
@@ -223,7 +223,7 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
     synth = None
     syn_inputs: list[str] = []
     if _needs_synthetic(cfg):
-        syn_inputs = _synthetic_inputs(cfg, demo, split_file, real_path, tok_path)
+        syn_inputs = _synthetic_inputs(cfg, demo, split_file)
         synth = _build_store(cfg, syn_inputs, tok, "generations", "generations")
         if synth.manifest.get("tokenizer_fingerprint") != real.manifest.get("tokenizer_fingerprint"):
             raise ValueError("the real and synthetic stores were tokenized with different tokenizers (fix: data.rebuild=true)")

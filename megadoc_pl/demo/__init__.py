@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from megadoc_pl.utils import atomic_write_json, file_fingerprint, json_fingerprint
+from megadoc_pl.utils import atomic_write_json, file_fingerprint, get_logger, json_fingerprint
 
 # Bump when the tokenizer training changes: it is part of the tokenizer's cache path.
 TOKENIZER_VERSION = 1
@@ -31,8 +30,7 @@ VIEW_TASKS = {"real": None, "rephrase": "rephrase", "stitch": "rephrase", "stret
 MAGA_PAIRS = 5  # MAGA asks for 5 (genre, audience) pairs per document
 
 
-def _say(message: str) -> None:
-    print(f"[demo] {message}", file=sys.stderr, flush=True)
+_log = get_logger("demo")
 
 
 @contextlib.contextmanager
@@ -68,10 +66,10 @@ def ensure_world(cfg: Any) -> tuple[Path, Path]:
     tok_dir = wdir / f"tokenizer-bpe{vocab}-v{TOKENIZER_VERSION}"
     with _locked(demo_root(cfg)):
         if not docs.exists():
-            _say(f"building the demo world: {n} documents (seed {seed}) -> {docs}")
+            _log.info(f"building the demo world: {n} documents (seed {seed}) -> {docs}")
             write_world(docs, seed, n)
         if not (tok_dir / "tokenizer.json").exists():
-            _say(f"training the demo tokenizer: byte-level BPE, vocab {vocab} -> {tok_dir}")
+            _log.info(f"training the demo tokenizer: byte-level BPE, vocab {vocab} -> {tok_dir}")
             build_demo_tokenizer(docs, tok_dir, vocab)
     return docs, tok_dir
 
@@ -122,7 +120,7 @@ def ensure_generations(cfg: Any, split_file: str | Path | None = None) -> Path |
     done = out / ".demo-complete.json"
     with _locked(demo_root(cfg)):
         if not done.exists():
-            _say(f"generating {plan['task']} for view {cfg.data.view} (G={cfg.data.generations}, "
+            _log.info(f"generating {plan['task']} for view {cfg.data.view} (G={cfg.data.generations}, "
                  f"backend {plan['backend']}) -> {out}")
             task_cfg = TaskConfig(task=plan["task"], generations=plan["generations"],
                                   style=plan.get("style", "wikipedia"),

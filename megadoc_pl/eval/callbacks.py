@@ -26,7 +26,7 @@ class DownstreamEvalCallback(Callback):
 
     Args:
         tasks: task name -> JSONL path (or a list of already loaded examples).
-        tokenizer: a ``TokenizerInfo`` or a tokenizer path; None: ``trainer.datamodule.tokenizer_path``.
+        tokenizer: a ``TokenizerInfo`` or a tokenizer path (required by the time the callback is set up).
         add_bos: prefix BOS as the training store did (``data.add_bos``).
         max_length: the model's context (``data.seq_len``).
         model_attr: attribute of the LightningModule holding the Llama.
@@ -80,11 +80,9 @@ class DownstreamEvalCallback(Callback):
         if self.scorer is not None:
             return
         tok = self.tokenizer
-        if tok is None and trainer.datamodule is not None:
-            tok = getattr(trainer.datamodule, "tokenizer_path", None)
         if tok is None:
             raise ValueError("downstream evaluation needs the training tokenizer (fix: set data.tokenizer, "
-                             "or give the datamodule a tokenizer_path)")
+                             "or pass tokenizer= to the callback)")
         if isinstance(tok, (str, os.PathLike)):
             from megadoc_pl.data.tokenizer import load_tokenizer
 
