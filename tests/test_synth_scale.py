@@ -125,10 +125,11 @@ def test_a_second_writer_of_the_same_shard_is_refused(tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "locked"
         argv = _argv(tmp_path / "docs.jsonl", out)
+        FixedBackend.instances.clear()
         assert cli_main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: shard 0 of 1 in") and f"pid {holder.pid}" in err[0]
-        assert not files.rows.exists()
+        assert not files.rows.exists() and FixedBackend.instances == []  # refused before loading a model
     finally:
         holder.kill()
         holder.wait()

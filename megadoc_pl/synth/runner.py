@@ -469,13 +469,19 @@ class Runner:
         counter = TokenCounter(self._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
         self.task = make_task(task_cfg, counter)
         self.run_record = self._check_run_file(counter)  # before loading a model for minutes
-        self.backend = backend if backend is not None else get_backend(cfg.backend, **cfg.backend_kwargs)
-        if judge_backend is not None:
-            self.judge_backend = judge_backend
-        elif cfg.judge_backend is not None and task_cfg.judge:
-            self.judge_backend = get_backend(cfg.judge_backend, **cfg.judge_backend_kwargs)
-        else:
-            self.judge_backend = self.backend
+        self.lock = ShardLock(self.files.lock, f"shard {self.shard} of {self.num_shards} in {self.out}")
+        self.lock.acquire()  # a second writer is refused before it loads a model
+        try:
+            self.backend = backend if backend is not None else get_backend(cfg.backend, **cfg.backend_kwargs)
+            if judge_backend is not None:
+                self.judge_backend = judge_backend
+            elif cfg.judge_backend is not None and task_cfg.judge:
+                self.judge_backend = get_backend(cfg.judge_backend, **cfg.judge_backend_kwargs)
+            else:
+                self.judge_backend = self.backend
+        except BaseException:
+            self._failed_start()
+            raise
         self.model_name = getattr(self.backend, "model_name", None) or cfg.model or self.backend.name
         self.judge_model_name = (getattr(self.judge_backend, "model_name", None)
                                  or cfg.judge_backend_kwargs.get("model") or self.model_name)
@@ -569,6 +575,7 @@ class Runner:
             return True
 
         rewrite_rows(self.files.rows, update)
+        self.files.judged.write_text("")  # folded in (a kill before this only repeats the merge)
 
     def _missing(self, unit: Unit) -> list[int] | None:
         """gen indices still to do ([] when finished; None: stage 1 has not run)."""
@@ -604,8 +611,6 @@ class Runner:
     # -- main loop
 
     def run(self) -> dict:
-        lock = ShardLock(self.files.lock, f"shard {self.shard} of {self.num_shards} in {self.out}")
-        lock.acquire()
         try:
             self._load_progress()
             # Pre-pass: validate the input, count the held-out and pending work (for the ETA).
@@ -613,15 +618,21 @@ class Runner:
             try:
                 pending_all = sum(1 for _ in self._pending_units(counts))
                 self._validate_start(counts)
-            except Exception:
-                if self.run_record is not None:
-                    lock.discard()  # a failed first start leaves nothing behind
+            except BaseException:
+                self._failed_start()
                 raise
             if self.run_record is not None:
                 atomic_write_json(self.files.run, self.run_record)
             return self._generate(pending_all, counts)
         finally:
-            lock.release()
+            self.lock.release()
+
+    def _failed_start(self) -> None:
+        """A first start that fails leaves nothing behind (an existing run keeps its files)."""
+        if self.run_record is not None:
+            self.lock.discard()
+        else:
+            self.lock.release()
 
     def _validate_start(self, counts: dict) -> None:
         if counts.get("heldout", 0) and not counts.get("usable", 0):
