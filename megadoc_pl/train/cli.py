@@ -247,24 +247,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console script ``megadoc-pl``; returns the exit code (see the module docstring)."""
     import warnings
 
-    from megadoc_pl.train.callbacks import NonFiniteLossError
+    from megadoc_pl.recipes import validate_recipe
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # we hand LightningCLI the arguments left after reading --recipe/--scale/--set on purpose
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     try:
         command_line = CommandLine(argv)
-        _build_cli_class()(command_line.recipe_defaults(), command_line, args=command_line.rest)
+        defaults = command_line.recipe_defaults()
+        validate_recipe(defaults)  # typos in --recipe/--set fail here, before Lightning is imported
+        _build_cli_class()(defaults, command_line, args=command_line.rest)
     except ValueError as e:  # bad recipe, arguments, data or mixture: one line, no trace
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except NonFiniteLossError as e:  # a NaN/inf loss stops the run with its step and sources
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
     except SystemExit as e:  # refusals raised as SystemExit('error: ...') (run directory, resume)
         if isinstance(e.code, str) and e.code.startswith("error:"):
             print(e.code, file=sys.stderr)
             return EXIT_BAD_INPUT
+        raise
+    except Exception as e:
+        from megadoc_pl.train.callbacks import NonFiniteLossError
+
+        if isinstance(e, NonFiniteLossError):  # a NaN/inf loss stops the run with its step and sources
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_NONFINITE
         raise
     return 0
 

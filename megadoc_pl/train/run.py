@@ -1,7 +1,8 @@
-"""One training run end to end: data -> module -> Trainer -> fit -> metrics.json.
+"""The run lifecycle: recipe -> data -> module -> Trainer -> fit -> metrics.json.
 
-``train(cfg)`` is what ``recipes/train.py`` calls; ``megadoc-pl fit`` (train/cli.py) uses the
-same :func:`setup_run` / :meth:`TrainingRun.fit` with Trainer arguments from the command line.
+``megadoc-pl fit`` and ``recipes/train.py`` (both train/cli.py) call :func:`setup_run` and
+:meth:`TrainingRun.fit`; ``train(cfg)`` is the same for Python callers (the tuner, tests).
+The FSDP strategy lives in train/fsdp.py and the metrics.json record in train/metrics.py.
 """
 
 from __future__ import annotations
@@ -257,7 +258,11 @@ def setup_run(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = 
     """Resolve the run directory, data, module and Trainer of a recipe (nothing trained yet).
 
     ``stage='validate'`` looks at an existing run: no new directory check, config.yaml untouched.
+    The recipe is validated first (no data is read and no directory made for a bad one).
     """
+    from megadoc_pl.recipes import validate_recipe
+
+    validate_recipe(cfg)
     run_dir = rundir.resolve_run_dir(cfg)
     ckpt = rundir.resume_checkpoint(cfg, run_dir) if stage == "fit" else None
     if stage == "fit" and ckpt is None and (run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT).exists():
