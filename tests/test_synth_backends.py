@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from megadoc_pl.synth import Request, Response, get_backend, register_backend
-from megadoc_pl.synth.backends import vllm_backend
+from megadoc_pl.synth.backends import openai_http, vllm_backend
 from megadoc_pl.synth.backends.openai_http import OpenAIBackend, split_tokens
 from megadoc_pl.synth.tiny import build_tiny_chat_model
 
@@ -225,6 +225,35 @@ def test_openai_split_n_and_unreachable_server(server):
     dead = OpenAIBackend(base_url="http://127.0.0.1:9/v1", model="m", max_retries=1, backoff=0.01, timeout=1)
     out = dead.generate([req("a", "x")])
     assert out[0].error is not None and "cannot reach" in out[0].error
+
+
+def test_openai_fails_fast_on_unknown_model_and_dead_server(server, monkeypatch):
+    server.script = ["404"] * 10
+    backend = _client(server, concurrency=1)
+    out = backend.generate([req(f"r{i}", "x") for i in range(5)])
+    assert len(server.calls) == 1  # the other four are not sent: they would get the same 404
+    assert len({o.error for o in out}) == 1 and "HTTP 404" in out[0].error
+    server.script = []
+    assert backend.generate([req("again", "x")])[0].error is None  # the next call tries again
+    sleeps = []
+    monkeypatch.setattr(openai_http.time, "sleep", sleeps.append)
+    dead = OpenAIBackend(base_url="http://127.0.0.1:9/v1", model="m", max_retries=2, backoff=0.01, concurrency=1)
+    out = dead.generate([req(f"r{i}", "x") for i in range(3)])
+    assert len(sleeps) == 2 and all("cannot reach" in o.error and "3 attempts" in o.error for o in out)
+
+
+def test_retry_after_as_seconds_or_http_date():
+    assert openai_http.retry_after_seconds("2.5") == 2.5
+    assert openai_http.retry_after_seconds("Wed, 21 Oct 2015 07:28:30 GMT", now=1445412480.0) == 30.0
+    assert openai_http.retry_after_seconds("soon") is None and openai_http.retry_after_seconds(None) is None
+
+
+def test_httpx_missing_gives_install_hint(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    with pytest.raises(SystemExit, match=r"pip install 'megadoc_pl\[openai\]'"):
+        OpenAIBackend(model="m")
 
 
 def test_split_tokens_sums_exactly():

@@ -1,10 +1,16 @@
-"""OpenAI-compatible HTTP backend (``vllm serve``, TGI, sglang, hosted APIs), standard library only.
+"""OpenAI-compatible HTTP backend (``vllm serve``, TGI, sglang, hosted APIs) on ``httpx``.
 
-Each request is one POST to ``{base_url}/chat/completions`` with ``n`` completions. Requests run
-on a bounded thread pool (``concurrency``); a request that times out, cannot connect, or gets 429
-or 5xx is retried with exponential backoff and jitter (``Retry-After`` is honoured), up to
-``max_retries`` times. Anything else, or running out of retries, gives an error Response: the
-runner records it and retries on the next run.
+Each request is one POST to ``{base_url}/chat/completions`` with ``n`` completions, over one
+pooled ``httpx.Client`` (keep-alive connections, separate connect and read timeouts). Requests run
+on a bounded thread pool (``concurrency``); a request that times out, cannot connect, or gets 408,
+409, 425, 429 or 5xx is retried with exponential backoff and jitter (``Retry-After`` in seconds
+or as an HTTP date is honoured), up to ``max_retries`` times. Anything else, or running out of
+retries, gives an error Response: the runner records it and retries on the next run.
+
+Fail fast: once a request of a ``generate`` call finds the server unreachable (after its
+retries) or gets 401, 403 or 404 (bad key, unknown model or path), the requests of that call not
+yet sent fail at once with the same error instead of each waiting out its own backoff; the
+runner's circuit breaker then stops the run.
 
 Servers report token usage per request, not per completion; with n > 1 the completion total is
 split over the completions in proportion to their text length and flagged as an estimate
@@ -13,25 +19,43 @@ split over the completions in proportion to their text length and flagged as an 
 
 from __future__ import annotations
 
-import http.client
-import json
+import email.utils
 import os
 import random
-import socket
+import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from megadoc_pl.synth.backends.base import Request, Response, register_backend
+from megadoc_pl.utils import require
 
 _RETRY_STATUS = {408, 409, 425, 429}
+_FATAL_STATUS = {401, 403, 404}  # the same answer for every request of the run
 
 
 class _Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class _Fatal(RuntimeError):
+    """An error every other request would get too (unreachable server, unknown model, bad key)."""
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header as seconds to wait: delta-seconds or an HTTP date (RFC 9110)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
 
 
 def split_tokens(total: int, texts: list[str]) -> list[int]:
@@ -56,6 +80,7 @@ class OpenAIBackend:
         api_key_env: str = "OPENAI_API_KEY",
         concurrency: int = 16,
         timeout: float = 600.0,
+        connect_timeout: float = 10.0,
         max_retries: int = 5,
         backoff: float = 1.0,
         max_backoff: float = 60.0,
@@ -64,9 +89,11 @@ class OpenAIBackend:
     ) -> None:
         if not model:
             raise ValueError("the openai backend needs --model (the model name the server serves)")
+        httpx = require("httpx", "openai", "the OpenAI-compatible HTTP backend")
+        self._httpx = httpx
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model_name = model
-        self.api_key = api_key if api_key is not None else os.environ.get(api_key_env)
+        api_key = api_key if api_key is not None else os.environ.get(api_key_env)
         self.concurrency = max(1, int(concurrency))
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
@@ -74,45 +101,49 @@ class OpenAIBackend:
         self.max_backoff = float(max_backoff)
         self.split_n = bool(split_n)  # for servers without n > 1: n calls with n=1
         self.extra_body = dict(extra_body or {})
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout, connect=min(float(connect_timeout), self.timeout)),
+            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+        )
+        self._fatal: str | None = None  # set by the first fatal error of a generate() call
+        self._fatal_lock = threading.Lock()
+
+    def close(self) -> None:
+        self.client.close()
 
     # ------------------------------------------------------------------ one HTTP call
 
     def _post(self, body: dict) -> dict:
-        data = json.dumps(body).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        httpx = self._httpx
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read().decode("utf-8"))
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")[:200].replace("\n", " ")
-            msg = f"HTTP {e.code} from {self.url}: {detail}"
-            if e.code in _RETRY_STATUS or e.code >= 500:
-                after = e.headers.get("Retry-After") if e.headers else None
-                try:
-                    retry_after = float(after) if after else None
-                except ValueError:
-                    retry_after = None
-                raise _Retryable(msg, retry_after) from None
-            raise RuntimeError(msg) from None
-        except (TimeoutError, socket.timeout) as e:
-            raise _Retryable(f"timeout after {self.timeout:g}s from {self.url}") from e
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"timeout after {self.timeout:g}s from {self.url}") from None
-            raise _Retryable(f"cannot reach {self.url}: {e.reason}") from None
-        except (ConnectionError, http.client.HTTPException) as e:
+            resp = self.client.post(self.url, json=body)
+        except httpx.TimeoutException as e:
+            raise _Retryable(f"timeout after {self.timeout:g}s from {self.url} ({type(e).__name__})") from None
+        except httpx.ConnectError as e:
+            raise _Retryable(f"cannot reach {self.url}: {e}") from None
+        except httpx.TransportError as e:
             raise _Retryable(f"connection to {self.url} failed: {type(e).__name__}") from None
+        if resp.status_code >= 400:
+            detail = resp.text[:200].replace("\n", " ")
+            msg = f"HTTP {resp.status_code} from {self.url}: {detail}"
+            if resp.status_code in _RETRY_STATUS or resp.status_code >= 500:
+                raise _Retryable(msg, retry_after_seconds(resp.headers.get("Retry-After")))
+            raise (_Fatal if resp.status_code in _FATAL_STATUS else RuntimeError)(msg)
+        try:
+            return resp.json()
+        except ValueError:
+            raise RuntimeError(f"{self.url} answered with invalid JSON: {resp.text[:120]!r}") from None
 
     def _post_with_retries(self, body: dict) -> dict:
         for attempt in range(self.max_retries + 1):
             try:
                 return self._post(body)
             except _Retryable as e:
+                message = f"{e} (gave up after {attempt + 1} attempts)"
                 if attempt == self.max_retries:
-                    raise RuntimeError(f"{e} (gave up after {attempt + 1} attempts)") from None
+                    raise (_Fatal if str(e).startswith("cannot reach") else RuntimeError)(message) from None
                 delay = min(self.backoff * 2**attempt, self.max_backoff) * (0.5 + random.random() / 2)
                 if e.retry_after is not None:
                     delay = max(delay, min(e.retry_after, self.max_backoff))
@@ -134,6 +165,8 @@ class OpenAIBackend:
         return body
 
     def _one(self, req: Request) -> Response:
+        if self._fatal is not None:
+            return Response(req.id, [], 0, [], self._fatal)  # not sent: it would fail the same way
         try:
             if self.split_n:
                 calls = [
@@ -160,11 +193,16 @@ class OpenAIBackend:
             return Response(req.id, texts, prompt_tokens, counts, finish_reasons=reasons,
                             tokens_estimated=len(calls) == 1 and req.n > 1)
         except Exception as e:  # noqa: BLE001 - recorded per request, never aborts the run
-            return Response(req.id, [], 0, [], f"{type(e).__name__}: {e}"[:500])
+            error = f"RuntimeError: {e}"[:500] if isinstance(e, _Fatal) else f"{type(e).__name__}: {e}"[:500]
+            if isinstance(e, _Fatal):
+                with self._fatal_lock:
+                    self._fatal = self._fatal or error
+            return Response(req.id, [], 0, [], error)
 
     def generate(self, requests: list[Request]) -> list[Response]:
         if not requests:
             return []
+        self._fatal = None  # every call tries again (the server may be back)
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
             return list(pool.map(self._one, requests))
 
