@@ -169,6 +169,7 @@ class _Server:
 
 @pytest.fixture
 def server():
+    pytest.importorskip("httpx")  # the optional extra [openai]
     s = _Server()
     yield s
     s.close()

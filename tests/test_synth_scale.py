@@ -239,6 +239,7 @@ def _openai_run(out, docs, base_url, model="tiny", **run_kw):
 
 
 def test_circuit_breaker_stops_on_a_wrong_model_name(tmp_path, capsys):
+    pytest.importorskip("httpx")  # the optional extra [openai]
     make_docs(tmp_path / "docs.jsonl", 30)
     server = _Server()
     try:
@@ -262,6 +263,7 @@ def test_circuit_breaker_stops_on_a_wrong_model_name(tmp_path, capsys):
 
 
 def test_circuit_breaker_stops_on_a_dead_server_and_ignores_scattered_failures(tmp_path):
+    pytest.importorskip("httpx")  # the optional extra [openai]
     make_docs(tmp_path / "docs.jsonl", 30)
     with socket.socket() as s:  # a port nobody listens on: connection refused
         s.bind(("127.0.0.1", 0))
