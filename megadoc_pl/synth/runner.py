@@ -340,23 +340,46 @@ def aggregate_stats(out: Path) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 
-class _BatchContext:
-    """What a task sees for one batch (tasks.Context): backend calls with bookkeeping."""
+CALL_COUNTERS = ("requests", "completions", "failures", "prompt_tokens", "completion_tokens")
 
-    def __init__(self, runner: "Runner") -> None:
-        self.r = runner
-        self.model = runner.model_name
-        self.judge_model = runner.judge_model_name
-        self.state = runner.state
+
+class BatchContext:
+    """What a task sees for one batch (tasks.Context): backend calls with bookkeeping.
+
+    Self-contained: it reads the slices of resume state the batch needs (stage-1 state, failed
+    attempts, rows waiting for their judge) and collects everything the batch produced in plain
+    lists, which the runner applies after the batch (``Runner._apply``) whether the batch ran in
+    this process or on a Ray actor (``result`` is what travels back).
+    """
+
+    def __init__(self, backend: Backend, judge_backend: Backend, model: str, judge_model: str, task_name: str,
+                 state: dict[str, dict], attempts: dict[str, int], judge_pending: dict[str, list[dict]]) -> None:
+        self.backend, self.judge_backend = backend, judge_backend
+        self.model, self.judge_model, self.task_name = model, judge_model, task_name
+        self._state, self._attempts, self._pending = state, attempts, judge_pending
+        self.new_state: dict[str, dict] = {}
+        self.new_attempts: dict[str, int] = {}
         self.rows: list[dict] = []
         self.dropped: list[dict] = []
         self.errors: list[dict] = []
         self.judged: list[dict] = []  # judge results of rows kept earlier with judge_pending
+        self.stats: dict[str, int] = {k: 0 for k in CALL_COUNTERS}
+        self.by_stage: dict[str, int] = {}
+        self.counters: dict[str, int] = {}
+        self.outcomes: list[str | None] = []  # per request, in order: its error or None (circuit breaker)
+
+    @property
+    def state(self) -> dict[str, dict]:
+        return {**self._state, **self.new_state} if self.new_state else self._state
+
+    def result(self) -> dict:
+        return {k: getattr(self, k) for k in ("new_state", "new_attempts", "rows", "dropped", "errors", "judged",
+                                              "stats", "by_stage", "counters", "outcomes")}
 
     def call(self, requests: list[Request], judge: bool = False) -> list[Response]:
         if not requests:
             return []
-        backend = self.r.judge_backend if judge else self.r.backend
+        backend = self.judge_backend if judge else self.backend
         try:
             responses = backend.generate(requests)
         except Exception as e:  # noqa: BLE001 - a broken backend call fails its requests, not the run
@@ -364,10 +387,10 @@ class _BatchContext:
         if len(responses) != len(requests):
             responses = [Response(r.id, [], 0, [], f"backend returned {len(responses)} responses for "
                                   f"{len(requests)} requests") for r in requests]
-        stats = self.r.run_stats
+        stats = self.stats
         for req, resp in zip(requests, responses):
             stats["requests"] += 1
-            stats["by_stage"][req.task] = stats["by_stage"].get(req.task, 0) + 1
+            self.by_stage[req.task] = self.by_stage.get(req.task, 0) + 1
             ok = resp.error is None and resp.request_id == req.id and len(resp.texts) == req.n
             if resp.error is None and not ok:
                 resp.error = (f"backend answered request {resp.request_id!r} with {len(resp.texts)} "
@@ -380,26 +403,25 @@ class _BatchContext:
                                                seed=req.seed))
             else:
                 stats["completions"] += req.n
-            self.r.breaker.record(resp.error)
+            self.outcomes.append(resp.error)
         return responses
 
     def _error(self, request_id: str, source_id: str | None, stage: str, error: str,
                raw: str | None = None, seed: int | None = None) -> dict:
-        self.r.attempts[request_id] = self.r.attempts.get(request_id, 0) + 1
+        self.new_attempts[request_id] = self.new_attempts.get(request_id, 0) + 1
         e = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "request_id": request_id,
-             "source_id": source_id, "task": self.r.task.name, "stage": stage, "error": error,
-             "attempt": self.r.attempts[request_id], "seed": seed}
+             "source_id": source_id, "task": self.task_name, "stage": stage, "error": error,
+             "attempt": self.attempt(request_id), "seed": seed}
         if raw is not None:
             e["raw"] = raw[:2000]
         return e
 
     def attempt(self, request_id: str) -> int:
-        return self.r.attempts.get(request_id, 0)
+        return self._attempts.get(request_id, 0) + self.new_attempts.get(request_id, 0)
 
     def save_state(self, entries: list[dict]) -> None:
-        self.r.state_file.write(entries)
         for e in entries:
-            self.state[e["key"]] = e
+            self.new_state[e["key"]] = e
 
     def emit(self, row: dict) -> None:
         self.rows.append(row)
@@ -409,17 +431,15 @@ class _BatchContext:
 
     def fail(self, unit: Unit, stage: str, request_id: str, gen_indices: list[int], error: str,
              raw: str | None = None, seed: int | None = None) -> None:
-        self.r.run_stats["failures"] += 1
+        self.stats["failures"] += 1
         self.errors.append(self._error(request_id, unit.doc.id, stage, error, raw, seed))
 
     def count(self, name: str, k: int = 1) -> None:
-        extra = self.r.run_stats["counters"]
-        extra[name] = extra.get(name, 0) + k
+        self.counters[name] = self.counters.get(name, 0) + k
 
     def judge_pending(self, unit: Unit) -> list[dict]:
         """Rows of this unit written earlier with ``judge_pending`` (their judge call failed)."""
-        return [self.r.judge_pending[(unit.doc.id, g)] for g in self.r.task.expected(unit, self.state) or []
-                if (unit.doc.id, g) in self.r.judge_pending]
+        return self._pending.get(unit.key, [])
 
     def rejudged(self, row: dict, fields: dict) -> None:
         self.judged.append({"source_id": row["source_id"], "gen_index": row["gen_index"], **fields})
@@ -553,9 +573,11 @@ class Runner:
                     self.file_counts[counter] += 1
                     if row.get("judge_pending") and counter == "rows_written":
                         self.judge_pending[key] = row
-        self.attempts: dict[str, int] = {}
+        # failed attempts by unit key, then request id ("<unit key>|<stage>|<indices>")
+        self.attempts_by_unit: dict[str, dict[str, int]] = {}
         for e in read_jsonl(self.files.errors):
-            self.attempts[e["request_id"]] = self.attempts.get(e["request_id"], 0) + 1
+            per_unit = self.attempts_by_unit.setdefault(e["request_id"].rsplit("|", 2)[0], {})
+            per_unit[e["request_id"]] = per_unit.get(e["request_id"], 0) + 1
             self.file_counts["failures"] += 1
         self.state: dict[str, dict] = {e["key"]: e for e in read_jsonl(self.files.state)}
         self.prev_stats = json.loads(self.files.stats.read_text()) if self.files.stats.exists() else {}
@@ -687,24 +709,59 @@ class Runner:
         stats["run"]["units_not_started"] = pending_all - pending  # left out by --limit
         return stats
 
+    def batch_inputs(self, batch) -> tuple[dict, dict, dict]:
+        """The resume state a batch reads: stage-1 state, failed attempts and rows waiting for their
+        judge, of the batch's units only (what a Ray actor is sent)."""
+        keys = {unit.key for unit, _ in batch}
+        state = {k: self.state[k] for k in keys if k in self.state}
+        attempts = {rid: n for k in keys for rid, n in self.attempts_by_unit.get(k, {}).items()}
+        pending = {}
+        for unit, _ in batch:
+            rows = [self.judge_pending[(unit.doc.id, g)] for g in self.task.expected(unit, self.state) or []
+                    if (unit.doc.id, g) in self.judge_pending]
+            if rows:
+                pending[unit.key] = rows
+        return state, attempts, pending
+
     def _run_batch(self, batch, outputs, start: float, bar) -> int:
-        ctx = _BatchContext(self)
+        ctx = BatchContext(self.backend, self.judge_backend, self.model_name, self.judge_model_name,
+                           self.task.name, *self.batch_inputs(batch))
         try:
             self.task.run(batch, ctx)
-        finally:  # a tripped circuit breaker still records what the batch did
-            outputs["errors"].write(ctx.errors)
-            outputs["dropped"].write(ctx.dropped)
-            outputs["rows"].write(ctx.rows)
-            outputs["judged"].write(ctx.judged)
-            for row in ctx.rows + ctx.dropped:
-                self.done.add((row["source_id"], int(row["gen_index"])))
-                if row.get("judge_pending"):
-                    self.judge_pending[(row["source_id"], int(row["gen_index"]))] = row
-            for e in ctx.judged:
-                self.judge_pending.pop((e["source_id"], int(e["gen_index"])), None)
-            s = self.run_stats
-            s["rows_written"] += len(ctx.rows)
-            s["rows_dropped"] += len(ctx.dropped)
+        finally:  # a kill of the task still records what the batch did
+            self._apply(ctx.result(), outputs)
+        return self._batch_done(batch, start, bar)
+
+    def _apply(self, result: dict, outputs) -> None:
+        """Write what one batch produced and account for it (rows, state, attempts, stats)."""
+        self.state_file.write(list(result["new_state"].values()))
+        self.state.update(result["new_state"])
+        for rid, n in result["new_attempts"].items():
+            per_unit = self.attempts_by_unit.setdefault(rid.rsplit("|", 2)[0], {})
+            per_unit[rid] = per_unit.get(rid, 0) + n
+        outputs["errors"].write(result["errors"])
+        outputs["dropped"].write(result["dropped"])
+        outputs["rows"].write(result["rows"])
+        outputs["judged"].write(result["judged"])
+        for row in result["rows"] + result["dropped"]:
+            self.done.add((row["source_id"], int(row["gen_index"])))
+            if row.get("judge_pending"):
+                self.judge_pending[(row["source_id"], int(row["gen_index"]))] = row
+        for e in result["judged"]:
+            self.judge_pending.pop((e["source_id"], int(e["gen_index"])), None)
+        s = self.run_stats
+        for k, v in result["stats"].items():
+            s[k] += v
+        for name in ("by_stage", "counters"):
+            for k, v in result[name].items():
+                s[name][k] = s[name].get(k, 0) + v
+        s["rows_written"] += len(result["rows"])
+        s["rows_dropped"] += len(result["dropped"])
+        for error in result["outcomes"]:
+            self.breaker.record(error)
+
+    def _batch_done(self, batch, start: float, bar) -> int:
+        s = self.run_stats
         self.breaker.check()  # after the batch's rows are safe (a down judge keeps them)
         finished = sum(1 for unit, _ in batch if self._finished(unit))
         self.remaining_all -= finished
