@@ -69,7 +69,8 @@ def bench_cpu(args) -> None:
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
 
     def step_ours(segment_ids=None):
-        loss = ours.loss(ours(ids, segment_ids=segment_ids), targets)
+        mask = None if segment_ids is None else ours.segment_mask(segment_ids)  # built per batch, as in training
+        loss = ours.loss(ours(ids, mask=mask), targets)
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
@@ -142,8 +143,9 @@ def bench_gpu(args) -> None:
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16):
-            h = fwd(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
-                    cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
+            # the mask is built outside the (compiled) forward, as in training
+            mask = model.segment_mask(batch["segment_ids"], batch["cu_seqlens"], batch["max_seqlen"])
+            h = fwd(batch["input_ids"], batch["position_ids"], mask)
             loss = model.loss(h, batch["targets"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import sys
 import types
 import warnings
@@ -41,9 +43,14 @@ def _per_segment_loop(q, k, v, seg_BT):
     return out
 
 
+def _mask(backend: str, seg=None, dtype=torch.float32, **kw) -> A.AttentionMask:
+    """The mask of SEG-like segment ids (None: plain causal rows) as the model builds it."""
+    if seg is None:
+        return A.causal_mask(backend, B, T, torch.device("cpu"), dtype)
+    return A.segment_mask(backend, seg, dtype, **kw)
+
+
 def test_segment_descriptions_round_trip():
-    seg = A.segment_ids_from_cu_seqlens(CU, B, T)
-    assert seg.tolist() == [[0] * 7 + [1] * 20 + [2] * 13, [3] * 25 + [4] * 15]
     cu, max_len = A.cu_seqlens_from_segment_ids(SEG)
     assert cu.tolist() == CU.tolist() and max_len == 25
     pos = A.positions_from_segment_ids(SEG)
@@ -52,40 +59,60 @@ def test_segment_descriptions_round_trip():
     # window scope: one segment per row, cut at the row boundary
     cu, max_len = A.cu_seqlens_from_segment_ids(torch.zeros(B, T, dtype=torch.int32))
     assert cu.tolist() == [0, T, 2 * T] and max_len == T
+    # the batch's offsets are taken (checked, int32) rather than derived; max_seqlen from them if absent
+    for cu, max_len in (A.varlen_offsets(SEG, CU.long(), 25), A.varlen_offsets(SEG, CU)):
+        assert cu.dtype == torch.int32 and cu.tolist() == CU.tolist() and max_len == 25
+
+
+def test_masks_carry_positions_and_the_backends_preparation():
+    seg = _mask("sdpa", SEG)
+    assert seg.shape == (B, T) and not seg.single_segment_rows and seg.dense_B1TT.shape == (B, 1, T, T)
+    assert torch.equal(seg.positions_BT, A.positions_from_segment_ids(SEG))
+    plain = _mask("sdpa")
+    assert plain.single_segment_rows and plain.dense_B1TT is None and plain.segment_ids_BT is None
+    assert plain.positions_BT.tolist() == [list(range(T))] * B
+    one_each = _mask("sdpa", torch.full((B, T), 3))
+    assert one_each.single_segment_rows and one_each.dense_B1TT is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert _mask("flex", SEG).block_mask is not None and _mask("flex").block_mask is not None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        seg.backend = "flex"
 
 
 @pytest.mark.parametrize("kv", [KV, H])
 def test_sdpa_matches_per_segment_loop(kv):
     q, k, v = _qkv(kv)
-    out = A.attention(q, k, v, segment_ids=SEG, backend="sdpa")
+    out = A.attention(q, k, v, _mask("sdpa", SEG))
     torch.testing.assert_close(out, _per_segment_loop(q, k, v, SEG), atol=1e-5, rtol=1e-5)
-    # the same segmentation given only as cu_seqlens
-    out_cu = A.attention(q, k, v, cu_seqlens=CU, max_seqlen=25, backend="sdpa")
+    # the batch's cu_seqlens alongside change nothing
+    out_cu = A.attention(q, k, v, _mask("sdpa", SEG, cu_seqlens=CU, max_seqlen=25))
     torch.testing.assert_close(out_cu, out, atol=0, rtol=0)
 
 
 def test_segments_change_the_output():
     q, k, v = _qkv()
-    masked = A.attention(q, k, v, segment_ids=SEG, backend="sdpa")
-    window = A.attention(q, k, v, backend="sdpa")
+    masked = A.attention(q, k, v, _mask("sdpa", SEG))
+    window = A.attention(q, k, v, _mask("sdpa"))
     assert not torch.allclose(masked[:, 8:], window[:, 8:], atol=1e-3)
     torch.testing.assert_close(masked[0, :7], window[0, :7])  # first segment sees the same keys
 
 
 def test_single_segment_fast_path_equals_explicit_mask():
     q, k, v = _qkv()
-    fast = A.attention(q, k, v, segment_ids=torch.full((B, T), 3), backend="sdpa")
-    mask = A.AttentionMask("sdpa", B, T, single_segment_rows=False,
-                           dense_B1TT=torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T))
-    torch.testing.assert_close(fast, A.attention(q, k, v, mask=mask), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(fast, A.attention(q, k, v, backend="sdpa"), atol=0, rtol=0)
+    fast = A.attention(q, k, v, _mask("sdpa", torch.full((B, T), 3)))
+    explicit = A.AttentionMask("sdpa", A.positions_from_segment_ids(torch.zeros(B, T)), single_segment_rows=False,
+                               dense_B1TT=torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T))
+    torch.testing.assert_close(fast, A.attention(q, k, v, explicit), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast, A.attention(q, k, v, _mask("sdpa")), atol=0, rtol=0)
 
 
 def test_gqa_equals_repeated_kv():
     q, k, v = _qkv(KV)
     rep = H // KV
-    gqa = A.attention(q, k, v, segment_ids=SEG, backend="sdpa")
-    mha = A.attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), segment_ids=SEG, backend="sdpa")
+    mask = _mask("sdpa", SEG)
+    gqa = A.attention(q, k, v, mask)
+    mha = A.attention(q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2), mask)
     torch.testing.assert_close(gqa, mha, atol=1e-6, rtol=1e-6)
 
 
@@ -95,17 +122,11 @@ def test_flex_matches_sdpa_on_cpu(seg):
     segment_ids = {None: None, "zeros": torch.zeros(B, T, dtype=torch.int32), "doc": SEG}[seg]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex warns that it is unfused
-        out = A.attention(q, k, v, segment_ids=segment_ids, backend="flex")
-    ref = A.attention(q, k, v, segment_ids=segment_ids, backend="sdpa")
+        out = A.attention(q, k, v, _mask("flex", segment_ids))
+    ref = A.attention(q, k, v, _mask("sdpa", segment_ids))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-
-def test_flex_with_cu_seqlens_only():
-    q, k, v = _qkv()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = A.attention(q, k, v, cu_seqlens=CU, max_seqlen=25, backend="flex")
-    torch.testing.assert_close(out, _per_segment_loop(q, k, v, SEG), atol=1e-5, rtol=1e-5)
+    if seg == "doc":
+        torch.testing.assert_close(out, _per_segment_loop(q, k, v, SEG), atol=1e-5, rtol=1e-5)
 
 
 def test_auto_is_sdpa_on_cpu_and_errors_are_clear():
@@ -115,20 +136,26 @@ def test_auto_is_sdpa_on_cpu_and_errors_are_clear():
         A.resolve_backend("xformers", torch.device("cpu"), torch.float32)
     for backend in ("flash_attn", "torch_varlen"):
         with pytest.raises(ValueError, match="needs a CUDA device"):
-            A.attention(*_qkv(), segment_ids=SEG, backend=backend)
+            _mask(backend, SEG)
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            _mask(backend)
     with pytest.raises(ValueError, match="row boundary"):
-        A.segment_ids_from_cu_seqlens(torch.tensor([0, 30, 80], dtype=torch.int32), B, T)
+        A.varlen_offsets(SEG, torch.tensor([0, 30, 80], dtype=torch.int32))
     with pytest.raises(ValueError, match="end at B\\*T"):
-        A.segment_ids_from_cu_seqlens(torch.tensor([0, 40, 70], dtype=torch.int32), B, T)
+        A.varlen_offsets(SEG, torch.tensor([0, 40, 70], dtype=torch.int32))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        A.varlen_offsets(SEG, torch.tensor([0, 40, 40, 80], dtype=torch.int32))
     with pytest.raises(ValueError, match="non-decreasing"):
         A.cu_seqlens_from_segment_ids(torch.tensor([[0, 0, 1, 1, 0]]))
-    with pytest.raises(ValueError, match="segment_ids has shape"):
-        A.attention(*_qkv(), segment_ids=SEG[:, :10], backend="sdpa")
+    with pytest.raises(ValueError, match="must be \\(B, T\\)"):
+        _mask("sdpa", SEG[0])
+    with pytest.raises(ValueError, match="mask was built for"):
+        A.attention(*_qkv(), _mask("sdpa", SEG[:, :10]))
 
 
 # ---------------------------------------------------------------------------------------------
-# varlen code paths on CPU: the real kernels need CUDA, so a reference varlen function stands in
-# for them and checks what our wrapper passes (packed layout, int32 offsets, causal flag, GQA).
+# varlen kernels: the real ones need CUDA (below). On CPU, the flash_attn wrapper is checked against
+# a stand-in, and torch_varlen's keywords against the installed torch's own signature.
 
 
 def _reference_varlen(q_NHD, k_NKD, v_NKD, cu, max_len):
@@ -148,31 +175,47 @@ def test_flash_attn_wrapper_contract(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
     q, k, v = _qkv()
-    cu, max_len = A.varlen_metadata(B, T, q.device, segment_ids=SEG)
-    mask = A.AttentionMask("flash_attn", B, T, False, cu_seqlens=cu, max_seqlen=max_len)
-    out = A.attention(q, k, v, mask=mask)
+    cu, max_len = A.varlen_offsets(SEG)
+    mask = A.AttentionMask("flash_attn", A.positions_from_segment_ids(SEG), False, SEG, cu_seqlens=cu,
+                           max_seqlen=max_len)
+    out = A.attention(q, k, v, mask)
     assert calls == {"causal": True, "same": True, "heads": (H, KV)}
-    torch.testing.assert_close(out, A.attention(q, k, v, segment_ids=SEG, backend="sdpa"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, A.attention(q, k, v, _mask("sdpa", SEG)), atol=1e-5, rtol=1e-5)
 
 
-def test_torch_varlen_wrapper_contract(monkeypatch):
-    import torch.nn.attention.varlen as varlen
+def test_torch_varlen_keywords_fit_the_installed_signature():
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    signature = inspect.signature(varlen.varlen_attn)
+    params = signature.parameters
+    kw = A.torch_varlen_keywords()
+    gqa = {"enable_gqa": False} if "enable_gqa" in params else {}  # the call sets it True for GQA only
+    if "window_size" in params:
+        assert kw == {"window_size": (-1, 0), **gqa}  # (-1, 0) = causal
+    else:
+        assert kw == {"is_causal": True, **gqa}
+    # _torch_varlen's calls: (q, k, v, cu_q, cu_k, max_q, max_k) positionally, the keywords after;
+    # the seven are exactly the parameters without defaults, so none lands on an option
+    assert [n for n, p in params.items() if p.default is inspect.Parameter.empty] == list(params)[:7]
+    q = torch.zeros(B * T, H, D)
+    for call_kw in (kw, {**kw, **{k: True for k in gqa}}):
+        signature.bind(q, q, q, CU, CU, 25, 25, **call_kw)
 
-    calls = {}
 
-    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, **kw):
-        calls.update(window_size=tuple(window_size), enable_gqa=enable_gqa)
-        return _reference_varlen(q, k, v, cu_q, max_q)
-
-    monkeypatch.setattr(varlen, "varlen_attn", varlen_attn)
-    q, k, v = _qkv()
-    # cu_seqlens straight from the batch; window scope when none is given
-    for seg_kw, oracle_seg in (({"cu_seqlens": CU}, SEG), ({}, None)):
-        cu, max_len = A.varlen_metadata(B, T, q.device, **seg_kw)
-        mask = A.AttentionMask("torch_varlen", B, T, False, cu_seqlens=cu, max_seqlen=max_len)
-        out = A.attention(q, k, v, mask=mask)
-        assert calls == {"window_size": (-1, 0), "enable_gqa": True}  # (-1, 0) = causal
-        torch.testing.assert_close(out, A.attention(q, k, v, segment_ids=oracle_seg, backend="sdpa"), atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize("params, expected", [
+    ({"is_causal", "return_aux"}, {"is_causal": True}),
+    ({"return_aux", "scale", "window_size", "enable_gqa"}, {"window_size": (-1, 0), "enable_gqa": False}),
+    ({"return_aux", "scale"}, None),
+    (None, None),
+])
+def test_torch_varlen_gate_follows_the_signature(monkeypatch, params, expected):
+    monkeypatch.setattr(A, "_varlen_attn_parameters", lambda: None if params is None else frozenset(params))
+    if expected is None:
+        with pytest.raises(ValueError, match="no torch.nn.attention.varlen" if params is None else "cannot run causal"):
+            A.torch_varlen_keywords()
+    else:
+        assert A.torch_varlen_keywords() == expected
+    # auto takes torch_varlen only when it can do causal GQA
+    assert A._torch_varlen_complete() == (expected is not None and "enable_gqa" in expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,9 +226,9 @@ def _gpu_check(backend: str):
     dev = "cuda"
     q, k, v = (x.requires_grad_() for x in _qkv(dtype=torch.bfloat16, device=dev, d=64))  # kernel-friendly head dim
     seg = SEG.to(dev)
-    out = A.attention(q, k, v, segment_ids=seg, cu_seqlens=CU.to(dev), max_seqlen=25, backend=backend)
+    out = A.attention(q, k, v, A.segment_mask(backend, seg, torch.bfloat16, CU.to(dev), 25))
     q2, k2, v2 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    ref = A.attention(q2, k2, v2, segment_ids=seg, backend="sdpa")
+    ref = A.attention(q2, k2, v2, A.segment_mask("sdpa", seg, torch.float32))
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     g = torch.randn_like(ref)
     out.float().backward(g)

@@ -43,7 +43,7 @@ def test_evaluate_validation_equals_cross_entropy_over_the_same_windows(store, t
         assert n >= 2
         with torch.no_grad():
             b = w.batch(list(range(n)))
-            hidden = model(b["input_ids"], position_ids=b["position_ids"], segment_ids=b["segment_ids"])
+            hidden = model(b["input_ids"], b["position_ids"], model.segment_mask(b["segment_ids"]))
             ce = F.cross_entropy(model.logits(hidden).reshape(-1, 300), b["targets"].reshape(-1))
         assert out[f"val/{name}/loss"] == pytest.approx(float(ce), rel=1e-5)
         assert out[f"val/{name}/tokens"] == n * T

@@ -97,7 +97,7 @@ def test_document_scope_equals_separate_documents(backend):
     ids, seg = _batch()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        packed = model(ids, position_ids=positions_from_segment_ids(seg), segment_ids=seg)
+        packed = model(ids, positions_from_segment_ids(seg), model.segment_mask(seg))
         model.cfg.attention_backend = "sdpa"
         for b in range(2):
             for s in seg[b].unique():
@@ -106,16 +106,16 @@ def test_document_scope_equals_separate_documents(backend):
                 torch.testing.assert_close(packed[b, idx], alone[0], atol=2e-5, rtol=2e-5)
 
 
-def test_segment_descriptions_are_interchangeable():
+def test_mask_positions_and_batch_offsets():
     model = _nano()
     ids, seg = _batch()
     cu = torch.tensor([0, 5, 23, 36, 56, 72], dtype=torch.int32)
     with torch.no_grad():
-        by_seg = model(ids, segment_ids=seg)  # positions derived: restart per segment
-        by_cu = model(ids, cu_seqlens=cu, max_seqlen=20)
-        both = model(ids, position_ids=positions_from_segment_ids(seg), segment_ids=seg, cu_seqlens=cu, max_seqlen=20)
-    torch.testing.assert_close(by_seg, by_cu, atol=0, rtol=0)
-    torch.testing.assert_close(by_seg, both, atol=0, rtol=0)
+        by_seg = model(ids, mask=model.segment_mask(seg))  # positions: the mask's, restarting per segment
+        explicit = model(ids, positions_from_segment_ids(seg), model.segment_mask(seg, cu, 20))
+    torch.testing.assert_close(by_seg, explicit, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="mask was built for"):
+        model(ids[:, :30], mask=model.segment_mask(seg))
 
 
 def test_window_scope_and_rope_offsets():
@@ -123,9 +123,9 @@ def test_window_scope_and_rope_offsets():
     ids, seg = _batch()
     with torch.no_grad():
         plain = model(ids)
-        window = model(ids, segment_ids=torch.zeros_like(seg), position_ids=torch.arange(36).expand(2, 36))
-        masked_continuous = model(ids, segment_ids=seg, position_ids=torch.arange(36).expand(2, 36))
-        masked_restart = model(ids, segment_ids=seg)
+        window = model(ids, torch.arange(36).expand(2, 36), model.segment_mask(torch.zeros_like(seg)))
+        masked_continuous = model(ids, torch.arange(36).expand(2, 36), model.segment_mask(seg))
+        masked_restart = model(ids, mask=model.segment_mask(seg))
     torch.testing.assert_close(plain, window, atol=0, rtol=0)
     assert not torch.allclose(plain[0, 5:], masked_restart[0, 5:], atol=1e-4)  # the mask is honoured
     # RoPE is relative: inside a masked segment a constant position offset changes nothing
@@ -140,7 +140,7 @@ def test_gradients_respect_segments():
     x = emb(ids).detach().requires_grad_()
     model.embed = torch.nn.Identity()
     try:
-        h = model(x, segment_ids=seg)
+        h = model(x, mask=model.segment_mask(seg))
     finally:
         model.embed = emb
     h[0, 10].sum().backward()  # a token of segment 1 in row 0
@@ -163,14 +163,15 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     mha.load_state_dict(state)
     ids, seg = _batch()
     with torch.no_grad():
-        torch.testing.assert_close(gqa(ids, segment_ids=seg), mha(ids, segment_ids=seg), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gqa(ids, mask=gqa.segment_mask(seg)), mha(ids, mask=mha.segment_mask(seg)),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_loss_and_logits_api():
     model = _nano()
     ids, seg = _batch()
     targets = torch.roll(ids, -1, 1)
-    h = model(ids, segment_ids=seg)
+    h = model(ids, mask=model.segment_mask(seg))
     assert h.shape == (2, 36, model.cfg.d_model)
     assert model.logits(h).shape == (2, 36, 300)
     loss = model.loss(h, targets)
@@ -184,9 +185,9 @@ def test_bf16_autocast_forward_close_to_fp32():
     model = _nano()
     ids, seg = _batch()
     with torch.no_grad():
-        ref = model(ids, segment_ids=seg)
+        ref = model(ids, mask=model.segment_mask(seg))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(ids, segment_ids=seg)
+            low = model(ids, mask=model.segment_mask(seg))
     assert not torch.equal(low.float(), ref)  # the matmuls did run in bf16 (residual stays fp32)
     torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.05)
 
@@ -200,7 +201,7 @@ def test_adamw_steps_reduce_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     losses = []
     for _ in range(15):
-        loss = model.loss(model(ids[:, :-1], segment_ids=seg), ids[:, 1:])
+        loss = model.loss(model(ids[:, :-1], mask=model.segment_mask(seg)), ids[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megadoc_pl.eval.scoring import IGNORE, forward_kwargs
+from megadoc_pl.eval.scoring import IGNORE, hidden_states
 
 MODES = ("logit", "prob")
 
@@ -46,8 +46,7 @@ class Ensemble(nn.Module):
 
     def token_losses(self, batch: Mapping[str, Any]) -> Tensor:
         """(B, T) cross-entropy of the ensemble's next-token distribution (0 at ignored targets)."""
-        kwargs = forward_kwargs(batch)
-        hiddens = [m(batch["input_ids"], **kwargs) for m in self.members]
+        hiddens = [hidden_states(m, batch) for m in self.members]  # each member's mask for its own backend
         targets_BT = batch["targets"]
         B, T = targets_BT.shape
         step = max(1, self.chunk_tokens // B)

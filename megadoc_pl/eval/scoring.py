@@ -14,20 +14,25 @@ from torch import Tensor
 
 IGNORE = -100  # target id that is not scored
 
-_FORWARD_KEYS = ("position_ids", "segment_ids", "cu_seqlens", "max_seqlen")
 
+def hidden_states(model: Any, batch: Mapping[str, Any]) -> Tensor:
+    """(B, T, D) final hidden states of a Llama on a contract batch, attention within its segments.
 
-def forward_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The attention-structure keys of a contract batch that ``Llama.forward`` takes."""
-    return {k: batch[k] for k in _FORWARD_KEYS if k in batch}
+    The attention mask is built here, from the batch's ``segment_ids`` (and ``cu_seqlens`` /
+    ``max_seqlen`` when present), before the model's possibly compiled forward runs. A batch of
+    ``input_ids`` alone is rows of one causal sequence each (the model's default mask).
+    """
+    mask = None
+    if "segment_ids" in batch:
+        mask = model.segment_mask(batch["segment_ids"], batch.get("cu_seqlens"), batch.get("max_seqlen"))
+    return model(batch["input_ids"], batch.get("position_ids"), mask)
 
 
 def token_losses(model: Any, batch: Mapping[str, Any]) -> Tensor:
     """(B, T) per-token cross-entropy in nats of a Llama or anything with ``token_losses``."""
     if hasattr(model, "token_losses"):
         return model.token_losses(batch)
-    hidden_BTD = model(batch["input_ids"], **forward_kwargs(batch))
-    return model.loss(hidden_BTD, batch["targets"], reduction="none")
+    return model.loss(hidden_states(model, batch), batch["targets"], reduction="none")
 
 
 def causal_rows_batch(input_ids_BT: Tensor, targets_BT: Tensor) -> dict[str, Any]:

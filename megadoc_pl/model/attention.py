@@ -1,29 +1,33 @@
-"""Causal self-attention restricted to segments, behind one function with four backends.
+"""Causal self-attention restricted to segments, behind one mask object and four backends.
 
 The data side decides the attention scope (`window`, `document`, `megadoc`; SPEC 3.4) and
-describes it per batch as ``segment_ids`` (B, T) and/or ``cu_seqlens`` (S + 1,) over the
-flattened (B * T) tokens plus ``max_seqlen``. The model only has to respect those segments: a
-query attends to keys at or before it *in the same segment*. Segment ids increase along a row
-(batch contract), so every segment is a contiguous span and both descriptions are equivalent.
+describes it per batch as ``segment_ids`` (B, T), with ``cu_seqlens`` (S + 1,) over the
+flattened (B * T) tokens and ``max_seqlen`` alongside. The model only has to respect those
+segments: a query attends to keys at or before it *in the same segment*. Segment ids increase
+along a row (batch contract), so every segment is a contiguous span and both descriptions agree.
 
-Backends (``backend=``):
+The segmentation reaches the model as one :class:`AttentionMask`, built once per batch *outside*
+the (possibly compiled) forward by :func:`segment_mask` (or :func:`causal_mask` for rows that
+are one causal sequence each) and shared by all layers (torchtitan's ``get_attention_masks``).
+Building it resolves the backend and prepares what that backend needs:
 
 - ``flash_attn``   flash_attn_varlen_func over the packed (B * T) tokens (CUDA, bf16/fp16)
 - ``torch_varlen`` torch.nn.attention.varlen.varlen_attn, PyTorch's built-in varlen flash
-                   kernel (CUDA, bf16/fp16; torch >= 2.10)
+                   kernel (CUDA, bf16/fp16); its keywords are read from its signature, which
+                   changed between torch releases (:func:`torch_varlen_keywords`)
 - ``flex``         flex_attention with a document block mask (compiled on CUDA; eager on CPU)
 - ``sdpa``         dense F.scaled_dot_product_attention with an explicit (B, 1, T, T) mask;
                    the oracle. Rows that are one segment each use ``is_causal=True`` instead.
 - ``auto``         CUDA + bf16/fp16: flash_attn > torch_varlen > flex > sdpa; otherwise sdpa.
 
-A backend that cannot honour the segmentation raises; none silently drops the mask. The mask is
-built once per forward pass (``make_mask``) and shared by all layers.
+A backend that cannot honour the segmentation raises; none silently drops the mask.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -36,14 +40,6 @@ _HALF = (torch.bfloat16, torch.float16)
 
 # ---------------------------------------------------------------------------------------------
 # segment descriptions
-
-
-def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """(B, T) int32 segment index of every token from cumulative lengths over the flat batch."""
-    _check_cu_seqlens(cu_seqlens, B, T)
-    starts = torch.zeros(B * T + 1, dtype=torch.int32, device=cu_seqlens.device)
-    starts[cu_seqlens[1:-1].long()] = 1
-    return starts[:-1].cumsum(0, dtype=torch.int32).view(B, T)
 
 
 def cu_seqlens_from_segment_ids(segment_ids_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -104,6 +100,50 @@ def has_torch_varlen() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
+@functools.cache
+def _varlen_attn_parameters() -> Optional[frozenset[str]]:
+    """Parameter names of this torch's ``varlen_attn``; None when it has none."""
+    if not has_torch_varlen():
+        return None
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen_keywords() -> dict[str, Any]:
+    """The keywords that make this torch's ``varlen_attn`` causal, read from its signature.
+
+    The signature changed between releases: the first ones take ``is_causal``, later ones
+    ``window_size`` ((-1, 0) = causal) and ``enable_gqa`` (key/value with fewer heads). What is
+    present is read, not assumed from the version. ``enable_gqa`` is listed (False) where it
+    exists; the call sets it for GQA only (some kernels, cuDNN's, refuse it even with equal heads).
+    Raises ValueError when this torch has no ``varlen_attn`` or it takes neither causal keyword.
+    """
+    params = _varlen_attn_parameters()
+    if params is None:
+        raise ValueError(f"this torch ({torch.__version__}) has no torch.nn.attention.varlen; use 'flash_attn' or 'flex'")
+    if "window_size" in params:
+        kw: dict[str, Any] = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        kw = {"is_causal": True}
+    else:
+        raise ValueError(
+            f"torch {torch.__version__}: varlen_attn takes neither window_size nor is_causal "
+            f"(parameters: {', '.join(sorted(params))}), so it cannot run causal attention; use 'flash_attn' or 'flex'"
+        )
+    if "enable_gqa" in params:
+        kw["enable_gqa"] = False
+    return kw
+
+
+def _torch_varlen_complete() -> bool:
+    """Whether ``auto`` may pick torch_varlen: causal and GQA both expressible in its signature."""
+    try:
+        return "enable_gqa" in torch_varlen_keywords()
+    except ValueError:
+        return False
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend for ``backend`` ('auto' picks by availability) on this device/dtype."""
     if backend not in BACKENDS:
@@ -113,7 +153,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         if cuda and dtype in _HALF:
             if has_flash_attn():
                 return "flash_attn"
-            if has_torch_varlen():
+            if _torch_varlen_complete():
                 return "torch_varlen"
             return "flex"
         return "sdpa"
@@ -125,98 +165,107 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
                 f"attention backend {backend!r} needs bf16/fp16 activations (got {dtype}); "
                 "train with bf16-mixed precision or use 'flex'/'sdpa'"
             )
-        if backend == "torch_varlen" and not has_torch_varlen():
-            raise ValueError(f"this torch ({torch.__version__}) has no torch.nn.attention.varlen; use 'flash_attn' or 'flex'")
+        if backend == "torch_varlen":
+            torch_varlen_keywords()  # raises when this torch's signature cannot do it
     return backend
 
 
 # ---------------------------------------------------------------------------------------------
-# the mask, built once per forward
+# the mask, built once per batch outside the forward
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionMask:
-    """What one backend needs to honour the segmentation of a (B, T) batch."""
+    """A (B, T) batch's segmentation, prepared for one backend; shared by all layers.
 
-    backend: str
-    B: int
-    T: int
+    Build it with :func:`segment_mask` or :func:`causal_mask`, outside the compiled forward:
+    they do the host-side, data-dependent work (backend choice, offsets, block masks).
+    """
+
+    backend: str  # resolved: sdpa | flex | flash_attn | torch_varlen
+    positions_BT: torch.Tensor  # int64 RoPE positions restarting at 0 at each segment start
     single_segment_rows: bool  # every row is one segment: plain causal attention is exact
-    dense_B1TT: Optional[torch.Tensor] = None  # sdpa: bool, True = attend
+    segment_ids_BT: Optional[torch.Tensor] = None  # int32 (B, T); None for plain causal rows
+    cu_seqlens: Optional[torch.Tensor] = None  # varlen: int32 (S + 1,) over the flattened batch
+    max_seqlen: int = 0  # varlen: longest segment
+    dense_B1TT: Optional[torch.Tensor] = None  # sdpa with segments: bool, True = attend
     block_mask: Any = None  # flex: BlockMask
-    cu_seqlens: Optional[torch.Tensor] = None  # varlen: int32 (S + 1,)
-    max_seqlen: int = 0
+    varlen_kwargs: tuple[tuple[str, Any], ...] = ()  # torch_varlen: causal keywords of this torch's signature
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(B, T) the mask was built for."""
+        return tuple(self.positions_BT.shape)
 
 
-@torch.compiler.disable  # data-dependent host logic; runs eagerly under torch.compile
-def make_mask(
+@torch.compiler.disable  # host logic; a compiled caller runs it eagerly
+def causal_mask(backend: str, B: int, T: int, device: torch.device, dtype: torch.dtype) -> AttentionMask:
+    """Every row one causal sequence (window scope, HF parity, multiple-choice rows); no host sync."""
+    backend = resolve_backend(backend, device, dtype)
+    positions_BT = torch.arange(T, device=device).expand(B, T)
+    if backend in ("flash_attn", "torch_varlen"):
+        cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+        return _varlen_mask(backend, positions_BT, True, None, cu, T)
+    block_mask = _flex_block_mask(None, B, T, device) if backend == "flex" else None
+    return AttentionMask(backend, positions_BT, single_segment_rows=True, block_mask=block_mask)
+
+
+@torch.compiler.disable  # data-dependent host logic; a compiled caller runs it eagerly
+def segment_mask(
     backend: str,
-    B: int,
-    T: int,
-    device: torch.device,
+    segment_ids_BT: torch.Tensor,
     dtype: torch.dtype,
-    segment_ids: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
 ) -> AttentionMask:
-    """Resolve the backend and build its mask from whichever segment description is given.
+    """The mask of a batch cut into segments, on ``segment_ids_BT``'s device, for activations of ``dtype``.
 
-    With neither ``segment_ids`` nor ``cu_seqlens`` every row is one causal segment (`window`).
-    If both are given they must describe the same segmentation (the batch contract guarantees
-    it); ``segment_ids`` drives sdpa/flex, ``cu_seqlens`` drives the varlen kernels.
+    ``segment_ids_BT`` is the segmentation; ``cu_seqlens``/``max_seqlen``, when the batch has
+    them, must describe the same segments (the batch contract guarantees it) and spare the varlen
+    backends deriving them (a host sync).
     """
+    if segment_ids_BT.dim() != 2:
+        raise ValueError(f"segment_ids must be (B, T), got shape {tuple(segment_ids_BT.shape)}")
+    B, T = segment_ids_BT.shape
+    device = segment_ids_BT.device
     backend = resolve_backend(backend, device, dtype)
-    if segment_ids is not None:
-        if tuple(segment_ids.shape) != (B, T):
-            raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (B, T) = {(B, T)}")
-        segment_ids = segment_ids.to(device)
+    positions_BT = positions_from_segment_ids(segment_ids_BT)
     if backend in ("flash_attn", "torch_varlen"):
-        cu, max_len = varlen_metadata(B, T, device, segment_ids, cu_seqlens, max_seqlen)
-        return AttentionMask(backend, B, T, single_segment_rows=cu.numel() == B + 1, cu_seqlens=cu, max_seqlen=max_len)
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-
-    if segment_ids is None and cu_seqlens is None:
-        single = True
-    elif segment_ids is not None:
-        single = bool((segment_ids == segment_ids[:, :1]).all())
-    else:
-        _check_cu_seqlens(cu_seqlens, B, T)
-        single = cu_seqlens.numel() == B + 1
-    mask = AttentionMask(backend=backend, B=B, T=T, single_segment_rows=single)
-    if single:
-        if backend == "flex":
-            mask.block_mask = _flex_block_mask(None, B, T, device)
-        return mask
-    if segment_ids is None:
-        segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, B, T)
+        cu, max_len = varlen_offsets(segment_ids_BT, cu_seqlens, max_seqlen)
+        return _varlen_mask(backend, positions_BT, cu.numel() == B + 1, segment_ids_BT, cu, max_len)
+    single = bool((segment_ids_BT == segment_ids_BT[:, :1]).all())
     if backend == "flex":
-        mask.block_mask = _flex_block_mask(segment_ids, B, T, device)
-    else:
+        block_mask = _flex_block_mask(None if single else segment_ids_BT, B, T, device)
+        return AttentionMask(backend, positions_BT, single, segment_ids_BT, block_mask=block_mask)
+    dense_B1TT = None
+    if not single:
         causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        same_BTT = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask.dense_B1TT = (same_BTT & causal_TT)[:, None]
-    return mask
+        same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        dense_B1TT = (same_BTT & causal_TT)[:, None]
+    return AttentionMask(backend, positions_BT, single, segment_ids_BT, dense_B1TT=dense_B1TT)
 
 
-def varlen_metadata(
-    B: int,
-    T: int,
-    device: torch.device,
-    segment_ids: Optional[torch.Tensor] = None,
+def _varlen_mask(backend: str, positions_BT: torch.Tensor, single: bool, segment_ids_BT: Optional[torch.Tensor],
+                 cu: torch.Tensor, max_len: int) -> AttentionMask:
+    kwargs = tuple(torch_varlen_keywords().items()) if backend == "torch_varlen" else ()
+    return AttentionMask(backend, positions_BT, single, segment_ids_BT, cu_seqlens=cu, max_seqlen=max_len,
+                         varlen_kwargs=kwargs)
+
+
+def varlen_offsets(
+    segment_ids_BT: torch.Tensor,
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
 ) -> tuple[torch.Tensor, int]:
-    """(cu_seqlens int32, max_seqlen) for the varlen kernels from either segment description."""
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-        _check_cu_seqlens(cu_seqlens, B, T)
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-        return cu_seqlens, int(max_seqlen)
-    if segment_ids is None:
-        return torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device), T
-    return cu_seqlens_from_segment_ids(segment_ids.to(device))
+    """(cu_seqlens int32, max_seqlen) for the varlen kernels: the batch's, checked, or derived."""
+    if cu_seqlens is None:
+        return cu_seqlens_from_segment_ids(segment_ids_BT)
+    B, T = segment_ids_BT.shape
+    cu_seqlens = cu_seqlens.to(device=segment_ids_BT.device, dtype=torch.int32)
+    _check_cu_seqlens(cu_seqlens, B, T)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    return cu_seqlens, int(max_seqlen)
 
 
 def _flex_block_mask(segment_ids: Optional[torch.Tensor], B: int, T: int, device: torch.device) -> Any:
@@ -239,29 +288,14 @@ def _flex_block_mask(segment_ids: Optional[torch.Tensor], B: int, T: int, device
 # the function
 
 
-def attention(
-    q_BTHD: torch.Tensor,
-    k_BTHD: torch.Tensor,
-    v_BTHD: torch.Tensor,
-    segment_ids: Optional[torch.Tensor] = None,
-    cu_seqlens: Optional[torch.Tensor] = None,
-    max_seqlen: Optional[int] = None,
-    backend: str = "auto",
-    mask: Optional[AttentionMask] = None,
-) -> torch.Tensor:
-    """Causal attention within segments; k/v may have fewer heads than q (GQA). Returns (B, T, H, D).
-
-    Pass a prebuilt ``mask`` (from ``make_mask``) to share it across layers; otherwise it is
-    built here from the segment arguments and ``backend``.
-    """
+def attention(q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHD: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Causal attention within the mask's segments; k/v may have fewer heads than q (GQA). Returns (B, T, H, D)."""
     B, T, H, D = q_BTHD.shape
     KV = k_BTHD.shape[2]
     if H % KV != 0:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({KV})")
-    if mask is None:
-        mask = make_mask(backend, B, T, q_BTHD.device, q_BTHD.dtype, segment_ids, cu_seqlens, max_seqlen)
-    elif (mask.B, mask.T) != (B, T):
-        raise ValueError(f"mask was built for (B, T) = {(mask.B, mask.T)}, got {(B, T)}")
+    if mask.shape != (B, T):
+        raise ValueError(f"mask was built for (B, T) = {mask.shape}, got {(B, T)}")
 
     if mask.backend == "sdpa":
         return _sdpa(q_BTHD, k_BTHD, v_BTHD, mask)
@@ -302,15 +336,20 @@ def _flex(q_BTHD, k_BTHD, v_BTHD, mask: AttentionMask) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+def _varlen_max(mask: AttentionMask, T: int) -> int:
+    # Under torch.compile a per-batch Python int would be specialised and recompile on every new
+    # value; the row length is a valid upper bound (it only sizes the kernel's grid).
+    return T if torch.compiler.is_compiling() else mask.max_seqlen
+
+
 def _flash_attn(q_BTHD, k_BTHD, v_BTHD, mask: AttentionMask) -> torch.Tensor:
     from megadoc_pl.utils import require
 
     fa = require("flash_attn", "gpu", "the flash_attn attention backend")
     B, T, H, D = q_BTHD.shape
     q, k, v = (x.reshape(B * T, x.shape[2], D) for x in (q_BTHD, k_BTHD, v_BTHD))
-    out = fa.flash_attn_varlen_func(
-        q, k, v, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen, causal=True
-    )
+    max_len = _varlen_max(mask, T)
+    out = fa.flash_attn_varlen_func(q, k, v, mask.cu_seqlens, mask.cu_seqlens, max_len, max_len, causal=True)
     return out.view(B, T, H, D)
 
 
@@ -318,9 +357,15 @@ def _torch_varlen(q_BTHD, k_BTHD, v_BTHD, mask: AttentionMask) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
     B, T, H, D = q_BTHD.shape
+    kwargs = dict(mask.varlen_kwargs)
+    if H != k_BTHD.shape[2]:
+        if "enable_gqa" not in kwargs:
+            raise ValueError(
+                f"this torch's ({torch.__version__}) varlen_attn takes no enable_gqa, so it cannot attend "
+                f"{H} query heads to {k_BTHD.shape[2]} kv heads; use 'flash_attn' or 'flex'"
+            )
+        kwargs["enable_gqa"] = True
     q, k, v = (x.reshape(B * T, x.shape[2], D) for x in (q_BTHD, k_BTHD, v_BTHD))
-    out = varlen_attn(
-        q, k, v, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
-        window_size=(-1, 0), enable_gqa=H != k.shape[1],
-    )
+    max_len = _varlen_max(mask, T)
+    out = varlen_attn(q, k, v, mask.cu_seqlens, mask.cu_seqlens, max_len, max_len, **kwargs)
     return out.view(B, T, H, D)

@@ -2,7 +2,8 @@
 
 RMSNorm, RoPE, SwiGLU, grouped-query attention, untied embeddings, no biases, normal(0, 0.02)
 init (SPEC 5). RoPE uses the "rotate half" layout of Hugging Face Llama, so exported q/k weights
-need no permutation. RoPE positions come from ``position_ids`` so they can restart per segment.
+need no permutation. Attention follows an ``AttentionMask`` built outside the forward
+(model/attention.py); RoPE positions default to the mask's, which restart at every segment.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megadoc_pl.model.config import SIZES, LlamaConfig  # noqa: F401  (re-exported: the model's public names)
-from megadoc_pl.model.attention import attention, make_mask, positions_from_segment_ids, segment_ids_from_cu_seqlens
+from megadoc_pl.model.attention import AttentionMask, attention, causal_mask, segment_mask
 from megadoc_pl.model.loss import chunked_cross_entropy
 
 
@@ -62,38 +63,43 @@ class Llama(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        position_ids: Optional[torch.Tensor] = None,
-        segment_ids: Optional[torch.Tensor] = None,
-        cu_seqlens: Optional[torch.Tensor] = None,
-        max_seqlen: Optional[int] = None,
+        positions: Optional[torch.Tensor] = None,
+        mask: Optional[AttentionMask] = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) -> final-norm hidden states (B, T, D); attention stays within segments.
+        """Token ids (B, T) -> final-norm hidden states (B, T, D); attention follows ``mask``.
 
-        Without ``position_ids``, positions restart at each segment start (0..T-1 per row
-        when there are no segments).
+        ``mask`` comes from :meth:`segment_mask` (built before the forward, so a compiled forward
+        never sees data-dependent host logic); without one every row is one causal sequence.
+        ``positions`` (B, T) are RoPE positions, by default the mask's (restarting per segment).
         """
         B, T = input_ids.shape[:2]
         x_BTD = self.embed(input_ids)
-        if position_ids is None:
-            if segment_ids is None and cu_seqlens is not None:
-                segment_ids = segment_ids_from_cu_seqlens(cu_seqlens.to(input_ids.device), B, T)
-            if segment_ids is None:
-                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-            else:
-                position_ids = positions_from_segment_ids(segment_ids.to(input_ids.device))
-        dev = x_BTD.device.type
-        act_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_BTD.dtype
-        cos_BT1K, sin_BT1K = self.rope(position_ids, act_dtype)
-        if torch.compiler.is_compiling():
-            # A per-batch Python int would be specialised and recompile on every new value; the
-            # row length is a valid upper bound for the varlen kernels (it only sizes the grid).
-            max_seqlen = T
-        mask = make_mask(
-            self.cfg.attention_backend, B, T, x_BTD.device, act_dtype, segment_ids, cu_seqlens, max_seqlen
-        )
+        act_dtype = self._activation_dtype(x_BTD)
+        if mask is None:
+            mask = causal_mask(self.cfg.attention_backend, B, T, x_BTD.device, act_dtype)
+        elif mask.shape != (B, T):
+            raise ValueError(f"the attention mask was built for (B, T) = {mask.shape}, the input is {(B, T)}")
+        cos_BT1K, sin_BT1K = self.rope(mask.positions_BT if positions is None else positions, act_dtype)
         for layer in self.layers:
             x_BTD = layer(x_BTD, cos_BT1K, sin_BT1K, mask)
         return self.norm(x_BTD)
+
+    def segment_mask(self, segment_ids_BT: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                     max_seqlen: Optional[int] = None) -> AttentionMask:
+        """The attention mask of a batch cut into segments, for this model's backend.
+
+        Call it where the forward will run (same device, same autocast) and outside a compiled
+        forward; ``cu_seqlens``/``max_seqlen`` from the batch spare the varlen backends a host sync.
+        """
+        weight = self.lm_head.weight  # where the forward runs, in the dtype it runs in without autocast
+        seg_BT = segment_ids_BT.to(weight.device)
+        dtype = self._activation_dtype(weight)
+        return segment_mask(self.cfg.attention_backend, seg_BT, dtype, cu_seqlens, max_seqlen)
+
+    @staticmethod
+    def _activation_dtype(x: torch.Tensor) -> torch.dtype:
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
     def logits(self, hidden_BTD: torch.Tensor) -> torch.Tensor:
         """Full (B, T, V) logits: small vocabularies and evaluation only (see ``loss``)."""
@@ -177,8 +183,8 @@ class RotaryEmbedding(nn.Module):
     def reset_parameters(self, device: Optional[torch.device] = None) -> None:
         self.inv_freq = self._inv_freq().to(device or self.inv_freq.device)
 
-    def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles_BTK = position_ids_BT.float()[..., None] * self.inv_freq.float()
+    def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles_BTK = positions_BT.float()[..., None] * self.inv_freq.float()
         return angles_BTK.cos().to(dtype)[:, :, None], angles_BTK.sin().to(dtype)[:, :, None]
 
 

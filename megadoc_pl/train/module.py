@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from megadoc_pl.eval.scoring import hidden_states
 from megadoc_pl.model.hf import load_hf_weights
 from megadoc_pl.model.llama import Llama, LlamaConfig
 from megadoc_pl.train.callbacks import NonFiniteLossError, StreamCounter, nonfinite_message
@@ -104,13 +105,7 @@ class MegadocLM(pl.LightningModule):
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Final hidden states (B, T, D) of a batch; attention follows its segments."""
-        return self.model(
-            batch["input_ids"],
-            position_ids=batch.get("position_ids"),
-            segment_ids=batch.get("segment_ids"),
-            cu_seqlens=batch.get("cu_seqlens"),
-            max_seqlen=batch.get("max_seqlen"),
-        )
+        return hidden_states(self.model, batch)  # the mask is built here, outside the compiled model
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # still on the CPU: read what the step bookkeeping needs without a device sync
