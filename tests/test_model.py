@@ -236,7 +236,7 @@ def test_flops_per_token_matches_torch_flop_counter():
 
 
 def test_mean_attended_keys_and_peaks():
-    from megadoc_pl.model.flops import flops_per_token, mean_attended_keys, mfu, peak_bf16_flops
+    from megadoc_pl.model.flops import flops_per_token, mean_attended_keys, peak_bf16_flops
 
     assert mean_attended_keys([4]) == 2.5 and mean_attended_keys([1, 1, 2]) == 5 / 4
     cfg = LlamaConfig.from_name("300m")
@@ -249,4 +249,3 @@ def test_mean_attended_keys_and_peaks():
     assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_bf16_flops("NVIDIA L40S") == 362.05e12 and peak_bf16_flops("NVIDIA L4") == 121e12
     assert peak_bf16_flops("Some Future Accelerator") is None
-    assert mfu(250_000, 2e9, 1, 1e15) == 0.5

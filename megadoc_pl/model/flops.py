@@ -86,8 +86,3 @@ def peak_bf16_flops(device_name: str) -> Optional[float]:
         if key.lower() in device_name.lower():
             return peak
     return None
-
-
-def mfu(tokens_per_second: float, flops_token: float, num_gpus: int, peak_per_gpu: float) -> float:
-    """Model FLOPs utilisation: achieved / peak."""
-    return tokens_per_second * flops_token / (num_gpus * peak_per_gpu)
