@@ -113,7 +113,7 @@ class ThroughputMonitor(pl.Callback):
     of all devices, with FLOPs per token from ``flops_fn(mean_attended_keys)``: the mean keys per
     query come from the batches' segments (``pl_module.take_attention_stats()``), so document and
     megadoc scopes are not charged for attention they skip. Without a peak (CPU, unknown GPU,
-    non-bf16 precision) no MFU is logged.
+    non-bf16 precision) no MFU is logged. ``clock`` (seconds) is injectable for tests.
     """
 
     def __init__(
@@ -122,11 +122,13 @@ class ThroughputMonitor(pl.Callback):
         flops_fn: Optional[Callable[[Optional[float]], float]] = None,
         peak_flops_per_device: Optional[float] = None,
         window: int = 10,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.tokens_per_step = int(tokens_per_step)
         self.flops_fn = flops_fn
         self.peak_flops_per_device = peak_flops_per_device
         self.window = max(1, int(window))
+        self.clock = clock
         self._seen_step = -1
         self._times: deque[float] = deque(maxlen=self.window + 1)
         self._attn: deque[tuple[int, int]] = deque(maxlen=self.window)  # (causal pairs, tokens) per step
@@ -142,7 +144,7 @@ class ThroughputMonitor(pl.Callback):
         if trainer.global_step == self._seen_step:  # still accumulating gradients
             return
         self._seen_step = trainer.global_step
-        self._times.append(time.perf_counter())
+        self._times.append(self.clock())
         take = getattr(pl_module, "take_attention_stats", None)
         if callable(take):
             self._attn.append(take())
