@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from megadoc_pl.config import RecipeConfig
+
+if TYPE_CHECKING:
+    from megadoc_pl.model.config import LlamaConfig
 
 
 def recipes_dir() -> Path:
@@ -117,9 +120,11 @@ def validate_recipe(cfg: DictConfig) -> None:
     from megadoc_pl.model.config import LlamaConfig
 
     try:
-        LlamaConfig.from_recipe(OmegaConf.to_container(cfg, resolve=True))
+        model = LlamaConfig.from_recipe(OmegaConf.to_container(cfg, resolve=True))
     except (ValueError, TypeError) as e:
         raise ValueError(f"model: {e}") from None
+    if cfg.model.init_from:
+        _check_init_from(str(cfg.model.init_from), model, vocab_known=cfg.model.vocab_size is not None)
     ViewOptions.from_config(cfg.data, int(cfg.train.data_seed)).validate()
     t, mix, val = cfg.train, cfg.data.mixture, cfg.data.val
     checks = [
@@ -158,6 +163,21 @@ def validate_recipe(cfg: DictConfig) -> None:
     resume = cfg.run.resume
     if resume not in (None, "last", "auto") and not Path(str(resume)).is_file():
         raise ValueError(f"run.resume={resume}: not 'last', 'auto' or an existing checkpoint file")
+
+
+def _check_init_from(path: str, model: LlamaConfig, vocab_known: bool) -> None:
+    """model.init_from: a HF Llama directory whose config.json matches the recipe's model (vocabulary
+    checked once known: here when model.vocab_size is set, else when the weights are loaded)."""
+    import json
+
+    from megadoc_pl.model.config import check_hf_matches
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise ValueError(f"model.init_from={path}: no config.json there (fix: a directory saved with save_pretrained)")
+    fields = [f for f in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_mlp", "vocab_size", "rope_theta",
+                          "norm_eps") if vocab_known or f != "vocab_size"]
+    check_hf_matches(model, json.loads(config.read_text(encoding="utf-8")), f"model.init_from={path}", fields)
 
 
 def compose_recipe(name: str, overrides: Sequence[str] = ()) -> DictConfig:

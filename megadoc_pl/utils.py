@@ -12,7 +12,7 @@ import sys
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 
 def global_rank() -> int:
@@ -104,14 +104,35 @@ def content_id(text: str) -> str:
     return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:20]
 
 
-def file_fingerprint(path: str | os.PathLike) -> dict:
-    """Name, size and sha256 of a file: what a cached artefact depends on."""
+def file_fingerprint(path: str | os.PathLike, known: Optional[Mapping[tuple, str]] = None) -> dict:
+    """Name, size, mtime and sha256 of a file: what a cached artefact depends on.
+
+    ``known`` is a stat cache, ``(path, size, mtime_ns) -> sha256`` recorded by an earlier call
+    (token stores keep theirs in the manifest): a file whose stat matches is not read again, so
+    relaunching on unchanged inputs costs a ``stat`` per file. A file rewritten with the same size
+    inside the same mtime tick would be missed (the usual stat-cache trade-off; ``touch`` it or
+    rebuild).
+    """
     p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), int(st.st_size), int(st.st_mtime_ns))
+    sha = (known or {}).get(key) or sha256_file(p)
+    return {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": sha}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's content (read in 1 MiB blocks)."""
     h = hashlib.sha256()
-    with open(p, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return {"path": str(p.resolve()), "size": p.stat().st_size, "sha256": h.hexdigest()}
+    return h.hexdigest()
+
+
+def stat_cache(fingerprints: Iterable[Mapping[str, Any]]) -> dict[tuple, str]:
+    """The ``known`` argument of :func:`file_fingerprint` from fingerprints recorded earlier."""
+    return {(f["path"], int(f["size"]), int(f["mtime_ns"])): f["sha256"]
+            for f in fingerprints if "mtime_ns" in f and "sha256" in f}
 
 
 def json_fingerprint(obj: Any) -> str:

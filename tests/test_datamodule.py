@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from megadoc_pl.data.datamodule import MegadocDataModule, TrainBatchSampler, ValBatchSampler, accumulation_steps
+from megadoc_pl.data.datamodule import (MegadocDataModule, PaddingBatch, TrainBatchSampler, ValBatchSampler,
+                                         accumulation_steps)
 from megadoc_pl.data.mixture import paper_plan
 from megadoc_pl.data.views import ViewOptions, build_view, documents_units, real_units
 from megadoc_pl.data.windows import StreamWindows, Windows
@@ -71,11 +72,28 @@ def test_rank_shards_are_disjoint_complete_and_world_size_invariant(micro):
         list(TrainBatchSampler(lambda: 3, steps, G, micro))
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_val_shards_disjoint_and_complete(world):
-    got = [i for r in range(world) for b in ValBatchSampler(11, 3, r, world) for i in b]
-    assert sorted(got) == list(range(11))
-    assert sum(len(ValBatchSampler(11, 3, r, world)) for r in range(world)) == 4
+@pytest.mark.parametrize("n, world", [(11, 1), (11, 2), (11, 3), (11, 4), (11, 5), (1, 4), (3, 8), (12, 4)])
+def test_val_shards_disjoint_complete_and_equal_on_any_world(n, world):
+    per_rank = [list(ValBatchSampler(n, 3, r, world)) for r in range(world)]
+    counted = [i for batches in per_rank for b in batches if not isinstance(b, PaddingBatch) for i in b]
+    assert sorted(counted) == list(range(n))  # every window exactly once
+    batches = -(-n // 3)
+    assert {len(b) for b in per_rank} == {-(-batches // world)}  # every rank the same number of batches
+    assert all(len(s) == len(b) for s, b in zip((ValBatchSampler(n, 3, r, world) for r in range(world)), per_rank))
+    pads = sum(isinstance(b, PaddingBatch) for batches_ in per_rank for b in batches_)
+    assert pads == world * -(-batches // world) - batches
+
+
+def test_padding_batches_are_marked():
+    from megadoc_pl.data.datamodule import _ValSet
+
+    class FakeWindows(list):
+        def __getitem__(self, index):
+            return {"window_index": list(index)}
+
+    ds = _ValSet(FakeWindows(range(5)))
+    assert "padding" not in ds[[0, 1]]
+    assert ds[PaddingBatch([0, 1])]["padding"] is True
 
 
 def test_dataloaders_with_workers_match_in_process(corpus):

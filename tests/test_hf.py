@@ -25,7 +25,7 @@ VOCAB = 300
 def _model(seed: int = 0, **kw) -> Llama:
     torch.manual_seed(seed)
     # GQA and a non-default RoPE base so that both must be carried over correctly
-    cfg = LlamaConfig.from_name("nano", vocab_size=VOCAB, rope_theta=500.0, attention_backend="sdpa", **kw)
+    cfg = LlamaConfig.from_name("nano", vocab_size=VOCAB, **{"rope_theta": 500.0, "attention_backend": "sdpa", **kw})
     return Llama(cfg).eval()
 
 
@@ -85,7 +85,7 @@ def test_round_trip_export_import(tmp_path):
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids), model(ids), atol=0, rtol=0)
-    with pytest.raises(ValueError, match="d_mlp=192 but the model has d_mlp=256"):
+    with pytest.raises(ValueError, match="d_mlp=192 but the recipe.s model has d_mlp=256"):
         load_hf_weights(_model(d_mlp=256), tmp_path / "hf")
 
 
@@ -168,3 +168,30 @@ def test_export_tool_end_to_end(tmp_path, tiny_tokenizer_path):
     again = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(tmp_path / "last.ckpt"),
                             "--out", str(tmp_path / "hf")], capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
+
+
+def test_init_from_refuses_another_rope_base_or_norm_epsilon_up_front(tmp_path):
+    """model.init_from: an HF Llama with rope_theta 5e5 / rms_norm_eps 1e-6 into a recipe with the
+    defaults is one line naming the key to set (before any data), and loads once the recipe agrees."""
+    from omegaconf import OmegaConf
+
+    from megadoc_pl.recipes import load_recipe, validate_recipe
+    from megadoc_pl.train.module import MegadocLM
+
+    hf_dir = export_hf(_model(rope_theta=5e5, norm_eps=1e-6), tmp_path / "hf")
+    base = [f"model.init_from={hf_dir}", "model.size=nano", f"model.vocab_size={VOCAB}",
+            "model.attention_backend=sdpa", "data.seq_len=64"]
+    with pytest.raises(ValueError, match=r"rope_theta=500000.0 but the recipe's model has rope_theta=10000.0 "
+                                         r"\(fix: set model.rope_theta=500000.0\)"):
+        validate_recipe(load_recipe("baseline_real", base))
+    with pytest.raises(ValueError, match=r"norm_eps=1e-06 .* \(fix: set model.overrides.norm_eps=1e-06\)"):
+        validate_recipe(load_recipe("baseline_real", base + ["model.rope_theta=5e5"]))
+    with pytest.raises(ValueError, match=r"d_model=64 but the recipe's model has d_model=128"):
+        validate_recipe(load_recipe("baseline_real", base + ["model.size=tiny"]))
+    good = load_recipe("baseline_real", base + ["model.rope_theta=5e5", "model.overrides={norm_eps: 1e-6}"])
+    validate_recipe(good)
+    lm = MegadocLM(OmegaConf.to_container(good, resolve=True)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        ours = lm.model.logits(lm.model(ids))
+    assert torch.allclose(ours, _hf_logits(hf_dir, ids), atol=1e-4)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megadoc_pl.data.mixture import MixturePlan
 from megadoc_pl.data.windows import Windows
@@ -86,19 +86,52 @@ class _TrainLoader(DataLoader):
         pass  # MegadocDataModule.load_state_dict restored the position already
 
 
+class PaddingBatch(list):
+    """Window indices of a validation batch that only keeps ranks in step: computed, never counted."""
+
+
 class ValBatchSampler(Sampler):
-    """Batches of ``[0, n)`` in order; batch b goes to rank ``b % world`` (disjoint, complete)."""
+    """Batches of ``[0, n)`` in order; batch b goes to rank ``b % world`` (disjoint, complete).
+
+    Every rank gets the same number of batches, ``ceil(batches / world)``, so a set smaller than
+    the world (even one window on many ranks) never leaves a rank with an empty loader, and every
+    rank runs the same number of forward passes (FSDP's collectives stay in step). A rank with no
+    batch left gets a :class:`PaddingBatch` (a repeat of batch 0) that validation computes but does
+    not count: each window is scored exactly once on any world size.
+    """
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world_size: int = 1):
         self.n, self.bs, self.rank, self.world = int(n), int(batch_size), rank, world_size
+        if self.n < 1:
+            raise ValueError("a validation set needs at least one window")
 
     def __iter__(self) -> Iterator[list[int]]:
-        for b in range(self.rank, -(-self.n // self.bs), self.world):
-            yield list(range(b * self.bs, min((b + 1) * self.bs, self.n)))
+        nb = -(-self.n // self.bs)
+        for j in range(len(self)):
+            b = self.rank + j * self.world
+            if b < nb:
+                yield list(range(b * self.bs, min((b + 1) * self.bs, self.n)))
+            else:
+                yield PaddingBatch(range(min(self.bs, self.n)))
 
     def __len__(self) -> int:
-        nb = -(-self.n // self.bs)
-        return len(range(self.rank, nb, self.world))
+        return -(-(-(-self.n // self.bs)) // self.world)
+
+
+class _ValSet(Dataset):
+    """A validation set's windows; a :class:`PaddingBatch` comes back marked ``padding=True``."""
+
+    def __init__(self, windows: Windows):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: list[int]) -> dict:
+        batch = self.windows[list(index)]
+        if isinstance(index, PaddingBatch):
+            batch["padding"] = True
+        return batch
 
 
 class MegadocDataModule(pl.LightningDataModule):
@@ -119,6 +152,7 @@ class MegadocDataModule(pl.LightningDataModule):
         self.val_batch_size = int(val_batch_size or micro_batch_size)
         self._base_windows = 0  # windows consumed at the restored checkpoint
         self._base_step = 0  # trainer.global_step at that checkpoint
+        self._resumed = False
 
     # ------------------------------------------------------------------------- topology
 
@@ -149,6 +183,11 @@ class MegadocDataModule(pl.LightningDataModule):
         step = int(trainer.global_step) if trainer is not None else self._base_step
         return self._base_windows + (step - self._base_step) * self.global_batch_size
 
+    @property
+    def restored_step(self) -> Optional[int]:
+        """The global step of the checkpoint this run resumed from (None when it did not resume)."""
+        return self._base_step if self._resumed else None
+
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer_or_none()
         return {
@@ -166,12 +205,13 @@ class MegadocDataModule(pl.LightningDataModule):
                 f"{self.fingerprint[:12]} (the data recipe, token stores or data_seed changed) "
                 "(fix: resume with the original recipe and data, or start a new run)"
             )
+        self._resumed = True
         self._base_windows = int(state["windows_consumed"])
         self._base_step = int(state.get("global_step", self._base_windows // self.global_batch_size))
 
     # ------------------------------------------------------------------------- loaders
 
-    def _loader(self, dataset: Windows, sampler: Sampler) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:
         # batch_size=None: each sampler item is a list of indices, fetched as one vectorised batch.
         return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=False, pin_memory=False)
@@ -188,7 +228,8 @@ class MegadocDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         r, w = self._topology()
-        return [self._loader(ws, ValBatchSampler(len(ws), self.val_batch_size, r, w)) for ws in self.val_windows.values()]
+        return [self._loader(_ValSet(ws), ValBatchSampler(len(ws), self.val_batch_size, r, w))
+                for ws in self.val_windows.values()]
 
     # ------------------------------------------------------------------------- inspection
 

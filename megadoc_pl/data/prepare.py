@@ -15,10 +15,11 @@ store itself verifies content fingerprints and refuses a mismatch unless ``data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -196,12 +197,47 @@ def _synthetic_inputs(cfg: DictConfig, demo: Any, split_file: Path) -> list[str]
 
 
 def prepare_corpus(cfg: DictConfig) -> PreparedData:
-    """Stores, split, units and the plan of a recipe (tokenizing on first use, cached)."""
-    from megadoc_pl.data.tokenizer import load_tokenizer
+    """Stores, split, units and the plan of a recipe (tokenizing on first use, cached).
 
+    Safe to call from every rank of a launch at once: preparation holds an exclusive lock on
+    ``data.cache_dir``, so one process (the first to arrive) builds what is missing while the
+    others wait, then find it all cached and only check it (input fingerprints from the stores'
+    stat caches: a relaunch on unchanged inputs reads no input file). A node-local cache gets
+    one preparation per node.
+    """
     from megadoc_pl.recipes import validate_recipe
 
     validate_recipe(cfg)
+    with preparation_lock(Path(cfg.data.cache_dir)):
+        return _prepare_corpus(cfg)
+
+
+@contextlib.contextmanager
+def preparation_lock(cache_dir: Path) -> Iterator[None]:
+    """Exclusive lock on ``cache_dir/.prepare.lock`` (fcntl.flock), saying so when it has to wait."""
+    import fcntl
+
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(cache_dir / ".prepare.lock", "a")
+    except OSError as e:
+        raise ValueError(f"data.cache_dir={cache_dir}: cannot create or write it ({e.strerror}) "
+                         "(fix: point data.cache_dir at a writable directory)") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log.info(f"waiting for another process preparing data in {cache_dir}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare_corpus(cfg: DictConfig) -> PreparedData:
+    from megadoc_pl.data.tokenizer import load_tokenizer
+
     data = cfg.data
     opts = ViewOptions.from_config(cfg.data, int(cfg.train.data_seed))
     demo = None

@@ -46,7 +46,7 @@ from megadoc_pl.data.readers import (
     parse_generation,
 )
 from megadoc_pl.data.tokenizer import TokenizerInfo, load_tokenizer
-from megadoc_pl.utils import atomic_dir, atomic_write_json, current_umask, file_fingerprint
+from megadoc_pl.utils import atomic_dir, atomic_write_json, current_umask, file_fingerprint, stat_cache
 
 PathLike = Union[str, os.PathLike]
 
@@ -582,6 +582,7 @@ def build_store(
     files = expand_inputs(inputs)
     out = Path(out_dir)
     dtype = token_dtype(info.vocab_size)
+    known = _recorded_fingerprints(out)  # stat cache: unchanged inputs are not hashed again
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -598,7 +599,7 @@ def build_store(
         "skip_bad_rows": bool(skip_bad_rows),
         "text_field": text_field if kind == "documents" else None,
         "id_field": id_field if kind == "documents" else None,
-        "inputs": [file_fingerprint(f) for f in files],
+        "inputs": [file_fingerprint(f, known=known) for f in files],
     }
 
     existing = _existing_store(out, manifest, rebuild)
@@ -615,6 +616,14 @@ def build_store(
             raise
         return existing
     return TokenStore.open(out)
+
+
+def _recorded_fingerprints(out: Path) -> dict[tuple, str]:
+    """The stat cache of an existing store's manifest (empty when there is none or it is unreadable)."""
+    try:
+        return stat_cache(json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("inputs", []))
+    except (OSError, ValueError):
+        return {}
 
 
 def _existing_store(out: Path, manifest: dict, rebuild: bool) -> Optional[TokenStore]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 @dataclass
 class LlamaConfig:
@@ -107,3 +107,57 @@ SIZES: dict[str, dict] = {
     "maga_7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_mlp=14336, **_MAGA),
     "maga_13b": dict(d_model=4096, n_layers=48, n_heads=32, n_kv_heads=8, d_mlp=18432, **_MAGA),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face configs
+
+
+def config_from_hf(hf: dict[str, Any], **overrides) -> LlamaConfig:
+    """Our config from a HF Llama config.json; raises on features this model does not have."""
+    arch = hf.get("model_type")
+    if arch not in ("llama", None):
+        raise ValueError(f"config.json has model_type {arch!r}; only Llama checkpoints can be imported")
+    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if hf.get(key, ok) != ok:
+            raise ValueError(f"config.json has {key}={hf[key]!r}; this model supports only {key}={ok!r}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"config.json uses RoPE scaling {rope!r}; only plain RoPE ('default') is supported")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, d // heads):
+        raise ValueError(f"config.json has head_dim={hf['head_dim']} != hidden_size / heads = {d // heads}; not supported")
+    kw = dict(
+        d_model=d, n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads, d_mlp=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"], rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        init_std=hf.get("initializer_range", 0.02), max_seq_len=hf.get("max_position_embeddings", 4096),
+        name="hf",
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+# field -> how a recipe sets it (the fix named when an imported checkpoint disagrees)
+_HF_MATCH = {
+    "d_model": "model.size / model.overrides.d_model", "n_layers": "model.size / model.overrides.n_layers",
+    "n_heads": "model.size / model.overrides.n_heads", "n_kv_heads": "model.size / model.overrides.n_kv_heads",
+    "d_mlp": "model.size / model.overrides.d_mlp", "vocab_size": "model.vocab_size (and the tokenizer it came with)",
+    "rope_theta": "model.rope_theta={}", "norm_eps": "model.overrides.norm_eps={}",
+}
+
+
+def check_hf_matches(ours: LlamaConfig, hf_config: Mapping[str, Any], where: str,
+                     fields: Optional[Sequence[str]] = None) -> None:
+    """Refuse, in one line, a HF Llama config.json whose architecture differs from ours.
+
+    Shapes, vocabulary, RoPE base and RMSNorm epsilon must all agree: weights trained with
+    another RoPE base or epsilon load without error but compute other logits.
+    """
+    theirs = config_from_hf(dict(hf_config))
+    for f in fields or _HF_MATCH:
+        a, b = getattr(theirs, f), getattr(ours, f)
+        if a != b:
+            fix = _HF_MATCH[f].format(a)
+            raise ValueError(f"{where}: {f}={a} but the recipe's model has {f}={b} (fix: set {fix})")

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from megadoc_pl.model.config import check_hf_matches, config_from_hf  # noqa: F401  (config_from_hf re-exported)
 from megadoc_pl.model.llama import Llama, LlamaConfig
 from megadoc_pl.utils import atomic_dir
 
@@ -103,32 +104,6 @@ def to_hf_config(cfg: LlamaConfig, bos_token_id: Optional[int] = None, eos_token
     return hf
 
 
-def config_from_hf(hf: dict[str, Any], **overrides) -> LlamaConfig:
-    """Our config from a HF Llama config.json; raises on features this model does not have."""
-    arch = hf.get("model_type")
-    if arch not in ("llama", None):
-        raise ValueError(f"config.json has model_type {arch!r}; only Llama checkpoints can be imported")
-    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
-        if hf.get(key, ok) != ok:
-            raise ValueError(f"config.json has {key}={hf[key]!r}; this model supports only {key}={ok!r}")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"config.json uses RoPE scaling {rope!r}; only plain RoPE ('default') is supported")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, d // heads):
-        raise ValueError(f"config.json has head_dim={hf['head_dim']} != hidden_size / heads = {d // heads}; not supported")
-    kw = dict(
-        d_model=d, n_layers=hf["num_hidden_layers"], n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads, d_mlp=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"], rope_theta=float(theta), norm_eps=hf.get("rms_norm_eps", 1e-6),
-        init_std=hf.get("initializer_range", 0.02), max_seq_len=hf.get("max_position_embeddings", 4096),
-        name="hf",
-    )
-    kw.update(overrides)
-    return LlamaConfig(**kw)
-
-
 # ---------------------------------------------------------------------------------------------
 # export
 
@@ -206,15 +181,9 @@ def load_hf(hf_dir: PathLike, **overrides) -> Llama:
 
 
 def load_hf_weights(model: Llama, hf_dir: PathLike) -> Llama:
-    """Copy a HF Llama directory's weights into ``model`` (initial weights); shapes must match."""
+    """Copy a HF Llama directory's weights into ``model`` (initial weights); the architecture must match."""
     hf_cfg, tensors = _read_hf_dir(hf_dir)
-    theirs = config_from_hf(hf_cfg)
-    for f in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_mlp", "vocab_size"):
-        if getattr(theirs, f) != getattr(model.cfg, f):
-            raise ValueError(
-                f"{hf_dir}: {f}={getattr(theirs, f)} but the model has {f}={getattr(model.cfg, f)} "
-                "(fix: choose the matching model.size / model.overrides)"
-            )
+    check_hf_matches(model.cfg, hf_cfg, str(hf_dir))
     state = from_hf_state_dict(tensors, model.cfg)
     ref = model.state_dict()
     with torch.no_grad():

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from megadoc_pl.eval.scoring import hidden_states
 from megadoc_pl.model.hf import load_hf_weights
 from megadoc_pl.model.llama import Llama, LlamaConfig
-from megadoc_pl.train.callbacks import NonFiniteLossError, StreamCounter, nonfinite_message
+from megadoc_pl.train.callbacks import NonFiniteLossError, StreamCounter, ThroughputMonitor, nonfinite_message
 from megadoc_pl.train.optim import build_adamw, build_scheduler, make_schedule
 
 _CKPT_KEY = "megadoc_pl"  # our extra state inside Lightning checkpoints
@@ -190,6 +190,8 @@ class MegadocLM(pl.LightningModule):
         if self.val_metrics is None:
             raise RuntimeError("validation needs a datamodule with val_set_names")
         tok_loss_BT = self.model.loss(self(batch), batch["targets"], reduction="none")
+        if batch.get("padding"):  # keeps this rank in step with the others; its windows count elsewhere
+            return
         self.val_metrics.update(self.val_set_names[dataloader_idx], tok_loss_BT, batch)
 
     def on_validation_epoch_end(self) -> None:
@@ -226,17 +228,31 @@ class MegadocLM(pl.LightningModule):
             "counter": self.counter.state_dict() if self.counter is not None else None,
             "best_val": dict(self.best_val),
             "train_time_s": self.train_time_s(),
+            # the last step's train/* scalars, so a resume that trains no step (a requeue of a
+            # finished run) reports them again in metrics.json
+            "last_train": {**_scalar_metrics(self.trainer.callback_metrics, "train/"), **self._throughput(),
+                           **self.last_train},
         }
+
+    def _throughput(self) -> dict[str, float]:
+        return {k: float(v) for cb in self.trainer.callbacks if isinstance(cb, ThroughputMonitor)
+                for k, v in cb.last.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get(_CKPT_KEY) or {}
         self.best_val = dict(state.get("best_val") or {})
         self._time_base = float(state.get("train_time_s", 0.0))
+        self.last_train = dict(state.get("last_train") or {})
         if state.get("counter") is not None:
             if self.counter is not None:
                 self.counter.load_state_dict(state["counter"])
             else:
                 self._restored["counter"] = state["counter"]
+
+
+def _scalar_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if k.startswith(prefix) and isinstance(v, torch.Tensor) and v.numel() == 1}
 
 
 def _make_val_metrics(names: list[str], cfg: DictConfig) -> torch.nn.Module:
