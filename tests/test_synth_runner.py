@@ -386,24 +386,28 @@ def test_settings_mismatch_in_the_same_directory_is_refused(tmp_path):
         run(out, [tmp_path / "docs.jsonl"], dict(task="rephrase", generations=3), backend="fixed_test")
 
 
+def sigkill_after_rows(cmd: list[str], rows_file: Path, at_least: int) -> int:
+    """Run ``cmd``, SIGKILL it once ``rows_file`` has ``at_least`` rows; returns the rows left."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: threads only contend
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if rows_file.exists() and rows_file.read_bytes().count(b"\n") >= at_least:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return rows_file.read_bytes().count(b"\n")
+
+
 def test_sigkill_mid_run_then_resume_gives_every_generation_once(tmp_path, tiny_model):
     docs = make_docs(tmp_path / "docs.jsonl", 24)
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "tools" / "synthesize.py"), "--task", "rephrase", "--generations", "2",
            "--backend", "transformers", "--model", tiny_model, "--device", "cpu", "--max-new-tokens", "6",
            "--input", str(tmp_path / "docs.jsonl"), "--out", str(out), "--batch-size", "1", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: threads only contend
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    rows_file = out / "shard-00000-of-00001.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if rows_file.exists() and rows_file.read_bytes().count(b"\n") >= 8:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = rows_file.read_bytes().count(b"\n")
+    partial = sigkill_after_rows(cmd, out / "shard-00000-of-00001.jsonl", 8)
     assert 8 <= partial < 48
     # The same command again (bigger batches are allowed on resume), in-process to save a startup.
     assert cli_main(cmd[2:] + ["--batch-size", "8"]) == 0

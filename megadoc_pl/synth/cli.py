@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from megadoc_pl.synth.backends.base import available_backends
-from megadoc_pl.synth.runner import RunConfig, aggregate_stats, local_out_dir, synthesize
+from megadoc_pl.synth.runner import EXECUTORS, RunConfig, aggregate_stats, local_out_dir, synthesize
 from megadoc_pl.synth.tasks import LONG_SOURCES, MAGA_VARIANTS, STYLES, TASKS, TaskConfig
 
 
@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=None, help="at most this many documents in this run")
     d.add_argument("--max-consecutive-failures", type=int, default=8,
                    help="stop when this many requests in a row fail the same way (0: never)")
+
+    r = p.add_argument_group("executor")
+    r.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: batches run in this process; ray: on Ray actors (pip install 'megadoc_pl[ray]')")
+    r.add_argument("--ray-address", default=None, help="ray: cluster to join (auto, ray://host:10001); "
+                   "default: start one on this machine")
+    r.add_argument("--workers", type=int, default=1, help="ray: actors, each holding one backend")
+    r.add_argument("--worker-gpus", type=float, default=0.0,
+                   help="ray: GPUs per actor (vllm: its --tensor-parallel-size)")
     d.add_argument("--gpus", type=int, default=None, help="GPUs billed in stats (default: visible)")
     d.add_argument("--no-progress", action="store_true")
 
@@ -148,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             split_file=a.split_file, shard=a.shard, num_shards=a.num_shards, batch_size=a.batch_size,
             text_field=a.text_field, id_field=a.id_field, skip_bad_rows=a.skip_bad_rows,
             tokenizer=a.tokenizer, gpus=a.gpus, limit=a.limit,
-            max_consecutive_failures=a.max_consecutive_failures, progress=not a.no_progress,
+            max_consecutive_failures=a.max_consecutive_failures, executor=a.executor,
+            ray_address=a.ray_address, workers=a.workers, worker_gpus=a.worker_gpus, progress=not a.no_progress,
         )
         stats = synthesize(task_cfg, cfg)
     except (ValueError, OSError) as e:  # bad input, missing model or file: one line, no traceback

@@ -50,6 +50,9 @@ RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max
             "min_chunk_tokens", "judge", "num_shards", "model", "budget_unit")
 
 
+EXECUTORS = ("local", "ray")
+
+
 class ShardBusy(ValueError):
     """Another process holds the lock of this shard."""
 
@@ -81,6 +84,11 @@ class RunConfig:
     limit: int | None = None  # at most this many pending units in this run (smoke tests)
     max_consecutive_failures: int = 8  # stop after this many failed requests in a row with the
     # same error (0: never stop; failures are still recorded and retried by the next run)
+    executor: str = "local"  # local: batches run in this process | ray: on Ray actors (ray_executor)
+    ray_address: str | None = None  # ray: cluster to join ("auto", "ray://host:10001"); None: start one here
+    workers: int = 1  # ray: actors, each holding one backend (one per GPU or tensor-parallel group)
+    worker_gpus: float = 0.0  # ray: GPUs per actor (vLLM: its tensor_parallel_size)
+    worker_cpus: float = 1.0  # ray: CPUs per actor
     progress: bool = True
 
 
@@ -472,6 +480,40 @@ class CircuitBreaker:
             )
 
 
+@dataclass
+class Backends:
+    """The generator and judge backends of a run and the model names recorded in rows."""
+
+    generator: Any
+    judge: Any
+    model: str
+    judge_model: str
+    name: str
+    uses_gpu: bool = False
+
+    @classmethod
+    def load(cls, task_cfg: TaskConfig, cfg: RunConfig, backend: Backend | None = None,
+             judge_backend: Backend | None = None) -> "Backends":
+        gen = backend if backend is not None else get_backend(cfg.backend, **cfg.backend_kwargs)
+        if judge_backend is not None:
+            judge = judge_backend
+        elif cfg.judge_backend is not None and task_cfg.judge:
+            judge = get_backend(cfg.judge_backend, **cfg.judge_backend_kwargs)
+        else:
+            judge = gen
+        model = getattr(gen, "model_name", None) or cfg.model or gen.name
+        judge_model = getattr(judge, "model_name", None) or cfg.judge_backend_kwargs.get("model") or model
+        return cls(gen, judge, model, judge_model, gen.name, bool(getattr(gen, "uses_gpu", False)))
+
+    def context(self, task_name: str, state: dict, attempts: dict, pending: dict) -> "BatchContext":
+        return BatchContext(self.generator, self.judge, self.model, self.judge_model, task_name,
+                            state, attempts, pending)
+
+    def gpus(self) -> int:
+        """GPUs billed when --gpus is not given: the visible ones if the backend uses them."""
+        return visible_gpus() if self.uses_gpu else 0
+
+
 class Runner:
     def __init__(self, task_cfg: TaskConfig, cfg: RunConfig, backend: Backend | None = None,
                  judge_backend: Backend | None = None) -> None:
@@ -482,6 +524,8 @@ class Runner:
         self.cfg = cfg
         self.task_cfg = task_cfg
         self.out = local_out_dir(cfg.out)
+        if cfg.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor '{cfg.executor}' (choose from {', '.join(EXECUTORS)})")
         self.shard, self.num_shards, self.shard_source = resolve_shard(cfg.shard, cfg.num_shards)
         self.inputs = [str(p) for p in expand_inputs(cfg.inputs)]
         self.files = ShardFiles.of(self.out, self.shard, self.num_shards)
@@ -492,19 +536,17 @@ class Runner:
         self.lock = ShardLock(self.files.lock, f"shard {self.shard} of {self.num_shards} in {self.out}")
         self.lock.acquire()  # a second writer is refused before it loads a model
         try:
-            self.backend = backend if backend is not None else get_backend(cfg.backend, **cfg.backend_kwargs)
-            if judge_backend is not None:
-                self.judge_backend = judge_backend
-            elif cfg.judge_backend is not None and task_cfg.judge:
-                self.judge_backend = get_backend(cfg.judge_backend, **cfg.judge_backend_kwargs)
+            if cfg.executor == "ray":  # the backends live in the Ray actors, not in this process
+                from megadoc_pl.synth.ray_executor import RayExecutor
+
+                self.executor = RayExecutor(task_cfg, cfg)
+                self.backends = self.executor.backends
             else:
-                self.judge_backend = self.backend
+                self.backends = Backends.load(task_cfg, cfg, backend, judge_backend)
         except BaseException:
             self._failed_start()
             raise
-        self.model_name = getattr(self.backend, "model_name", None) or cfg.model or self.backend.name
-        self.judge_model_name = (getattr(self.judge_backend, "model_name", None)
-                                 or cfg.judge_backend_kwargs.get("model") or self.model_name)
+        self.model_name, self.judge_model_name = self.backends.model, self.backends.judge_model
         self.breaker = CircuitBreaker(cfg.max_consecutive_failures)
 
     # -- setup
@@ -648,9 +690,13 @@ class Runner:
             return self._generate(pending_all, counts)
         finally:
             self.lock.release()
+            if getattr(self, "executor", None) is not None:
+                self.executor.close()
 
     def _failed_start(self) -> None:
         """A first start that fails leaves nothing behind (an existing run keeps its files)."""
+        if getattr(self, "executor", None) is not None:
+            self.executor.close()
         if self.run_record is not None:
             self.lock.discard()
         else:
@@ -670,8 +716,7 @@ class Runner:
         pending = pending_all if self.cfg.limit is None else min(pending_all, self.cfg.limit)
         self.run_stats: dict[str, Any] = {k: 0 for k in COUNTERS}
         self.run_stats.update(by_stage={}, counters={}, heldout_skipped=counts.get("heldout", 0))
-        uses_gpu = bool(getattr(self.backend, "uses_gpu", False))
-        self.gpus = self.cfg.gpus if self.cfg.gpus is not None else (visible_gpus() if uses_gpu else 0)
+        self.gpus = self.cfg.gpus if self.cfg.gpus is not None else self.backends.gpus()
         self.units_total = counts.get("units", 0)
         self.remaining_all = pending_all
         outputs = {name: Appender(path) for name, path in
@@ -682,18 +727,13 @@ class Runner:
         finished = 0
         bar = _progress(pending, self.cfg.progress, f"{self.task.name} {shard_name(self.shard, self.num_shards)}")
         try:
-            batch: list[tuple[Unit, list[int] | None]] = []
-            taken = 0
-            for item in self._pending_units({}):
-                if taken == pending:
-                    break
-                batch.append(item)
-                taken += 1
-                if len(batch) == self.cfg.batch_size:
+            if self.cfg.executor == "ray":
+                for batch, result in self.executor.map(self._batches(pending), self.batch_inputs):
+                    self._apply(result, outputs)
+                    finished += self._batch_done(batch, start, bar)
+            else:
+                for batch in self._batches(pending):
                     finished += self._run_batch(batch, outputs, start, bar)
-                    batch = []
-            if batch:
-                finished += self._run_batch(batch, outputs, start, bar)
         except CircuitOpen:
             self._write_stats(start, complete=False)
             raise
@@ -708,6 +748,19 @@ class Runner:
         stats["run"]["remaining_units"] = pending - finished  # of the work this run took on
         stats["run"]["units_not_started"] = pending_all - pending  # left out by --limit
         return stats
+
+    def _batches(self, pending: int) -> Iterator[list[tuple[Unit, list[int] | None]]]:
+        """The first ``pending`` unfinished units, in batches of ``batch_size``."""
+        batch: list[tuple[Unit, list[int] | None]] = []
+        for taken, item in enumerate(self._pending_units({})):
+            if taken == pending:
+                break
+            batch.append(item)
+            if len(batch) == self.cfg.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def batch_inputs(self, batch) -> tuple[dict, dict, dict]:
         """The resume state a batch reads: stage-1 state, failed attempts and rows waiting for their
@@ -724,8 +777,7 @@ class Runner:
         return state, attempts, pending
 
     def _run_batch(self, batch, outputs, start: float, bar) -> int:
-        ctx = BatchContext(self.backend, self.judge_backend, self.model_name, self.judge_model_name,
-                           self.task.name, *self.batch_inputs(batch))
+        ctx = self.backends.context(self.task.name, *self.batch_inputs(batch))
         try:
             self.task.run(batch, ctx)
         finally:  # a kill of the task still records what the batch did
@@ -790,7 +842,8 @@ class Runner:
         totals.update({k: self.file_counts[k] + s[k] for k in FILE_COUNTERS})
         totals["units_done"] = self.units_total - self.remaining_all
         totals["heldout_skipped"] = s["heldout_skipped"]
-        run = {**s, "gpus": self.gpus, "backend": self.backend.name, "model": self.model_name,
+        run = {**s, "gpus": self.gpus, "backend": self.backends.name, "executor": self.cfg.executor,
+               "model": self.model_name,
                "shard_source": self.shard_source, "started": self.started}
         stats = {"shard": self.shard, "num_shards": self.num_shards, "task": self.task.name,
                  "complete": complete, "totals": totals, "units": self.units_total,
