@@ -6,24 +6,30 @@ requests the runner sent, in the same batches. The runner additionally reads and
 input, renders prompts, bookkeeps resume state, writes rows with fsync and keeps stats.
 Target: runner wall time <= 1.10 x the bare generate time.
 
-    python benchmarks/bench_generate.py [--docs 48] [--generations 4] [--max-new-tokens 32]
+    python benchmarks/bench_generate.py [--docs 48] [--generations 4] [--max-new-tokens 32] [--ray]
 
 Two ratios are printed: across separate timed runs (best of --repeats), and within the runner's
 own run (wall time vs time spent inside backend.generate). A tiny model generates far faster than
 a real LLM, so this overstates the overhead of a real run.
+
+With ``--ray``: the Ray executor (issue 14) against the local runner on the same documents and
+settings, with 1 and 2 worker actors (one thread each) on a local Ray cluster: its overhead
+ratio (1 actor vs local) and the throughput of 2 actors vs 1, with the actors' start-up (model
+load) timed apart from generation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 from megadoc_pl.synth.backends.hf import TransformersBackend
-from megadoc_pl.synth.runner import RunConfig, synthesize
+from megadoc_pl.synth.runner import RunConfig, Runner, synthesize
 from megadoc_pl.synth.tasks import TaskConfig
 from megadoc_pl.synth.tiny import build_tiny_chat_model
 
@@ -61,6 +67,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ray", action="store_true", help="also time the Ray executor with 1 and 2 actors")
     args = ap.parse_args()
 
     import torch
@@ -103,8 +110,42 @@ def main() -> None:
         print(f"  ratio runner / bare: {best_runner / best_bare:.3f}  (target <= 1.10)")
         print(f"  within one run: wall {wall:.3f} s, inside generate {gen:.3f} s -> overhead "
               f"{(wall - gen) / gen * 100:.1f}%")
+        if args.ray:
+            bench_ray(args, work, docs, model, task, best_runner)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_ray(args, work: Path, docs: Path, model: Path, task: TaskConfig, local_s: float) -> None:
+    """The Ray executor on the same work: 1 and 2 actors, start-up and generation timed apart."""
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the Ray workers
+    import ray
+
+    t = time.perf_counter()
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    print(f"  ray.init (local cluster): {time.perf_counter() - t:.2f} s (not counted below)")
+    rows = args.docs * args.generations
+    gen_s = {}
+    for workers in (1, 2):
+        best = (float("inf"), 0.0)
+        for rep in range(args.repeats):
+            cfg = RunConfig(inputs=[str(docs)], out=str(work / f"ray{workers}_{rep}"), backend="transformers",
+                            backend_kwargs=dict(model=str(model), device="cpu", batch_size=args.batch_size),
+                            model=str(model), batch_size=args.batch_size, progress=False, executor="ray",
+                            workers=workers)
+            t = time.perf_counter()
+            runner = Runner(task, cfg)
+            start = time.perf_counter() - t
+            t = time.perf_counter()
+            runner.run()
+            best = min(best, (time.perf_counter() - t, start))
+        gen_s[workers] = best[0]
+        print(f"  ray executor, {workers} actor(s): generation {best[0]:8.3f} s ({rows / best[0]:7.1f} rows/s), "
+              f"actor start-up {best[1]:.2f} s")
+    print(f"  ratio ray (1 actor) / local runner: {gen_s[1] / local_s:.3f}")
+    print(f"  throughput 2 actors / 1 actor: {gen_s[1] / gen_s[2]:.2f}x  (cores: {os.cpu_count()})")
+    ray.shutdown()
 
 
 if __name__ == "__main__":
