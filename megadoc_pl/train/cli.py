@@ -191,7 +191,8 @@ def _build_cli_class():
 
             from megadoc_pl.recipes import validate_recipe
 
-            self.config_init = self.parser.instantiate_classes(self.config)
+            instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes  # jsonargparse >= 4.4x
+            self.config_init = instantiate(self.config)
             section = self.config_init.get(str(self.subcommand), self.config_init)
             cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.structured(section["cfg"]))
             validate_recipe(cfg)

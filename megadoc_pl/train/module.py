@@ -212,6 +212,13 @@ class MegadocLM(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._fit_t0 = time.perf_counter()
+        # After a restore the optimizer holds the LR the checkpoint's schedule set last; the next
+        # step must use this run's schedule (the same value unless train.max_steps changed).
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                    group["lr"] = base * fn(sched.last_epoch)
 
     def on_train_end(self) -> None:
         self._time_base, self._fit_t0 = self.train_time_s(), None
@@ -239,6 +246,12 @@ class MegadocLM(pl.LightningModule):
                 for k, v in cb.last.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The LR schedule is this run's (configure_optimizers: over train.max_steps), not the
+        # checkpoint's: LambdaLR would restore the old schedule's fields (its total steps) over it,
+        # so a run resumed with a larger train.max_steps would continue on the old, finished curve.
+        for sched in checkpoint.get("lr_schedulers") or []:
+            if "lr_lambdas" in sched:
+                sched["lr_lambdas"] = [None] * len(sched["lr_lambdas"])
         state = checkpoint.get(_CKPT_KEY) or {}
         self.best_val = dict(state.get("best_val") or {})
         self._time_base = float(state.get("train_time_s", 0.0))
