@@ -356,3 +356,59 @@ class RecipeConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema's own documentation
+
+
+def field_docs(cls: type = RecipeConfig, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> the field's attribute docstring, for every field of the schema (sections too)."""
+    import ast
+    import dataclasses
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    out = {}
+    for f in dataclasses.fields(cls):
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            out[prefix + f.name] = " ".join((sub.__doc__ or "").split())
+            out.update(field_docs(sub, f"{prefix}{f.name}."))
+        elif f.name in docs:
+            out[prefix + f.name] = docs[f.name]
+    return out
+
+
+def commented_yaml(cfg: Any) -> str:
+    """The resolved recipe as YAML with each key's documentation as a comment above it.
+
+    What a run directory's ``config.yaml`` holds: it loads back as plain YAML (``OmegaConf.load``,
+    ``megadoc-pl fit --config``) and explains every key to whoever opens it.
+    """
+    from omegaconf import OmegaConf
+
+    docs = field_docs()
+    lines = ["# megadoc_pl recipe, resolved (every key documented in megadoc_pl/config.py)"]
+    stack: list[tuple[int, str]] = []  # (indent, key) of the open sections
+    for line in OmegaConf.to_yaml(cfg, resolve=True).splitlines():
+        stripped = line.lstrip(" ")
+        indent = len(line) - len(stripped)
+        key, sep, _ = stripped.partition(":")
+        if not sep or stripped.startswith("- ") or " " in key:
+            lines.append(line)
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        dotted = ".".join([k for _, k in stack] + [key])
+        stack.append((indent, key))
+        if dotted in docs and docs[dotted]:
+            lines.append(" " * indent + "# " + docs[dotted])
+        lines.append(line)
+    return "\n".join(lines) + "\n"

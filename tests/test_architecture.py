@@ -103,3 +103,21 @@ def test_progress_lines_come_from_rank_zero_only(monkeypatch, capsys):
     assert "[test] from rank zero" in err and "from rank one" not in err
     assert "[test rank 1] a warning on rank one" in err
     assert logging.getLogger("megadoc_pl").propagate is False
+
+
+def test_saved_config_explains_every_key_and_loads_back():
+    import io
+
+    from omegaconf import OmegaConf
+
+    from megadoc_pl.config import commented_yaml, field_docs
+    from megadoc_pl.recipes import load_recipe
+
+    cfg = load_recipe("maga_mix", ["eval.tasks.arc=arc.jsonl", "data.val.extra.ood=ood.jsonl"])
+    text = commented_yaml(cfg)
+    docs = field_docs()
+    comments = {line.strip()[2:] for line in text.splitlines() if line.strip().startswith("# ")}
+    missing = [k for k, doc in docs.items() if doc and doc not in comments]
+    assert not missing, f"keys without their comment in config.yaml: {missing}"
+    back = OmegaConf.merge(OmegaConf.structured(config.RecipeConfig), OmegaConf.load(io.StringIO(text)))
+    assert back == cfg
