@@ -13,14 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from megadoc_pl.data.store import build_store
 from megadoc_pl.data.views import ViewOptions, build_view
-from megadoc_pl.synth import Response, register_backend
+from megadoc_pl.synth import register_backend
 from megadoc_pl.synth.cli import main as cli_main
-from megadoc_pl.synth.runner import CircuitOpen, RunConfig, Runner, ShardFiles, ShardLock, synthesize
+from megadoc_pl.synth.outdir import ShardLock
+from megadoc_pl.synth.runner import CircuitOpen, RunConfig, Runner, ShardFiles, synthesize
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, chunk_ranges
 
 from test_synth_backends import _Server
@@ -109,7 +109,7 @@ def test_chunked_run_never_asks_for_a_tail_chunk(tmp_path):
 _HOLD = """
 import sys, time
 from pathlib import Path
-from megadoc_pl.synth.runner import ShardLock
+from megadoc_pl.synth.outdir import ShardLock
 lock = ShardLock(Path(sys.argv[1]), "shard")
 lock.acquire()
 print("locked", flush=True)
@@ -170,24 +170,31 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing after the raise runs (no handler catches BaseException)."""
 
 
+def _run_killed_before_third_stats(monkeypatch, *args, **kw) -> None:
+    """``run(*args, **kw)`` killed after its third batch wrote its rows, before their stats."""
+    calls = {"n": 0}
+    original = Runner._write_stats
+
+    def write_stats(self, start, complete):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Killed()
+        return original(self, start, complete)
+
+    monkeypatch.setattr(Runner, "_write_stats", write_stats)
+    try:
+        with pytest.raises(_Killed):
+            run(*args, **kw)
+    finally:
+        monkeypatch.setattr(Runner, "_write_stats", original)
+
+
 def test_stats_are_exact_after_a_kill_between_rows_and_stats(tmp_path, monkeypatch):
     docs = make_docs(tmp_path / "docs.jsonl", 10)
     out = tmp_path / "out"
     task = dict(task="rephrase", generations=3)
-    calls = {"n": 0}
-    original = Runner._write_stats
-
-    def killed_after_two_batches(self, start, complete):
-        calls["n"] += 1
-        if calls["n"] == 3:  # rows of batch 3 are on disk, its stats are not
-            raise _Killed()
-        return original(self, start, complete)
-
-    monkeypatch.setattr(Runner, "_write_stats", killed_after_two_batches)
-    with pytest.raises(_Killed):
-        run(out, [tmp_path / "docs.jsonl"], task, backend="fixed_test", batch_size=2,
-            backend_kwargs=dict(fail={"doc-001": 1}))
-    monkeypatch.setattr(Runner, "_write_stats", original)
+    _run_killed_before_third_stats(monkeypatch, out, [tmp_path / "docs.jsonl"], task, backend="fixed_test",
+                                   batch_size=2, backend_kwargs=dict(fail={"doc-001": 1}))
     assert len(read_rows(out)) == 5 * 3  # 3 batches of 2 documents, one request failed
     stats = run(out, [tmp_path / "docs.jsonl"], task, backend="fixed_test", batch_size=2)
     totals = json.loads((out / "stats.json").read_text())["totals"]
@@ -372,12 +379,56 @@ def test_greedy_is_fine_where_each_prompt_wants_one_sample(tmp_path):
     TaskConfig(task="maga", temperature=0, generations=5)  # one completion per request
 
 
-def test_object_storage_out_is_refused_without_a_local_folder(tmp_path, capsys, monkeypatch):
+def test_object_storage_out_without_its_fsspec_package_is_one_line(tmp_path, capsys, monkeypatch):
     make_docs(tmp_path / "docs.jsonl", 2)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # s3fs missing, installed or not
     assert cli_main(_argv("docs.jsonl", "s3://bucket/gen")) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "s3://bucket/gen: object-storage URLs are not supported" in err[0]
-    assert not (tmp_path / "s3:").exists()
+    assert len(err) == 1 and "--out s3://bucket/gen: cannot open s3:// URLs here" in err[0] and "s3fs" in err[0]
+    assert cli_main(_argv("docs.jsonl", "nosuch://bucket/gen")) == 1
+    assert "cannot open nosuch:// URLs" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # no local 's3:' folder
     assert cli_main(_argv("docs.jsonl", f"file://{tmp_path}/gen")) == 0
     assert len(read_rows(tmp_path / "gen")) == 2
+
+
+def _memory_rows(url: str) -> list[dict]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return [json.loads(x) for p in sorted(fs.glob(f"{root}/shard-*/part-*.jsonl"))
+            for x in fs.cat_file(p).decode().splitlines()]
+
+
+def test_object_storage_round_trip_with_kills_failures_and_judge(tmp_path, monkeypatch, tiny_tokenizer_path):
+    import fsspec
+
+    docs = make_docs(tmp_path / "docs.jsonl", 10)
+    url = f"memory://bucket/gen-{tmp_path.name}"
+    task = dict(task="rephrase", generations=3)
+    _run_killed_before_third_stats(monkeypatch, url, [tmp_path / "docs.jsonl"], task, backend="fixed_test",
+                                   batch_size=2, backend_kwargs=dict(fail={"doc-001": 1}))
+    assert len(_memory_rows(url)) == 15
+    stats = run(url, [tmp_path / "docs.jsonl"], task, backend="fixed_test", batch_size=2)
+    rows = _memory_rows(url)
+    assert sorted(keys(rows)) == [(d["id"], g) for d in docs for g in range(3)]  # each exactly once
+    fs, root = fsspec.core.url_to_fs(url)
+    totals = json.loads(fs.cat_file(f"{root}/stats.json"))["totals"]
+    assert totals["rows_written"] == 30 and totals["failures"] == 1 and stats["complete"]
+    assert fs.exists(f"{root}/.synth/run.json") and len(fs.glob(f"{root}/.synth/errors/{SHARD}/part-*.jsonl")) == 1
+    assert not (tmp_path / "memory:").exists()
+    # the downloaded folder is a generation input as it is (parts read recursively, .synth hidden)
+    fs.get(root, str(tmp_path / "down"), recursive=True)
+    synth = build_store(tmp_path / "down", tiny_tokenizer_path, tmp_path / "store", kind="generations",
+                        progress=False)
+    assert synth.num_documents == 30
+    # judge results are folded into the parts that hold the rows
+    maga_url = f"memory://bucket/maga-{tmp_path.name}"
+    cfg = RunConfig(inputs=[str(tmp_path / "docs.jsonl")], out=maga_url, backend="fixed_test", progress=False,
+                    max_consecutive_failures=0)
+    maga_task = TaskConfig(task="maga", judge=True, min_keyword_coverage=0.0)
+    synthesize(maga_task, cfg, judge_backend=FixedBackend(fail={"maga_judge": 10**6}))
+    assert all(r["judge_pending"] for r in _memory_rows(maga_url)) and len(_memory_rows(maga_url)) == 50
+    assert synthesize(maga_task, cfg, judge_backend=FixedBackend())["complete"]
+    assert all(r["judge_score"] == 4 and "judge_pending" not in r for r in _memory_rows(maga_url))

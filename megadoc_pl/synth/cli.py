@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from megadoc_pl.synth.backends.base import available_backends
-from megadoc_pl.synth.runner import EXECUTORS, RunConfig, aggregate_stats, local_out_dir, synthesize
+from megadoc_pl.synth.runner import EXECUTORS, RunConfig, aggregate_stats, open_out_dir, synthesize
 from megadoc_pl.synth.tasks import LONG_SOURCES, MAGA_VARIANTS, STYLES, TASKS, TaskConfig
 
 
@@ -52,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("documents and output")
     d.add_argument("--input", nargs="+", action="extend", required=True,
                    help="JSONL(.gz/.zst) or Parquet files or directories")
-    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--out", required=True,
+                   help="output directory, or an fsspec URL (s3://, gs://, memory://: part files per batch)")
     d.add_argument("--text-field", default="text")
     d.add_argument("--id-field", default="id")
     d.add_argument("--skip-bad-rows", action="store_true")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         if a.stats_only:
-            print(json.dumps(aggregate_stats(local_out_dir(a.out))["totals"], indent=2))
+            print(json.dumps(aggregate_stats(open_out_dir(a.out))["totals"], indent=2))
             return 0
         task_cfg = TaskConfig(
             task=a.task, generations=a.generations, style=a.style, maga_variant=a.maga_variant,
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         f"[synth] {stats['task']} shard {stats['shard']}/{stats['num_shards']}: "
         f"{run['rows_written']} rows written, {run['rows_dropped']} dropped, "
         f"{run['failures']} failed requests, {run['completion_tokens']} tokens out in {run['wall_s']:.1f}s "
-        f"({run['gpu_hours']:.3f} GPU-h); stats in {Path(a.out) / 'stats.json'}",
+        f"({run['gpu_hours']:.3f} GPU-h); stats in {a.out.rstrip('/')}/stats.json",
         file=sys.stderr,
     )
     if run["units_not_started"]:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
               "started; rerun to continue", file=sys.stderr)
     if run["remaining_units"]:
         print(f"[synth] {run['remaining_units']} units are not finished (failed requests are in "
-              f"{Path(a.out) / '.synth' / 'errors'}); rerun the same command to retry them",
+              f"{a.out.rstrip('/')}/.synth/errors); rerun the same command to retry them",
               file=sys.stderr)
         return 2
     return 0

@@ -34,9 +34,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,17 +42,14 @@ from typing import Any, Iterator
 
 from megadoc_pl.synth.backends.base import Backend, Request, Response, error_line, get_backend
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
-from megadoc_pl.utils import atomic_write_json, current_umask, stable_hash
+from megadoc_pl.synth.outdir import LocalDir, ObjectDir, open_out_dir
+from megadoc_pl.utils import stable_hash
 
 RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max_source_tokens",
             "min_chunk_tokens", "judge", "num_shards", "model", "budget_unit")
 
 
 EXECUTORS = ("local", "ray")
-
-
-class ShardBusy(ValueError):
-    """Another process holds the lock of this shard."""
 
 
 class CircuitOpen(ValueError):
@@ -130,167 +125,25 @@ def shard_name(i: int, n: int) -> str:
 
 @dataclass
 class ShardFiles:
-    rows: Path
-    errors: Path
-    dropped: Path
-    state: Path
-    judged: Path
-    stats: Path
-    lock: Path
-    run: Path
+    """A shard's files (Paths in a LocalDir, fsspec paths in an ObjectDir)."""
+
+    rows: Any
+    errors: Any
+    dropped: Any
+    state: Any
+    judged: Any
+    stats: Any
+    lock: Any
+    run: Any
 
     @classmethod
-    def of(cls, out: Path, i: int, n: int) -> "ShardFiles":
-        name, aux = shard_name(i, n), out / ".synth"
-        return cls(out / f"{name}.jsonl", aux / "errors" / f"{name}.jsonl",
-                   aux / "dropped" / f"{name}.jsonl", aux / "state" / f"{name}.jsonl",
-                   aux / "judged" / f"{name}.jsonl", aux / "stats" / f"{name}.json",
-                   aux / "locks" / f"{name}.lock", aux / "run.json")
-
-
-def local_out_dir(out: str) -> Path:
-    """--out as a local directory; object-storage URLs are refused with one line (no local 's3:')."""
-    if out.startswith("file://"):
-        return Path(out[len("file://"):])
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", out):
-        raise ValueError(f"--out {out}: object-storage URLs are not supported by the generation runner "
-                         "(fix: write to a local or mounted directory, then copy it to the bucket)")
-    return Path(out)
-
-
-class ShardLock:
-    """An exclusive ``flock`` on a shard's lock file while a run writes it. The kernel releases it
-    when the process ends (a killed run leaves no stale lock). On NFS v4 flock is a POSIX lock
-    and holds across nodes; Lustre needs the ``flock`` mount option."""
-
-    def __init__(self, path: Path, what: str) -> None:
-        self.path, self.what = path, what
-        self.f = None
-        self.created: list[Path] = []  # directories this lock created (removed by discard)
-
-    def acquire(self) -> None:
-        import fcntl
-
-        for d in reversed(self.path.parents):
-            if not d.exists():
-                self.created.append(d)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise ShardBusy(f"{self.what} is being written by {holder} (fix: wait for that run to end, "
-                            "or give this one another --out or --shard)") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-        f.flush()
-        self.f = f
-
-    def release(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-
-    def discard(self) -> None:
-        """Release, and remove the lock file and the directories acquire created (a failed start)."""
-        if self.created:
-            self.path.unlink(missing_ok=True)
-        self.release()
-        for d in reversed(self.created):
-            try:
-                d.rmdir()
-            except OSError:
-                pass  # not empty: someone else wrote there meanwhile
-
-
-def repair_tail(path: Path) -> int:
-    """Cut a torn last line (no trailing newline: the writer was killed); returns bytes cut."""
-    if not path.exists():
-        return 0
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return 0
-        pos = size
-        while pos > 0:
-            step = min(1 << 16, pos)
-            f.seek(pos - step)
-            block = f.read(step)
-            nl = block.rfind(b"\n")
-            if nl >= 0:
-                keep = pos - step + nl + 1
-                break
-            pos -= step
-        else:
-            keep = 0
-        if keep == size:
-            return 0
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
-        return size - keep
-
-
-def read_jsonl(path: Path) -> Iterator[dict]:
-    """Rows of a file this runner wrote (after repair_tail); a corrupt line is a clear error."""
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(
-                    f"{path}:{lineno}: corrupt line in a generation file "
-                    "(fix: delete that line; the next run regenerates it)"
-                ) from None
-
-
-def rewrite_rows(path: Path, update) -> int:
-    """Stream ``path`` through ``update(row) -> bool`` (True: changed) into a temporary file and
-    rename it over ``path`` (readers and a kill see the old or the new file, never half of one).
-    Returns the number of rows changed; the file is left alone when none is."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    changed = 0
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in read_jsonl(path):
-                changed += bool(update(row))
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if changed:
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return changed
-
-
-class Appender:
-    """Append JSON lines in whole batches, flushed and fsynced before returning."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.f = open(path, "a", encoding="utf-8")
-
-    def write(self, rows: list[dict]) -> None:
-        if not rows:
-            return
-        self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        self.f.close()
+    def of(cls, out: "LocalDir | ObjectDir | str | Path", i: int, n: int) -> "ShardFiles":
+        out = open_out_dir(str(out)) if isinstance(out, (str, Path)) else out
+        name = shard_name(i, n)
+        return cls(out.join(f"{name}.jsonl"), out.join(".synth", "errors", f"{name}.jsonl"),
+                   out.join(".synth", "dropped", f"{name}.jsonl"), out.join(".synth", "state", f"{name}.jsonl"),
+                   out.join(".synth", "judged", f"{name}.jsonl"), out.join(".synth", "stats", f"{name}.json"),
+                   out.join(".synth", "locks", f"{name}.lock"), out.join(".synth", "run.json"))
 
 
 # ----------------------------------------------------------------------------- stats
@@ -321,13 +174,14 @@ def failure_kind(error: str) -> str:
     return re.sub(r"\d+", "#", error)[:60]
 
 
-def aggregate_stats(out: Path) -> dict:
+def aggregate_stats(out: "LocalDir | ObjectDir | str | Path") -> dict:
     """Sum the per-shard stats files into DIR/stats.json (each shard does this when it ends or
     checkpoints; the last writer sees every shard that wrote before it)."""
+    out = open_out_dir(str(out)) if isinstance(out, (str, Path)) else out
     shards = {}
-    for p in sorted((out / ".synth" / "stats").glob("shard-*.json")):
+    for p in out.glob(out.join(".synth", "stats"), "shard-*.json"):
         try:
-            shards[p.stem] = json.loads(p.read_text())
+            shards[str(p).rsplit("/", 1)[-1][: -len(".json")]] = out.read_json(p)
         except (OSError, json.JSONDecodeError):
             continue  # a shard writing right now; its next checkpoint is counted
     totals: dict[str, float] = {}
@@ -341,7 +195,7 @@ def aggregate_stats(out: Path) -> dict:
         "totals": totals,
         "per_shard": {k: s.get("totals", {}) for k, s in shards.items()},
     }
-    atomic_write_json(out / "stats.json", summary)
+    out.write_json(out.join("stats.json"), summary)
     return summary
 
 
@@ -523,7 +377,7 @@ class Runner:
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.cfg = cfg
         self.task_cfg = task_cfg
-        self.out = local_out_dir(cfg.out)
+        self.out = open_out_dir(cfg.out)
         if cfg.executor not in EXECUTORS:
             raise ValueError(f"unknown executor '{cfg.executor}' (choose from {', '.join(EXECUTORS)})")
         self.shard, self.num_shards, self.shard_source = resolve_shard(cfg.shard, cfg.num_shards)
@@ -533,7 +387,7 @@ class Runner:
         counter = TokenCounter(self._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
         self.task = make_task(task_cfg, counter)
         self.run_record = self._check_run_file(counter)  # before loading a model for minutes
-        self.lock = ShardLock(self.files.lock, f"shard {self.shard} of {self.num_shards} in {self.out}")
+        self.lock = self.out.lock(self.files.lock, f"shard {self.shard} of {self.num_shards} in {self.out}")
         self.lock.acquire()  # a second writer is refused before it loads a model
         try:
             if cfg.executor == "ray":  # the backends live in the Ray actors, not in this process
@@ -583,9 +437,9 @@ class Runner:
                "judge": t.judge if t.task == "maga" else None, "num_shards": self.num_shards,
                "model": self.cfg.model or self.cfg.backend_kwargs.get("model"),
                "budget_unit": counter.unit}
-        if not self.files.run.exists():
+        if not self.out.exists(self.files.run):
             return {**run, "task_config": asdict(t), "inputs": self.inputs, "split_file": self.cfg.split_file}
-        old = json.loads(self.files.run.read_text())
+        old = self.out.read_json(self.files.run)
         diff = [k for k in RUN_KEYS if old.get(k) != run.get(k)]
         if diff:
             what = ", ".join(f"{k}={old.get(k)!r} (now {run.get(k)!r})" for k in diff)
@@ -599,7 +453,7 @@ class Runner:
 
     def _load_progress(self) -> None:
         for path in (self.files.rows, self.files.dropped, self.files.errors, self.files.state, self.files.judged):
-            cut = repair_tail(path)
+            cut = self.out.repair(path)
             if cut:
                 print(f"[synth] {path}: removed a torn last line ({cut} bytes) left by a killed run",
                       file=sys.stderr)
@@ -608,7 +462,7 @@ class Runner:
         self.judge_pending: dict[tuple[str, int], dict] = {}
         self.file_counts = {k: 0 for k in FILE_COUNTERS}
         for path, counter in ((self.files.rows, "rows_written"), (self.files.dropped, "rows_dropped")):
-            for row in read_jsonl(path):
+            for row in self.out.read_rows(path):
                 if row.get("task") == self.task.name:
                     key = (row["source_id"], int(row["gen_index"]))
                     self.done.add(key)
@@ -617,17 +471,17 @@ class Runner:
                         self.judge_pending[key] = row
         # failed attempts by unit key, then request id ("<unit key>|<stage>|<indices>")
         self.attempts_by_unit: dict[str, dict[str, int]] = {}
-        for e in read_jsonl(self.files.errors):
+        for e in self.out.read_rows(self.files.errors):
             per_unit = self.attempts_by_unit.setdefault(e["request_id"].rsplit("|", 2)[0], {})
             per_unit[e["request_id"]] = per_unit.get(e["request_id"], 0) + 1
             self.file_counts["failures"] += 1
-        self.state: dict[str, dict] = {e["key"]: e for e in read_jsonl(self.files.state)}
-        self.prev_stats = json.loads(self.files.stats.read_text()) if self.files.stats.exists() else {}
+        self.state: dict[str, dict] = {e["key"]: e for e in self.out.read_rows(self.files.state)}
+        self.prev_stats = self.out.read_json(self.files.stats) if self.out.exists(self.files.stats) else {}
 
     def _merge_judged(self) -> None:
         """Fold judge results of rows kept with ``judge_pending`` into the rows file."""
-        judged = {(e["source_id"], int(e["gen_index"])): e for e in read_jsonl(self.files.judged)}
-        if not judged or not self.files.rows.exists():
+        judged = {(e["source_id"], int(e["gen_index"])): e for e in self.out.read_rows(self.files.judged)}
+        if not judged:
             return
 
         def update(row: dict) -> bool:
@@ -638,8 +492,8 @@ class Runner:
             del row["judge_pending"]
             return True
 
-        rewrite_rows(self.files.rows, update)
-        self.files.judged.write_text("")  # folded in (a kill before this only repeats the merge)
+        self.out.rewrite(self.files.rows, update)
+        self.out.clear(self.files.judged)  # folded in (a kill before this only repeats the merge)
 
     def _missing(self, unit: Unit) -> list[int] | None:
         """gen indices still to do ([] when finished; None: stage 1 has not run)."""
@@ -686,7 +540,7 @@ class Runner:
                 self._failed_start()
                 raise
             if self.run_record is not None:
-                atomic_write_json(self.files.run, self.run_record)
+                self.out.write_json(self.files.run, self.run_record)
             return self._generate(pending_all, counts)
         finally:
             self.lock.release()
@@ -719,10 +573,10 @@ class Runner:
         self.gpus = self.cfg.gpus if self.cfg.gpus is not None else self.backends.gpus()
         self.units_total = counts.get("units", 0)
         self.remaining_all = pending_all
-        outputs = {name: Appender(path) for name, path in
+        outputs = {name: self.out.appender(path) for name, path in
                    (("rows", self.files.rows), ("dropped", self.files.dropped), ("errors", self.files.errors),
                     ("judged", self.files.judged))}
-        self.state_file = Appender(self.files.state)
+        self.state_file = self.out.appender(self.files.state)
         start = self.t_start
         finished = 0
         bar = _progress(pending, self.cfg.progress, f"{self.task.name} {shard_name(self.shard, self.num_shards)}")
@@ -849,7 +703,7 @@ class Runner:
                  "complete": complete, "totals": totals, "units": self.units_total,
                  "prompt_versions": self.task.prompt_versions(),
                  "runs": self.prev_stats.get("runs", []) + [run], "run": run}
-        atomic_write_json(self.files.stats, {k: v for k, v in stats.items() if k != "run"})
+        self.out.write_json(self.files.stats, {k: v for k, v in stats.items() if k != "run"})
         aggregate_stats(self.out)
         return stats
 
