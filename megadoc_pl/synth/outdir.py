@@ -238,6 +238,7 @@ class ObjectDir:
 
     def __init__(self, fs, root: str, url: str) -> None:
         self.fs, self.root, self.url = fs, root, url
+        fs.invalidate_cache()  # listings cached by an earlier run in this process may be stale
         self.run_tag = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # part names of this run
 
     def __str__(self) -> str:
