@@ -38,9 +38,14 @@ def _with_last(path):
 def test_default_name_is_recipe_scale_timestamp_and_never_reused(tmp_path):
     p = rundir.resolve_run_dir(_cfg(tmp_path))
     assert re.fullmatch(r"megadoc_stitch-demo-\d{8}-\d{6}", p.name) and p.parent == tmp_path
-    p.mkdir()
-    q = rundir.resolve_run_dir(_cfg(tmp_path))
-    assert q != p and (q.name == p.name + "-2" or q.name > p.name)
+    assert rundir.is_generated_name(_cfg(tmp_path)) and not rundir.is_generated_name(_cfg(tmp_path, name="mine"))
+    first = rundir.claim_run_dir(p, unique=True)
+    second = rundir.claim_run_dir(p, unique=True)  # the same second: the claim adds a suffix
+    assert first.path == p and first.created and second.path == tmp_path / f"{p.name}-2" and second.created
+    assert sorted(x.name for x in first.path.iterdir()) == [rundir.LOCK_FILE]
+    first.release(remove_if_unused=True)
+    second.release()
+    assert not p.exists() and second.path.is_dir()  # an unused claim is given back, a released one stays
     assert rundir.resolve_run_dir(_cfg(tmp_path, name="mine")) == tmp_path / "mine"
 
 

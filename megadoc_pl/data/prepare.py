@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # Lightning is imported only when a datamodule is made (dry r
 # data.* keys that do not change which tokens a window holds (left out of the fingerprint).
 _RUNTIME_KEYS = ("num_workers", "cache_dir", "rebuild", "skip_bad_rows")
 _log = get_logger("data")
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # a cache_dir that cannot take a store
 
 
 def _as_list(value: Any) -> list[str]:
@@ -155,7 +157,15 @@ def _build_store(cfg: DictConfig, inputs: Sequence[str], tokenizer: Any, kind: s
               skip_bad_rows=bool(cfg.data.skip_bad_rows), rebuild=bool(cfg.data.rebuild))
     if kind == "documents":
         kw.update(text_field=str(cfg.data.text_field), id_field=str(cfg.data.id_field))
-    return build_store(files, tokenizer, out, **kw)
+    try:
+        return build_store(files, tokenizer, out, **kw)
+    except OSError as e:
+        if e.errno is not None and e.errno not in _NO_ROOM:
+            raise
+        reason = e.strerror or f"a short write, {e}: the filesystem is full"  # numpy's tofile sets no errno
+        raise ValueError(f"data.cache_dir={cfg.data.cache_dir}: cannot write the token store {out.name} "
+                         f"({reason}) (fix: free space there, or point data.cache_dir at a writable "
+                         "filesystem with room)") from None
 
 
 def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]:

@@ -18,11 +18,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from megadoc_pl.data.datamodule import accumulation_steps
 from megadoc_pl.train import rundir
 from megadoc_pl.train.callbacks import NonFiniteLossError, ThroughputMonitor
+from megadoc_pl.train.checkpoint import NO_ROOM, AtomicCheckpointIO, CheckpointError, check_compatible, resume_from
 from megadoc_pl.train.metrics import run_metrics
 from megadoc_pl.train.module import MegadocLM
 
@@ -39,11 +41,28 @@ class TrainingRun:
     ckpt_path: Optional[Path]  # checkpoint to resume from
     provenance: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    claim: Optional[rundir.RunClaim] = None  # rank 0's lock on run_dir (held until fit ends)
 
     # ------------------------------------------------------------------------------ fit
 
     def fit(self) -> Path:
-        """Train (resuming if asked), validate at the end, save last.ckpt, write metrics.json."""
+        """Train (resuming if asked), validate at the end, save last.ckpt, write metrics.json.
+
+        The checkpoint to resume from is checked first (content, weights, dataset fingerprint). A
+        new run writes config.yaml and provenance.json at once; a resumed one when training starts
+        (Lightning has restored the checkpoint by then), and its metrics.json only after that, so
+        a refused resume leaves the run directory byte for byte as it was.
+        """
+        try:
+            self._accept_checkpoint()
+        except BaseException:
+            self._release(remove_if_unused=True)
+            raise
+        files = _RunFiles(self)
+        if self.ckpt_path is None:
+            files.write(self.trainer)
+        else:
+            self.trainer.callbacks.append(files)
         status, error = "failed", None
         set_env = rundir.RUN_DIR_ENV not in os.environ
         if set_env:  # ranks that Lightning launches later inherit the directory
@@ -63,15 +82,44 @@ class TrainingRun:
         except (KeyboardInterrupt, SystemExit) as e:
             status, error = "interrupted", repr(e)
             raise
+        except OSError as e:
+            error = f"{type(e).__name__}: {e}"
+            if e.errno not in NO_ROOM:
+                raise
+            raise CheckpointError(
+                f"cannot write {e.filename or self.run_dir}: {e.strerror} (fix: free space on run.root's filesystem "
+                "or make it writable, or set run.root to one that is; resume then continues from the last checkpoint)"
+            ) from None
         except BaseException as e:
             error = f"{type(e).__name__}: {e}"
             raise
         finally:
             if set_env:
                 os.environ.pop(rundir.RUN_DIR_ENV, None)
-            if self.trainer.is_global_zero:
+            if self.trainer.is_global_zero and files.written:
                 self._write_metrics(status, error)
+            if files in self.trainer.callbacks:
+                self.trainer.callbacks.remove(files)
+            self._release()
         return self.run_dir
+
+    def _accept_checkpoint(self) -> None:
+        """Resume from an intact checkpoint (for ``last``: else the newest intact ``step-*``) that fits this run."""
+        if self.ckpt_path is None:
+            return
+        requested = Path(self.ckpt_path)
+        last = self.run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT
+        self.ckpt_path, ckpt = resume_from(requested, fallback=requested == last)
+        check_compatible(ckpt, self.module, self.datamodule, self.ckpt_path)
+
+    def _release(self, remove_if_unused: bool = False) -> None:
+        if self.claim is not None:
+            self.claim.release(remove_if_unused)
+
+    def _nothing_trained(self) -> bool:
+        restored = getattr(self.datamodule, "restored_step", None)
+        return (self.ckpt_path is not None and restored is not None and restored == self.trainer.global_step
+                and (self.run_dir / rundir.METRICS_FILE).is_file())
 
     def _write_metrics(self, status: str, error: Optional[str]) -> None:
         try:
@@ -102,6 +150,24 @@ class TrainingRun:
 
 # ---------------------------------------------------------------------------------------------
 # building a run
+
+
+class _RunFiles(pl.Callback):
+    """Writes config.yaml and provenance.json (rank 0) when training starts; ``written`` says it did."""
+
+    def __init__(self, run: TrainingRun) -> None:
+        self.run = run
+        self.written = False
+
+    def write(self, trainer: pl.Trainer) -> None:
+        if trainer.is_global_zero:
+            rundir.save_config(self.run.run_dir, self.run.cfg)
+            rundir.save_provenance(self.run.run_dir, self.run.provenance)
+        self.written = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.written:
+            self.write(trainer)
 
 
 def on_gpu(cfg: DictConfig) -> bool:
@@ -189,6 +255,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: Any, overrides: Op
     callbacks.append(_throughput_callback(cfg, kw))
     callbacks += _eval_callbacks(cfg, datamodule)
     kw["callbacks"] = callbacks
+    if not any(isinstance(p, CheckpointIO) for p in kw.get("plugins") or []):
+        kw["plugins"] = list(kw.get("plugins") or []) + [AtomicCheckpointIO()]
     if not getattr(datamodule, "val_set_names", None):
         kw.setdefault("limit_val_batches", 0)
 
@@ -258,9 +326,13 @@ def setup_run(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = 
     """Resolve the run directory, data, module and Trainer of a recipe (nothing trained yet).
 
     ``stage='validate'`` looks at an existing run: no new directory check, config.yaml untouched.
-    The recipe is validated first (no data is read and no directory made for a bad one).
+    The recipe is validated first (no data is read and no directory made for a bad one). For
+    ``fit``, global rank 0 then claims the run directory (created and locked before any data
+    work, :func:`rundir.claim_run_dir`); nothing is written into it until :meth:`TrainingRun.fit`
+    has accepted the checkpoint to resume from.
     """
     from megadoc_pl.recipes import validate_recipe
+    from megadoc_pl.utils import global_rank
 
     validate_recipe(cfg)
     run_dir = rundir.resolve_run_dir(cfg)
@@ -270,6 +342,20 @@ def setup_run(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = 
             f"error: {run_dir} already holds a trained run; continue it with run.resume=last (--resume), "
             "or pick a new run.name"
         )
+    claim = None
+    if stage == "fit" and global_rank() == 0:
+        claim = rundir.claim_run_dir(run_dir, unique=rundir.is_generated_name(cfg))
+        run_dir = claim.path
+    try:
+        return _build_run(cfg, run_dir, ckpt, claim, trainer_overrides)
+    except BaseException:
+        if claim is not None:
+            claim.release(remove_if_unused=True)
+        raise
+
+
+def _build_run(cfg: DictConfig, run_dir: Path, ckpt: Optional[Path], claim: Optional[rundir.RunClaim],
+               trainer_overrides: Optional[Mapping[str, Any]]) -> TrainingRun:
     cfg = cfg.copy()
     cfg.run.name = run_dir.name
     cfg.run.root = str(run_dir.parent)
@@ -281,13 +367,8 @@ def setup_run(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = 
     pl.seed_everything(int(cfg.train.seed), workers=True, verbose=False)
     module = MegadocLM(OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, run_dir, dm, trainer_overrides)
-    info = rundir.provenance(cfg)
-    if trainer.is_global_zero and stage == "fit":
-        run_dir.mkdir(parents=True, exist_ok=True)
-        rundir.save_config(run_dir, cfg)
-        rundir.save_provenance(run_dir, info)
     return TrainingRun(cfg=cfg, run_dir=run_dir, datamodule=dm, module=module, trainer=trainer,
-                       ckpt_path=ckpt, provenance=info)
+                       ckpt_path=ckpt, provenance=rundir.provenance(cfg), claim=claim)
 
 
 def train(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = None) -> Path:

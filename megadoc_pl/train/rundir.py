@@ -16,6 +16,7 @@ Only the global rank 0 writes files here; every rank agrees on the directory nam
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import os
@@ -24,18 +25,21 @@ import re
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from megadoc_pl.utils import atomic_write_json, atomic_write_text
+from megadoc_pl.train.checkpoint import remove_leftovers
+from megadoc_pl.utils import atomic_write_json, atomic_write_text, current_umask, get_logger
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 PROVENANCE_FILE = "provenance.json"
 CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
+LOCK_FILE = ".lock"
 
 # Set by the first process of a launch so that ranks Lightning starts later (its subprocess
 # launcher re-runs the command with the parent's environment) use the same directory.
@@ -43,6 +47,7 @@ RUN_DIR_ENV = "MEGADOC_RUN_DIR"
 
 _LIBRARIES = ("megadoc_pl", "torch", "lightning", "numpy", "omegaconf", "tokenizers", "transformers",
               "torchmetrics", "tensorboard")
+_log = get_logger("train")
 
 
 def default_run_name(recipe: str, scale: str, stamp: Optional[str] = None) -> str:
@@ -76,7 +81,8 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     - ``run.resume`` = ``last``/``auto`` without a name: the newest ``<recipe>-<scale>-*``
       directory under root that holds ``checkpoints/last.ckpt`` (``last``: one must exist).
     - otherwise a new ``<recipe>-<scale>-<timestamp>`` (or ``-job<SLURM id>`` /
-      ``-rdzv<id>`` for multi-process launches, so every rank derives the same name).
+      ``-rdzv<id>`` for multi-process launches, so every rank derives the same name); a taken
+      timestamp name gets ``-2``, ``-3``... when :func:`claim_run_dir` creates it.
     """
     root = Path(cfg.run.root)
     if cfg.run.name:
@@ -93,16 +99,74 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
                 f"error: run.resume=last but no run '{cfg.recipe}-{cfg.scale}-*' under {root}/ has "
                 f"{CKPT_DIR}/{LAST_CKPT}; give run.name=NAME of the run to resume, or use run.resume=auto"
             )
-    launch = _launch_id()
-    name = default_run_name(cfg.recipe, cfg.scale, launch)
-    path = root / name
-    if launch is None:
-        # two quick runs in the same second must not share a directory
-        n = 2
-        while path.exists():
-            path = root / f"{name}-{n}"
-            n += 1
-    return path
+    return root / default_run_name(cfg.recipe, cfg.scale, _launch_id())
+
+
+def is_generated_name(cfg: DictConfig) -> bool:
+    """True when the run directory's name is a fresh timestamp, which :func:`claim_run_dir` may suffix."""
+    return not cfg.run.name and not os.environ.get(RUN_DIR_ENV) and _launch_id() is None
+
+
+@dataclass
+class RunClaim:
+    """This process owns ``path``: it holds the exclusive lock on ``path/.lock`` until :meth:`release`."""
+
+    path: Path
+    created: bool  # the directory did not exist before this claim
+    _fd: Optional[int] = None
+
+    def release(self, remove_if_unused: bool = False) -> None:
+        """Drop the lock; ``remove_if_unused``: delete a directory this claim made and nothing wrote into."""
+        if self._fd is None:
+            return
+        if remove_if_unused and self.created and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+        os.close(self._fd)
+        self._fd = None
+
+
+def claim_run_dir(path: Path, unique: bool) -> RunClaim:
+    """Create (or open) the run directory and lock it, before any other work of the run.
+
+    ``unique`` (a generated name): ``os.mkdir`` is the atomic claim, so two runs started in the
+    same second get ``NAME`` and ``NAME-2``. Otherwise the directory may exist (a resume, a named
+    run, every rank of a launch); the lock refuses a second live run in it. The lock dies with its
+    process (flock), so a killed run leaves nothing to clean up by hand; its temporary files are
+    removed here.
+    """
+    import fcntl
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        base, n = path, 2
+        while True:
+            try:
+                os.mkdir(path)
+                created = True
+                break
+            except FileExistsError:
+                if not unique:
+                    created = False
+                    break
+                path, n = base.with_name(f"{base.name}-{n}"), n + 1
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    except OSError as e:
+        raise SystemExit(f"error: cannot create the run directory {path}: {e.strerror or e} "
+                         "(fix: make run.root writable, free space on it, or set run.root=DIR)") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SystemExit(f"error: {path} is in use by another run (pid {holder}); wait for it to end, "
+                         "or pick another run.name") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    for leftover in remove_leftovers(path / CKPT_DIR) + remove_leftovers(path):
+        _log.info(f"removed {leftover}, left by an interrupted save")
+    return RunClaim(path, created, fd)
 
 
 def latest_run_with_checkpoint(root: Path, prefix: str) -> Optional[Path]:
