@@ -426,7 +426,8 @@ def test_object_storage_round_trip_with_kills_failures_and_judge(tmp_path, monke
     assert synth.num_documents == 30
     # judge results are folded into the parts that hold the rows
     maga_url = f"memory://bucket/maga-{tmp_path.name}"
-    cfg = RunConfig(inputs=[str(tmp_path / "docs.jsonl")], out=maga_url, backend="fixed_test", progress=False,
+    fs.put(str(tmp_path / "docs.jsonl"), f"/bucket/in-{tmp_path.name}/docs/part-0.jsonl")  # inputs too
+    cfg = RunConfig(inputs=[f"memory://bucket/in-{tmp_path.name}/docs"], out=maga_url, backend="fixed_test", progress=False,
                     max_consecutive_failures=0)
     maga_task = TaskConfig(task="maga", judge=True, min_keyword_coverage=0.0)
     synthesize(maga_task, cfg, judge_backend=FixedBackend(fail={"maga_judge": 10**6}))
@@ -454,7 +455,8 @@ def test_s3_round_trip_on_a_local_s3_server(tmp_path, monkeypatch):
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir("gen-bucket")
         docs = make_docs(tmp_path / "docs.jsonl", 6)
-        argv = _argv(tmp_path / "docs.jsonl", "s3://gen-bucket/run1", "-G", "2", "--batch-size", "2")
+        fs.put(str(tmp_path / "docs.jsonl"), "gen-bucket/docs/docs.jsonl")
+        argv = _argv("s3://gen-bucket/docs/", "s3://gen-bucket/run1", "-G", "2", "--batch-size", "2")
         assert cli_main(argv + ["--backend-arg", 'fail={"doc-003": 1}']) == 2
         assert cli_main(argv) == 0
         fs.invalidate_cache()
@@ -462,5 +464,6 @@ def test_s3_round_trip_on_a_local_s3_server(tmp_path, monkeypatch):
         rows = [json.loads(x) for p in parts for x in fs.cat_file(p).decode().splitlines()]
         assert sorted(keys(rows)) == [(d["id"], g) for d in docs for g in range(2)] and len(parts) == 4
         assert json.loads(fs.cat_file("gen-bucket/run1/stats.json"))["totals"]["rows_written"] == 12
+        assert json.loads(fs.cat_file("gen-bucket/run1/.synth/run.json"))["inputs"] == ["s3://gen-bucket/docs/"]
     finally:
         server.stop()

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = p.add_argument_group("documents and output")
     d.add_argument("--input", nargs="+", action="extend", required=True,
-                   help="JSONL(.gz/.zst) or Parquet files or directories")
+                   help="JSONL(.gz/.zst) or Parquet files or directories, or fsspec URLs (copied for the run)")
     d.add_argument("--out", required=True,
                    help="output directory, or an fsspec URL (s3://, gs://, memory://: part files per batch)")
     d.add_argument("--text-field", default="text")

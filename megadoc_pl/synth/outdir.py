@@ -12,6 +12,9 @@ in one PUT: a kill leaves whole parts or none, so resume and exactly-once hold a
 Object stores have no locks: run each shard once at a time (a SLURM array index, a Ray driver).
 Readers of the output (``tools/prepare.py``, ``data.synthetic``) take the downloaded folder as
 is: directories are read recursively and ``.synth`` is hidden.
+
+Inputs may be fsspec URLs too (``stage_inputs``): they are copied to a temporary folder for the
+run, since the runner reads every document of the input to shard it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,35 @@ from typing import Any, Callable, Iterator
 from megadoc_pl.utils import atomic_write_json, current_umask
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def stage_inputs(inputs: list[str], into: Path) -> list[str]:
+    """Inputs with fsspec URLs (a file or a folder) downloaded under ``into``; local paths and
+    file:// unchanged. The driver reads every input to shard it, so a copy is read once."""
+    staged = []
+    for k, item in enumerate(inputs):
+        m = _URL.match(item)
+        if m is None or m.group(1) == "file":
+            staged.append(item[len("file://"):] if m else item)
+            continue
+        try:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(item)
+        except (ImportError, ValueError) as e:
+            raise ValueError(f"--input {item}: cannot open {m.group(1)}:// URLs here ({str(e).splitlines()[0]}) "
+                             "(fix: install the fsspec package for that protocol, e.g. pip install s3fs)") from None
+        if not fs.exists(root):
+            raise ValueError(f"--input {item}: no such file or folder (fix: check the URL)")
+        local = into / f"{k:03d}"
+        if fs.isdir(root):
+            fs.get(root.rstrip("/") + "/", str(local), recursive=True)
+        else:
+            local.mkdir(parents=True)
+            local = local / root.rstrip("/").rsplit("/", 1)[-1]
+            fs.get(root, str(local))
+        staged.append(str(local))
+    return staged
 
 
 class ShardBusy(ValueError):

@@ -35,6 +35,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any, Iterator
 
 from megadoc_pl.synth.backends.base import Backend, Request, Response, error_line, get_backend
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
-from megadoc_pl.synth.outdir import LocalDir, ObjectDir, open_out_dir
+from megadoc_pl.synth.outdir import LocalDir, ObjectDir, open_out_dir, stage_inputs
 from megadoc_pl.utils import stable_hash
 
 RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max_source_tokens",
@@ -381,7 +382,10 @@ class Runner:
         if cfg.executor not in EXECUTORS:
             raise ValueError(f"unknown executor '{cfg.executor}' (choose from {', '.join(EXECUTORS)})")
         self.shard, self.num_shards, self.shard_source = resolve_shard(cfg.shard, cfg.num_shards)
-        self.inputs = [str(p) for p in expand_inputs(cfg.inputs)]
+        self._staged = tempfile.TemporaryDirectory(prefix="megadoc_inputs_")  # fsspec URL inputs, copied
+        local = stage_inputs(list(cfg.inputs), Path(self._staged.name))
+        self.inputs = [str(p) for p in expand_inputs(local)]
+        self.input_names = self.inputs if local == list(cfg.inputs) else list(cfg.inputs)  # run.json
         self.files = ShardFiles.of(self.out, self.shard, self.num_shards)
         self.heldout = self._load_heldout(cfg.split_file)
         counter = TokenCounter(self._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
@@ -438,7 +442,7 @@ class Runner:
                "model": self.cfg.model or self.cfg.backend_kwargs.get("model"),
                "budget_unit": counter.unit}
         if not self.out.exists(self.files.run):
-            return {**run, "task_config": asdict(t), "inputs": self.inputs, "split_file": self.cfg.split_file}
+            return {**run, "task_config": asdict(t), "inputs": self.input_names, "split_file": self.cfg.split_file}
         old = self.out.read_json(self.files.run)
         diff = [k for k in RUN_KEYS if old.get(k) != run.get(k)]
         if diff:
