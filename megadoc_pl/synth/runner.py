@@ -13,6 +13,9 @@ Layout of an output directory ``DIR`` (shard i of n; every node writes only its 
                                           into the rows file, rewritten atomically)
     DIR/.synth/locks/shard-....lock       held (flock) while a run writes the shard
 
+With ``--out`` an fsspec URL (object storage) every ``X.jsonl`` above is a folder ``X/`` of part
+files, one per completed batch, and there is no lock (outdir.py).
+
 Everything auxiliary sits in the hidden ``.synth`` folder so that readers given ``DIR`` see only
 generation rows. Resume works at request granularity: on start the runner cuts a torn last line
 (a run killed mid-write), collects the finished (source_id, gen_index) pairs, and asks only for
@@ -42,14 +45,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from megadoc_pl.synth.backends.base import Backend, Request, Response, error_line, get_backend
-from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
 from megadoc_pl.synth.outdir import LocalDir, ObjectDir, open_out_dir, stage_inputs
+from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
 from megadoc_pl.utils import stable_hash
 
 RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max_source_tokens",
             "min_chunk_tokens", "judge", "num_shards", "model", "budget_unit")
-
-
 EXECUTORS = ("local", "ray")
 
 
