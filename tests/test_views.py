@@ -243,3 +243,35 @@ def test_documents_units_in_given_order(corpus):
     R = corpus["real"]
     u = documents_units(R, np.array([3, 1]), name="iid")
     assert _units(u) == [[(0, 3)], [(0, 1)]] and u.name == "iid"
+
+
+def test_chunked_sources_use_every_chunk_also_from_a_store_built_before_chunk_index_was_promoted(
+        tmp_path, tiny_tokenizer_path):
+    """Rows of --long-sources chunk carry chunk_index; each chunk is a pool of its own. A store
+    whose index predates the chunk_index column reads it from the generation fields."""
+    import pyarrow.parquet as pq
+
+    from megadoc_pl.data.store import TokenStore
+
+    docs = [{"id": f"s{i}", "text": f"Alice founded the town {i}."} for i in range(2)]
+    gens = [{"source_id": "s0", "task": "rephrase", "gen_index": 2 * k + g, "chunk_index": k, "num_chunks": 3,
+             "text": f"Chunk {k} rephrase {g}."} for k in range(3) for g in range(2)]
+    gens += [{"source_id": "s1", "task": "rephrase", "gen_index": g, "text": f"Whole {g}."} for g in range(2)]
+    real = build_store(_write_jsonl(tmp_path / "real.jsonl", docs), tiny_tokenizer_path, tmp_path / "real",
+                       progress=False)
+    new = build_store(_write_jsonl(tmp_path / "gen.jsonl", gens), tiny_tokenizer_path, tmp_path / "gen",
+                      kind="generations", progress=False)
+    index = pq.read_table(tmp_path / "gen" / "index.parquet")
+    pq.write_table(index.drop(["chunk_index"]), tmp_path / "gen" / "index.parquet")
+    old = TokenStore.open(tmp_path / "gen")
+    assert old.column("chunk_index").tolist() == new.column("chunk_index").tolist() == [0, 0, 1, 1, 2, 2, -1, -1]
+    for synth in (new, old):
+        one = build_view(real, synth, ViewOptions(view="stitch", generations=1))
+        pieces = [[synth.gen_index(d) for s, d, *_ in one.unit(u) if s == SYN] for u in range(one.num_units)]
+        assert sorted(pieces) == [[0], [0, 2, 4]]  # the first of every chunk, in chunk order
+        two = build_view(real, synth, ViewOptions(view="rephrase", generations=2, include_real=False))
+        assert two.num_units == 8  # every row
+    with pytest.raises(ValueError, match="has 1 'rephrase' generations in one of its chunks but the recipe uses G=2"):
+        short = build_store(_write_jsonl(tmp_path / "short.jsonl", gens[:-3]), tiny_tokenizer_path,
+                            tmp_path / "short", kind="generations", progress=False)
+        build_view(real, short, ViewOptions(view="stitch", generations=2))
