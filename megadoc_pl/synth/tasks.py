@@ -6,6 +6,13 @@ produce, and for a batch of units with missing indices builds requests, calls th
 the runner's context and emits SPEC 3.2 rows. The runner owns files, sharding, resume and stats;
 tasks never touch the file system.
 
+Long sources with ``long_sources="chunk"`` become paragraph-aligned chunks of at most
+``max_source_tokens`` and at least ``min_chunk_tokens`` tokens (a short tail is merged with the
+chunk before it, never generated for alone). Chunk k asks for the same G generations as a whole
+document, with ``gen_index = k * G + g``, and its rows carry ``chunk_index`` and ``num_chunks``;
+the corpus views treat every chunk as a pool of its own (data/views.py), so every chunk's
+generations reach training.
+
 - ``rephrase``: one request per unit with n = G (WRAP style prompt); gen_index g = 0..G-1.
 - ``rationale``: the document is cut at the G points of ``equal_token_split`` over its content
   tokens under the *training* tokenizer (the stretch view cuts at the same offsets); one request
