@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 from megadoc_pl.utils import atomic_write_json, current_umask
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+PARTS_PER_FETCH = 64  # part files fetched together on resume (concurrently where the protocol can)
 
 
 def stage_inputs(inputs: list[str], into: Path) -> list[str]:
@@ -290,14 +291,18 @@ class ObjectDir:
         return PartWriter(self.fs, self._parts(path), self.run_tag)
 
     def read_rows(self, path: str) -> Iterator[dict]:
-        for part in self._part_files(path):
-            for lineno, line in enumerate(self.fs.cat_file(part).decode("utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError:
-                        raise ValueError(f"{part}:{lineno}: corrupt line in a generation part "
-                                         "(fix: delete that part; the next run regenerates it)") from None
+        parts = self._part_files(path)
+        for first in range(0, len(parts), PARTS_PER_FETCH):
+            group = parts[first : first + PARTS_PER_FETCH]
+            data = self.fs.cat(group) if len(group) > 1 else {group[0]: self.fs.cat_file(group[0])}
+            for part in group:
+                for lineno, line in enumerate(data[part].decode("utf-8").splitlines(), 1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError:
+                            raise ValueError(f"{part}:{lineno}: corrupt line in a generation part "
+                                             "(fix: delete that part; the next run regenerates it)") from None
 
     def repair(self, path: str) -> int:
         return 0  # parts are written whole
