@@ -25,6 +25,7 @@ AttentionBackend = Literal["auto", "flash_attn", "torch_varlen", "flex", "sdpa"]
 Schedule = Literal["cosine", "wsd"]
 SynthBackend = Literal["template", "transformers", "vllm", "openai"]
 MagaVariant = Literal["base", "strict", "relaxed"]
+WindowOrder = Literal["shuffled", "sequential"]
 
 
 @dataclass
@@ -157,6 +158,9 @@ class DataConfig:
 
     seq_len: int = 4096
     """Tokens per training window (each window carries seq_len + 1 tokens)."""
+
+    window_order: WindowOrder = "shuffled"
+    """Training windows of each pass: 'shuffled' (seeded permutation, the papers' loader) or 'sequential' (stream order)."""
 
     num_workers: int = 0
     """DataLoader worker processes."""

@@ -50,7 +50,7 @@ def test_stream_windows_match_the_oracle_across_passes(corpus, scope, view):
     units = build_view(corpus["real"], corpus["synth"], ViewOptions(view=view, generations=2, short_pool="drop"),
                        HELDOUT, encode=corpus["info"].encode)
     T = 23  # windows straddle units, pieces and pass boundaries
-    st = StreamWindows(units, T, data_seed=7, name="synthetic")
+    st = StreamWindows(units, T, data_seed=7, name="synthetic", window_order="sequential")
     passes = 4
     oracle = _oracle_stream(units, 7, "synthetic", passes)
     n = (len(oracle[0]) - 1) // T
@@ -85,7 +85,7 @@ def _single(st):
 def test_window_longer_than_a_pass_spans_several_passes(corpus):
     units = real_units(corpus["real"], HELDOUT)
     T = units.num_tokens + 5  # one window covers more than a whole pass
-    st = StreamWindows(units, T, data_seed=3, name="real")
+    st = StreamWindows(units, T, data_seed=3, name="real", window_order="sequential")
     oracle = _oracle_stream(units, 3, "real", 8)
     got = Windows([st], _single(st), T, "document").tokens([2, 0, 1])
     for row, j in enumerate([2, 0, 1]):
@@ -151,13 +151,13 @@ def test_mixture_windows_determinism_and_seed(corpus):
     # Window k is the same whether fetched alone, in a batch, or after others (no hidden state).
     for k in (0, 5, plan.windows - 1):
         assert np.array_equal(make(1).tokens([k])[0], ta[k])
-    # Each stream's windows tile its own oracle stream.
+    # Each stream's windows are its own oracle stream's windows, in the order of its window permutation.
     stream, local = plan.drawer().locate(idx)
     for s, (name, units) in enumerate((("synthetic", su), ("real", ru))):
-        need = -(-((int(local[stream == s].max()) + 1) * T + 1) // units.num_tokens)
-        oracle = _oracle_stream(units, 1, name, need)[0]
-        for k in np.flatnonzero(stream == s):
-            j = int(local[k])
+        read = a.streams[s].stream_window(local[stream == s])
+        assert read.tolist() != local[stream == s].tolist()  # the default order is shuffled
+        oracle = _oracle_stream(units, 1, name, -(-((int(read.max()) + 1) * T + 1) // units.num_tokens))[0]
+        for k, j in zip(np.flatnonzero(stream == s), read.tolist()):
             assert ta[k].tolist() == oracle[j * T: j * T + T + 1].tolist()
     with pytest.raises(IndexError):
         a.tokens([plan.windows])
@@ -169,7 +169,7 @@ def test_describe_names_sources_and_spans(corpus):
     n0 = int(R.lengths[0])
     w = Windows.sequential(units, n0, "document")
     d = w.describe(0)
-    assert d["stream"] == "iid" and d["stream_window"] == 0
+    assert d["stream"] == "iid" and d["stream_window"] == d["stream_draw"] == 0
     assert [(p["source_id"], p["doc_start"], p["doc_end"], p["window_start"], p["window_end"]) for p in d["pieces"]] == [
         ("d0", 0, n0, 0, n0), ("d1", 0, 1, n0, n0 + 1)]
     assert len(w) == (n0 + int(R.lengths[1]) - 1) // n0

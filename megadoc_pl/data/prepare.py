@@ -80,9 +80,10 @@ class PreparedData:
     def train_windows(self) -> Windows:
         seed = int(self.cfg.train.data_seed)
         T = int(self.cfg.data.seq_len)
-        streams = {REAL: StreamWindows(self.real_units, T, seed, REAL)}
+        order = str(self.cfg.data.window_order)
+        streams = {REAL: StreamWindows(self.real_units, T, seed, REAL, window_order=order)}
         if self.synthetic_units is not None:
-            streams[SYNTHETIC] = StreamWindows(self.synthetic_units, T, seed, SYNTHETIC)
+            streams[SYNTHETIC] = StreamWindows(self.synthetic_units, T, seed, SYNTHETIC, window_order=order)
         return Windows.from_plan(streams, self.plan, self.scope, length=self.max_steps * self.plan.global_batch_size)
 
     def val_windows(self) -> dict[str, Windows]:

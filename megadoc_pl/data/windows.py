@@ -6,6 +6,13 @@ at stream token ``j * seq_len``: consecutive windows overlap by one token, so ev
 the first is a target exactly once. Locating a window is two binary searches (unit in its
 pass, piece in its unit) on per-pass cumulative offsets; nothing iterates from the start.
 
+Window order (``data.window_order``): the j-th window *drawn* from a stream is, for
+``sequential``, stream window j. For ``shuffled`` (the papers' loader shuffles packed sequences)
+the draws of one pass visit that pass's windows (those whose first token lies in the pass) in a
+seeded pseudo-random order: a Feistel permutation of the pass's window numbers, keyed by
+(data_seed, stream, pass), cycle-walked onto the exact count. O(1) per window, nothing
+materialised, so a window is still a pure function of (recipe, seed, global index).
+
 A batch of global window indices is turned into *clips* (the parts of pieces that fall in each
 window, in order) and then into the batch dict of the contract:
 ``input_ids``, ``targets``, ``segment_ids``, ``cu_seqlens``, ``max_seqlen``, ``position_ids``,
@@ -26,11 +33,53 @@ from megadoc_pl.data.views import Units, _ranges
 from megadoc_pl.utils import stable_hash
 
 SCOPES = ("window", "document", "megadoc")
+WINDOW_ORDERS = ("shuffled", "sequential")
+_FEISTEL_ROUNDS = 4  # Luby-Rackoff: four rounds of a pseudo-random function give a strong permutation
 
 
 def pass_seed(data_seed: int, stream: str, pass_index: int) -> int:
     """The shuffle seed of one pass of one stream (independent of everything else)."""
     return stable_hash(f"megadoc_pl/pass/{data_seed}/{stream}/{pass_index}")
+
+
+def window_order_key(data_seed: int, stream: str, pass_index: int) -> int:
+    """The key of the window permutation of one pass of one stream (independent of the unit shuffle)."""
+    return stable_hash(f"megadoc_pl/window_order/{data_seed}/{stream}/{pass_index}")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (numpy integer arrays wrap silently)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def feistel_permute(r: np.ndarray, n: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Position ``r`` of a seeded bijection of ``[0, n)``, element-wise (``n`` and ``key`` per element).
+
+    A balanced Feistel network on the smallest even bit width 2h with 4^h >= n is a bijection
+    of ``[0, 4^h)``; cycle-walking (apply it again while the value is >= n) restricts it to a
+    bijection of ``[0, n)``. Since 4^h < 4n, a walk takes under four applications on average.
+    """
+    r, n = np.asarray(r, np.int64), np.asarray(n, np.int64)
+    assert np.all((0 <= r) & (r < n)), "feistel_permute: r outside [0, n)"
+    bits = np.ceil(np.log2(np.maximum(n, 2))).astype(np.int64)  # exact for n < 2**52
+    h = ((bits + 1) // 2).astype(np.uint64)
+    mask = (np.uint64(1) << h) - np.uint64(1)
+    rkeys = [_mix64(np.asarray(key, np.uint64) + np.uint64(0x9E3779B97F4A7C15 * (i + 1) % 2**64))
+             for i in range(_FEISTEL_ROUNDS)]
+    x = r.astype(np.uint64)
+    todo = np.arange(len(x))
+    while len(todo):
+        v, hh, mm = x[todo], h[todo], mask[todo]
+        left, right = v >> hh, v & mm
+        for rk in rkeys:
+            left, right = right, left ^ (_mix64(right ^ rk[todo]) & mm)
+        x[todo] = (left << hh) | right
+        todo = todo[x[todo] >= n[todo].astype(np.uint64)]
+    return x.astype(np.int64)
 
 
 @dataclass
@@ -55,15 +104,22 @@ class Clips:
 
 
 class StreamWindows:
-    """Windows of one stream (shuffled per pass and repeated, or in order and finite)."""
+    """Windows of one stream (shuffled per pass and repeated, or in order and finite).
+
+    ``shuffle`` permutes the units of every pass; ``window_order`` the order in which a pass's
+    windows are drawn (``shuffled`` | ``sequential``, see the module docstring).
+    """
 
     def __init__(self, units: Units, seq_len: int, data_seed: int = 0, name: str = "", shuffle: bool = True,
-                 repeat: bool = True, cache_passes: int = 2):
+                 repeat: bool = True, cache_passes: int = 2, window_order: str = "shuffled"):
         if units.num_units == 0 or units.num_tokens == 0:
             raise ValueError(f"stream '{name or units.name}' has no tokens (every source was held out or dropped)")
+        if window_order not in WINDOW_ORDERS:
+            raise ValueError(f"data.window_order must be one of {', '.join(WINDOW_ORDERS)}, got {window_order!r}")
+        assert repeat or window_order == "sequential", "a finite stream (validation) is read in order"
         self.units, self.seq_len, self.data_seed = units, int(seq_len), int(data_seed)
         self.name = name or units.name
-        self.shuffle, self.repeat = shuffle, repeat
+        self.shuffle, self.repeat, self.window_order = shuffle, repeat, window_order
         self.unit_tokens = units.unit_tokens
         self.pass_tokens = int(self.unit_tokens.sum())
         self.canon_start = np.concatenate([[0], np.cumsum(self.unit_tokens)]).astype(np.int64)
@@ -75,6 +131,26 @@ class StreamWindows:
     def num_windows(self) -> int:
         """Windows available without repeating (finite streams: validation)."""
         return max((self.pass_tokens - 1) // self.seq_len, 0)
+
+    def pass_windows(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first stream window, number of windows) of passes ``p``: the windows whose first token
+        lies in the pass, i.e. ``j`` with ``floor(j * seq_len / pass_tokens) == p``."""
+        p = np.asarray(p, np.int64)
+        T, P = self.seq_len, self.pass_tokens
+        first = -((-p * P) // T)  # ceil(p * P / T)
+        return first, -((-(p + 1) * P) // T) - first
+
+    def stream_window(self, j: np.ndarray) -> np.ndarray:
+        """The stream window read by draw ``j`` of this stream (vectorised): ``j`` itself in
+        ``sequential`` order, else the seeded permutation of ``j``'s pass applied to it."""
+        j = np.asarray(j, np.int64)
+        if self.window_order == "sequential" or len(j) == 0:
+            return j
+        p = (j * self.seq_len) // self.pass_tokens
+        first, n = self.pass_windows(p)
+        passes, inverse = np.unique(p, return_inverse=True)
+        keys = np.array([window_order_key(self.data_seed, self.name, int(q)) for q in passes], np.uint64)
+        return first + feistel_permute(j - first, n, keys[inverse.ravel()])
 
     def pass_order(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         """(unit permutation, cumulative token starts) of pass p, cached (LRU; a batch touches at
@@ -96,14 +172,15 @@ class StreamWindows:
         return perm, starts
 
     def clips(self, j: np.ndarray, rows: Optional[np.ndarray] = None) -> Clips:
-        """Clips of stream windows ``j`` (vectorised); ``rows`` are their rows in the batch."""
+        """Clips of draws ``j`` of the stream (vectorised; each reads ``stream_window(j)``); ``rows``
+        are their rows in the batch."""
         j = np.asarray(j, dtype=np.int64)
         rows = np.arange(len(j)) if rows is None else np.asarray(rows, np.int64)
-        L, P = self.seq_len + 1, self.pass_tokens
-        a = j * self.seq_len
-        b = a + L
         if not self.repeat and len(j) and (j.min() < 0 or int(j.max()) >= self.num_windows):
             raise IndexError(f"stream '{self.name}' has {self.num_windows} windows, asked for {int(j.max())}")
+        L, P = self.seq_len + 1, self.pass_tokens
+        a = self.stream_window(j) * self.seq_len
+        b = a + L
         p0, p1 = a // P, (b - 1) // P
         nseg = p1 - p0 + 1
         seg_win = np.repeat(np.arange(len(j)), nseg)
@@ -265,7 +342,8 @@ class Windows:
         """A finite, unshuffled single stream (validation: held-out documents in order)."""
         from fractions import Fraction
 
-        st = StreamWindows(units, seq_len, name=units.name or "val", shuffle=False, repeat=False)
+        st = StreamWindows(units, seq_len, name=units.name or "val", shuffle=False, repeat=False,
+                           window_order="sequential")
         n = st.num_windows if max_windows is None else min(st.num_windows, int(max_windows))
         return cls([st], StreamDrawer([st.name], [Fraction(1)]), seq_len, scope, n)
 
@@ -315,8 +393,9 @@ class Windows:
                 "window_start": int(c.wpos[i]), "window_end": int(c.wpos[i] + c.n[i]),
                 "store": str(src.path) if getattr(src, "path", None) is not None else "<literal>",
             })
-        return {"index": int(k), "stream": self.streams[int(stream[0])].name, "stream_window": int(local[0]),
-                "pieces": pieces}
+        st = self.streams[int(stream[0])]
+        return {"index": int(k), "stream": st.name, "stream_draw": int(local[0]),
+                "stream_window": int(st.stream_window(local)[0]), "pieces": pieces}
 
 
 def window_rows(windows: Windows, start: int, count: int, decode: Callable[[np.ndarray], str]) -> list[dict]:
