@@ -162,6 +162,9 @@ class DataConfig:
     window_order: WindowOrder = "shuffled"
     """Training windows of each pass: 'shuffled' (seeded permutation, the papers' loader) or 'sequential' (stream order)."""
 
+    real_fraction: float = 1.0
+    """Train on this fraction of the real training sources (a deterministic nested subset, 0 < f <= 1; 1: all)."""
+
     num_workers: int = 0
     """DataLoader worker processes."""
 

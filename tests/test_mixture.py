@@ -139,3 +139,29 @@ def test_plan_to_dict_has_per_stream_numbers():
     assert d["streams"]["real"]["passes"] == pytest.approx(15.99, abs=0.01)
     assert d["streams"]["synthetic"]["units_per_pass"] == 5_412_000
     assert d["streams"]["synthetic"]["fraction_of_tokens"] == 0.75
+
+
+def test_real_fraction_subsets_are_nested_deterministic_and_exact(tmp_path, tiny_tokenizer_path):
+    import json
+    import math
+
+    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.views import real_fraction_excluded, real_units
+
+    rows = "".join(json.dumps({"id": f"d{i}", "text": f"Document {i} of the mill."}) + "\n" for i in range(60))
+    (tmp_path / "real.jsonl").write_text(rows)
+    real = build_store(tmp_path / "real.jsonl", tiny_tokenizer_path, tmp_path / "store", progress=False)
+    heldout = {"d3", "d10"}
+    train = {f"d{i}" for i in range(60)} - heldout
+    kept = {}
+    for f in (0.1, 0.25, 0.5, 0.9, 1.0):
+        out = real_fraction_excluded(real, heldout, f, seed=42)
+        assert out == real_fraction_excluded(real, heldout, f, seed=42) and out <= train
+        kept[f] = train - out
+        assert len(kept[f]) == math.ceil(f * 58)  # 6, 15, 29, 53, 58 sources
+        assert real_units(real, heldout | out).num_units == len(kept[f])
+    fs = sorted(kept)
+    assert all(kept[a] < kept[b] for a, b in zip(fs, fs[1:]))  # nested
+    assert kept[0.5] != train - real_fraction_excluded(real, heldout, 0.5, seed=7)  # the seed decides the subset
+    with pytest.raises(ValueError, match="data.real_fraction must be in"):
+        real_fraction_excluded(real, heldout, 0.0, seed=42)

@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from megadoc_pl.data.hygiene import check_units_disjoint
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
-from megadoc_pl.data.views import SYNTHETIC_TASK, Units, ViewOptions, build_view, documents_units, real_units
+from megadoc_pl.data.views import (SYNTHETIC_TASK, Units, ViewOptions, build_view, documents_units,
+                                   real_fraction_excluded, real_units)
 from megadoc_pl.data.windows import StreamWindows, Windows
 from megadoc_pl.utils import get_logger, json_fingerprint
 
@@ -275,8 +276,12 @@ def _prepare_corpus(cfg: DictConfig) -> PreparedData:
         if synth.manifest.get("tokenizer_fingerprint") != real.manifest.get("tokenizer_fingerprint"):
             raise ValueError("the real and synthetic stores were tokenized with different tokenizers (fix: data.rebuild=true)")
 
-    ru = real_units(real, heldout)
-    su = build_view(real, synth, opts, heldout, encode=tok.encode) if synth is not None else None
+    # data.real_fraction: the sources it leaves out are excluded from every stream, like held-out ones
+    left_out = real_fraction_excluded(real, heldout, float(data.real_fraction), int(cfg.train.data_seed))
+    ru = real_units(real, heldout | left_out)
+    ru.stats.update(heldout_sources_excluded=ru.stats["heldout_sources_excluded"] - len(left_out),
+                    real_fraction_sources_excluded=len(left_out))
+    su = build_view(real, synth, opts, heldout | left_out, encode=tok.encode) if synth is not None else None
     val_units = _val_units(cfg, real, sets, tok)
     # held-out hygiene: no validation document may be a training source (by id), whatever the view
     check_units_disjoint([ru, su], val_units)

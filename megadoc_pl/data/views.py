@@ -42,12 +42,15 @@ itself (scope ``megadoc``). Source ids come from the token source of each piece.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 from megadoc_pl.data.segments import equal_token_split
+from megadoc_pl.utils import stable_hash
 
 VIEWS = ("real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch")
 SYNTHETIC_TASK = {
@@ -442,6 +445,23 @@ class ViewOptions:
                 raise ValueError(f"data.{key}={value!r} is not one of {', '.join(allowed)}")
         if self.view != "real" and self.generations < 1:
             raise ValueError(f"data.view={self.view} needs data.generations >= 1 (G generations per source), got {self.generations}")
+
+
+def real_fraction_excluded(real, heldout: Iterable[str], fraction: float, seed: int) -> set[str]:
+    """Ids of the training sources that ``data.real_fraction`` leaves out (none at 1).
+
+    The training sources (real store minus held out) are ranked by a seeded hash of their id and
+    the first ``ceil(fraction * S)`` kept, so a subset is deterministic, does not depend on store
+    order, and a smaller fraction keeps a subset of a larger one (nested, for a D-sweep).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.real_fraction must be in (0, 1], got {fraction}")
+    _, ids, _ = _train_sources(real, set(heldout))
+    keep = math.ceil(Fraction(str(fraction)) * len(ids))
+    if keep >= len(ids):
+        return set()
+    rank = np.argsort([stable_hash(f"megadoc_pl/real_fraction/{seed}/{i}") for i in ids], kind="stable")
+    return {str(i) for i in ids[rank[keep:]]}
 
 
 def real_units(real, heldout: Iterable[str] = ()) -> Units:
