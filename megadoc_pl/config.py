@@ -248,7 +248,10 @@ class TrainConfig:
     """Torch.compile the model."""
 
     strategy: str = "auto"
-    """Auto | ddp | fsdp | any Lightning strategy name."""
+    """auto | ddp | fsdp | fsdp2 (per-parameter sharding, meta-device init: 1.5B and up) | any Lightning strategy name."""
+
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (less memory, about a third more compute)."""
 
     accelerator: str = "auto"
     """Auto | cpu | gpu."""

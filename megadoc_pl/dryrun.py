@@ -7,7 +7,7 @@ assumed stream sizes, without preparing anything (no world, tokenizer or store).
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -116,7 +116,40 @@ def _add_model_and_cost(cfg: DictConfig, report: dict, vocab_size: int,
                        "mean_attended_keys_from": keys_from,
                        "six_N_D": 6 * report["parameters"] * report["trained_tokens"]}
     report["hardware"] = _time_estimate(cfg, total, peak_bf16_flops)
+    report["memory_per_gpu"] = _memory(cfg, mcfg)
     return report
+
+
+def _memory(cfg: DictConfig, mcfg: LlamaConfig) -> dict:
+    """Per-device memory estimate for the recipe's strategy and world size; refuses a plan that cannot fit the GPU."""
+    from megadoc_pl.model.memory import GIB, check_fits, memory_per_gpu
+
+    t = cfg.train
+    gpu = _cuda_device()
+    devices = t.devices
+    if devices in ("auto", -1, None):
+        devices = gpu[2] if gpu else 1
+    world = int(devices) * int(t.num_nodes)
+    bf16 = "bf16" in str(t.precision) or (str(t.precision) == "auto" and gpu is not None)
+    est = memory_per_gpu(mcfg, int(cfg.data.seq_len), int(t.micro_batch_size), str(t.strategy), world,
+                         bool(t.activation_checkpointing), bf16=bf16)
+    if gpu is not None:
+        name, total, _ = gpu
+        est["device"], est["device_gib"] = name, round(total / GIB, 1)
+        check_fits(est, total / GIB, name)
+    return est
+
+
+def _cuda_device() -> Optional[tuple[str, int, int]]:
+    """(name, bytes, count) of the first CUDA device, or None."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_name(0), int(torch.cuda.get_device_properties(0).total_memory), torch.cuda.device_count()
+    except Exception:  # pragma: no cover - odd CUDA setups: no device check
+        return None
 
 
 def _time_estimate(cfg: DictConfig, total_flops: float, peak_fn) -> dict:

@@ -123,6 +123,9 @@ def validate_recipe(cfg: DictConfig) -> None:
         model = LlamaConfig.from_recipe(OmegaConf.to_container(cfg, resolve=True))
     except (ValueError, TypeError) as e:
         raise ValueError(f"model: {e}") from None
+    if cfg.model.init_from and cfg.train.strategy == "fsdp2":
+        raise ValueError("model.init_from with train.strategy=fsdp2 is not supported yet (the model is built on the "
+                         "meta device and initialised shard by shard) (fix: train.strategy=fsdp or ddp)")
     if cfg.model.init_from:
         _check_init_from(str(cfg.model.init_from), model, vocab_known=cfg.model.vocab_size is not None)
     ViewOptions.from_config(cfg.data, int(cfg.train.data_seed)).validate()

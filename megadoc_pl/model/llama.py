@@ -8,6 +8,7 @@ need no permutation. Attention follows an ``AttentionMask`` built outside the fo
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Optional
 
@@ -48,6 +49,29 @@ class Llama(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
         self.rope.reset_parameters()
+
+    def init_rowwise(self, seed: int) -> None:
+        """The same distribution as :meth:`reset_parameters`, drawn row by row from (seed, name, row).
+
+        Every parameter sharded along dim 0 (FSDP2's ``Shard(0)``) gets the same values on any
+        number of ranks, one process included, and a rank draws only its own rows: a model built on
+        the meta device is materialised shard by shard, never whole.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers) if self.cfg.scale_residual_init else std
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                local, first_row = _local_rows(p)
+                if p.dim() == 1:
+                    local.fill_(1.0)
+                    continue
+                sigma = out_std if name.endswith(("attn.wo.weight", "mlp.w_down.weight")) else std
+                block = torch.empty(local.shape, dtype=torch.float32)
+                for i in range(local.shape[0]):
+                    gen = torch.Generator().manual_seed(_row_seed(seed, name, first_row + i))
+                    block[i].normal_(0.0, sigma, generator=gen)
+                local.copy_(block)
+        self.rope.reset_parameters(self.embed.weight.device if self.embed.weight.device.type != "meta" else None)
 
     @classmethod
     def from_hf(cls, hf_dir, **overrides) -> "Llama":
@@ -121,8 +145,16 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.d_mlp)
+        self.checkpoint = False  # recompute activations in backward (train.activation_checkpointing)
 
     def forward(self, x_BTD, cos_BT1K, sin_BT1K, mask) -> torch.Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x_BTD, cos_BT1K, sin_BT1K, mask, use_reentrant=False)
+        return self._forward(x_BTD, cos_BT1K, sin_BT1K, mask)
+
+    def _forward(self, x_BTD, cos_BT1K, sin_BT1K, mask) -> torch.Tensor:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_BT1K, sin_BT1K, mask)
         return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
@@ -167,6 +199,30 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (as HF Llama does), scale in the input dtype.
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight.to(x.dtype)
+
+
+def _row_seed(seed: int, name: str, row: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{name}/{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's rows of ``p``, index of the first) for a plain tensor or a DTensor sharded on dim 0."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor):
+        return p.data, 0
+    local = p.to_local()
+    dims = [pl for pl in p.placements if isinstance(pl, Shard)]
+    if not dims:
+        return local, 0
+    if len(p.placements) != 1 or dims[0].dim != 0:
+        raise ValueError(f"init_rowwise supports one mesh dimension sharded on dim 0, got {p.placements}")
+    chunk = -(-p.shape[0] // p.device_mesh.size())  # torch.chunk sizes, as FSDP2 shards
+    first = p.device_mesh.get_local_rank() * chunk
+    if local.shape[0] != max(0, min(chunk, p.shape[0] - first)):
+        raise ValueError(f"unexpected shard of {tuple(p.shape)}: {tuple(local.shape)} rows from {first}")
+    return local, first
 
 
 class RotaryEmbedding(nn.Module):

@@ -47,7 +47,12 @@ class MegadocLM(pl.LightningModule):
         cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         self.save_hyperparameters({"cfg": cfg})
         self.cfg: DictConfig = OmegaConf.create(cfg)
-        self.model = Llama(LlamaConfig.from_recipe(cfg))
+        model_cfg = LlamaConfig.from_recipe(cfg)
+        if self.cfg.train.strategy == "fsdp2":  # built empty; each rank materialises its shards (configure_model)
+            with torch.device("meta"):
+                self.model = Llama(model_cfg)
+        else:
+            self.model = Llama(model_cfg)
         if self.cfg.model.init_from:
             load_hf_weights(self.model, self.cfg.model.init_from)
         self.val_set_names: list[str] = []
@@ -62,6 +67,7 @@ class MegadocLM(pl.LightningModule):
         self._pending_windows: Optional[np.ndarray] = None
         self._restored: dict[str, Any] = {}
         self._compiled = False
+        self._sharded = False
         self._attn_pairs = self._attn_tokens = 0
         self._time_base = 0.0  # training seconds before this fit (restored from checkpoints)
         self._fit_t0: Optional[float] = None
@@ -88,6 +94,17 @@ class MegadocLM(pl.LightningModule):
                 self.counter.load_state_dict(self._restored.pop("counter"))
 
     def configure_model(self) -> None:
+        mesh = getattr(self, "device_mesh", None)  # set by ModelParallelStrategy (train.strategy=fsdp2)
+        if self.cfg.train.strategy == "fsdp2" and not self._sharded:
+            from megadoc_pl.train.fsdp import shard_and_materialise
+
+            shard_and_materialise(self.model, mesh["data_parallel"], self.device, seed=int(self.cfg.train.seed),
+                                  bf16_params="bf16" in str(self.trainer.precision),
+                                  activation_checkpointing=bool(self.cfg.train.activation_checkpointing))
+            self._sharded = True
+        elif self.cfg.train.activation_checkpointing:
+            for block in self.model.layers:
+                block.checkpoint = True
         # in place, so state-dict keys stay ``model.*`` (no ``_orig_mod``)
         if self.cfg.train.compile and not self._compiled:
             self.model.compile()

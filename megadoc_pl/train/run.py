@@ -26,6 +26,9 @@ from megadoc_pl.train import rundir
 from megadoc_pl.train.callbacks import NonFiniteLossError, ThroughputMonitor
 from megadoc_pl.train.checkpoint import NO_ROOM, AtomicCheckpointIO, CheckpointError, check_compatible, resume_from
 from megadoc_pl.train.metrics import run_metrics
+from megadoc_pl.utils import get_logger
+
+_log = get_logger("train")
 from megadoc_pl.train.module import MegadocLM
 
 
@@ -72,6 +75,10 @@ class TrainingRun:
                              ckpt_path=str(self.ckpt_path) if self.ckpt_path else None)
             if self.trainer.interrupted:
                 status = "interrupted"
+            elif self._nothing_trained():  # a requeue of a finished run: leave it exactly as it is
+                status = "unchanged"
+                _log.info(f"{self.run_dir} already finished at step {self.trainer.global_step}: nothing to train "
+                          "(raise train.max_steps to extend it)")
             else:
                 self._final_validation()
                 self.trainer.save_checkpoint(self.run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT)
@@ -96,7 +103,7 @@ class TrainingRun:
         finally:
             if set_env:
                 os.environ.pop(rundir.RUN_DIR_ENV, None)
-            if self.trainer.is_global_zero and files.written:
+            if self.trainer.is_global_zero and status != "unchanged" and files.written:
                 self._write_metrics(status, error)
             if files in self.trainer.callbacks:
                 self.trainer.callbacks.remove(files)
@@ -197,6 +204,10 @@ def build_strategy(cfg: DictConfig) -> Any:
         from megadoc_pl.train.fsdp import fsdp_strategy
 
         return fsdp_strategy()
+    if name == "fsdp2":
+        from megadoc_pl.train.fsdp import fsdp2_strategy
+
+        return fsdp2_strategy()
     return name
 
 
@@ -215,7 +226,9 @@ def trainer_kwargs(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str,
         "strategy": str(t.strategy),
         "precision": resolve_precision(cfg),
         "max_steps": int(t.max_steps) if t.max_steps is not None else -1,
-        "max_epochs": 1,  # the datamodule's training loader is the whole run
+        # max_steps ends the run; the datamodule's training loader runs to it. Unbounded epochs let a
+        # resumed run extend past the step its checkpoint finished at (train.max_steps raised).
+        "max_epochs": -1,
         "gradient_clip_val": float(t.grad_clip) if t.grad_clip else None,
         "log_every_n_steps": max(1, int(t.log_every)),
         # periodic checkpoints come from our ModelCheckpoint; the final one from TrainingRun.fit
@@ -236,7 +249,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: Any, overrides: Op
     overrides = dict(overrides or {})
     kw = trainer_kwargs(cfg, run_dir)
     kw.update({k: v for k, v in overrides.items() if k not in ("callbacks", "logger")})
-    if kw["strategy"] == "fsdp":
+    if kw["strategy"] in ("fsdp", "fsdp2"):
         kw["strategy"] = build_strategy(cfg)
 
     logger = overrides.get("logger", True)

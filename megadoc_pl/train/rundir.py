@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from megadoc_pl.train.checkpoint import remove_leftovers
 from megadoc_pl.utils import atomic_write_json, atomic_write_text, current_umask, get_logger
@@ -201,9 +201,11 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
 
 
 def save_config(run_dir: Path, cfg: DictConfig) -> Path:
-    """Write the resolved recipe as ``config.yaml`` (atomic)."""
+    """Write the resolved recipe as ``config.yaml`` (atomic), each key's documentation as a comment."""
+    from megadoc_pl.config import commented_yaml
+
     path = run_dir / CONFIG_FILE
-    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(path, commented_yaml(cfg))
     return path
 
 
