@@ -156,6 +156,9 @@ class DataConfig:
     short_pool: ShortPool = "error"
     """Source with fewer than G generations: 'error' or 'drop' (recorded)."""
 
+    drop_heldout_generations: bool = False
+    """Drop generations of held-out documents found in data.synthetic, with a warning (default: refuse them)."""
+
     seq_len: int = 4096
     """Tokens per training window (each window carries seq_len + 1 tokens)."""
 

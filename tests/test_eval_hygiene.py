@@ -27,3 +27,27 @@ def test_overlap_names_each_set_count_and_examples():
 def test_ids_compare_as_strings():
     with pytest.raises(HeldoutOverlapError, match="'iid' shares 1 of 2"):
         check_disjoint([1, 2], {"iid": ["2", "3"]})
+
+
+def test_normalised_text_hash_ignores_case_spacing_and_unicode_forms():
+    from megadoc_pl.data.hygiene import normalised_text_hash
+
+    a = normalised_text_hash("Alice built the mill.")
+    assert a == normalised_text_hash("  ALICE built\n\tthe   mill. ") == normalised_text_hash("Alice built the mill.")
+    assert a != normalised_text_hash("Alice built the mill!")
+
+
+def test_heldout_duplicates_and_content_overlap():
+    import numpy as np
+
+    from megadoc_pl.data.hygiene import check_content_disjoint, heldout_duplicates
+
+    ids = np.array(["a", "b", "c", "d"], dtype=object)
+    hashes = np.array([1, 2, 1, 3], dtype=np.uint64)
+    assert heldout_duplicates(ids, hashes, {"a"}) == {"c"}
+    assert heldout_duplicates(ids, hashes, {"a", "c"}) == set()
+    check_content_disjoint(ids[1:2], hashes[1:2], {"ood": (np.array(["x"]), np.array([3], dtype=np.uint64))})
+    with pytest.raises(HeldoutOverlapError) as e:
+        check_content_disjoint(ids, hashes, {"ood": (np.array(["x", "y"]), np.array([3, 9], dtype=np.uint64))})
+    assert "'ood' shares 1 of 2 documents by text ('x' = training 'd')" in str(e.value)
+    assert e.value.overlaps == {"ood": ["x"]}

@@ -3,11 +3,26 @@
 ``train_source_ids`` are the ids of everything the training streams were built from: the ids of
 the real training documents *and* the ``source_id`` of every generation used (a rephrase of a
 held-out document leaks it just as well as the document itself). Ids are compared as strings.
+
+Ids are not enough: a corpus may hold the same text under two ids. Documents are therefore also
+compared by a hash of their normalised text (:func:`text_hashes`: NFKC, case-folded, whitespace
+collapsed), decoded once per token store and cached beside it. A training document whose text
+equals a held-out one is excluded like the held-out document itself
+(:func:`heldout_duplicates`), and an extra validation set that shares text with the training
+documents is refused (:func:`check_content_disjoint`).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import hashlib
+import io
+import unicodedata
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import numpy as np
+
+from megadoc_pl.utils import atomic_write_bytes, json_fingerprint
 
 
 class HeldoutOverlapError(ValueError):
@@ -78,3 +93,87 @@ def check_units_disjoint(train_units, val_units: Mapping[str, object]) -> None:
         if units is not None:
             train |= units_source_ids(units)
     check_disjoint(train, {name: units_source_ids(u) for name, u in val_units.items()})
+
+
+# ------------------------------------------------------------------------------ content
+
+
+def normalised_text_hash(text: str) -> int:
+    """64-bit hash of a text after NFKC, case folding and whitespace collapsing."""
+    norm = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return int.from_bytes(hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def text_hashes(store: Any, decode_batch: Callable[[list[list[int]]], list[str]],
+                cache_dir: Optional[Path] = None, chunk: int = 4096) -> np.ndarray:
+    """(num_documents,) uint64 normalised-text hashes of a token store's documents.
+
+    The texts are decoded from the stored tokens (``decode_batch``: token id lists -> texts); with
+    ``cache_dir`` the result is kept there, named by the store and its content fingerprint.
+    """
+    key = json_fingerprint({k: store.manifest.get(k) for k in ("inputs", "tokenizer_fingerprint", "num_tokens",
+                                                                "num_documents")})[:16]
+    cached = Path(cache_dir) / f"{Path(store.path).name}-{key}.npy" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        out = np.load(cached)
+        if len(out) == store.num_documents:
+            return out
+    out = np.empty(store.num_documents, dtype=np.uint64)
+    for lo in range(0, store.num_documents, chunk):
+        hi = min(lo + chunk, store.num_documents)
+        texts = decode_batch([store.content_tokens(i).tolist() for i in range(lo, hi)])
+        out[lo:hi] = [normalised_text_hash(t) for t in texts]
+    if cached is not None:
+        buf = io.BytesIO()
+        np.save(buf, out)
+        atomic_write_bytes(cached, buf.getvalue())
+    return out
+
+
+def heldout_duplicates(ids: np.ndarray, hashes: np.ndarray, heldout: set[str]) -> set[str]:
+    """Ids of documents that are not held out but whose normalised text equals a held-out document's."""
+    held = np.fromiter((str(i) in heldout for i in ids), dtype=bool, count=len(ids))
+    dup = ~held & np.isin(hashes, hashes[held])
+    return {str(i) for i in np.asarray(ids)[dup]}
+
+
+def check_content_disjoint(train_ids: np.ndarray, train_hashes: np.ndarray,
+                           val_sets: Mapping[str, tuple[np.ndarray, np.ndarray]], max_examples: int = 3) -> None:
+    """Refuse validation sets (name -> (ids, hashes)) sharing a normalised text with training documents."""
+    first_train: dict[int, str] = {}
+    for i, h in zip(np.asarray(train_ids), np.asarray(train_hashes)):
+        first_train.setdefault(int(h), str(i))
+    overlaps: dict[str, list[str]] = {}
+    parts = []
+    for name, (ids, hashes) in val_sets.items():
+        pairs = [(str(i), first_train[int(h)]) for i, h in zip(np.asarray(ids), np.asarray(hashes))
+                 if int(h) in first_train]
+        if pairs:
+            overlaps[name] = [v for v, _ in pairs]
+            examples = ", ".join(f"{v!r} = training {t!r}" for v, t in pairs[:max_examples])
+            more = ", ..." if len(pairs) > max_examples else ""
+            parts.append(f"'{name}' shares {len(pairs)} of {len(ids)} documents by text ({examples}{more})")
+    if overlaps:
+        raise HeldoutOverlapError(
+            "held-out hygiene: validation set " + "; ".join(parts) + " with the training documents of this run "
+            "(fix: evaluate on texts that are not in data.real, or remove those documents from data.real)",
+            overlaps,
+        )
+
+
+def check_heldout_generations(source_ids: np.ndarray, heldout: set[str], drop: bool, split_file: Any) -> int:
+    """Generations made from held-out documents: a one-line error, or (``drop``) their count to drop.
+
+    A generation of a held-out document carries that document's text into training; the view
+    excludes such generations, so they are an error unless dropping them is asked for.
+    """
+    held = np.fromiter((str(s) in heldout for s in source_ids), dtype=bool, count=len(source_ids))
+    n = int(held.sum())
+    if n and not drop:
+        sources = sorted({str(s) for s in np.asarray(source_ids)[held]})
+        raise ValueError(
+            f"data.synthetic holds {n} generations of {len(sources)} held-out documents (e.g. source {sources[0]!r}, "
+            f"held out by {split_file}) (fix: generate with tools/synthesize.py --split-file {split_file}, which "
+            "refuses held-out seeds, or set data.drop_heldout_generations=true to drop them)"
+        )
+    return n

@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from megadoc_pl.data.hygiene import check_units_disjoint
+from megadoc_pl.data.hygiene import (
+    check_content_disjoint,
+    check_heldout_generations,
+    check_units_disjoint,
+    heldout_duplicates,
+    text_hashes,
+)
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
 from megadoc_pl.data.views import (SYNTHETIC_TASK, Units, ViewOptions, build_view, documents_units,
                                    real_fraction_excluded, real_units)
@@ -36,7 +42,8 @@ if TYPE_CHECKING:  # Lightning is imported only when a datamodule is made (dry r
     from megadoc_pl.data.datamodule import MegadocDataModule
 
 # data.* keys that do not change which tokens a window holds (left out of the fingerprint).
-_RUNTIME_KEYS = ("num_workers", "cache_dir", "rebuild", "skip_bad_rows")
+# drop_heldout_generations: without it held-out generations are an error, so it never changes a window.
+_RUNTIME_KEYS = ("num_workers", "cache_dir", "rebuild", "skip_bad_rows", "drop_heldout_generations")
 _log = get_logger("data")
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # a cache_dir that cannot take a store
 
@@ -185,6 +192,9 @@ def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]
         path = Path(cfg.data.cache_dir) / "splits" / f"split-{json_fingerprint(key)[:16]}.json"
     split = split_mod.ensure_split(real, val, path)
     heldout = set(split_mod.load_heldout_ids(path))
+    missing = split_mod.missing_heldout_ids(path, heldout, real.source_ids)
+    if missing:
+        _log.warning(f"{path}: {missing} of its {len(heldout)} held-out ids are not documents of the real corpus")
     sets = {name: list(ids) for name, ids in split["sets"].items()} if isinstance(split, dict) else dict(split.sets)
     return path, heldout, sets
 
@@ -276,21 +286,52 @@ def _prepare_corpus(cfg: DictConfig) -> PreparedData:
         if synth.manifest.get("tokenizer_fingerprint") != real.manifest.get("tokenizer_fingerprint"):
             raise ValueError("the real and synthetic stores were tokenized with different tokenizers (fix: data.rebuild=true)")
 
+    # held-out hygiene by text: a training document repeating a held-out text is excluded like it
+    hashes = _text_hashes(cfg, real, tok)
+    duplicates = heldout_duplicates(real.source_ids, hashes, heldout)
+    if duplicates:
+        _log.warning(f"held-out hygiene: {len(duplicates)} documents repeat the text of a held-out document under "
+                     f"another id (e.g. {sorted(duplicates)[0]!r}): excluded from training")
+    if synth is not None:
+        dropped = check_heldout_generations(synth.source_ids, heldout, bool(data.drop_heldout_generations), split_file)
+        if dropped:
+            _log.warning(f"dropping {dropped} generations of held-out documents from data.synthetic "
+                         "(data.drop_heldout_generations=true)")
+    excluded = heldout | duplicates
     # data.real_fraction: the sources it leaves out are excluded from every stream, like held-out ones
-    left_out = real_fraction_excluded(real, heldout, float(data.real_fraction), int(cfg.train.data_seed))
-    ru = real_units(real, heldout | left_out)
-    ru.stats.update(heldout_sources_excluded=ru.stats["heldout_sources_excluded"] - len(left_out),
-                    real_fraction_sources_excluded=len(left_out))
-    su = build_view(real, synth, opts, heldout | left_out, encode=tok.encode) if synth is not None else None
+    left_out = real_fraction_excluded(real, excluded, float(data.real_fraction), int(cfg.train.data_seed))
+    ru = real_units(real, excluded | left_out)
+    ru.stats.update(heldout_sources_excluded=ru.stats["heldout_sources_excluded"] - len(left_out) - len(duplicates),
+                    heldout_duplicates_excluded=len(duplicates), real_fraction_sources_excluded=len(left_out))
+    su = build_view(real, synth, opts, excluded | left_out, encode=tok.encode) if synth is not None else None
     val_units = _val_units(cfg, real, sets, tok)
     # held-out hygiene: no validation document may be a training source (by id), whatever the view
     check_units_disjoint([ru, su], val_units)
+    _check_extra_sets_by_text(cfg, real, hashes, excluded | left_out, tok)
     plan = make_plan(cfg, ru, su)
     fingerprint = dataset_fingerprint(cfg, [real] + ([synth] if synth is not None else []), split_file)
     paths = {"real": ",".join(real_inputs), "tokenizer": tok.path, "split": split_file, "real_store": real.path}
     if synth is not None:
         paths.update(synthetic=",".join(syn_inputs), synthetic_store=synth.path)
     return PreparedData(cfg, tok, real, synth, split_file, heldout, ru, su, val_units, plan, fingerprint, paths)
+
+
+def _text_hashes(cfg: DictConfig, store: Any, tok: Any) -> np.ndarray:
+    return text_hashes(store, tok.tokenizer.decode_batch, Path(cfg.data.cache_dir) / "hygiene")
+
+
+def _check_extra_sets_by_text(cfg: DictConfig, real: Any, hashes: np.ndarray, excluded: set[str], tok: Any) -> None:
+    """Refuse a data.val.extra set that repeats the text of a real training document."""
+    extra = cfg.data.val.extra or {}
+    if not extra:
+        return
+    ids = real.source_ids
+    train = np.fromiter((str(i) not in excluded for i in ids), dtype=bool, count=len(ids))
+    sets = {}
+    for name, path in extra.items():
+        store = _build_store(cfg, _as_list(path), tok, "documents", f"validation set '{name}'")
+        sets[str(name)] = (store.source_ids, _text_hashes(cfg, store, tok))
+    check_content_disjoint(ids[train], hashes[train], sets)
 
 
 def prepare_data(cfg: DictConfig) -> "MegadocDataModule":

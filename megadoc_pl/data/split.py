@@ -182,6 +182,22 @@ def ensure_split(store: Any, val: Any, path: PathLike) -> dict:
     return split
 
 
+def missing_heldout_ids(path: PathLike, heldout: set[str], ids: Iterable[str]) -> int:
+    """How many held-out ids of a split file the corpus (``ids``) lacks; refuses a file matching none."""
+    if not heldout:
+        return 0
+    ids = [str(i) for i in ids]
+    missing = heldout - set(ids)
+    if len(missing) == len(heldout):
+        example = ids[0] if ids else None
+        raise ValueError(
+            f"{path}: none of its {len(heldout)} held-out ids is a document of the real corpus (e.g. "
+            f"{sorted(heldout)[0]!r}; the corpus has ids like {example!r}) (fix: this split belongs to another corpus "
+            "or data.id_field; give the matching data.val.split_file, or remove it to compute a new split)"
+        )
+    return len(missing)
+
+
 def load_heldout_ids(path: PathLike) -> set[str]:
     """Ids of every held-out document (what the generator must refuse as seeds)."""
     return set(load_split(path)["heldout"])
