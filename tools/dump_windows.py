@@ -32,10 +32,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         prepared = prepare_corpus(load_recipe(args.recipe, args.overrides))
-        rows = window_rows(prepared.windows(args.split), args.start, args.count, prepared.tokenizer.decode)
+        windows = prepared.windows(args.split)
+        total = len(windows)
+        if not 0 <= args.start < total:
+            raise ValueError(f"--start {args.start} is past the last window of {args.split} ({total} windows"
+                             + (", the plan's train.max_steps x global batch" if args.split == "train" else "") + ")")
+        rows = window_rows(windows, args.start, args.count, prepared.tokenizer.decode)
     except (ValueError, IndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if len(rows) < args.count:
+        print(f"note: --count {args.count} from --start {args.start} goes past the {total} windows of {args.split}: "
+              f"wrote {len(rows)}", file=sys.stderr)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if args.out == "-":
         sys.stdout.write(text)

@@ -12,6 +12,12 @@ Two row shapes are generations (:func:`iter_generations`):
   ``content_split`` is the text, ``meta.genre`` / ``meta.audience`` are kept, and ``gen_index``
   counts the rows of one source in input order (inputs are read in sorted order, so this is
   deterministic). ``meta.raw_text`` (the source text) is not copied into the fields.
+
+The same MAGACorpus rows read as *documents* (:func:`iter_documents`, the default text/id fields)
+give the real corpus the generations were made from: id ``docid#chunk_id``, text
+``meta.raw_text``, one document per chunk (the rows of its other reformulations repeat the same
+text and are folded into it, counted as ``maga_rows_folded``; a different text under the same id
+is a duplicate-id error). So ``data.real`` and ``data.synthetic`` can both name the released files.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class Document:
     meta: dict  # the rest of the row (kept for provenance)
     path: str  # file it came from
     line: int  # 1-based line (JSONL) or row number (Parquet)
+    folds_repeats: bool = False  # a MAGACorpus chunk: later rows with this id and text are folded into it
 
 
 @dataclass
@@ -280,6 +287,8 @@ def parse_document(row: Union[dict, BadRowError], path: PathLike, line: int, tex
     """A row -> Document (id from ``id_field`` or the content), or why it is bad (not duplicates)."""
     if isinstance(row, BadRowError):
         return row
+    if is_maga_row(row) and text_field in ("text", "meta.raw_text") and id_field not in row:
+        return _document_from_maga_row(row, path, line)
     present, value = _lookup(row, text_field)
     text = _check_text(value, path, line, text_field, present)
     if isinstance(text, BadRowError):
@@ -295,6 +304,20 @@ def parse_document(row: Union[dict, BadRowError], path: PathLike, line: int, tex
         doc_id = content_id(text)
     meta = _without(_without(row, text_field), id_field) if has_id else _without(row, text_field)
     return Document(id=doc_id, text=text, meta=meta, path=str(path), line=line)
+
+
+def _document_from_maga_row(row: dict, path: PathLike, line: int) -> Union[Document, BadRowError]:
+    """The source chunk of a MAGACorpus row: id ``docid#chunk_id``, text ``meta.raw_text``."""
+    meta = row["meta"]
+    text = _check_text(meta.get("raw_text"), path, line, "meta.raw_text", "raw_text" in meta)
+    if isinstance(text, BadRowError):
+        return text
+    docid, chunk_id = _as_id(meta.get("docid")), _as_id(meta.get("chunk_id"))
+    if not docid or chunk_id is None:
+        return BadRowError(path, line, "bad_field", f"meta.docid / meta.chunk_id are {meta.get('docid')!r} / "
+                           f"{meta.get('chunk_id')!r}, not strings", "check the MAGACorpus row or pass --skip-bad-rows")
+    kept = {k: v for k, v in meta.items() if k in ("docid", "chunk_id", "genre", "audience")}
+    return Document(f"{docid}#{chunk_id}", text, kept, str(path), line, folds_repeats=True)
 
 
 _GEN_REQUIRED = ("source_id", "task", "gen_index", "text")
@@ -378,6 +401,7 @@ class RowChecker:
         self.skip = skip_bad_rows
         self.seen: dict[Any, tuple[str, int]] = {}
         self.maga_next: dict[str, int] = {}
+        self.folded_text: dict[str, int] = {}  # MAGACorpus chunk id -> hash of its text
 
     def bad(self, err: BadRowError) -> None:
         if not self.skip:
@@ -400,9 +424,14 @@ class RowChecker:
             key = (rec.source_id, rec.task, rec.gen_index)
         first = self.seen.get(key)
         if first is not None:
+            if getattr(rec, "folds_repeats", False) and self.folded_text.get(rec.id) == hash(rec.text):
+                self.counts["maga_rows_folded"] = self.counts.get("maga_rows_folded", 0) + 1
+                return False
             self.bad(_duplicate(rec, first))
             return False
         self.seen[key] = (rec.path, rec.line)
+        if getattr(rec, "folds_repeats", False):
+            self.folded_text[rec.id] = hash(rec.text)
         self.counts["rows"] += 1
         return True
 

@@ -1,0 +1,90 @@
+"""Inputs as a new user gives them (issue 15): the released MAGACorpus files as the only input,
+dump_windows past the plan, damaged token stores."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megadoc_pl.data.prepare import prepare_corpus
+from megadoc_pl.data.readers import BadRowError, iter_documents
+from megadoc_pl.recipes import load_recipe
+
+from conftest import load_script
+from train_helpers import tiny_overrides, write_corpus
+
+_GENRES = ["textbook", "dialogue", "blog", "lecture", "quiz"]
+
+
+def maga_rows(num_docs: int = 24, reformulations: int = 5, seed: int = 0) -> list[dict]:
+    """Rows in the released MAGACorpus schema: one per reformulation, each repeating its chunk's raw text."""
+    rng = random.Random(seed)
+    rows = []
+    for d in range(num_docs):
+        for chunk in range(1 + d % 2):
+            raw = " ".join(f"Fact {rng.randint(0, 999)} about place {d} and part {chunk}." for _ in range(rng.randint(3, 12)))
+            for k in range(reformulations):
+                rows.append({
+                    "meta": {"docid": f"<urn:uuid:{d:04d}>", "chunk_id": str(chunk), "raw_text": raw,
+                             "genre": _GENRES[k % 5], "audience": f"audience {k}", "source": "fineweb-edu-dedup"},
+                    "content_split": f"As a {_GENRES[k % 5]}: {raw.lower()}",
+                })
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_maga_rows_read_as_their_source_documents_once_per_chunk(tmp_path):
+    rows = maga_rows(num_docs=3, reformulations=4)
+    path = _write_jsonl(tmp_path / "maga.jsonl", rows)
+    counts: dict = {}
+    docs = list(iter_documents(path, counts=counts))
+    assert [d.id for d in docs] == ["<urn:uuid:0000>#0", "<urn:uuid:0001>#0", "<urn:uuid:0001>#1", "<urn:uuid:0002>#0"]
+    assert docs[2].text == rows[8]["meta"]["raw_text"] and docs[2].meta["chunk_id"] == "1"
+    assert counts["maga_rows_folded"] == len(rows) - 4 and counts["rows"] == 4
+    rows[5]["meta"]["raw_text"] = "another text under the same docid#chunk_id"
+    with pytest.raises(BadRowError, match=r"maga.jsonl:6: duplicate id '<urn:uuid:0001>#0' \(first at .*:5\)"):
+        list(iter_documents(_write_jsonl(tmp_path / "maga.jsonl", rows)))
+
+
+@pytest.mark.parametrize("method", ["maga", "maga_stitch"])
+def test_maga_recipes_run_on_the_released_files_alone(tmp_path, tiny_tokenizer_path, method):
+    rows = maga_rows()
+    path = _write_jsonl(tmp_path / "maga.jsonl", rows)
+    over = tiny_overrides(path, tiny_tokenizer_path, tmp_path, method) + [f"data.synthetic={path}"]
+    # the release has reformulations of every chunk, held-out ones included: one key says to drop those
+    with pytest.raises(ValueError, match="data.drop_heldout_generations=true"):
+        prepare_corpus(load_recipe(method, over))
+    p = prepare_corpus(load_recipe(method, over + ["data.drop_heldout_generations=true"]))
+    chunks = {f"{r['meta']['docid']}#{r['meta']['chunk_id']}" for r in rows}
+    assert set(p.real.source_ids) == chunks and p.real.num_documents == len(chunks)
+    assert set(p.synthetic.source_ids) == chunks and p.synthetic.num_documents == len(rows)
+    assert p.heldout and p.heldout <= chunks
+    assert p.synthetic_units.num_units > 0 and p.plan.steps > 0
+    w = p.train_windows()
+    assert w.tokens([0, 1]).shape == (2, 33)
+
+
+def test_dump_windows_says_when_it_truncates(tmp_path, tiny_tokenizer_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=60)
+    over = tiny_overrides(corpus, tiny_tokenizer_path, tmp_path, "dump")
+    dump = load_script("tools/dump_windows.py")
+    total = prepare_corpus(load_recipe("baseline_real", over)).windows("val/iid").__len__()
+    capsys.readouterr()
+    out = tmp_path / "w.jsonl"
+    assert dump.main(["--recipe", "baseline_real", *over, "--split", "val/iid", "--start", "1",
+                      "--count", str(total + 5), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == total - 1
+    assert (f"note: --count {total + 5} from --start 1 goes past the {total} windows of val/iid: "
+            f"wrote {total - 1}") in err
+    assert dump.main(["--recipe", "baseline_real", *over, "--split", "val/iid", "--start", str(total),
+                      "--out", str(out)]) == 2
+    assert f"error: --start {total} is past the last window of val/iid ({total} windows)" in capsys.readouterr().err
