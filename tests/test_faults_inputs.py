@@ -4,10 +4,10 @@ dump_windows past the plan, damaged token stores."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from megadoc_pl.data.prepare import prepare_corpus
@@ -88,3 +88,63 @@ def test_dump_windows_says_when_it_truncates(tmp_path, tiny_tokenizer_path, caps
     assert dump.main(["--recipe", "baseline_real", *over, "--split", "val/iid", "--start", str(total),
                       "--out", str(out)]) == 2
     assert f"error: --start {total} is past the last window of val/iid ({total} windows)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- damaged token stores
+
+
+@pytest.fixture
+def store_dir(tmp_path, tiny_tokenizer_path):
+    from megadoc_pl.data.store import build_store
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=200)
+    return build_store([corpus], tiny_tokenizer_path, tmp_path / "store", progress=False).path
+
+
+def test_overwritten_tokens_are_caught_on_open_and_by_verify(store_dir, capsys):
+    from megadoc_pl.data.store import TokenStore
+
+    prepare_tool = load_script("tools/prepare.py")
+    assert prepare_tool.main(["--verify", str(store_dir)]) == 0
+    tokens = store_dir / "tokens.bin"
+    st = tokens.stat()
+    with open(tokens, "r+b") as f:  # 1 KB of other tokens in the middle: sizes and header stay valid
+        f.seek(st.st_size // 2)
+        f.write(bytes(1024))
+    msg = (f"{tokens}: block 0 (bytes 0..16777215) differs from the checksum in manifest.json: the file changed "
+           "after the store was built (fix: rebuild the store: data.rebuild=true, or tools/prepare.py --rebuild)")
+    with pytest.raises(ValueError) as e:
+        TokenStore.open(store_dir)
+    assert str(e.value) == msg
+    os.utime(tokens, ns=(st.st_atime_ns, st.st_mtime_ns))  # a damage that kept the mtime: only verify sees it
+    store = TokenStore.open(store_dir)
+    with pytest.raises(ValueError, match="block 0 .* differs from the checksum"):
+        store.verify()
+    capsys.readouterr()
+    assert prepare_tool.main(["--verify", str(store_dir)]) == 2
+    assert capsys.readouterr().err == f"error: {msg}\n"
+
+
+@pytest.mark.parametrize("damage", ["truncated index.parquet", "missing offsets.npy"])
+def test_a_damaged_cached_store_is_one_line_naming_the_file(tmp_path, tiny_tokenizer_path, capsys, damage):
+    from megadoc_pl.train.cli import main
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=60)
+    over = tiny_overrides(corpus, tiny_tokenizer_path, tmp_path, "damaged")
+    store = prepare_corpus(load_recipe("baseline_real", over)).real.path
+    name = damage.split()[1]
+    if damage.startswith("truncated"):
+        data = (store / name).read_bytes()
+        (store / name).write_bytes(data[: len(data) // 2])
+    else:
+        (store / name).unlink()
+    capsys.readouterr()
+    assert main(["fit", "--recipe", "baseline_real", *[a for o in over for a in ("--set", o)]]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {store / name}: "), err
+    assert lines[0].endswith("(fix: rebuild the store: data.rebuild=true, or tools/prepare.py --rebuild)")
+    assert not (tmp_path / "runs" / "damaged").exists()
+    again = prepare_corpus(load_recipe("baseline_real", over + ["data.rebuild=true"]))  # the fix it names works
+    assert again.real.path == store and again.real.verify() > 0

@@ -14,7 +14,11 @@ A store is a directory::
                     meta (the rest of the row / the generation fields, as JSON)
 
 It is built under a temporary name and renamed (utils.atomic_dir), so an interrupted build
-leaves no store. A later build with the same fingerprints reuses it; different fingerprints
+leaves no store. ``manifest.json`` records a CRC32 per 16 MiB block of the three data files and
+their size and mtime; :meth:`TokenStore.open` re-checks the blocks of tokens.bin / offsets.npy
+when their size or mtime changed since the build (an untouched store costs a ``stat``, a damaged
+one is refused naming the file and block), and :meth:`TokenStore.verify` (``tools/prepare.py
+--verify DIR``) checks every block of all three. A later build with the same fingerprints reuses it; different fingerprints
 are refused with a message naming what differs, or rebuilt when ``rebuild=True``.
 """
 
@@ -115,7 +119,10 @@ class TokenStore:
         mpath = path / "manifest.json"
         if not mpath.is_file():
             raise ValueError(f"{path}: not a token store (no manifest.json) (fix: build it with tools/prepare.py)")
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{mpath}: unreadable ({e}) {_REBUILD}") from None
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -130,14 +137,27 @@ class TokenStore:
             tokens = np.memmap(tpath, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
         else:  # documents that all encode to nothing, without BOS/EOS: mmap cannot map 0 bytes
             tokens = np.zeros(0, dtype=dtype)
-        offsets = np.load(path / "offsets.npy")
+        _check_blocks(path, manifest, only_touched=True, names=("tokens.bin", "offsets.npy"))
+        try:
+            offsets = np.load(path / "offsets.npy")
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{path / 'offsets.npy'}: missing or unreadable ({_reason(e)}) {_REBUILD}") from None
         if offsets.shape != (manifest["num_documents"] + 1,) or offsets[-1] != num_tokens:
             raise ValueError(f"{path}: offsets.npy does not match manifest.json (fix: rebuild the store with --rebuild)")
-        schema_names = pq.read_schema(path / "index.parquet").names
-        index = pq.read_table(path / "index.parquet", columns=[c for c in schema_names if c != "meta"])
+        try:
+            schema_names = pq.read_schema(path / "index.parquet").names
+            index = pq.read_table(path / "index.parquet", columns=[c for c in schema_names if c != "meta"])
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError that names no file
+            raise ValueError(f"{path / 'index.parquet'}: missing or unreadable ({_reason(e)}) {_REBUILD}") from None
         if index.num_rows != manifest["num_documents"]:
             raise ValueError(f"{path}: index.parquet does not match manifest.json (fix: rebuild the store with --rebuild)")
         return cls(path, manifest, tokens, offsets, index)
+
+    def verify(self) -> int:
+        """Check every block of the store's files against manifest.json; returns the bytes checked."""
+        if not self.manifest.get("checksums"):
+            raise ValueError(f"{self.path}: manifest.json records no checksums (built by an older version) {_REBUILD}")
+        return _check_blocks(self.path, self.manifest, only_touched=False)
 
     # -- sizes and flags
 
@@ -274,6 +294,61 @@ class TokenStore:
 
     def __repr__(self) -> str:
         return f"TokenStore({str(self.path)!r}, kind={self.kind}, documents={self.num_documents}, tokens={self.num_tokens})"
+
+
+_REBUILD = "(fix: rebuild the store: data.rebuild=true, or tools/prepare.py --rebuild)"
+CHECKSUM_BLOCK_BYTES = 1 << 24
+_CHECKED_FILES = ("tokens.bin", "offsets.npy", "index.parquet")
+
+
+def _reason(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e)
+    return text.splitlines()[0].strip() if text.strip() else type(e).__name__
+
+
+def _block_crcs(path: Path, block: int) -> list[int]:
+    import zlib
+
+    with open(path, "rb") as f:
+        return [zlib.crc32(chunk) for chunk in iter(lambda: f.read(block), b"")]
+
+
+def _checksums(directory: Path) -> dict:
+    """What manifest.json records to verify the data files: CRC32 per block, size and mtime."""
+    files = {}
+    for name in _CHECKED_FILES:
+        st = (directory / name).stat()
+        files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                       "crc32": _block_crcs(directory / name, CHECKSUM_BLOCK_BYTES)}
+    return {"block_bytes": CHECKSUM_BLOCK_BYTES, "files": files}
+
+
+def _check_blocks(path: Path, manifest: dict, only_touched: bool, names: Sequence[str] = _CHECKED_FILES) -> int:
+    """Compare data files with their recorded block CRCs (``only_touched``: those whose size or mtime
+    changed since the build); one-line error naming the file and the first bad block. On open only
+    the token and offset arrays are checked: pyarrow checks index.parquet's structure itself."""
+    rec = manifest.get("checksums")
+    if not rec:
+        return 0
+    block, checked = int(rec["block_bytes"]), 0
+    for name, want in rec["files"].items():
+        if name not in names:
+            continue
+        f = path / name
+        try:
+            st = f.stat()
+        except OSError as e:
+            raise ValueError(f"{f}: missing or unreadable ({_reason(e)}) {_REBUILD}") from None
+        if only_touched and (st.st_size, st.st_mtime_ns) == (want["size"], want["mtime_ns"]):
+            continue
+        got = _block_crcs(f, block)
+        checked += st.st_size
+        for k in range(max(len(got), len(want["crc32"]))):
+            if k >= len(got) or k >= len(want["crc32"]) or got[k] != want["crc32"][k]:
+                raise ValueError(
+                    f"{f}: block {k} (bytes {k * block}..{(k + 1) * block - 1}) differs from the checksum in "
+                    f"manifest.json: the file changed after the store was built {_REBUILD}")
+    return checked
 
 
 def _check_header(tpath: Path, dtype: np.dtype, num_tokens: int) -> None:
@@ -635,7 +710,12 @@ def _existing_store(out: Path, manifest: dict, rebuild: bool) -> Optional[TokenS
     old = json.loads(mpath.read_text(encoding="utf-8"))
     old_key, new_key = _build_key(old), _build_key(manifest)
     if old_key == new_key:
-        return TokenStore.open(out)
+        try:
+            return TokenStore.open(out)
+        except ValueError:  # damaged since it was built
+            if rebuild:
+                return None
+            raise
     if rebuild:
         return None
     what = _describe_mismatch(old_key, new_key)
@@ -744,6 +824,7 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
         build_seconds=round(time.perf_counter() - t0, 3),
         parallel="threads" if in_process else "processes",
         num_proc=num_proc,
+        checksums=_checksums(tmp),
     )
     atomic_write_json(tmp / "manifest.json", manifest)
 
