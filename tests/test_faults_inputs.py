@@ -148,3 +148,50 @@ def test_a_damaged_cached_store_is_one_line_naming_the_file(tmp_path, tiny_token
     assert not (tmp_path / "runs" / "damaged").exists()
     again = prepare_corpus(load_recipe("baseline_real", over + ["data.rebuild=true"]))  # the fix it names works
     assert again.real.path == store and again.real.verify() > 0
+
+
+# ------------------------------------------------------------------------- stretch split points
+
+
+def _rationale_store(tmp_path, tiny_tokenizer_path, offset_shift: int = 0, fingerprint: str | None = None):
+    from megadoc_pl.data.segments import equal_token_split
+    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_path)
+    unit = f"tokens:{(fingerprint or tok.fingerprint)[:16]}"
+    docs = [{"id": f"d{i}", "text": f"Alice founded the town of Brindle in 18{i}0 and built its first mill. " * 3}
+            for i in range(4)]
+    gens = []
+    for d in docs:
+        cuts = equal_token_split(len(tok.encode(d["text"])), 2)
+        for i, cut in enumerate(cuts):
+            gens.append({"source_id": d["id"], "task": "rationale", "gen_index": i, "split_index": i,
+                         "split_token_offset": cut + offset_shift, "split_tokenizer": unit,
+                         "text": f"Why part {i} leads on."})
+    tag = f"{offset_shift}-{fingerprint}"
+    real = build_store(_write_jsonl(tmp_path / "real.jsonl", docs), tiny_tokenizer_path, tmp_path / "real",
+                       progress=False)
+    synth = build_store(_write_jsonl(tmp_path / f"gen{tag}.jsonl", gens), tiny_tokenizer_path, tmp_path / f"gen{tag}",
+                        kind="generations", progress=False)
+    return real, synth
+
+
+def test_stretch_refuses_rationales_made_for_other_split_points(tmp_path, tiny_tokenizer_path):
+    from megadoc_pl.data.views import ViewOptions, build_view
+
+    from megadoc_pl.data.tokenizer import load_tokenizer
+
+    encode = load_tokenizer(tiny_tokenizer_path).encode
+    opts = ViewOptions(view="stretch", generations=2)
+    real, good = _rationale_store(tmp_path, tiny_tokenizer_path)
+    assert build_view(real, good, opts, encode=encode).num_units == 4
+    _, shifted = _rationale_store(tmp_path, tiny_tokenizer_path, offset_shift=3)
+    with pytest.raises(ValueError) as e:
+        build_view(real, shifted, opts, encode=encode)
+    msg = str(e.value)
+    assert msg.startswith("source 'd0': rationale 0 was generated for the split at token ") and "\n" not in msg
+    assert "fix: regenerate the rationales with tools/synthesize.py --task rationale" in msg
+    _, other = _rationale_store(tmp_path, tiny_tokenizer_path, fingerprint="f" * 64)
+    with pytest.raises(ValueError, match=r"\(tokens:ffffffffffffffff\) but stretch splits the training tokenization"):
+        build_view(real, other, opts, encode=encode)

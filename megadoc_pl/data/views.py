@@ -392,6 +392,7 @@ def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[in
                 f"generated for (fix: set data.generations={len(uniq)} or regenerate with --generations {generations})"
             )
         rats = pool[first[: len(cuts)]]
+        _check_split_points(synth, rats, cuts, pools.ids[k], real.manifest.get("tokenizer_fingerprint"))
         bounds = [0] + [bos + c for c in cuts] + [n + bos + eos]  # segments of the stored document
         seg_lo, seg_hi = bounds[:-1], bounds[1:]
         # Invariant: the real segments tile the stored document exactly, in order.
@@ -410,6 +411,23 @@ def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[in
     g = _Groups(np.asarray(ptr, np.int64), np.asarray(src, np.int64), np.asarray(doc, np.int64),
                 np.asarray(start, np.int64), np.asarray(length, np.int64), np.asarray(newdoc, bool))
     return g.take(keep), keep
+
+
+def _check_split_points(synth, rats: np.ndarray, cuts: Sequence[int], source: str, fingerprint: Optional[str]) -> None:
+    """Each rationale's recorded split offset and tokenizer (when the row has them) must be the
+    training tokenization's: a rationale written for another cut would be inserted at the wrong place."""
+    ours = f"tokens:{str(fingerprint)[:16]}"
+    for i, r in enumerate(rats):
+        meta = synth.meta(int(r))
+        made_for, offset = meta.get("split_tokenizer"), meta.get("split_token_offset")
+        if (made_for is None or made_for == ours) and (offset is None or int(offset) == int(cuts[i])):
+            continue
+        raise ValueError(
+            f"source {source!r}: rationale {i} was generated for the split at token {offset} ({made_for}) but stretch "
+            f"splits the training tokenization ({ours}) at token {int(cuts[i])} (fix: regenerate the rationales with "
+            "tools/synthesize.py --task rationale --tokenizer <data.tokenizer>, or train with the tokenizer they "
+            "were made for)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
