@@ -346,6 +346,18 @@ def test_full_run_root_fails_the_checkpoint_in_one_line_and_leaves_no_temp_file(
     assert _snapshot(world["done"]) == _snapshot(world["root"] / "runs" / "done")
 
 
+def test_a_full_run_root_under_tensorboard_is_one_line_from_the_command_line(world, tmpfs):
+    """TensorBoard's writer thread meets the full disk first: still no traceback, one line, exit 2."""
+    full = tmpfs("full-tb")
+    _fill(full, leave=64 * 1024)  # validation figures at the end do not fit
+    argv = [sys.executable, "-m", "megadoc_pl.train.cli", *_fit(world, "tb", f"run.root={full}", steps=2)]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+    assert errors[0].startswith(f"error: cannot write {full / 'tb'}") and "No space left on device (fix:" in errors[0]
+
+
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_full_or_read_only_cache_dir_is_one_line(world, tmpfs, capsys, fault):
     cache = tmpfs(f"cache-{fault}", ro=fault == "read-only")

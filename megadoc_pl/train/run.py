@@ -8,6 +8,7 @@ The FSDP strategy lives in train/fsdp.py and the metrics.json record in train/me
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -62,15 +63,17 @@ class TrainingRun:
             self._release(remove_if_unused=True)
             raise
         files = _RunFiles(self)
-        if self.ckpt_path is None:
-            files.write(self.trainer)
-        else:
-            self.trainer.callbacks.append(files)
         status, error = "failed", None
         set_env = rundir.RUN_DIR_ENV not in os.environ
         if set_env:  # ranks that Lightning launches later inherit the directory
             os.environ[rundir.RUN_DIR_ENV] = str(self.run_dir)
+        thread_hook = threading.excepthook
+        threading.excepthook = _main_thread_reports_full_disks(thread_hook)
         try:
+            if self.ckpt_path is None:
+                files.write(self.trainer)
+            else:
+                self.trainer.callbacks.append(files)
             self.trainer.fit(self.module, datamodule=self.datamodule,
                              ckpt_path=str(self.ckpt_path) if self.ckpt_path else None)
             if self.trainer.interrupted:
@@ -107,6 +110,7 @@ class TrainingRun:
                 self._write_metrics(status, error)
             if files in self.trainer.callbacks:
                 self.trainer.callbacks.remove(files)
+            threading.excepthook = thread_hook
             self._release()
         return self.run_dir
 
@@ -157,6 +161,19 @@ class TrainingRun:
 
 # ---------------------------------------------------------------------------------------------
 # building a run
+
+
+def _main_thread_reports_full_disks(hook: Any) -> Any:
+    """A ``threading.excepthook`` that leaves a full or read-only run directory to the main thread:
+    TensorBoard's writer thread hits it first, prints a traceback, and re-raises it in the main
+    thread, which turns it into the one-line error."""
+
+    def quiet(args: Any) -> None:
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in NO_ROOM:
+            return
+        hook(args)
+
+    return quiet
 
 
 class _RunFiles(pl.Callback):
