@@ -239,3 +239,28 @@ def plot_run_set(
     if not curves:
         notes.append("loss_by_position: no run has loss_by_position_<set>.csv")
     return written, notes
+
+
+def plot_multipliers(rows: Sequence[Mapping], path: str | Path,
+                     title: str = "data efficiency: D_eff / D_real (real-only law L(D))") -> Path:
+    """One bar per method: its multiplier, with the interval when there is one (rows: Efficiency dicts)."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    names = [r["name"] for r in rows]
+    mult = np.array([float(r["multiplier"]) for r in rows])
+    lo = np.array([float(r["multiplier_lo"]) if isinstance(r.get("multiplier_lo"), (int, float)) else np.nan
+                   for r in rows])
+    hi = np.array([float(r["multiplier_hi"]) if isinstance(r.get("multiplier_hi"), (int, float)) else np.nan
+                   for r in rows])
+    ax.bar(range(len(rows)), mult, color=[f"C{i % 10}" for i in range(len(rows))])
+    has = np.isfinite(lo) & np.isfinite(hi)
+    if has.any():
+        idx = np.flatnonzero(has)
+        ax.errorbar(idx, mult[has], yerr=[mult[has] - lo[has], hi[has] - mult[has]], fmt="none", ecolor="k", capsize=3)
+    ax.axhline(1.0, color="k", ls=":", lw=1)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("multiplier (x real tokens)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

@@ -413,8 +413,12 @@ def write_run_configs(spec: TuneSpec, pending: Sequence[tuple], config_dir: str 
 
 
 def _train_script(spec: TuneSpec) -> str:
+    return find_train_script(spec.train_script)
+
+
+def find_train_script(path: str = "recipes/train.py") -> str:
     """The training script: as given, else relative to the checkout that holds this package."""
-    script = Path(spec.train_script)
+    script = Path(path)
     if script.exists():
         return str(script)
     alt = Path(__file__).resolve().parents[2] / script

@@ -1,0 +1,410 @@
+"""Declared sweeps (tools/reproduce.py): a grid of runs, run or listed, and the papers' figures.
+
+A sweep is a YAML file (``megadoc_pl/analysis/sweeps/<preset>.yaml``)::
+
+    scale: mini                     # scale preset of every run
+    seeds: [0, 1]                   # train.seed = train.data_seed = seed
+    overrides: [...]                # key=value for every run
+    groups:
+      real:     {recipe: baseline_real, role: baseline, axes: {data.mixture.real_epochs: [2, 4, 8]}}
+      stitch:   {recipe: megadoc_stitch, role: method,
+                 axes: {data.generations: [2, 8], data.mixture.real_epochs: [1], ...}}
+      real_D:   {recipe: baseline_real, role: data, seeds: [0],
+                 axes: {data.real_fraction: [0.25, 0.5], data.mixture.real_epochs: [4, 8]}}
+
+Every group expands to the product of its axes times its seeds; a run is named from its group
+and axis values (``stitch-G8-E1-w0.75-s0``) and lives in ``OUT/runs/NAME``. Roles tell the
+analysis what a group is: ``baseline`` (real-only at the full corpus), ``method`` (loss vs G),
+``data`` (real-only on ``data.real_fraction`` subsets: with the baseline, the D-sweep of the
+data law L(D) = A / D^alpha + E that turns losses into data-efficiency multipliers).
+
+A run whose ``metrics.json`` says ``finished`` is never rerun, so calling the sweep again
+resumes it; an unfinished one restarts with ``run.resume=auto`` (from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from megadoc_pl.analysis.tuner import AXIS_SHORT, find_train_script
+from megadoc_pl.utils import atomic_write_json, atomic_write_text
+
+SWEEPS_DIR = Path(__file__).parent / "sweeps"
+ROLES = ("baseline", "method", "data")
+SHORT = {**AXIS_SHORT, "data.generations": "G", "data.real_fraction": "D", "data.mixture.budget_tokens": "B"}
+VAL_SETS = ("iid", "long")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep: its name, recipe, group and the key=value overrides that define it."""
+
+    name: str
+    group: str
+    role: str
+    recipe: str
+    seed: int
+    values: tuple  # ((axis key, value), ...) in the group's axis order
+    overrides: tuple  # every key=value the run is trained with
+
+    @property
+    def cell(self) -> str:
+        """The run's name without its seed: runs of one cell differ only by seed."""
+        return self.name.rsplit("-s", 1)[0]
+
+    def value(self, key: str, default: Any = None) -> Any:
+        return dict(self.values).get(key, default)
+
+    def command(self, out_dir: str | Path, python: str = sys.executable) -> list[str]:
+        return [python, find_train_script(), "--recipe", self.recipe, *self.overrides,
+                f"run.root={Path(out_dir) / 'runs'}", f"run.name={self.name}", "run.resume=auto"]
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweep file."""
+
+    name: str
+    description: str
+    scale: str
+    seeds: list
+    overrides: list
+    groups: dict
+    path: Optional[Path] = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_sweep(preset: str) -> SweepSpec:
+    """A sweep by preset name (``sweeps/<name>.yaml``) or YAML path; one-line errors for bad files."""
+    from omegaconf import OmegaConf
+
+    path = Path(preset) if preset.endswith((".yaml", ".yml")) else SWEEPS_DIR / f"{preset}.yaml"
+    if not path.exists():
+        have = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+        raise ValueError(f"sweep preset {preset!r} not found (presets: {', '.join(have)}; or give a YAML path)")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    unknown = sorted(set(raw) - {"description", "scale", "seeds", "overrides", "groups"})
+    if unknown or not raw.get("groups"):
+        raise ValueError(f"{path}: unknown key(s) {unknown} or no groups (keys: description, scale, seeds, "
+                         "overrides, groups)")
+    for g, spec in raw["groups"].items():
+        if set(spec) - {"recipe", "role", "axes", "seeds", "overrides"} or "recipe" not in spec:
+            raise ValueError(f"{path}: group {g!r} needs recipe and may have role, axes, seeds, overrides")
+        if spec.get("role", "method") not in ROLES:
+            raise ValueError(f"{path}: group {g!r} role must be one of {', '.join(ROLES)}")
+    return SweepSpec(path.stem, str(raw.get("description", "")), str(raw.get("scale", "demo")),
+                     list(raw.get("seeds", [0])), list(raw.get("overrides", [])), dict(raw["groups"]), path)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def sweep_runs(spec: SweepSpec, extra_overrides: Sequence[str] = ()) -> list[SweepRun]:
+    """Every run of the sweep, in file order (groups, then axis product, then seeds)."""
+    runs = []
+    for group, g in spec.groups.items():
+        axes = dict(g.get("axes") or {})
+        keys = list(axes)
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            for seed in g.get("seeds", spec.seeds):
+                tag = "".join(f"-{SHORT.get(k, k.rsplit('.', 1)[-1])}{_fmt(v)}" for k, v in zip(keys, combo))
+                name = f"{group}{tag}-s{seed}"
+                ov = [f"scale={spec.scale}", *spec.overrides, *g.get("overrides", []),
+                      *(f"{k}={v}" for k, v in zip(keys, combo)), f"train.seed={seed}", f"train.data_seed={seed}",
+                      *extra_overrides]
+                runs.append(SweepRun(name, group, g.get("role", "method"), g["recipe"], int(seed),
+                                     tuple(zip(keys, combo)), tuple(ov)))
+    names = [r.name for r in runs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"sweep {spec.name}: run names repeat ({dup[:3]}); give groups distinct names or axes")
+    return runs
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run_status(run: SweepRun, out_dir: str | Path) -> str:
+    """``finished``, ``started`` (a directory without a finished metrics.json) or ``pending``."""
+    import json
+
+    d = Path(out_dir) / "runs" / run.name
+    m = d / "metrics.json"
+    if m.exists():
+        try:
+            if json.loads(m.read_text()).get("status") == "finished":
+                return "finished"
+        except ValueError:
+            pass
+    return "started" if d.exists() else "pending"
+
+
+def run_sweep(runs: Sequence[SweepRun], out_dir: str | Path, jobs: int = 1, threads: int = 1,
+              log: Callable[[str], None] = print) -> dict[str, str]:
+    """Train every unfinished run, ``jobs`` at a time, each with ``threads`` torch threads.
+
+    Each run is its own process (``recipes/train.py``) with ``OMP_NUM_THREADS=threads`` (torch's
+    default thread count on shared cores runs several times slower than one thread); its output
+    goes to ``OUT/logs/NAME.log``. Returns {name: finished | failed (exit code) | skipped}.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    todo = [r for r in runs if run_status(r, out_dir) != "finished"]
+    result = {r.name: "skipped (finished)" for r in runs if r not in todo}
+    running: list[tuple[SweepRun, subprocess.Popen, Any, float]] = []
+    log(f"{len(result)} of {len(runs)} runs already finished; {len(todo)} to train, {jobs} at a time")
+    while todo or running:
+        while todo and len(running) < jobs:
+            r = todo.pop(0)
+            f = open(out_dir / "logs" / f"{r.name}.log", "a")
+            f.write("$ " + shlex.join(r.command(out_dir)) + "\n")
+            f.flush()
+            running.append((r, subprocess.Popen(r.command(out_dir), stdout=f, stderr=subprocess.STDOUT, env=env), f,
+                            time.time()))
+        time.sleep(0.2)
+        for item in list(running):
+            r, proc, f, t0 = item
+            if proc.poll() is None:
+                continue
+            f.close()
+            running.remove(item)
+            ok = proc.returncode == 0 and run_status(r, out_dir) == "finished"
+            result[r.name] = "finished" if ok else f"failed (exit {proc.returncode}, see logs/{r.name}.log)"
+            log(f"{r.name}: {result[r.name]} in {time.time() - t0:.0f}s")
+    return result
+
+
+def launch_list(runs: Sequence[SweepRun], out_dir: str | Path, python: str = "python") -> str:
+    """One shell command per run (for a cluster scheduler or a hand launch), unfinished runs only."""
+    return "".join(shlex.join(r.command(out_dir, python)) + "\n" for r in runs if run_status(r, out_dir) != "finished")
+
+
+def slurm_array(commands_file: str | Path, count: int, threads: int = 1) -> str:
+    """An sbatch script running line ``SLURM_ARRAY_TASK_ID + 1`` of ``commands_file`` per array task."""
+    return (f"#!/bin/bash\n#SBATCH --array=0-{max(count - 1, 0)}\n#SBATCH --cpus-per-task={threads}\n"
+            f"export OMP_NUM_THREADS={threads}\n"
+            f'eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(commands_file))})"\n')
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _mean_std(xs: Sequence[float]) -> dict:
+    a = np.asarray([x for x in xs if x is not None and math.isfinite(x)], float)
+    if not a.size:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path) -> dict:
+    """Every finished run's numbers, per-cell means with seed spread, the overfitting check, the
+    ordering per validation set, and (with a D-sweep) the data law and efficiency multipliers."""
+    from megadoc_pl.analysis.runs import load_run
+
+    out_dir = Path(out_dir)
+    rows = []
+    for r in runs:
+        row = {"name": r.name, "group": r.group, "role": r.role, "cell": r.cell, "seed": r.seed,
+               "status": run_status(r, out_dir), **{k: v for k, v in r.values}}
+        if row["status"] == "finished":
+            m = load_run(out_dir / "runs" / r.name).metrics
+            for s in VAL_SETS:
+                row[f"val/{s}/loss"] = m.get(f"val/{s}/loss")
+                row[f"val/{s}/loss_best"] = m.get(f"val/{s}/loss_best")
+            passes = m.get("train/passes/real") or 0
+            row["real_unique_tokens"] = m["train/tokens/real"] / passes if passes else None
+            row["tokens"] = m.get("tokens_seen")
+            row["wall_time_s"] = m.get("wall_time_s")
+        rows.append(row)
+    done = [r for r in rows if r["status"] == "finished"]
+    cells: dict[str, dict] = {}
+    for r in done:
+        c = cells.setdefault(r["cell"], {"cell": r["cell"], "group": r["group"], "role": r["role"],
+                                         **{k: r[k] for k, _ in next(x for x in runs if x.name == r["name"]).values},
+                                         "runs": []})
+        c["runs"].append(r["name"])
+    for c in cells.values():
+        members = [r for r in done if r["cell"] == c["cell"]]
+        for s in VAL_SETS:
+            c[f"val/{s}/loss"] = _mean_std([r[f"val/{s}/loss"] for r in members])
+        c["real_unique_tokens"] = members[0]["real_unique_tokens"]
+    results = {"sweep": spec.name, "description": spec.description, "scale": spec.scale,
+               "runs": rows, "cells": list(cells.values()),
+               "finished": len(done), "total": len(rows)}
+    results["real_only_overfit"] = overfit_check(list(cells.values()), done)
+    results["best"] = best_cells(list(cells.values()))
+    results["efficiency"] = efficiency(list(cells.values()), results["best"])
+    return results
+
+
+def _loss(c: dict, s: str = "iid") -> float:
+    v = c["loss"]["mean"] if "loss" in c else c[f"val/{s}/loss"]["mean"]
+    return math.inf if v is None else v
+
+
+def overfit_check(cells: list[dict], runs: list[dict], tol: float = 1e-3) -> dict:
+    """Did real-only overfit? Validation loss rising with real epochs E (baseline cells, by E), or
+    rising within a run (its final validation loss above its best by more than ``tol``)."""
+    base = sorted((c for c in cells if c["role"] == "baseline"), key=lambda c: c.get("data.mixture.real_epochs", 0))
+    by_e = [(c.get("data.mixture.real_epochs"), _loss(c)) for c in base]
+    rising_e = [(a[0], b[0]) for a, b in zip(by_e, by_e[1:]) if b[1] > a[1] + tol]
+    within = [r["name"] for r in runs if r["role"] == "baseline" and r["val/iid/loss"] is not None
+              and r["val/iid/loss_best"] is not None and r["val/iid/loss"] > r["val/iid/loss_best"] + tol]
+    best_e = min(by_e, key=lambda t: t[1])[0] if by_e else None
+    return {"loss_by_epochs": by_e, "rises_with_epochs": rising_e, "rises_within_run": within,
+            "best_epochs": best_e, "overfit": bool(rising_e or within),
+            "best_epochs_is_largest": bool(by_e) and best_e == by_e[-1][0]}
+
+
+def best_cells(cells: list[dict]) -> dict:
+    """Per validation set, best first: real-only's best cell and each method's best cell at every G."""
+    out = {}
+    for s in VAL_SETS:
+        best: dict[str, dict] = {}
+        base = [c for c in cells if c["role"] == "baseline"]
+        if base:
+            b = min(base, key=lambda c: _loss(c, s))
+            best["real-only"] = {"name": "real-only", "cell": b["cell"], "loss": b[f"val/{s}/loss"]}
+        for c in cells:
+            key = f"{c['group']} G={c.get('data.generations', '?')}"
+            if c["role"] == "method" and (key not in best or _loss(c, s) < _loss(best[key], s)):
+                best[key] = {"name": key, "cell": c["cell"], "loss": c[f"val/{s}/loss"], "group": c["group"],
+                             "generations": c.get("data.generations")}
+        out[s] = sorted(best.values(), key=lambda v: v["loss"]["mean"])
+    return out
+
+
+def efficiency(cells: list[dict], best: dict, n_boot: int = 500) -> dict:
+    """The baseline data law L(D) on val/iid (best cell per D: the data group's fractions plus
+    the baseline's full corpus) and each method's multiplier D_eff / D_real, or why not."""
+    from megadoc_pl.analysis.efficiency import data_efficiency, fit_data_law
+
+    per_d: dict[float, dict] = {}
+    for c in cells:
+        if c["role"] in ("baseline", "data") and c.get("real_unique_tokens"):
+            d = float(c["real_unique_tokens"])
+            if d not in per_d or _loss(c) < _loss(per_d[d]):
+                per_d[d] = c
+    points = sorted((d, _loss(c)) for d, c in per_d.items())
+    out: dict[str, Any] = {"points": [{"tokens": d, "loss": l, "cell": per_d[d]["cell"]} for d, l in points]}
+    if len(points) < 4:
+        out["skipped"] = f"{len(points)} data sizes; the 3-parameter law needs at least 4 (add data.real_fraction values)"
+        return out
+    fit = fit_data_law([p[0] for p in points], [p[1] for p in points], n_boot=n_boot, seed=0)
+    out["law"] = fit.as_dict()
+    d_real = max(per_d)
+    losses = {v["name"]: v["loss"]["mean"] for v in best["iid"] if v["name"] != "real-only"}
+    rows = []
+    for name, loss in losses.items():
+        try:
+            rows.append(data_efficiency(fit, {name: loss}, d_real)[0].as_dict())
+        except ValueError as e:
+            rows.append({"name": name, "loss": loss, "error": str(e)})
+    out["d_real"], out["multipliers"], out["fit"] = d_real, rows, fit
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def figures(results: dict, out_dir: str | Path) -> list[Path]:
+    """The papers' figures as PNG: loss vs G (per validation set), loss by position on the long
+    set, and (with a data law) the law and the multipliers."""
+    from megadoc_pl.analysis import plots
+    from megadoc_pl.analysis.runs import read_loss_by_position
+
+    out_dir = Path(out_dir)
+    made = []
+    for s in VAL_SETS:
+        best = results["best"][s]
+        series: dict[str, tuple[list, list]] = {}
+        for v in best:
+            if "group" in v:
+                g, l = series.setdefault(v["group"], ([], []))
+                g.append(float(v["generations"]))
+                l.append(v["loss"]["mean"])
+        base = next((v["loss"]["mean"] for v in best if v["name"] == "real-only"), None)
+        if series:
+            series = {k: tuple(map(list, zip(*sorted(zip(*v))))) for k, v in series.items()}
+            made.append(plots.plot_loss_vs_generations(series, out_dir / f"loss_vs_G_{s}.png", baseline=base,
+                                                       ylabel=f"val/{s}/loss",
+                                                       title=f"val/{s}: best E/w per method and G (mean over seeds)"))
+    curves = {}
+    for v in results["best"]["long"]:
+        run = next((r for r in results["runs"] if r["cell"] == v["cell"] and r["status"] == "finished"), None)
+        csv = out_dir / "runs" / run["name"] / "loss_by_position_long.csv" if run else None
+        if csv is not None and csv.exists():
+            kinds = read_loss_by_position(csv)
+            if "document" in kinds:
+                curves[v["name"]] = kinds["document"]
+    if curves:
+        made.append(plots.plot_loss_by_position(curves, out_dir / "loss_by_position_long.png", log_x=True,
+                                                title="val/long: loss by position in the document"))
+    eff = results["efficiency"]
+    if "fit" in eff:
+        made.append(plots.plot_scaling_fits({"real-only L(D)": eff["fit"]}, out_dir / "data_law.png",
+                                            x_label="unique real tokens D", ylabel="val/iid/loss"))
+        ok = [r for r in eff["multipliers"] if "multiplier" in r]
+        if ok:
+            made.append(plots.plot_multipliers(ok, out_dir / "data_efficiency.png"))
+    return made
+
+
+def summary(results: dict) -> str:
+    """What the sweep shows, in words: overfitting first, then orderings with seed spread."""
+    lines = [f"sweep {results['sweep']}: {results['finished']}/{results['total']} runs finished"]
+    o = results["real_only_overfit"]
+    if o["loss_by_epochs"]:
+        lines.append("real-only val/iid by E: " + ", ".join(f"E={e:g}: {l:.4f}" for e, l in o["loss_by_epochs"]))
+        if o["overfit"]:
+            lines.append(f"real-only overfit: loss rises with E {o['rises_with_epochs']} / within runs "
+                         f"{o['rises_within_run']}; best E={o['best_epochs']:g}")
+        else:
+            lines.append("WARNING: real-only did not overfit (loss falls with E and within every run): this is not "
+                         "the data-constrained regime the papers study, so the ordering below says little")
+        if o["best_epochs_is_largest"]:
+            lines.append("note: real-only's best E is the largest tried; widen the E axis")
+    for s in VAL_SETS:
+        best = results["best"][s]
+        if best:
+            lines.append(f"val/{s} (mean +- std over seeds, best E/w per method and G):")
+            for v in best:
+                l = v["loss"]
+                lines.append(f"  {v['name']:24s} {l['mean']:.4f} +- {l['std']:.4f} (n={l['n']}, range {l['max'] - l['min']:.4f})")
+    eff = results["efficiency"]
+    if "skipped" in eff:
+        lines.append(f"data efficiency: skipped ({eff['skipped']})")
+    else:
+        for r in eff["multipliers"]:
+            if "multiplier" in r:
+                lo, hi = r.get("multiplier_lo"), r.get("multiplier_hi")
+                lines.append(f"data efficiency {r['name']}: {r['multiplier']:.3f}x [{lo}, {hi}]")
+            else:
+                lines.append(f"data efficiency {r['name']}: {r['error']}")
+    return "\n".join(lines)
+
+
+def write_results(results: dict, out_dir: str | Path, made: Sequence[Path]) -> Path:
+    """``OUT/results.json`` (strict JSON: the fit object is replaced by its dict)."""
+    out = {k: v for k, v in results.items() if k != "efficiency"}
+    out["efficiency"] = {k: v for k, v in results["efficiency"].items() if k != "fit"}
+    out["figures"] = [str(Path(p).name) for p in made]
+    out["summary"] = summary(results).splitlines()
+    path = Path(out_dir) / "results.json"
+    atomic_write_json(path, out)
+    atomic_write_text(Path(out_dir) / "summary.txt", summary(results) + "\n")
+    return path

@@ -1,0 +1,100 @@
+"""tools/reproduce.py: declared sweeps listed, run (resumably), collected into results and figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_script
+from megadoc_pl.analysis.sweep import load_sweep, overfit_check, sweep_runs
+
+TINY = """
+description: two tiny runs
+scale: demo
+seeds: [0]
+overrides: [demo.num_documents=120, data.seq_len=64, data.val.num_iid=6, data.val.num_long=4, data.val.num_short=0,
+            data.val.long_threshold=100, data.val.max_windows=4, train.global_batch_size=2, train.micro_batch_size=2,
+            train.max_steps=3, train.accelerator=cpu, data.cache_dir={cache}]
+groups:
+  real: {recipe: baseline_real, role: baseline, axes: {data.mixture.real_epochs: [1]}}
+  rephrase: {recipe: rephrase, axes: {data.generations: [1], data.mixture.real_epochs: [1],
+                                      data.mixture.synthetic_fraction: [0.5]}}
+"""
+
+
+def test_mini_preset_lists_its_runs_validated(capsys):
+    reproduce = load_script("tools/reproduce.py")
+    assert reproduce.main(["--preset", "mini", "--dry-run", "--out", "/nonexistent/sweep"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = sweep_runs(load_sweep("mini"))
+    # 3 E x 2 seeds real-only, 2 methods x 2 G x 2 seeds, 3 fractions x 2 E x 1 seed
+    assert len(runs) == 6 + 8 + 6 and len(lines) == 1 + len(runs)
+    assert lines[1].split()[:3] == ["pending", "real-E2-s0", "baseline_real"]
+    assert "stitch-G8-E1-w0.75-s1" in {r.name for r in runs} and "real_D-D0.125-E4-s0" in {r.name for r in runs}
+    stitch = next(r for r in runs if r.name == "stitch-G8-E1-w0.75-s1")
+    assert {"scale=mini", "data.generations=8", "train.seed=1", "train.data_seed=1"} <= set(stitch.overrides)
+
+
+def test_overfit_check_reads_epochs_and_runs():
+    def cell(e, loss):
+        return {"role": "baseline", "data.mixture.real_epochs": e, "val/iid/loss": {"mean": loss}}
+
+    o = overfit_check([cell(8, 2.95), cell(2, 3.0), cell(4, 2.9)], [])
+    assert o["loss_by_epochs"] == [(2, 3.0), (4, 2.9), (8, 2.95)] and o["rises_with_epochs"] == [(4, 8)]
+    assert o["overfit"] and o["best_epochs"] == 4 and not o["best_epochs_is_largest"]
+    runs = [{"name": "a", "role": "baseline", "val/iid/loss": 2.5, "val/iid/loss_best": 2.4}]
+    o = overfit_check([cell(2, 3.0), cell(4, 2.9)], runs)
+    assert o["rises_with_epochs"] == [] and o["rises_within_run"] == ["a"] and o["overfit"] and o["best_epochs_is_largest"]
+    assert not overfit_check([cell(2, 3.0), cell(4, 2.9)], [])["overfit"]
+
+
+@pytest.mark.slow
+def test_tiny_sweep_trains_reports_and_resumes(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(TINY.replace("{cache}", str(tmp_path / "cache")))
+    out = tmp_path / "out"
+    reproduce = load_script("tools/reproduce.py")
+    assert reproduce.main(["--preset", str(spec), "--out", str(out), "--jobs", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] == results["total"] == 2
+    assert {r["name"] for r in results["runs"]} == {"real-E1-s0", "rephrase-G1-E1-w0.5-s0"}
+    for r in results["runs"]:
+        assert r["status"] == "finished" and r["val/iid/loss"] > 0 and r["val/long/loss"] > 0
+    best = results["best"]["iid"]
+    assert sorted(v["name"] for v in best) == ["real-only", "rephrase G=1"]
+    assert [v["loss"]["mean"] for v in best] == sorted(r["val/iid/loss"] for r in results["runs"])
+    assert results["efficiency"]["skipped"].startswith("1 data sizes; the 3-parameter law needs at least 4")
+    assert results["figures"] == ["loss_vs_G_iid.png", "loss_vs_G_long.png", "loss_by_position_long.png"]
+    for name in results["figures"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second call trains nothing: both runs are finished and kept as they are.
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
+    capsys.readouterr()
+    assert reproduce.main(["--preset", str(spec), "--out", str(out), "--jobs", "1"]) == 0
+    assert "2 of 2 runs already finished; 0 to train" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")} == stamp
+
+
+def test_data_law_from_the_d_sweep_inverts_to_the_multiplier(tmp_path):
+    from megadoc_pl.analysis.sweep import best_cells, efficiency, figures
+
+    def law(d):
+        return 2.0 + 100.0 / d**0.5
+
+    def cell(name, role, d, loss, g=None):
+        return {"cell": name, "group": name.split("-")[0], "role": role, "real_unique_tokens": d,
+                "data.generations": g, "val/iid/loss": {"mean": loss}, "val/long/loss": {"mean": loss}}
+
+    cells = [cell("real-E4", "baseline", 8000.0, law(8000)), cell("real-E8", "baseline", 8000.0, law(8000) + 0.1)]
+    cells += [cell(f"real_D-D{f}", "data", 8000.0 * f, law(8000 * f)) for f in (0.125, 0.25, 0.5)]
+    cells += [cell("stitch-G8", "method", None, law(16000), g=8), cell("rephrase-G8", "method", None, law(4000), g=8)]
+    best = best_cells(cells)
+    assert [v["name"] for v in best["iid"]] == ["stitch G=8", "real-only", "rephrase G=8"]
+    eff = efficiency(cells, best, n_boot=50)
+    assert [p["tokens"] for p in eff["points"]] == [1000.0, 2000.0, 4000.0, 8000.0] and eff["d_real"] == 8000.0
+    mult = {r["name"]: r["multiplier"] for r in eff["multipliers"]}
+    assert mult["stitch G=8"] == pytest.approx(2.0, rel=1e-3) and mult["rephrase G=8"] == pytest.approx(0.5, rel=1e-3)
+    made = figures({"best": best, "efficiency": eff, "runs": []}, tmp_path)
+    assert sorted(p.name for p in made) == ["data_efficiency.png", "data_law.png", "loss_vs_G_iid.png",
+                                            "loss_vs_G_long.png"]
