@@ -195,3 +195,42 @@ def test_stretch_refuses_rationales_made_for_other_split_points(tmp_path, tiny_t
     _, other = _rationale_store(tmp_path, tiny_tokenizer_path, fingerprint="f" * 64)
     with pytest.raises(ValueError, match=r"\(tokens:ffffffffffffffff\) but stretch splits the training tokenization"):
         build_view(real, other, opts, encode=encode)
+
+
+_KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+from megadoc_pl.data import store
+from megadoc_pl.data.prepare import prepare_corpus
+from megadoc_pl.recipes import load_recipe
+
+def hang(tmp, *args, **kwargs):
+    (tmp / "tokens.bin").write_bytes(bytes(1 << 20))
+    print("building", flush=True)
+    time.sleep(300)
+
+store._write_store = hang
+prepare_corpus(load_recipe("baseline_real", sys.argv[1:]))
+"""
+
+
+def test_a_preparation_killed_mid_build_leaves_nothing_after_the_next_start(tmp_path, tiny_tokenizer_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=60)
+    over = tiny_overrides(corpus, tiny_tokenizer_path, tmp_path, "killed")
+    builder = subprocess.Popen([sys.executable, "-c", _KILLED_BUILD, *over], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert builder.stdout.readline().strip() == "building"
+    builder.send_signal(signal.SIGKILL)
+    builder.wait()
+    partial = list((tmp_path / "cache" / "stores").glob(".*.partial"))
+    assert len(partial) == 1 and (partial[0] / "tokens.bin").stat().st_size == 1 << 20
+    capsys.readouterr()
+    p = prepare_corpus(load_recipe("baseline_real", over))  # the kernel released the dead builder's lock
+    assert f"removed {partial[0]}, left by an interrupted preparation" in capsys.readouterr().err
+    assert [d.name for d in (tmp_path / "cache" / "stores").iterdir()] == [p.real.path.name]

@@ -231,7 +231,23 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
 
     validate_recipe(cfg)
     with preparation_lock(Path(cfg.data.cache_dir)):
+        remove_leftovers(Path(cfg.data.cache_dir))
         return _prepare_corpus(cfg)
+
+
+def remove_leftovers(cache_dir: Path) -> list[Path]:
+    """Delete what a killed preparation left in ``cache_dir`` (half-built ``.*.partial`` stores,
+    ``.*.tmp`` files). Called under :func:`preparation_lock`, so no live preparation owns them."""
+    import shutil
+
+    found = sorted(cache_dir.glob("stores/.*.partial")) + sorted(cache_dir.glob("*/.*.tmp"))
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        _log.info(f"removed {p}, left by an interrupted preparation")
+    return found
 
 
 @contextlib.contextmanager
