@@ -6,12 +6,15 @@ Layout of ``<run.root>/<run.name>/``::
     provenance.json      git revision, library versions, host, launch command, seeds
     events.out.tfevents.*  TensorBoard scalars/images (TensorBoardLogger, no version folders)
     checkpoints/
-      last.ckpt          the newest checkpoint (what ``run.resume=last`` picks up)
-      step=000123.ckpt   periodic checkpoints every ``train.ckpt_every`` steps
+      last.ckpt          the newest checkpoint with finite weights (what ``run.resume=last`` picks up)
+      step-000123.ckpt   periodic checkpoints every ``train.ckpt_every`` steps
     metrics.json         flat final metrics, written atomically at the end (also on failure)
+    .lock                flock held by the live run (its pid inside); dies with the process
 
 Only the global rank 0 writes files here; every rank agrees on the directory name (see
-:func:`resolve_run_dir`).
+:func:`resolve_run_dir`). Rank 0 claims the directory (:func:`claim_run_dir`) before any data
+work; checkpoints are written by ``train.checkpoint.AtomicCheckpointIO`` (same-directory
+temporary file, fsync, rename).
 """
 
 from __future__ import annotations
