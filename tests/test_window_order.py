@@ -39,6 +39,9 @@ def test_feistel_is_a_bijection_of_every_size():
     r = np.array([0, 1, 999_999_998, 999_999_999, 123_456_789])
     out = feistel_permute(r, np.full(5, 10**9), np.full(5, 3, np.uint64))
     assert len(set(out.tolist())) == 5 and out.min() >= 0 and out.max() < 10**9
+    n = 2**60 + 3  # bit widths are exact integers, not float logarithms
+    out = feistel_permute(np.array([0, 1, n - 2, n - 1, 2**60]), np.full(5, n), np.full(5, 3, np.uint64))
+    assert len(set(out.tolist())) == 5 and out.min() >= 0 and out.max() < n
 
 
 def test_each_pass_visits_its_windows_exactly_once(units):

@@ -65,7 +65,8 @@ def feistel_permute(r: np.ndarray, n: np.ndarray, key: np.ndarray) -> np.ndarray
     """
     r, n = np.asarray(r, np.int64), np.asarray(n, np.int64)
     assert np.all((0 <= r) & (r < n)), "feistel_permute: r outside [0, n)"
-    bits = np.ceil(np.log2(np.maximum(n, 2))).astype(np.int64)  # exact for n < 2**52
+    sizes, which = np.unique(n, return_inverse=True)
+    bits = np.array([max(int(v) - 1, 1).bit_length() for v in sizes], np.int64)[which.ravel()]  # 2^bits >= n
     h = ((bits + 1) // 2).astype(np.uint64)
     mask = (np.uint64(1) << h) - np.uint64(1)
     rkeys = [_mix64(np.asarray(key, np.uint64) + np.uint64(0x9E3779B97F4A7C15 * (i + 1) % 2**64))
