@@ -172,6 +172,11 @@ def test_a_run_directory_in_use_is_refused_and_a_killed_holder_leaves_no_stale_l
     claim = rundir.claim_run_dir(run_dir, unique=False)  # the kernel dropped the dead holder's lock
     assert claim.path == run_dir and not claim.created
     claim.release()
+    # a process that claims a new directory and exits before writing anything leaves none
+    abandoned = tmp_path / "abandoned"
+    subprocess.run([sys.executable, "-c", _HOLDER.replace("time.sleep(300)", ""), str(abandoned)], cwd=REPO,
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert not abandoned.exists()
 
 
 # ------------------------------------------------------------------------- refused resumes

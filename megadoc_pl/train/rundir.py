@@ -19,6 +19,7 @@ temporary file, fsync, rename).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as _dt
 import importlib.metadata
@@ -169,7 +170,9 @@ def claim_run_dir(path: Path, unique: bool) -> RunClaim:
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     for leftover in remove_leftovers(path / CKPT_DIR) + remove_leftovers(path):
         _log.info(f"removed {leftover}, left by an interrupted save")
-    return RunClaim(path, created, fd)
+    claim = RunClaim(path, created, fd)
+    atexit.register(claim.release, remove_if_unused=True)  # a start that never got to fit leaves no directory
+    return claim
 
 
 def latest_run_with_checkpoint(root: Path, prefix: str) -> Optional[Path]:
