@@ -98,10 +98,14 @@ def load_recipe(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         if key in preset:
             raise ValueError(f"{spath}: a scale preset may not set '{key}'")
     cfg = _merge(cfg, preset, str(spath))
-    try:
-        cli = OmegaConf.from_dotlist(dotlist)
-    except OmegaConfBaseException as e:
-        raise ValueError(f"command-line overrides: {str(e).splitlines()[0]}") from None
+    for item in dotlist:  # one at a time, so a bad value is named
+        try:
+            OmegaConf.from_dotlist([item])
+        except Exception as e:  # OmegaConf or YAML syntax (e.g. a {...} value split by the shell)
+            first = " ".join(str(e).split())[:160]
+            raise ValueError(f"override {item!r}: not a valid value ({first}) (fix: quote the whole "
+                             "key=value, e.g. 'model.overrides={d_model: 64}')") from None
+    cli = OmegaConf.from_dotlist(dotlist)
     cfg = _merge(cfg, cli, "command-line override")
     cfg.recipe = path.stem
     cfg.scale = spath.stem

@@ -188,7 +188,9 @@ def _user_recipe(corpus, tmp_path, view="stitch", extra=()):
         "data.generations=2", "data.short_pool=drop", "data.seq_len=16", "train.global_batch_size=4",
         "train.micro_batch_size=2", "data.val.num_iid=1", "data.val.num_long=1", "data.val.num_short=1",
         "data.val.long_threshold=20", "data.val.short_threshold=16", "data.val.max_heldout_fraction=0.5",
-        "data.mixture.real_epochs=2", "data.mixture.synthetic_fraction=0.5", "train.max_steps=null", *extra])
+        "data.mixture.real_epochs=2", "data.mixture.synthetic_fraction=0.5", "train.max_steps=null",
+        # the generations were made from every document, held-out ones included (refused by default)
+        "data.drop_heldout_generations=true", *extra])
 
 
 def test_pipeline_with_user_paths_keeps_heldout_out_of_training(corpus, tmp_path):

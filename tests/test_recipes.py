@@ -136,3 +136,10 @@ def test_list_and_cli_errors():
                          text=True, cwd=recipes_dir().parent)
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown recipe 'nope'")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_an_override_with_invalid_yaml_is_one_line_naming_it():
+    with pytest.raises(ValueError) as e:
+        load_recipe("baseline_real", ["train.lr=1e-3", "model.overrides={d_model:"])
+    msg = str(e.value)
+    assert "\n" not in msg and "override 'model.overrides={d_model:'" in msg and "quote" in msg
