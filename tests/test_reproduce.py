@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import load_script
-from megadoc_pl.analysis.sweep import load_sweep, overfit_check, sweep_runs
+from megadoc_pl.analysis.sweep import check_definitions, load_sweep, overfit_check, sweep_runs
 
 TINY = """
 description: two tiny runs
@@ -28,12 +28,22 @@ def test_mini_preset_lists_its_runs_validated(capsys):
     assert reproduce.main(["--preset", "mini", "--dry-run", "--out", "/nonexistent/sweep"]) == 0
     lines = capsys.readouterr().out.splitlines()
     runs = sweep_runs(load_sweep("mini"))
-    # 3 E x 2 seeds real-only, 2 methods x 2 G x 2 seeds, 3 fractions x 2 E x 1 seed
-    assert len(runs) == 6 + 8 + 6 and len(lines) == 1 + len(runs)
+    # 4 E x 2 seeds real-only, 3 method groups x 2 G x 2 seeds, 3 fractions x 2 E x 1 seed
+    assert len(runs) == 8 + 12 + 6 and len(lines) == 1 + len(runs)
+    assert {r.method for r in runs if r.group == "stitch_lr"} == {"stitch"}
     assert lines[1].split()[:3] == ["pending", "real-E2-s0", "baseline_real"]
     assert "stitch-G8-E1-w0.75-s1" in {r.name for r in runs} and "real_D-D0.125-E4-s0" in {r.name for r in runs}
     stitch = next(r for r in runs if r.name == "stitch-G8-E1-w0.75-s1")
     assert {"scale=mini", "data.generations=8", "train.seed=1", "train.data_seed=1"} <= set(stitch.overrides)
+
+
+def test_a_changed_sweep_definition_is_refused(tmp_path):
+    runs = sweep_runs(load_sweep("mini"))[:2]
+    check_definitions(runs, tmp_path)
+    check_definitions(runs, tmp_path)  # the same definition: fine
+    changed = sweep_runs(load_sweep("mini"), ["train.lr=1e-2"])[:2]
+    with pytest.raises(ValueError, match="run real-E2-s0 in .* was made with .* the sweep now says"):
+        check_definitions(changed, tmp_path)
 
 
 def test_overfit_check_reads_epochs_and_runs():

@@ -57,6 +57,7 @@ class SweepRun:
     seed: int
     values: tuple  # ((axis key, value), ...) in the group's axis order
     overrides: tuple  # every key=value the run is trained with
+    method: str = ""  # the label the analysis compares (default: the group)
 
     @property
     def cell(self) -> str:
@@ -99,8 +100,8 @@ def load_sweep(preset: str) -> SweepSpec:
         raise ValueError(f"{path}: unknown key(s) {unknown} or no groups (keys: description, scale, seeds, "
                          "overrides, groups)")
     for g, spec in raw["groups"].items():
-        if set(spec) - {"recipe", "role", "axes", "seeds", "overrides"} or "recipe" not in spec:
-            raise ValueError(f"{path}: group {g!r} needs recipe and may have role, axes, seeds, overrides")
+        if set(spec) - {"recipe", "role", "method", "axes", "seeds", "overrides"} or "recipe" not in spec:
+            raise ValueError(f"{path}: group {g!r} needs recipe and may have role, method, axes, seeds, overrides")
         if spec.get("role", "method") not in ROLES:
             raise ValueError(f"{path}: group {g!r} role must be one of {', '.join(ROLES)}")
     return SweepSpec(path.stem, str(raw.get("description", "")), str(raw.get("scale", "demo")),
@@ -125,7 +126,7 @@ def sweep_runs(spec: SweepSpec, extra_overrides: Sequence[str] = ()) -> list[Swe
                       *(f"{k}={v}" for k, v in zip(keys, combo)), f"train.seed={seed}", f"train.data_seed={seed}",
                       *extra_overrides]
                 runs.append(SweepRun(name, group, g.get("role", "method"), g["recipe"], int(seed),
-                                     tuple(zip(keys, combo)), tuple(ov)))
+                                     tuple(zip(keys, combo)), tuple(ov), str(g.get("method", group))))
     names = [r.name for r in runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -161,6 +162,7 @@ def run_sweep(runs: Sequence[SweepRun], out_dir: str | Path, jobs: int = 1, thre
     """
     out_dir = Path(out_dir)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    check_definitions(runs, out_dir)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     todo = [r for r in runs if run_status(r, out_dir) != "finished"]
     result = {r.name: "skipped (finished)" for r in runs if r not in todo}
@@ -185,6 +187,22 @@ def run_sweep(runs: Sequence[SweepRun], out_dir: str | Path, jobs: int = 1, thre
             result[r.name] = "finished" if ok else f"failed (exit {proc.returncode}, see logs/{r.name}.log)"
             log(f"{r.name}: {result[r.name]} in {time.time() - t0:.0f}s")
     return result
+
+
+def check_definitions(runs: Sequence[SweepRun], out_dir: str | Path) -> None:
+    """Record each run's recipe and overrides in ``OUT/definitions.json``; refuse a run whose
+    recorded definition differs (a changed sweep file would otherwise keep a stale finished run)."""
+    import json
+
+    path = Path(out_dir) / "definitions.json"
+    have = json.loads(path.read_text()) if path.exists() else {}
+    for r in runs:
+        mine = [r.recipe, *r.overrides]
+        if r.name in have and have[r.name] != mine:
+            raise ValueError(f"run {r.name} in {out_dir} was made with {have[r.name]}, the sweep now says {mine} "
+                             "(fix: another --out, or delete that run's directory and its entry in definitions.json)")
+        have[r.name] = mine
+    atomic_write_json(path, have)
 
 
 def launch_list(runs: Sequence[SweepRun], out_dir: str | Path, python: str = "python") -> str:
@@ -218,7 +236,7 @@ def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path) -> d
     out_dir = Path(out_dir)
     rows = []
     for r in runs:
-        row = {"name": r.name, "group": r.group, "role": r.role, "cell": r.cell, "seed": r.seed,
+        row = {"name": r.name, "group": r.method, "role": r.role, "cell": r.cell, "seed": r.seed,
                "status": run_status(r, out_dir), **{k: v for k, v in r.values}}
         if row["status"] == "finished":
             m = load_run(out_dir / "runs" / r.name).metrics
