@@ -28,8 +28,8 @@ def test_mini_preset_lists_its_runs_validated(capsys):
     assert reproduce.main(["--preset", "mini", "--dry-run", "--out", "/nonexistent/sweep"]) == 0
     lines = capsys.readouterr().out.splitlines()
     runs = sweep_runs(load_sweep("mini"))
-    # 4 E x 2 seeds real-only, 3 method groups x 2 G x 2 seeds, 3 fractions x 2 E x 1 seed
-    assert len(runs) == 8 + 12 + 6 and len(lines) == 1 + len(runs)
+    # 4 E x 2 seeds real-only, (2 method groups x 2 E + 1) x 2 G x 2 seeds, 3 fractions x 2 E x 1 seed
+    assert len(runs) == 8 + 20 + 6 and len(lines) == 1 + len(runs)
     assert {r.method for r in runs if r.group == "stitch_lr"} == {"stitch"}
     assert lines[1].split()[:3] == ["pending", "real-E2-s0", "baseline_real"]
     assert "stitch-G8-E1-w0.75-s1" in {r.name for r in runs} and "real_D-D0.125-E4-s0" in {r.name for r in runs}
