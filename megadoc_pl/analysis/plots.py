@@ -248,15 +248,22 @@ def plot_multipliers(rows: Sequence[Mapping], path: str | Path,
     ax = fig.add_subplot(1, 1, 1)
     names = [r["name"] for r in rows]
     mult = np.array([float(r["multiplier"]) for r in rows])
-    lo = np.array([float(r["multiplier_lo"]) if isinstance(r.get("multiplier_lo"), (int, float)) else np.nan
-                   for r in rows])
-    hi = np.array([float(r["multiplier_hi"]) if isinstance(r.get("multiplier_hi"), (int, float)) else np.nan
-                   for r in rows])
+    def num(v) -> float:  # JSON rows carry null for no interval and "inf" for an unbounded end
+        return np.nan if v is None else float(v)
+
+    lo = np.array([num(r.get("multiplier_lo")) for r in rows])
+    hi = np.array([num(r.get("multiplier_hi")) for r in rows])
     ax.bar(range(len(rows)), mult, color=[f"C{i % 10}" for i in range(len(rows))])
-    has = np.isfinite(lo) & np.isfinite(hi)
+    has = np.isfinite(lo) & ~np.isnan(hi)
     if has.any():
+        finite = np.concatenate([mult, hi[np.isfinite(hi)]])
+        cap = 1.5 * float(finite.max())  # an unbounded upper end is drawn to here and marked inf
+        hi_drawn = np.where(np.isinf(hi), cap, hi)
         idx = np.flatnonzero(has)
-        ax.errorbar(idx, mult[has], yerr=[mult[has] - lo[has], hi[has] - mult[has]], fmt="none", ecolor="k", capsize=3)
+        ax.errorbar(idx, mult[has], yerr=[mult[has] - lo[has], hi_drawn[has] - mult[has]], fmt="none", ecolor="k",
+                    capsize=3)
+        for i in np.flatnonzero(has & np.isinf(hi)):
+            ax.text(i, cap, "inf", ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="k", ls=":", lw=1)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
