@@ -108,3 +108,16 @@ def test_data_law_from_the_d_sweep_inverts_to_the_multiplier(tmp_path):
     made = figures({"best": best, "efficiency": eff, "runs": []}, tmp_path)
     assert sorted(p.name for p in made) == ["data_efficiency.png", "data_law.png", "loss_vs_G_iid.png",
                                             "loss_vs_G_long.png"]
+
+
+def test_launch_list_and_slurm_array_for_a_cluster(tmp_path, capsys):
+    reproduce = load_script("tools/reproduce.py")
+    out, cmds, array = tmp_path / "out", tmp_path / "runs.txt", tmp_path / "array.sh"
+    assert reproduce.main(["--preset", "megadocs_300m", "--out", str(out), "--launch-list", str(cmds), "--slurm",
+                           str(array), "--set", "data.real=real/"]) == 0
+    lines = cmds.read_text().splitlines()
+    assert len(lines) == len(sweep_runs(load_sweep("megadocs_300m"))) == 24
+    assert lines[0].endswith(f"data.real=real/ run.root={out / 'runs'} run.name=real-E8-s0 run.resume=auto")
+    script = array.read_text()
+    assert "#SBATCH --array=0-23" in script and f'sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {cmds}' in script
+    assert not out.exists()  # nothing trained or created
