@@ -151,6 +151,8 @@ def validate_recipe(cfg: DictConfig) -> None:
         ("train.num_nodes", t.num_nodes, t.num_nodes >= 1, ">= 1"),
         ("data.seq_len", cfg.data.seq_len, cfg.data.seq_len >= 1, ">= 1"),
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0"),
+        ("data.real_fraction", cfg.data.real_fraction, 0 < cfg.data.real_fraction <= 1, "in (0, 1]"),
+        ("train.num_threads", t.num_threads, t.num_threads is None or t.num_threads >= 1, ">= 1 (or null: torch's default)"),
         ("data.val.interval", val.interval, val.interval >= 0, ">= 0 (0: only at the end)"),
         ("data.val.max_windows", val.max_windows, val.max_windows is None or val.max_windows >= 1, ">= 1 (or null: all)"),
         ("model.loss_chunk_size", cfg.model.loss_chunk_size, cfg.model.loss_chunk_size >= 1, ">= 1"),

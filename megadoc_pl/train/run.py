@@ -365,6 +365,8 @@ def setup_run(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = 
     from megadoc_pl.utils import global_rank
 
     validate_recipe(cfg)
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(int(cfg.train.num_threads))
     run_dir = rundir.resolve_run_dir(cfg)
     ckpt = rundir.resume_checkpoint(cfg, run_dir) if stage == "fit" else None
     if stage == "fit" and ckpt is None and (run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT).exists():
