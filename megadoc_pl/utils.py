@@ -82,6 +82,28 @@ class _ShortName(logging.Filter):
         return True
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, waiting: Optional[str] = None) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing) for the block.
+
+    ``waiting`` is logged (rank zero) when another process holds the lock and this one has to wait.
+    The lock dies with its process, so a killed holder never leaves a stale lock.
+    """
+    import fcntl
+
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                get_logger("lock").info(waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def require(module: str, extra: str, what: str = "") -> Any:
     """Import an optional heavy dependency, or exit with an install hint naming the extra."""
     try:

@@ -36,7 +36,7 @@ from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, p
 from megadoc_pl.data.views import (SYNTHETIC_TASK, Units, ViewOptions, build_view, documents_units,
                                    real_fraction_excluded, real_units)
 from megadoc_pl.data.windows import StreamWindows, Windows
-from megadoc_pl.utils import get_logger, json_fingerprint
+from megadoc_pl.utils import file_lock, get_logger, json_fingerprint
 
 if TYPE_CHECKING:  # Lightning is imported only when a datamodule is made (dry runs stay light)
     from megadoc_pl.data.datamodule import MegadocDataModule
@@ -252,25 +252,16 @@ def remove_leftovers(cache_dir: Path) -> list[Path]:
 
 @contextlib.contextmanager
 def preparation_lock(cache_dir: Path) -> Iterator[None]:
-    """Exclusive lock on ``cache_dir/.prepare.lock`` (fcntl.flock), saying so when it has to wait."""
-    import fcntl
-
+    """Exclusive lock on ``cache_dir/.prepare.lock``, saying so when it has to wait."""
+    lock = cache_dir / ".prepare.lock"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(cache_dir / ".prepare.lock", "a")
+        lock.touch()
     except OSError as e:
         raise ValueError(f"data.cache_dir={cache_dir}: cannot create or write it ({e.strerror}) "
                          "(fix: point data.cache_dir at a writable directory)") from None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _log.info(f"waiting for another process preparing data in {cache_dir}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(lock, waiting=f"waiting for another process preparing data in {cache_dir}"):
+        yield
 
 
 def _prepare_corpus(cfg: DictConfig) -> PreparedData:

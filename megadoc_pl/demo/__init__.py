@@ -15,11 +15,10 @@ written atomically (generations: resumably, by the synth runner) and is reused w
 from __future__ import annotations
 
 import contextlib
-import fcntl
 from pathlib import Path
 from typing import Any, Iterator
 
-from megadoc_pl.utils import atomic_write_json, file_fingerprint, get_logger, json_fingerprint
+from megadoc_pl.utils import atomic_write_json, file_fingerprint, file_lock, get_logger, json_fingerprint
 
 # Bump when the tokenizer training changes: it is part of the tokenizer's cache path.
 TOKENIZER_VERSION = 1
@@ -37,12 +36,8 @@ _log = get_logger("demo")
 def _locked(root: Path) -> Iterator[None]:
     """One builder at a time per cache (several ranks or runs may start together)."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(root / ".lock"):
+        yield
 
 
 def demo_root(cfg: Any) -> Path:
