@@ -256,6 +256,9 @@ class TrainConfig:
     num_threads: Optional[int] = None
     """torch intra-op threads on the CPU (None: torch's default). On shared cores 1 thread per run is several times faster than the default."""
 
+    sharded_checkpoints: bool = False
+    """fsdp2: every rank writes its own shards (a torch.distributed.checkpoint directory per checkpoint) instead of gathering the full state on rank 0; export and evaluation consolidate them."""
+
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (less memory, about a third more compute)."""
 

@@ -127,6 +127,9 @@ def validate_recipe(cfg: DictConfig) -> None:
         model = LlamaConfig.from_recipe(OmegaConf.to_container(cfg, resolve=True))
     except (ValueError, TypeError) as e:
         raise ValueError(f"model: {e}") from None
+    if cfg.train.sharded_checkpoints and cfg.train.strategy != "fsdp2":
+        raise ValueError(f"train.sharded_checkpoints=true needs train.strategy=fsdp2, not {cfg.train.strategy} "
+                         "(fix: set train.strategy=fsdp2 or drop train.sharded_checkpoints)")
     if cfg.model.init_from and cfg.train.strategy == "fsdp2":
         raise ValueError("model.init_from with train.strategy=fsdp2 is not supported yet (the model is built on the "
                          "meta device and initialised shard by shard) (fix: train.strategy=fsdp or ddp)")
@@ -170,7 +173,7 @@ def validate_recipe(cfg: DictConfig) -> None:
         if not ok:
             raise ValueError(f"{key}={value}: must be {rule} (fix: set {key} in the recipe or as an override)")
     resume = cfg.run.resume
-    if resume not in (None, "last", "auto") and not Path(str(resume)).is_file():
+    if resume not in (None, "last", "auto") and not Path(str(resume)).exists():
         raise ValueError(f"run.resume={resume}: not 'last', 'auto' or an existing checkpoint file")
 
 

@@ -163,3 +163,15 @@ def _scalars(run_dir, tag: str) -> list[float]:
     ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     ea.Reload()
     return [e.value for e in ea.Scalars(tag)]
+
+
+def test_cross_key_checks_see_the_config_file(tmp_path, capsys):
+    """A --set that is valid only with a key from --config (sharded checkpoints need fsdp2) is not refused
+    by the early check of --recipe/--set alone; the whole recipe is checked once parsed."""
+    base = _print_config(["fit", "--recipe", "baseline_real", "--set", "train.strategy=fsdp2"], capsys)
+    path = tmp_path / "fsdp2.yaml"
+    path.write_text(yaml.safe_dump(base))
+    out = _print_config(["fit", "--config", str(path), "--set", "train.sharded_checkpoints=true"], capsys)
+    assert out["cfg"]["train"]["strategy"] == "fsdp2" and out["cfg"]["train"]["sharded_checkpoints"] is True
+    assert main(["fit", "--recipe", "baseline_real", "--set", "train.sharded_checkpoints=true"]) == 2
+    assert "needs train.strategy=fsdp2" in capsys.readouterr().err

@@ -93,3 +93,35 @@ def test_fsdp2_two_ranks_equal_one_process_and_resume_exactly(tmp_path, tiny_tok
     m1, m2 = (json.loads((runs / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
     assert m2["val/iid/loss"] == pytest.approx(m1["val/iid/loss"], rel=1e-5)
+
+
+def test_sharded_checkpoints_resume_exactly_and_consolidate_to_the_same_weights(tmp_path, tiny_tokenizer_path):
+    """train.sharded_checkpoints: each rank writes its shards (a directory per checkpoint); a run
+    resumed from one continues exactly, and consolidating the last one gives the weights of the
+    same run saved as a full state dict."""
+    import torch
+
+    from megadoc_pl.model.hf import load_model_from_checkpoint
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+
+    def sets(name: str, *extra: str) -> list[str]:
+        return [a for o in tiny_overrides(corpus, tiny_tokenizer_path, tmp_path, name, STEPS) + list(extra)
+                for a in ("--set", o)]
+
+    _cli(sets("full"), tmp_path, devices=2)
+    _cli(sets("sharded", "train.ckpt_every=2", "train.sharded_checkpoints=true"), tmp_path, devices=2)
+    runs = tmp_path / "runs"
+    step2, last = runs / "sharded" / "checkpoints" / "step-000002.ckpt", runs / "sharded" / "checkpoints" / "last.ckpt"
+    assert step2.is_dir() and (step2 / ".metadata").is_file() and last.is_dir()
+    assert not list((runs / "sharded" / "checkpoints").glob(".*"))  # no .partial / .old left behind
+    _cli(sets("resumed", f"run.resume={step2}", "train.sharded_checkpoints=true"), tmp_path, devices=2)
+
+    full, sharded, resumed = (scalars(runs / n, "train/loss") for n in ("full", "sharded", "resumed"))
+    assert [sharded[s] for s in range(STEPS)] == [full[s] for s in range(STEPS)]
+    assert sorted(resumed) == [2, 3] and all(resumed[s] == sharded[s] for s in (2, 3))
+    a, _ = load_model_from_checkpoint(runs / "full" / "checkpoints" / "last.ckpt")
+    b, cfg = load_model_from_checkpoint(last)
+    assert cfg["train"]["sharded_checkpoints"] is True
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name

@@ -202,10 +202,13 @@ def load_model_from_checkpoint(ckpt_path: PathLike, map_location: str = "cpu") -
     possibly ``model._orig_mod.*`` after torch.compile) and the recipe as ``hparams['cfg']``.
     """
     p = Path(ckpt_path)
-    if not p.is_file():
+    if p.is_dir():
+        ckpt = _consolidate_sharded(p)
+    elif not p.is_file():
         raise ValueError(f"{p}: no such checkpoint file")
-    # Our own checkpoints hold plain dicts / OmegaConf containers, not only tensors.
-    ckpt = torch.load(p, map_location=map_location, weights_only=False)
+    else:
+        # Our own checkpoints hold plain dicts / OmegaConf containers, not only tensors.
+        ckpt = torch.load(p, map_location=map_location, weights_only=False)
     cfg = (ckpt.get("hyper_parameters") or {}).get("cfg")
     if cfg is None:
         raise ValueError(f"{p}: checkpoint has no hyper_parameters['cfg'] (was it written by megadoc_pl's trainer?)")
@@ -225,6 +228,22 @@ def load_model_from_checkpoint(ckpt_path: PathLike, map_location: str = "cpu") -
     model.load_state_dict(state, assign=True)
     model.rope.reset_parameters(state["embed.weight"].device)  # non-persistent buffer, was on 'meta'
     return model, cfg
+
+
+def _consolidate_sharded(path: Path) -> dict:
+    """A sharded (torch.distributed.checkpoint) Lightning checkpoint as one in-memory checkpoint dict."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
+        raise ValueError(f"{path}: a directory but not a sharded checkpoint (no .metadata / meta.pt)")
+    with tempfile.TemporaryDirectory() as tmp:
+        full = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(path), str(full))
+        state = torch.load(full, map_location="cpu", weights_only=False)
+    meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+    return {**meta, "state_dict": state["state_dict"]}
 
 
 def export_checkpoint(ckpt_path: PathLike, out_dir: PathLike, tokenizer: Optional[PathLike] = None,

@@ -96,8 +96,40 @@ def _os_error(e: Optional[BaseException]) -> Optional[OSError]:
     return e
 
 
+SHARDED_META = "meta.pt"  # what Lightning writes beside the shards: everything but weights and optimizer state
+
+
+def sharded_shapes(path: Path) -> dict[str, tuple]:
+    """``state_dict`` key -> global shape of the tensors in a sharded (torch.distributed.checkpoint) checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len("state_dict."):]: tuple(v.size) for k, v in meta.items()
+            if k.startswith("state_dict.") and hasattr(v, "size")}
+
+
+def _sharded_problem(path: Path) -> tuple[Optional[str], Optional[dict]]:
+    if not (path / ".metadata").is_file() or not (path / SHARDED_META).is_file():
+        return "is a directory but not a complete sharded checkpoint (no .metadata or meta.pt)", None
+    try:
+        ckpt = torch.load(path / SHARDED_META, map_location="cpu", weights_only=False)
+        shapes = sharded_shapes(path)
+    except Exception as e:
+        return f"cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", None
+    if not shapes:
+        return "holds no weights (empty sharded checkpoint)", None
+    return None, {**ckpt, "sharded_shapes": shapes}
+
+
 def checkpoint_problem(path: Path) -> tuple[Optional[str], Optional[dict]]:
-    """(None, checkpoint) for an intact checkpoint, else (what is wrong with it, None)."""
+    """(None, checkpoint) for an intact checkpoint, else (what is wrong with it, None).
+
+    A sharded checkpoint (a directory) is checked for its metadata and the shapes it records; its
+    returned dict holds Lightning's metadata and ``sharded_shapes`` instead of the weights (they
+    never hold NaN/inf: the strategy refuses to write such shards).
+    """
+    if path.is_dir():
+        return _sharded_problem(path)
     try:
         size = path.stat().st_size
     except OSError as e:
@@ -153,16 +185,16 @@ def resume_from(path: Path, fallback: bool) -> tuple[Path, dict]:
 def check_compatible(ckpt: Mapping[str, Any], module: torch.nn.Module, datamodule: Any, path: Path) -> None:
     """Refuse, in one line, a checkpoint whose weights or dataset do not belong to this run."""
     ours = module.state_dict()
-    theirs = ckpt["state_dict"]
+    theirs = ckpt["sharded_shapes"] if "sharded_shapes" in ckpt else {k: v.shape for k, v in ckpt["state_dict"].items()}
     fix = "(fix: resume with the recipe, tokenizer and data the checkpoint was trained with, or start a new run)"
     missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     if missing or extra:
         raise CheckpointError(f"cannot resume from {path}: its weights do not match this model "
                               f"(missing {missing[:3]}, unexpected {extra[:3]}) {fix}")
     for name, tensor in ours.items():
-        if tuple(theirs[name].shape) != tuple(tensor.shape):
+        if tuple(theirs[name]) != tuple(tensor.shape):
             raise CheckpointError(
-                f"cannot resume from {path}: {name} is {tuple(theirs[name].shape)} in the checkpoint but "
+                f"cannot resume from {path}: {name} is {tuple(theirs[name])} in the checkpoint but "
                 f"{tuple(tensor.shape)} in this run (another tokenizer vocabulary or model size) {fix}")
     state = ckpt.get(type(datamodule).__qualname__)
     if state is not None and hasattr(datamodule, "load_state_dict"):

@@ -71,6 +71,7 @@ class CommandLine:
         self.sets: list[str] = []
         self.resume = False
         self.rest: list[str] = []
+        self.complete = True  # the recipe is --recipe/--scale/--set/linked --trainer.* flags alone
         argv = list(argv)
         i = 0
         while i < len(argv):
@@ -101,7 +102,10 @@ class CommandLine:
                         raise ValueError(f"{flag} needs a value")
                     value, i = argv[i + 1], i + 1
                 self.rest.append(f"--cfg.{key}={value}")
+                self.sets.append(f"{key}={value}")
             else:
+                if flag in ("--config", "-c") or flag.startswith("--cfg."):
+                    self.complete = False  # the recipe is known only once the parser has read these
                 self.rest.append(arg)
             i += 1
         if self.resume:
@@ -256,7 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         command_line = CommandLine(argv)
         defaults = command_line.recipe_defaults()
-        validate_recipe(defaults)  # typos in --recipe/--set fail here, before Lightning is imported
+        if command_line.complete:  # typos fail here, before Lightning is imported (else after parsing)
+            validate_recipe(defaults)
         _build_cli_class()(defaults, command_line, args=command_line.rest)
     except ValueError as e:  # bad recipe, arguments, data or mixture: one line, no trace
         print(f"error: {e}", file=sys.stderr)

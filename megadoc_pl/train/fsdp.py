@@ -100,8 +100,16 @@ def fsdp_strategy() -> MegadocFSDPStrategy:
     return MegadocFSDPStrategy(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type="full")
 
 
-def fsdp2_strategy() -> Any:
-    """ModelParallelStrategy with every rank data-parallel; checkpoints are full state dicts (rank 0)."""
+def fsdp2_strategy(sharded_checkpoints: bool = False) -> Any:
+    """ModelParallelStrategy with every rank data-parallel.
+
+    Checkpoints are full state dicts gathered on rank 0, or with ``sharded_checkpoints`` a
+    torch.distributed.checkpoint directory written by every rank: written under a temporary
+    name and renamed into place (so ``last.ckpt`` is never half a checkpoint), and not written
+    at all when a rank's shards hold NaN/inf (the previous checkpoint stays).
+    """
+    import shutil
+
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     class Fsdp2Strategy(ModelParallelStrategy):
@@ -110,7 +118,46 @@ def fsdp2_strategy() -> Any:
             self._data_parallel_size = self.world_size
             super().setup_environment()
 
-    return Fsdp2Strategy(tensor_parallel_size=1, save_distributed_checkpoint=False)
+        def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+            if not self._save_distributed_checkpoint:
+                return super().save_checkpoint(checkpoint, filepath, storage_options)
+            from pathlib import Path
+
+            from megadoc_pl.utils import get_logger
+
+            path = Path(self.broadcast(str(filepath)))
+            finite = torch.tensor([int(_shards_finite(checkpoint.get("state_dict") or {}))], device=self.root_device)
+            finite = self.reduce(finite, reduce_op="min")
+            if int(finite.item()) == 0:
+                get_logger("train").warning(f"not saving {path}: weights hold NaN/inf; the previous checkpoint stays")
+                return
+            tmp = path.with_name(f".{path.name}.partial")
+            if self.global_rank == 0 and tmp.exists():
+                shutil.rmtree(tmp)
+            self.barrier()
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            self.barrier()
+            if self.global_rank == 0:
+                old = path.with_name(f".{path.name}.old")
+                if path.exists():
+                    path.rename(old)
+                tmp.rename(path)
+                if old.is_dir():
+                    shutil.rmtree(old)
+                elif old.exists():
+                    old.unlink()
+            self.barrier()
+
+    return Fsdp2Strategy(tensor_parallel_size=1, save_distributed_checkpoint=sharded_checkpoints)
+
+
+def _shards_finite(state: dict[str, Any]) -> bool:
+    """Whether this rank's part of every floating-point tensor of a (sharded) state dict is finite."""
+    for value in state.values():
+        local = value.to_local() if hasattr(value, "to_local") else value
+        if isinstance(local, torch.Tensor) and local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return False
+    return True
 
 
 def shard_and_materialise(model: torch.nn.Module, mesh: Any, device: torch.device, *, seed: int,

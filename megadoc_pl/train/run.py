@@ -27,10 +27,10 @@ from megadoc_pl.train import rundir
 from megadoc_pl.train.callbacks import NonFiniteLossError, ThroughputMonitor
 from megadoc_pl.train.checkpoint import NO_ROOM, AtomicCheckpointIO, CheckpointError, check_compatible, resume_from
 from megadoc_pl.train.metrics import run_metrics
+from megadoc_pl.train.module import MegadocLM
 from megadoc_pl.utils import get_logger
 
 _log = get_logger("train")
-from megadoc_pl.train.module import MegadocLM
 
 
 @dataclass
@@ -224,7 +224,7 @@ def build_strategy(cfg: DictConfig) -> Any:
     if name == "fsdp2":
         from megadoc_pl.train.fsdp import fsdp2_strategy
 
-        return fsdp2_strategy()
+        return fsdp2_strategy(sharded_checkpoints=bool(cfg.train.sharded_checkpoints))
     return name
 
 

@@ -179,7 +179,7 @@ def latest_run_with_checkpoint(root: Path, prefix: str) -> Optional[Path]:
     """The most recently modified ``root/<prefix>*`` directory with a last checkpoint."""
     if not root.is_dir():
         return None
-    runs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix) and (p / CKPT_DIR / LAST_CKPT).is_file()]
+    runs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix) and (p / CKPT_DIR / LAST_CKPT).exists()]
     if not runs:
         return None
     return max(runs, key=lambda p: (p / CKPT_DIR / LAST_CKPT).stat().st_mtime)
@@ -192,7 +192,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
         return None
     last = run_dir / CKPT_DIR / LAST_CKPT
     if resume in ("last", "auto"):
-        if last.is_file():
+        if last.exists():  # a file, or a directory of shards (train.sharded_checkpoints)
             return last
         if resume == "auto":
             return None
@@ -201,7 +201,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
             "to start fresh when there is nothing to resume"
         )
     path = Path(str(resume))
-    if not path.is_file():
+    if not path.exists():
         raise SystemExit(f"error: run.resume={resume}: no such checkpoint file (give 'last', 'auto' or a .ckpt path)")
     return path
 
