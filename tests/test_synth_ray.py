@@ -59,6 +59,8 @@ def test_ray_writes_what_the_local_runner_writes(tmp_path):
         ray_lines = sorted((tmp_path / "ray" / f).read_text().splitlines()) if (tmp_path / "ray" / f).exists() else []
         assert ray_lines == local_lines, name
     assert remote["run"]["executor"] == "ray" and remote["run"]["remaining_units"] == 0
+    # the driver records the prompt versions although the actors rendered the prompts
+    assert remote["prompt_versions"] == local["prompt_versions"] and len(remote["prompt_versions"]) == 3
     for k in ("requests", "completions", "rows_written", "completion_tokens"):
         assert remote["totals"][k] == local["totals"][k], k
     # a rerun finds nothing to do

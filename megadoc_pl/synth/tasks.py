@@ -254,8 +254,14 @@ class Task:
             self.templates[name] = load_template(name, self.cfg.prompt_dir)
         return self.templates[name]
 
+    def template_names(self) -> list[str]:
+        """The prompt templates this task renders (what ``prompt_versions`` reports)."""
+        return []
+
     def prompt_versions(self) -> dict[str, str]:
-        return {name: t.prompt_version for name, t in sorted(self.templates.items())}
+        """Version of every template the task uses, loaded here if needed: under ``--executor ray``
+        the requests are rendered in the actors, so the driver has loaded none of them itself."""
+        return {name: self.template(name).prompt_version for name in sorted(self.template_names())}
 
     # -- units
 
@@ -322,6 +328,9 @@ class Task:
 class RephraseTask(Task):
     name = "rephrase"
 
+    def template_names(self) -> list[str]:
+        return [f"rephrase_{self.cfg.style}"]
+
     def run(self, work, ctx) -> None:
         tmpl = self.template(f"rephrase_{self.cfg.style}")
         reqs, todo = [], []
@@ -356,6 +365,9 @@ class RephraseTask(Task):
 
 class RationaleTask(Task):
     name = "rationale"
+
+    def template_names(self) -> list[str]:
+        return ["rationale"]
 
     def __init__(self, cfg: TaskConfig, counter: TokenCounter) -> None:
         if counter.info is None:
@@ -408,6 +420,9 @@ class RationaleTask(Task):
 
 class MagaTask(Task):
     name = "maga"
+
+    def template_names(self) -> list[str]:
+        return ["maga_pairs", f"maga_reformulate_{self.cfg.maga_variant}"] + (["maga_judge"] if self.cfg.judge else [])
 
     def expected(self, unit, state) -> list[int] | None:
         entry = state.get(unit.key)
