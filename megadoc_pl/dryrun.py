@@ -85,6 +85,9 @@ def assumed_dry_run_report(cfg: DictConfig, stream_tokens: Mapping[str, int]) ->
         raise ValueError(f"recipe {cfg.recipe} (data.view={view}) has no synthetic stream: drop {SYNTHETIC}= "
                          "from the assumed sizes")
     tokens = {n: int(stream_tokens[n]) for n in streams}
+    fraction = float(cfg.data.real_fraction)
+    if fraction < 1:  # the assumed size is the whole real corpus; the run trains on this share of it
+        tokens[REAL] = int(tokens[REAL] * fraction)
     plan = plan_from_sizes(cfg, tokens)
     size = str(cfg.model.size)
     if cfg.model.vocab_size is not None:
@@ -94,7 +97,7 @@ def assumed_dry_run_report(cfg: DictConfig, stream_tokens: Mapping[str, int]) ->
     report = plan_summary(cfg, plan, vocab)
     for s in report["plan"]["streams"].values():
         s["units_per_pass"] = None  # unknown without the data
-    report["assumed"] = {"stream_tokens": tokens, "vocab_size": vocab_from,
+    report["assumed"] = {"stream_tokens": tokens, "real_fraction": fraction, "vocab_size": vocab_from,
                          "note": "stream sizes assumed: no data read, no units, validation sets or fingerprint"}
     T = int(cfg.data.seq_len)
     scope = str(cfg.model.attention_scope)

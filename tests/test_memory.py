@@ -48,3 +48,19 @@ def test_dry_run_reports_memory_for_the_recipe_strategy(capsys):
     mem = report["memory_per_gpu"]
     assert (mem["strategy"], mem["world_size"], mem["activation_checkpointing"]) == ("fsdp2", 64, True)
     assert "16 B x" in mem["arithmetic"]
+
+
+def test_assumed_dry_run_trains_on_the_real_fraction(capsys):
+    import json
+
+    from conftest import load_script
+
+    train = load_script("recipes/train.py")
+    reports = []
+    for fraction in ("1.0", "0.25"):
+        assert train.main(["--recipe", "baseline_real", "scale=paper_300m", f"data.real_fraction={fraction}",
+                           "--dry-run", "--assume-tokens", "real=200M"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    full, quarter = (r["assumed"]["stream_tokens"]["real"] for r in reports)
+    assert (full, quarter) == (200_000_000, 50_000_000)
+    assert reports[1]["plan"]["steps"] < reports[0]["plan"]["steps"]
