@@ -61,38 +61,26 @@ def test_config_and_set_compose_in_command_line_order(tmp_path, capsys):
 
 
 def test_help_explains_every_recipe_key(capsys):
+    import dataclasses
+
+    from megadoc_pl.config import field_docs
+
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    missing = []
-    for key, doc in _leaf_docs(RecipeConfig):
-        flag = f"--cfg.{key} "
-        first_words = " ".join(doc.split()[:4])
-        if flag not in text or first_words not in text:
-            missing.append(key)
+    docs = field_docs()
+
+    def leaves(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            yield from leaves(sub, f"{prefix}{f.name}.") if dataclasses.is_dataclass(sub) else [prefix + f.name]
+
+    undocumented = [k for k in leaves(RecipeConfig) if not docs.get(k)]
+    assert not undocumented, f"recipe keys without an attribute docstring: {undocumented}"
+    missing = [k for k in leaves(RecipeConfig)
+               if f"--cfg.{k} " not in text or " ".join(docs[k].split()[:4]) not in text]
     assert not missing, f"keys without a flag and its sentence in --help: {missing}"
-
-
-def _leaf_docs(cls, prefix: str = ""):
-    """(dotted key, attribute docstring) of every leaf field of a config dataclass, read from its source."""
-    import ast
-    import dataclasses
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            yield from _leaf_docs(f.default_factory, f"{prefix}{f.name}.")
-        else:
-            assert f.name in docs, f"{cls.__name__}.{f.name} has no attribute docstring"
-            yield f"{prefix}{f.name}", docs[f.name]
 
 
 @pytest.mark.parametrize("override, words", [

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import re
 import zipfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Mapping, Optional
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from megadoc_pl.utils import current_umask, get_logger
+from megadoc_pl.utils import atomic_open, get_logger
 
 TMP_SUFFIX = ".ckpt-tmp"
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # a filesystem that cannot take the run
@@ -45,24 +44,9 @@ def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
 
 
 def write_checkpoint(checkpoint: Mapping[str, Any], path: Path) -> None:
-    """``torch.save`` through a temporary file in ``path``'s directory: fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+    """``torch.save`` streamed through a temporary file in ``path``'s directory (utils.atomic_open)."""
+    with atomic_open(path, suffix=TMP_SUFFIX) as f:
+        torch.save(checkpoint, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -203,7 +187,7 @@ def check_compatible(ckpt: Mapping[str, Any], module: torch.nn.Module, datamodul
 
 def remove_leftovers(directory: Path) -> list[Path]:
     """Delete the temporary files of interrupted saves in ``directory`` (the caller owns it):
-    checkpoints (``.NAME.PID.ckpt-tmp``) and small atomic writes (``.NAME.XXXX.tmp``, utils)."""
+    checkpoints (``.NAME.XXXX.ckpt-tmp``) and small atomic writes (``.NAME.XXXX.tmp``, utils)."""
     removed = sorted(directory.glob(f".*{TMP_SUFFIX}")) + sorted(directory.glob(".*.tmp"))
     for p in removed:
         p.unlink(missing_ok=True)

@@ -54,7 +54,6 @@ TRAINER_LINKS = {
     "gradient_clip_val": "train.grad_clip",
     "log_every_n_steps": "train.log_every",
 }
-_PRE_FLAGS = ("--recipe", "--scale", "--set")
 EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
 
 
@@ -74,35 +73,28 @@ class CommandLine:
         self.complete = True  # the recipe is --recipe/--scale/--set/linked --trainer.* flags alone
         argv = list(argv)
         i = 0
+
+        def value_of(flag: str, eq: str, value: str) -> str:  # --flag=VALUE or --flag VALUE
+            nonlocal i
+            if eq:
+                return value
+            if i + 1 >= len(argv):
+                raise ValueError(f"{flag} needs a value (see megadoc-pl fit --help)")
+            i += 1
+            return argv[i]
+
         while i < len(argv):
             arg = argv[i]
             flag, eq, value = arg.partition("=")
-            if flag in _PRE_FLAGS:
-                if not eq:
-                    if i + 1 >= len(argv):
-                        raise ValueError(f"{flag} needs a value (see megadoc-pl fit --help)")
-                    value, i = argv[i + 1], i + 1
-                if flag == "--set":
-                    self.sets.append(value)
-                    key, eq_set, set_value = value.partition("=")
-                    if not eq_set:
-                        raise ValueError(f"--set {value!r} is not KEY=VALUE (e.g. --set train.lr=3e-3)")
-                    if key.strip() == "scale":
-                        self.scale = set_value.strip()
-                    else:
-                        self.rest.append(f"--cfg.{key.strip()}={set_value}")
-                else:
-                    setattr(self, flag[2:], value)
+            linked = TRAINER_LINKS.get(flag[len("--trainer."):]) if flag.startswith("--trainer.") else None
+            if flag in ("--recipe", "--scale"):
+                setattr(self, flag[2:], value_of(flag, eq, value))
+            elif flag == "--set":
+                self._set(value_of(flag, eq, value))
+            elif linked is not None:
+                self._set(f"{linked}={value_of(flag, eq, value)}")
             elif flag == "--resume":
                 self.resume = not eq or value.lower() in ("1", "true", "yes")
-            elif flag.startswith("--trainer.") and flag[len("--trainer."):] in TRAINER_LINKS:
-                key = TRAINER_LINKS[flag[len("--trainer."):]]
-                if not eq:
-                    if i + 1 >= len(argv):
-                        raise ValueError(f"{flag} needs a value")
-                    value, i = argv[i + 1], i + 1
-                self.rest.append(f"--cfg.{key}={value}")
-                self.sets.append(f"{key}={value}")
             else:
                 if flag in ("--config", "-c") or flag.startswith("--cfg."):
                     self.complete = False  # the recipe is known only once the parser has read these
@@ -111,12 +103,22 @@ class CommandLine:
         if self.resume:
             self.rest.append("--cfg.run.resume=last")
 
+    def _set(self, item: str) -> None:
+        """``KEY=VALUE``: ``scale`` picks the preset; any other key is ``--cfg.KEY=VALUE`` in its place."""
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set {item!r} is not KEY=VALUE (e.g. --set train.lr=3e-3)")
+        if key.strip() == "scale":
+            self.scale = value.strip()
+        else:
+            self.sets.append(item)
+            self.rest.append(f"--cfg.{key.strip()}={value}")
+
     def recipe_defaults(self) -> Any:
         """The composed recipe (method < scale < --set), the parser's default for ``cfg``."""
         from megadoc_pl.recipes import load_recipe
 
-        sets = [s for s in self.sets if s.partition("=")[0].strip() != "scale"]
-        sets += [f"scale={self.scale}"] if self.scale else []
+        sets = self.sets + ([f"scale={self.scale}"] if self.scale else [])
         return load_recipe(self.recipe or "baseline_real", sets + (["run.resume=last"] if self.resume else []))
 
 
@@ -193,17 +195,14 @@ def _build_cli_class():
         def instantiate_classes(self) -> None:
             from lightning.pytorch import Trainer
 
-            from megadoc_pl.recipes import validate_recipe
-
             instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes  # jsonargparse >= 4.4x
             self.config_init = instantiate(self.config)
             section = self.config_init.get(str(self.subcommand), self.config_init)
             cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.structured(section["cfg"]))
-            validate_recipe(cfg)
             defaults = {k: p.default for k, p in inspect.signature(Trainer.__init__).parameters.items()}
             overrides = {k: v for k, v in dict(section["trainer"]).items()
                          if k not in TRAINER_LINKS and k in defaults and v != defaults[k]}
-            self.run = run_mod.setup_run(cfg, overrides, stage=self.subcommand or "fit")
+            self.run = run_mod.setup_run(cfg, overrides, stage=self.subcommand or "fit")  # validates the recipe first
             self.model, self.datamodule, self.trainer = self.run.module, self.run.datamodule, self.run.trainer
 
         # --------------------------------------------------------------------- subcommands

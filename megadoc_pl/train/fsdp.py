@@ -108,9 +108,11 @@ def fsdp2_strategy(sharded_checkpoints: bool = False) -> Any:
     name and renamed into place (so ``last.ckpt`` is never half a checkpoint), and not written
     at all when a rank's shards hold NaN/inf (the previous checkpoint stays).
     """
-    import shutil
+    import contextlib
 
     from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from megadoc_pl.utils import atomic_dir
 
     class Fsdp2Strategy(ModelParallelStrategy):
         def setup_environment(self) -> None:
@@ -131,21 +133,11 @@ def fsdp2_strategy(sharded_checkpoints: bool = False) -> Any:
             if int(finite.item()) == 0:
                 get_logger("train").warning(f"not saving {path}: weights hold NaN/inf; the previous checkpoint stays")
                 return
-            tmp = path.with_name(f".{path.name}.partial")
-            if self.global_rank == 0 and tmp.exists():
-                shutil.rmtree(tmp)
-            self.barrier()
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            self.barrier()
-            if self.global_rank == 0:
-                old = path.with_name(f".{path.name}.old")
-                if path.exists():
-                    path.rename(old)
-                tmp.rename(path)
-                if old.is_dir():
-                    shutil.rmtree(old)
-                elif old.exists():
-                    old.unlink()
+            with contextlib.ExitStack() as commit:  # rank 0 renames the directory into place on exit
+                tmp = commit.enter_context(atomic_dir(path, overwrite=True)) if self.global_rank == 0 else None
+                tmp = Path(self.broadcast(str(tmp) if tmp is not None else None))
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+                self.barrier()
             self.barrier()
 
     return Fsdp2Strategy(tensor_parallel_size=1, save_distributed_checkpoint=sharded_checkpoints)

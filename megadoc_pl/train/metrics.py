@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -19,14 +19,10 @@ def run_metrics(trainer: Any, m: Any, cfg: DictConfig, plan: Any, *, status: str
 
     ``m`` is the MegadocLM; ``plan`` the data's MixturePlan (None without one).
     """
-    out: dict[str, Any] = {}
-    for k, v in trainer.callback_metrics.items():  # downstream/*, grad norm, ...
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            out[k] = float(v)
+    out: dict[str, Any] = scalar_metrics(trainer.callback_metrics)  # downstream/*, grad norm, ...
     out.update({k: float(v) for k, v in m.last_train.items()})
+    out.update(throughput_metrics(trainer))
     for cb in trainer.callbacks:
-        if isinstance(cb, ThroughputMonitor):
-            out.update(cb.last)
         # downstream scores survive the post-fit validate(), which clears callback_metrics
         out.update({k: float(v) for k, v in (getattr(cb, "last_metrics", None) or {}).items()})
     out.update(m.last_val)
@@ -63,3 +59,14 @@ def run_metrics(trainer: Any, m: Any, cfg: DictConfig, plan: Any, *, status: str
     })
     out.update(rundir.flat_provenance(provenance))
     return out
+
+
+def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The one-element tensors of a metrics mapping (Trainer.callback_metrics) whose key starts with ``prefix``."""
+    return {k: float(v) for k, v in metrics.items()
+            if k.startswith(prefix) and isinstance(v, torch.Tensor) and v.numel() == 1}
+
+
+def throughput_metrics(trainer: Any) -> dict[str, float]:
+    """The last throughput window (tokens/s, step time, FLOPs/token, MFU) of the run's ThroughputMonitor."""
+    return {k: float(v) for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor) for k, v in cb.last.items()}

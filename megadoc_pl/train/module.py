@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from megadoc_pl.eval.scoring import hidden_states
 from megadoc_pl.model.hf import load_hf_weights
 from megadoc_pl.model.llama import Llama, LlamaConfig
-from megadoc_pl.train.callbacks import NonFiniteLossError, StreamCounter, ThroughputMonitor, nonfinite_message
+from megadoc_pl.train.callbacks import NonFiniteLossError, StreamCounter, nonfinite_message
+from megadoc_pl.train.metrics import scalar_metrics, throughput_metrics
 from megadoc_pl.train.optim import build_adamw, build_scheduler, make_schedule
 
 _CKPT_KEY = "megadoc_pl"  # our extra state inside Lightning checkpoints
@@ -254,13 +255,9 @@ class MegadocLM(pl.LightningModule):
             "train_time_s": self.train_time_s(),
             # the last step's train/* scalars, so a resume that trains no step (a requeue of a
             # finished run) reports them again in metrics.json
-            "last_train": {**_scalar_metrics(self.trainer.callback_metrics, "train/"), **self._throughput(),
-                           **self.last_train},
+            "last_train": {**scalar_metrics(self.trainer.callback_metrics, "train/"),
+                           **throughput_metrics(self.trainer), **self.last_train},
         }
-
-    def _throughput(self) -> dict[str, float]:
-        return {k: float(v) for cb in self.trainer.callbacks if isinstance(cb, ThroughputMonitor)
-                for k, v in cb.last.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The LR schedule is this run's (configure_optimizers: over train.max_steps), not the
@@ -278,11 +275,6 @@ class MegadocLM(pl.LightningModule):
                 self.counter.load_state_dict(state["counter"])
             else:
                 self._restored["counter"] = state["counter"]
-
-
-def _scalar_metrics(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if k.startswith(prefix) and isinstance(v, torch.Tensor) and v.numel() == 1}
 
 
 def _make_val_metrics(names: list[str], cfg: DictConfig) -> torch.nn.Module:
