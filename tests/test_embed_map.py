@@ -4,6 +4,7 @@ on the demo world (real vs template rephrases vs MAGA reformulations) with a tin
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,19 @@ def test_sampling_is_a_function_of_seed_and_id():
     assert a == em.sample_smallest(list(reversed(items)), 10, seed=3)  # file order does not matter
     assert len(a) == 10 and a != em.sample_smallest(items, 10, seed=4)
     assert em.sample_smallest(items, None, seed=3)[:10] == a  # a larger sample contains the smaller
+
+
+def test_tsne_reduces_with_pca_first_and_is_deterministic():
+    x = np.random.default_rng(2).normal(size=(30, 64))
+    xy, info = em.tsne_2d(x, seed=1, perplexity=50)
+    assert xy.shape == (30, 2) and info["pca_dims"] == 30 and info["perplexity"] == pytest.approx(29 / 3)
+    assert np.array_equal(xy, em.tsne_2d(x, seed=1, perplexity=50)[0])
+
+
+def test_missing_scikit_learn_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.decomposition", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match=r"pip install 'megadoc_pl\[analysis\]'"):
+        em.tsne_2d(np.zeros((10, 3)))
 
 
 @pytest.mark.parametrize("spec, problem", [("maga", "expected NAME=PATH"), ("real=x.jsonl", "bad label"),

@@ -319,8 +319,8 @@ def shift_stats(real: np.ndarray, synthetic: np.ndarray) -> dict:
 # --------------------------------------------------------------------------- t-SNE
 
 
-def tsne_2d(embeddings: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> tuple[np.ndarray, float]:
-    """Joint 2-D t-SNE coordinates (PCA to <= 50 dims first) and the perplexity used.
+def tsne_2d(embeddings: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> tuple[np.ndarray, dict]:
+    """Joint 2-D t-SNE coordinates (PCA to <= 50 dims first) and the settings used.
 
     The perplexity is capped at (n - 1) / 3 so small samples still work.
     """
@@ -334,13 +334,14 @@ def tsne_2d(embeddings: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> 
         raise ValueError(f"t-SNE needs at least 4 documents in all (got {n}) (fix: raise --sample)")
     used = float(min(perplexity, (n - 1) / 3))
     dims = min(PCA_DIMS, n, x.shape[1])
+    pca_dims = dims if dims < x.shape[1] else None
     # One BLAS/OpenMP thread: the same bytes on every run, whatever the machine's core count.
     with threadpool_limits(1):
-        if dims < x.shape[1]:
-            x = decomposition.PCA(n_components=dims, svd_solver="full", random_state=seed).fit_transform(x)
+        if pca_dims:
+            x = decomposition.PCA(n_components=pca_dims, svd_solver="full", random_state=seed).fit_transform(x)
         xy = manifold.TSNE(n_components=2, perplexity=used, init="pca", random_state=seed,
                            n_jobs=1).fit_transform(x)
-    return xy, used
+    return xy, {"perplexity": used, "pca_dims": pca_dims, "init": "pca"}
 
 
 # --------------------------------------------------------------------------- outputs
@@ -414,7 +415,7 @@ def embed_map(model: str, real: Sequence[str], synthetic: dict[str, list[str]], 
     sets += [read_set(name, paths, True, sample, seed) for name, paths in synthetic.items()]
     embedder = load_embedder(model, tokenizer, device)
     emb = {s.name: embed_set(embedder, s, max_tokens, batch_size, progress) for s in sets}
-    xy, used = tsne_2d(np.concatenate([emb[s.name] for s in sets]), seed, perplexity)
+    xy, tsne = tsne_2d(np.concatenate([emb[s.name] for s in sets]), seed, perplexity)
     bounds = np.cumsum([0] + [len(s) for s in sets])
     xy_by_set = {s.name: xy[bounds[i]: bounds[i + 1]] for i, s in enumerate(sets)}
     stats = {name: shift_stats(emb[REAL], emb[name]) for name in synthetic}
@@ -422,9 +423,8 @@ def embed_map(model: str, real: Sequence[str], synthetic: dict[str, list[str]], 
         "definition": "shift = mean over synthetic docs of the distance to the nearest real doc / mean over real "
                       "docs of the distance to the nearest other real doc (L2-normalised mean-pooled hidden "
                       "states); reverse = same from real to synthetic. ~1: same distribution, 0: copies.",
-        "model": str(model), "max_tokens": max_tokens, "seed": seed, "sample": sample,
-        "tsne": {"perplexity": used, "pca_dims": min(PCA_DIMS, len(xy), next(iter(emb.values())).shape[1]),
-                 "init": "pca"},
+        "model": str(model), "inputs": {REAL: list(real), **synthetic}, "max_tokens": max_tokens,
+        "seed": seed, "sample": sample, "tsne": tsne,
         "real": {"documents": len(sets[0]), "nn_distance": stats[next(iter(stats))]["real_nn_distance"]},
         "sets": stats,
     }
