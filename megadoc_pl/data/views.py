@@ -32,6 +32,7 @@ stitch_stretch  hybrid: the stitch megadoc with the stretched r(s) in place of r
 maga            one per (genre, audience) reformulation (task ``maga``), optionally only
                 those with ``judge_score >= judge_min_score``
 maga_stitch     one per source: its reformulations stitched, r(s) placed as in ``stitch``
+self_distill    as ``rephrase``, over the teacher's continuations (task ``self_distill``)
 ==============  ==========================================================================
 
 Document identity of a piece: ``newdoc`` marks a document boundary at its first token (every
@@ -45,6 +46,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -52,7 +54,7 @@ import numpy as np
 from megadoc_pl.data.segments import equal_token_split
 from megadoc_pl.utils import stable_hash
 
-VIEWS = ("real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch")
+VIEWS = ("real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch", "self_distill")
 SYNTHETIC_TASK = {
     "rephrase": "rephrase",
     "stitch": "rephrase",
@@ -60,6 +62,7 @@ SYNTHETIC_TASK = {
     "stitch_stretch": "rephrase",
     "maga": "maga",
     "maga_stitch": "maga",
+    "self_distill": "self_distill",
 }
 REAL_POSITIONS = ("last", "first", "none")
 ORDERS = ("generation", "shuffled")
@@ -252,11 +255,36 @@ class _Pools:
     stats: dict
 
 
+def _arrow_column(store, name: str):
+    """An index column as a pyarrow array (no Python object per row), for vectorised lookups."""
+    import pyarrow as pa
+
+    index = getattr(store, "_index", None)  # TokenStore keeps its index as a pyarrow Table
+    if index is not None and name in index.column_names:
+        return index.column(name)
+    return pa.array(store.column(name))
+
+
+def _combined(column):
+    """One contiguous Arrow array (value sets must not be chunked)."""
+    return column.combine_chunks() if hasattr(column, "combine_chunks") else column
+
+
+def _is_in(store, name: str, values: set[str]) -> np.ndarray:
+    """(num_documents,) bool: the store's column ``name`` is one of ``values`` (compared as strings)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not values:
+        return np.zeros(store.num_documents, bool)
+    mask = pc.is_in(_arrow_column(store, name), value_set=pa.array(sorted(map(str, values)), pa.string()))
+    return mask.to_numpy(zero_copy_only=False).astype(bool)
+
+
 def _train_sources(real, heldout: set[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    ids = real.source_ids
-    held = np.fromiter((i in heldout for i in ids), dtype=bool, count=len(ids)) if heldout else np.zeros(len(ids), bool)
+    held = _is_in(real, "source_id", heldout)
     docs = np.flatnonzero(~held)
-    return docs, ids[docs], {"sources": int(len(docs)), "heldout_sources_excluded": int(held.sum())}
+    return docs, real.source_ids[docs], {"sources": int(len(docs)), "heldout_sources_excluded": int(held.sum())}
 
 
 def _pools(real, synth, task: str, heldout: set[str], generations: int, short_pool: str,
@@ -267,23 +295,27 @@ def _pools(real, synth, task: str, heldout: set[str], generations: int, short_po
     if synth is None:
         raise ValueError(f"view needs generations of task '{task}' but data.synthetic is not set "
                          "(fix: point data.synthetic at tools/synthesize.py output)")
-    tasks, sids = synth.tasks, synth.source_ids
-    is_task = tasks == task
+    import pyarrow.compute as pc
+
+    tasks = _arrow_column(synth, "task")
+    is_task = pc.equal(tasks, task).to_numpy(zero_copy_only=False).astype(bool)
     if not is_task.any():
-        have = sorted(set(tasks.tolist()))
+        have = sorted(pc.unique(tasks).to_pylist())
         raise ValueError(f"{synth.path}: no generations of task '{task}' (the store has tasks {have}) "
                          f"(fix: generate them with tools/synthesize.py --task {task}, or pick another data.view)")
-    where = {sid: k for k, sid in enumerate(real.source_ids)}
     gen_docs = np.flatnonzero(is_task)
-    src_doc = np.fromiter((where.get(s, -1) for s in sids[gen_docs]), dtype=np.int64, count=len(gen_docs))
+    # The real document of each generation's source: one hash join in Arrow, no per-row Python.
+    sids = _arrow_column(synth, "source_id")
+    src_doc = pc.index_in(sids, value_set=_combined(_arrow_column(real, "source_id"))).fill_null(-1)
+    src_doc = src_doc.to_numpy(zero_copy_only=False).astype(np.int64)[gen_docs]
     unknown = src_doc < 0
     if unknown.any():
-        first = sids[gen_docs[np.flatnonzero(unknown)[0]]]
+        first = synth.source_id(int(gen_docs[np.flatnonzero(unknown)[0]]))
         raise ValueError(
             f"{synth.path}: {int(unknown.sum())} '{task}' generations name sources that are not in the "
             f"real corpus (e.g. source_id={first!r}) (fix: point data.real at the corpus they were generated from)"
         )
-    held = np.fromiter((s in heldout for s in sids[gen_docs]), dtype=bool, count=len(gen_docs)) if heldout else np.zeros(len(gen_docs), bool)
+    held = _is_in(synth, "source_id", heldout)[gen_docs]
     stats["heldout_generations_excluded"] = int(held.sum())
     gen_docs, src_doc = gen_docs[~held], src_doc[~held]
     # Position of each generation's source among the training sources (real store order).
@@ -350,84 +382,200 @@ def _shuffle_within(g: _Groups, seed: int) -> _Groups:
 # Stretch: rationales inside the original
 
 
+def stretch_cuts(num_tokens: np.ndarray, generations: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`equal_token_split` of many documents at once, flattened.
+
+    Returns ``(g, owner, cut)``: ``g[k]`` split points of document k (G capped at ``n - 1``), and
+    for every split point its document and offset ``(i * n) // (g + 1)``, i = 1..g, documents in
+    order. Exactly the offsets of ``equal_token_split(n[k], generations)`` concatenated.
+    """
+    if generations < 0:
+        raise ValueError(f"generations must be >= 0, got {generations}")
+    n = np.asarray(num_tokens, np.int64)
+    g = np.minimum(generations, np.maximum(n - 1, 0))
+    owner = np.repeat(np.arange(len(n)), g)
+    i = np.arange(len(owner)) - np.repeat(np.cumsum(g) - g, g) + 1
+    return g, owner, (i * n[owner]) // (g[owner] + 1)
+
+
 def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[int], close_ids: Sequence[int],
              lit_src: int, short_pool: str) -> tuple[_Groups, np.ndarray]:
-    """Per source: r(s) in G+1 equal-token segments with rationale i after segment i.
+    """Per source: r(s) in G+1 equal-token segments with rationale i after segment i (vectorised).
 
     Returns the groups and a keep mask over pools' sources (short pools dropped when asked).
-    The original's segments are checked to tile the stored document exactly (verbatim).
+    The original's segments tile the stored document exactly (verbatim, checked); the
+    rationale for split i is the first of the pool (gen_index order) with split_index i
+    (gen_index when it has none).
     """
     bos, eos = int(real.add_bos), int(real.add_eos)
     sbos, seos = int(synth.add_bos), int(synth.add_eos)
-    r_len = real.lengths
-    split_col = synth.column("split_index")
-    syn_len = synth.lengths
+    S = len(pools.ids)
+    d = pools.real_docs.astype(np.int64)
+    r_len = real.lengths[d].astype(np.int64)
+    n = r_len - bos - eos  # content tokens
+    g, owner, cut = stretch_cuts(n, generations)
+
+    # Distinct split indices of each pool and the first rationale (pool order) of each.
+    pool = pools.gens.doc
+    grp = np.repeat(np.arange(S), pools.gens.counts)
+    sidx = synth.column("split_index")[pool]
+    sidx = np.where(sidx >= 0, sidx, synth.gen_indices[pool]).astype(np.int64)
+    order = np.lexsort((sidx, grp))  # stable: within (source, split), pool order
+    grp_o, sidx_o = grp[order], sidx[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (grp_o[1:] != grp_o[:-1]) | (sidx_o[1:] != sidx_o[:-1])
+    u_grp, u_sidx, u_doc = grp_o[first], sidx_o[first], pool[order[first]]
+    distinct = np.bincount(u_grp, minlength=S)
+    in_range = np.bincount(u_grp[(u_sidx >= 0) & (u_sidx < g[u_grp])], minlength=S)
+    negative = np.bincount(u_grp[u_sidx < 0], minlength=S) > 0
+    short = (g > 0) & ((in_range < g) | negative)
+    extra = ~short & (distinct > g)
+    ok = ~(short | extra)  # accepted pools hold exactly the split indices 0..g-1
+    keep = ok
+    rats = u_doc[ok[u_grp]]  # (sum g[keep],) rationale i of each kept source, sources in order
+    rat_owner = owner[ok[owner]]
+    bad = np.flatnonzero(~_split_points_ok(synth, rats, cut[ok[owner]], real.manifest.get("tokenizer_fingerprint")))
+    bad_pool = np.flatnonzero(~ok) if short_pool != "drop" else np.zeros(0, np.int64)
+    # The first source in order with a problem decides the error (as a per-source loop would).
+    if len(bad) and (not len(bad_pool) or rat_owner[bad[0]] < bad_pool[0]):
+        j = int(bad[0])
+        k = int(rat_owner[j])
+        i = j - int(np.searchsorted(rat_owner, k))
+        _raise_split_point(synth, int(rats[j]), i, int(cut[ok[owner]][j]), pools.ids[k],
+                           real.manifest.get("tokenizer_fingerprint"))
+    if len(bad_pool):
+        k = int(bad_pool[0])
+        _raise_stretch_pool(pools.ids[k], u_sidx[u_grp == k], int(g[k]), generations, bool(short[k]))
+
+    # Layout: per kept source g blocks of [segment, open?, rationale, close?], then the last segment.
     has_open, has_close = len(open_ids) > 0, len(close_ids) > 0
-    src, doc, start, length, newdoc, ptr = [], [], [], [], [], [0]
-    keep = np.ones(len(pools.ids), bool)
-    for k in range(len(pools.ids)):
-        d = int(pools.real_docs[k])
-        n = int(r_len[d]) - bos - eos  # content tokens
-        cuts = equal_token_split(n, generations)
-        pool = pools.gens.doc[pools.gens.ptr[k] : pools.gens.ptr[k + 1]]
-        # One rationale per split point: order by split_index (gen_index when absent), first wins.
-        sidx = split_col[pool]
-        sidx = np.where(sidx >= 0, sidx, synth.gen_indices[pool])
-        uniq, first = np.unique(sidx, return_index=True)
-        short = len(uniq) < len(cuts) or (len(cuts) and not np.array_equal(uniq[: len(cuts)], np.arange(len(cuts))))
-        if short_pool == "drop" and (short or len(uniq) > len(cuts)):
-            keep[k] = False  # too few rationales, or ones made for another split: dropped, counted
-            ptr.append(len(src))
-            continue
-        if short:
-            raise ValueError(
-                f"source {pools.ids[k]!r} has rationales for split points {uniq.tolist()[:8]} but stretch with "
-                f"G={generations} needs split_index 0..{len(cuts) - 1} (fix: generate rationales with "
-                f"--generations {generations}, or set data.short_pool=drop)"
-            )
-        if len(uniq) > len(cuts):
-            raise ValueError(
-                f"source {pools.ids[k]!r} has rationales for {len(uniq)} split points but stretch with "
-                f"G={generations} splits it at {len(cuts)}: rationales are tied to the split they were "
-                f"generated for (fix: set data.generations={len(uniq)} or regenerate with --generations {generations})"
-            )
-        rats = pool[first[: len(cuts)]]
-        _check_split_points(synth, rats, cuts, pools.ids[k], real.manifest.get("tokenizer_fingerprint"))
-        bounds = [0] + [bos + c for c in cuts] + [n + bos + eos]  # segments of the stored document
-        seg_lo, seg_hi = bounds[:-1], bounds[1:]
-        # Invariant: the real segments tile the stored document exactly, in order.
-        assert seg_lo[0] == 0 and seg_hi[-1] == r_len[d] and all(a == b for a, b in zip(seg_hi[:-1], seg_lo[1:]))
-        for i in range(len(seg_lo)):
-            src.append(0); doc.append(d); start.append(seg_lo[i]); length.append(seg_hi[i] - seg_lo[i]); newdoc.append(i == 0)
-            if i < len(rats):
-                r = int(rats[i])
-                if has_open:
-                    src.append(lit_src); doc.append(0); start.append(0); length.append(len(open_ids)); newdoc.append(False)
-                src.append(1); doc.append(r); start.append(sbos); length.append(int(syn_len[r]) - sbos - seos); newdoc.append(False)
-                if has_close:
-                    src.append(lit_src); doc.append(1); start.append(0); length.append(len(close_ids)); newdoc.append(False)
-        ptr.append(len(src))
-    # Sources dropped above have empty groups; compact to the kept ones.
-    g = _Groups(np.asarray(ptr, np.int64), np.asarray(src, np.int64), np.asarray(doc, np.int64),
-                np.asarray(start, np.int64), np.asarray(length, np.int64), np.asarray(newdoc, bool))
-    return g.take(keep), keep
+    m = 2 + has_open + has_close
+    gk, nk, dk, lk = g[keep], n[keep], d[keep], r_len[keep]
+    counts = gk * m + 1
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    src_of = np.repeat(np.arange(len(gk)), counts)
+    q = np.arange(int(ptr[-1])) - ptr[:-1][src_of]  # piece number inside its source
+    block, role = q // m, q % m  # role 0: real segment; then open?, rationale, close?
+    role = np.where(role == 0, 0, role + (not has_open))  # 1 open, 2 rationale, 3 close
+    gq, nq = gk[src_of], nk[src_of]
+    seg_lo = np.where(block == 0, 0, bos + (block * nq) // (gq + 1))
+    seg_hi = np.where(block == gq, lk[src_of], bos + ((block + 1) * nq) // (gq + 1))
+    rat_start = np.concatenate([[0], np.cumsum(gk)])[:-1]
+    rat = np.zeros(len(q), np.int64)
+    is_rat = role == 2
+    rat[is_rat] = rats[rat_start[src_of[is_rat]] + block[is_rat]]
+    rat_len = synth.lengths[rat].astype(np.int64) - sbos - seos
+    src = np.select([role == 0, role == 2], [0, 1], lit_src).astype(np.int64)
+    doc = np.select([role == 0, role == 2, role == 1], [dk[src_of], rat, 0], 1).astype(np.int64)
+    start = np.select([role == 0, role == 2], [seg_lo, sbos], 0).astype(np.int64)
+    length = np.select([role == 0, role == 2, role == 1], [seg_hi - seg_lo, rat_len, len(open_ids)],
+                       len(close_ids)).astype(np.int64)
+    newdoc = (role == 0) & (block == 0)
+    # Invariant: the real segments tile the stored document exactly, in order.
+    real_seg = role == 0
+    assert np.array_equal(np.bincount(src_of[real_seg], weights=length[real_seg], minlength=len(gk)), lk)
+    return _Groups(ptr, src, doc, start, length, newdoc), keep
 
 
-def _check_split_points(synth, rats: np.ndarray, cuts: Sequence[int], source: str, fingerprint: Optional[str]) -> None:
-    """Each rationale's recorded split offset and tokenizer (when the row has them) must be the
-    training tokenization's: a rationale written for another cut would be inserted at the wrong place."""
-    ours = f"tokens:{str(fingerprint)[:16]}"
-    for i, r in enumerate(rats):
-        meta = synth.meta(int(r))
-        made_for, offset = meta.get("split_tokenizer"), meta.get("split_token_offset")
-        if (made_for is None or made_for == ours) and (offset is None or int(offset) == int(cuts[i])):
-            continue
+def _raise_stretch_pool(source: str, split_indices: np.ndarray, cuts: int, generations: int, short: bool) -> None:
+    uniq = np.unique(split_indices)
+    if short:
         raise ValueError(
-            f"source {source!r}: rationale {i} was generated for the split at token {offset} ({made_for}) but stretch "
-            f"splits the training tokenization ({ours}) at token {int(cuts[i])} (fix: regenerate the rationales with "
-            "tools/synthesize.py --task rationale --tokenizer <data.tokenizer>, or train with the tokenizer they "
-            "were made for)"
+            f"source {source!r} has rationales for split points {uniq.tolist()[:8]} but stretch with "
+            f"G={generations} needs split_index 0..{cuts - 1} (fix: generate rationales with "
+            f"--generations {generations}, or set data.short_pool=drop)"
         )
+    raise ValueError(
+        f"source {source!r} has rationales for {len(uniq)} split points but stretch with "
+        f"G={generations} splits it at {cuts}: rationales are tied to the split they were "
+        f"generated for (fix: set data.generations={len(uniq)} or regenerate with --generations {generations})"
+    )
+
+
+_SPLIT_KEYS = ("split_tokenizer", "split_token_offset")
+
+
+def _split_ok(meta: dict, cut: int, ours: str) -> bool:
+    made_for, offset = meta.get("split_tokenizer"), meta.get("split_token_offset")
+    return (made_for is None or made_for == ours) and (offset is None or int(offset) == int(cut))
+
+
+def _split_points_ok(synth, rats: np.ndarray, cuts: np.ndarray, fingerprint: Optional[str]) -> np.ndarray:
+    """(len(rats),) bool: rationale ``rats[j]``'s recorded split offset and tokenizer (when its row
+    has them) are the training tokenization's ``cuts[j]``.
+
+    Vectorised over the generation rows' JSON fields, a record batch at a time: a row mentioning
+    each key at most once is read with a regular expression; a row that does not pass that way
+    (a key twice, a value that is not a plain integer / string, or a real mismatch) is decided by
+    ``json.loads``, so the answer is exactly the per-row one.
+    """
+    import json
+
+    import pyarrow.compute as pc
+
+    ours = f"tokens:{str(fingerprint)[:16]}"
+    out = np.ones(len(rats), bool)
+    for rows, meta in _meta_batches(synth, rats):
+        fast = np.ones(len(rows), bool)
+        for key, pattern in (("split_token_offset", r'"split_token_offset": (?P<v>-?[0-9]{1,15})[,}]'),
+                             ("split_tokenizer", r'"split_tokenizer": "(?P<v>[^"\\\\]*)"')):
+            mentions = pc.count_substring(meta, f'"{key}"').to_numpy(zero_copy_only=False)
+            match = pc.extract_regex(meta, pattern)
+            value = pc.struct_field(match, [0])
+            if key == "split_tokenizer":
+                same = pc.equal(value, ours).fill_null(False).to_numpy(zero_copy_only=False)
+            else:  # a row the pattern does not match gets -1, never a cut, and goes to json.loads
+                found = pc.if_else(pc.is_valid(match), value, "-1")
+                same = pc.cast(found, "int64").to_numpy(zero_copy_only=False) == cuts[rows]
+            fast &= (mentions == 0) | ((mentions == 1) & same)
+        for j in np.flatnonzero(~fast):  # the exact check, for the rows the fast one cannot certify
+            out[rows[j]] = _split_ok(json.loads(meta[int(j)].as_py() or "{}"), int(cuts[rows[j]]), ours)
+    return out
+
+
+def _meta_batches(store, docs: np.ndarray):
+    """Yield ``(rows, meta)``: positions into ``docs`` and the JSON fields of those documents (an
+    Arrow string array), one index record batch at a time (memory bounded by a batch)."""
+    import pyarrow as pa
+
+    docs = np.asarray(docs, np.int64)
+    order = np.argsort(docs, kind="stable")
+    sorted_docs = docs[order]
+    path = getattr(store, "path", None)
+    index = Path(path) / "index.parquet" if path is not None else None
+    if index is None or not index.is_file() or "meta" not in _parquet_columns(index):
+        import json
+
+        yield order, pa.array([json.dumps(store.meta(int(i))) for i in sorted_docs], pa.string())
+        return
+    import pyarrow.parquet as pq
+
+    lo = 0
+    for batch in pq.ParquetFile(index).iter_batches(columns=["meta"], batch_size=1 << 18):
+        hi = lo + batch.num_rows
+        a, b = np.searchsorted(sorted_docs, [lo, hi])
+        if b > a:
+            yield order[a:b], batch.column(0).take(pa.array(sorted_docs[a:b] - lo))
+        lo = hi
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).names
+
+
+def _raise_split_point(synth, r: int, i: int, cut: int, source: str, fingerprint: Optional[str]) -> None:
+    import json
+
+    meta = json.loads(next(_meta_batches(synth, np.array([r])))[1][0].as_py() or "{}")
+    made_for, offset = meta.get("split_tokenizer"), meta.get("split_token_offset")
+    raise ValueError(
+        f"source {source!r}: rationale {i} was generated for the split at token {offset} ({made_for}) but stretch "
+        f"splits the training tokenization (tokens:{str(fingerprint)[:16]}) at token {cut} (fix: regenerate the "
+        "rationales with tools/synthesize.py --task rationale --tokenizer <data.tokenizer>, or train with the "
+        "tokenizer they were made for)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,9 +685,9 @@ def _build_view(real, synth, opts: ViewOptions, heldout: Iterable[str],
                             ["<stretch_open>", "<stretch_close>"])
     sources = (real, synth) + ((lit,) if lit is not None else ())
 
-    if opts.view in ("rephrase", "maga"):
+    if opts.view in ("rephrase", "maga", "self_distill"):
         parts = [gens]
-        if opts.view == "rephrase" and opts.include_real:
+        if opts.view in ("rephrase", "self_distill") and opts.include_real:
             parts.append(_Groups.single(0, pools.real_docs, real.lengths[pools.real_docs]))
         return _to_units(_concat(parts), sources, name, stats, split_each=True)
 
