@@ -127,6 +127,8 @@ def read_set(name: str, paths: Sequence[str], synthetic: bool, sample: Optional[
             raise ValueError(f"{name}: a token store must be the set's only path (got {len(paths)} paths)")
         items, store = _store_items(paths[0])
         chosen = sample_smallest(items, sample, seed)
+        if not chosen:
+            raise ValueError(f"{name}: the token store {paths[0]} holds no documents")
         return DocSet(name, [i for i, _ in chosen], tokens=[np.asarray(store.content_tokens(j)) for _, j in chosen],
                       tokenizer_fingerprint=store.manifest.get("tokenizer_fingerprint"))
     if synthetic:
@@ -136,7 +138,7 @@ def read_set(name: str, paths: Sequence[str], synthetic: bool, sample: Optional[
     chosen = sample_smallest(rows, sample, seed)
     if not chosen:
         raise ValueError(f"{name}: no documents in {', '.join(paths)}")
-    return DocSet(name, [i for i, _ in chosen], texts=[t for _, t in chosen])  # type: ignore[misc]
+    return DocSet(name, [i for i, _ in chosen], texts=[str(t) for _, t in chosen])
 
 
 # --------------------------------------------------------------------------- embedding models
@@ -185,8 +187,6 @@ def _special_affixes(hf_tok) -> tuple[list[int], list[int]]:
 
 def load_embedder(model: str, tokenizer: Optional[str] = None, device: str = "cpu") -> Embedder:
     """A Lightning checkpoint (file or sharded dir) of this project, or a local HF model directory."""
-    import torch
-
     p = Path(model)
     if not p.exists():
         raise ValueError(f"{p}: no such model checkpoint or directory (fix: pass a .ckpt file or a local HF model dir)")
