@@ -3,6 +3,7 @@ on the demo world (real vs template rephrases vs MAGA reformulations) with a tin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -14,7 +15,8 @@ from omegaconf import OmegaConf
 from conftest import load_script, one_thread, tiny_llama
 from megadoc_pl.analysis import embed_map as em
 
-pytest.importorskip("sklearn", reason="the embedding map needs the 'analysis' extra (scikit-learn)")
+needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
+                                   reason="t-SNE needs the 'analysis' extra (scikit-learn)")
 
 N_DOCS = 50
 SAMPLE = 40
@@ -57,6 +59,7 @@ def test_sampling_is_a_function_of_seed_and_id():
     assert em.sample_smallest(items, None, seed=3)[:10] == a  # a larger sample contains the smaller
 
 
+@needs_sklearn
 def test_tsne_reduces_with_pca_first_and_is_deterministic():
     x = np.random.default_rng(2).normal(size=(30, 64))
     xy, info = em.tsne_2d(x, seed=1, perplexity=50)
@@ -107,6 +110,7 @@ def world(tmp_path_factory):
     return {"root": root, "real": real, "tokenizer": tok, "ckpt": ckpt, **gens}
 
 
+@needs_sklearn
 def test_tool_on_demo_world_is_deterministic(world, capsys):
     tool = load_script("tools/embed_map.py")
     args = ["--model", str(world["ckpt"]), "--real", str(world["real"]),
