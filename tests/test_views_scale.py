@@ -137,3 +137,46 @@ def test_vectorised_stretch_equals_the_per_source_loop(random_corpus, G, delims)
                                                 stretch_open=delims[0], stretch_close=delims[1]),
                        {"s3"}, encode=info.encode)
         assert u.num_units == int(got_keep.sum())
+
+
+def _assert_same_units(a, b) -> None:
+    from megadoc_pl.data.view_cache import COLUMNS
+
+    for c in COLUMNS:
+        assert np.array_equal(getattr(a, c), getattr(b, c)), c
+    assert (a.name, a.stats, a.num_tokens) == (b.name, b.stats, b.num_tokens)
+    assert all(x is y for x, y in zip(a.sources[:2], b.sources[:2]))
+    for u in range(a.num_units):
+        assert np.array_equal(a.unit_tokens_of(u), b.unit_tokens_of(u))
+
+
+@pytest.mark.parametrize("kw", [dict(view="stitch", generations=2, short_pool="drop"),
+                                dict(view="stretch", generations=2, short_pool="drop", stretch_open="<t>"),
+                                dict(view="rephrase", generations=3, short_pool="drop")])
+def test_cached_view_equals_a_fresh_one_and_changed_inputs_miss(tmp_path, kw):
+    from test_views import HELDOUT, make_corpus
+
+    from conftest import build_tiny_tokenizer
+
+    from megadoc_pl.data.view_cache import cached_view
+
+    c = make_corpus(tmp_path / "corpus", build_tiny_tokenizer(tmp_path / "tok"))
+    R, S, enc = c["real"], c["synth"], c["info"].encode
+    opts = ViewOptions(**kw)
+    fresh = build_view(R, S, opts, HELDOUT, encode=enc)
+    first = cached_view(tmp_path / "cache", R, S, opts, HELDOUT, encode=enc)
+    (built,) = (tmp_path / "cache" / "views").iterdir()
+    again = cached_view(tmp_path / "cache", R, S, opts, HELDOUT, encode=enc)
+    assert isinstance(again.piece_doc, np.memmap)  # loaded, memory-mapped, not rebuilt
+    _assert_same_units(first, fresh)
+    _assert_same_units(again, fresh)
+    # A changed option, seed, excluded set or store is another cache entry, never the old one.
+    option = {"stretch_open": "<x>"} if kw["view"] == "stretch" else {"generations": 1}
+    for changed in (dict(opts=ViewOptions(**{**kw, **option})), dict(opts=ViewOptions(**kw, seed=7)),
+                    dict(heldout=HELDOUT | {"d0"})):
+        o, h = changed.get("opts", opts), changed.get("heldout", HELDOUT)
+        _assert_same_units(cached_view(tmp_path / "cache", R, S, o, h, encode=enc), build_view(R, S, o, h, encode=enc))
+    assert len(list((tmp_path / "cache" / "views").iterdir())) == 4 and built.exists()
+    other = make_corpus(tmp_path / "other", build_tiny_tokenizer(tmp_path / "tok2", vocab_size=280))
+    cached_view(tmp_path / "cache", other["real"], other["synth"], opts, HELDOUT, encode=other["info"].encode)
+    assert len(list((tmp_path / "cache" / "views").iterdir())) == 5

@@ -33,8 +33,9 @@ from megadoc_pl.data.hygiene import (
     text_hashes,
 )
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
-from megadoc_pl.data.views import (SYNTHETIC_TASK, Units, ViewOptions, build_view, documents_units,
-                                   real_fraction_excluded, real_units)
+from megadoc_pl.data.view_cache import cached_view
+from megadoc_pl.data.views import (SYNTHETIC_TASK, Units, ViewOptions, documents_units, real_fraction_excluded,
+                                   real_units)
 from megadoc_pl.data.windows import StreamWindows, Windows
 from megadoc_pl.utils import file_lock, get_logger, json_fingerprint
 
@@ -236,11 +237,12 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
 
 
 def remove_leftovers(cache_dir: Path) -> list[Path]:
-    """Delete what a killed preparation left in ``cache_dir`` (half-built ``.*.partial`` stores,
-    ``.*.tmp`` files). Called under :func:`preparation_lock`, so no live preparation owns them."""
+    """Delete what a killed preparation left in ``cache_dir`` (half-built ``.*.partial`` stores and
+    views, ``.*.tmp`` files). Called under :func:`preparation_lock`, so no live preparation owns them."""
     import shutil
 
-    found = sorted(cache_dir.glob("stores/.*.partial")) + sorted(cache_dir.glob("*/.*.tmp"))
+    found = (sorted(cache_dir.glob("stores/.*.partial")) + sorted(cache_dir.glob("views/.*.partial"))
+             + sorted(cache_dir.glob("*/.*.tmp")))
     for p in found:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -310,7 +312,10 @@ def _prepare_corpus(cfg: DictConfig) -> PreparedData:
     ru = real_units(real, excluded | left_out)
     ru.stats.update(heldout_sources_excluded=ru.stats["heldout_sources_excluded"] - len(left_out) - len(duplicates),
                     heldout_duplicates_excluded=len(duplicates), real_fraction_sources_excluded=len(left_out))
-    su = build_view(real, synth, opts, excluded | left_out, encode=tok.encode) if synth is not None else None
+    su = None
+    if synth is not None:  # built once per inputs and options, then memory-mapped from the cache
+        su = cached_view(Path(cfg.data.cache_dir), real, synth, opts, excluded | left_out, encode=tok.encode,
+                         rebuild=bool(data.rebuild))
     val_units = _val_units(cfg, real, sets, tok)
     # held-out hygiene: no validation document may be a training source (by id), whatever the view
     check_units_disjoint([ru, su], val_units)

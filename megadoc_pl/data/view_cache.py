@@ -1,0 +1,101 @@
+"""Built corpus views cached beside the token stores, so a relaunch loads them in seconds.
+
+A view's units are a pure function of the two stores' contents, the view options (seed
+included), the excluded source ids and the delimiter tokens; the cache directory is named by a
+hash of exactly those (``views/<view>-<key>``). It holds one ``.npy`` per column of
+:class:`~megadoc_pl.data.views.Units` and ``view.json`` (name, statistics, delimiter tokens),
+built under a temporary name and renamed (:func:`megadoc_pl.utils.atomic_dir`), so a killed
+build leaves nothing a later run could read. Columns load with ``mmap_mode='r'``: a relaunch
+reads no array until windows touch it, and DataLoader workers forked from the loader share the
+pages instead of copying them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from megadoc_pl.data.views import LiteralTokens, Units, ViewOptions, build_view
+from megadoc_pl.utils import atomic_dir, get_logger, json_fingerprint
+
+CACHE_VERSION = 1  # bump when the meaning of a cached view changes (a change to how views are built)
+COLUMNS = ("piece_src", "piece_doc", "piece_start", "piece_len", "piece_newdoc", "piece_docpos", "unit_ptr")
+_log = get_logger("data")
+
+
+def store_key(store) -> dict:
+    """What identifies a token store's contents: input hashes, counts, options, block checksums."""
+    m = store.manifest
+    key = {k: m.get(k) for k in ("format_version", "kind", "tokenizer_fingerprint", "dtype", "add_bos", "add_eos",
+                                 "num_documents", "num_tokens", "skip_bad_rows", "text_field", "id_field")}
+    key["inputs"] = [(f.get("sha256"), f.get("size")) for f in m.get("inputs", [])]
+    key["crc32"] = {name: f.get("crc32") for name, f in (m.get("checksums") or {}).get("files", {}).items()}
+    return key
+
+
+def ids_hash(ids: Iterable[str]) -> str:
+    """sha256 of a set of ids (order-free)."""
+    h = hashlib.sha256()
+    for i in sorted(str(i) for i in ids):
+        h.update(i.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def view_key(real, synth, opts: ViewOptions, heldout: Iterable[str], delimiters: Optional[list] = None) -> str:
+    """The cache key of a view: everything its units depend on."""
+    return json_fingerprint({"version": CACHE_VERSION, "real": store_key(real),
+                             "synthetic": store_key(synth) if synth is not None else None,
+                             "options": dataclasses.asdict(opts), "excluded": ids_hash(heldout),
+                             "delimiters": delimiters})
+
+
+def cached_view(cache_dir: Path, real, synth, opts: ViewOptions, heldout: Iterable[str] = (),
+                encode: Optional[Callable[[str], list[int]]] = None, rebuild: bool = False) -> Units:
+    """:func:`build_view`, loaded from ``cache_dir/views`` when built before with the same inputs.
+
+    A cache that cannot be written (no room, read-only) costs a warning, not the run.
+    """
+    heldout = set(heldout)
+    delimiters = None
+    if opts.view in ("stretch", "stitch_stretch") and encode is not None:
+        delimiters = [list(map(int, encode(opts.stretch_open))), list(map(int, encode(opts.stretch_close)))]
+    out = Path(cache_dir) / "views" / f"{opts.view}-{view_key(real, synth, opts, heldout, delimiters)[:16]}"
+    if not rebuild and (out / "view.json").is_file():
+        return load_units(out, real, synth)
+    units = build_view(real, synth, opts, heldout, encode=encode)
+    try:
+        save_units(out, units, overwrite=rebuild)
+    except FileExistsError:
+        pass  # another process saved the same view first
+    except OSError as e:
+        _log.warning(f"could not cache the {opts.view} view in {out} ({e.strerror or e}): it is rebuilt next launch")
+    return units
+
+
+def save_units(out: Path, units: Units, overwrite: bool = False) -> None:
+    """Write ``units`` as a view cache directory (atomically)."""
+    literals = [s for s in units.sources if isinstance(s, LiteralTokens)]
+    assert len(units.sources) <= 3 and all(isinstance(s, LiteralTokens) for s in units.sources[2:]), \
+        "views have sources (real, synthetic[, delimiters])"
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for c in COLUMNS:
+            np.save(tmp / f"{c}.npy", np.ascontiguousarray(getattr(units, c)))
+        meta = {"version": CACHE_VERSION, "name": units.name, "stats": units.stats, "num_sources": len(units.sources),
+                "literals": [{"tokens": [s.tokens(i).tolist() for i in range(s.num_documents)], "names": s.names}
+                             for s in literals]}
+        (tmp / "view.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def load_units(path: Path, real, synth) -> Units:
+    """A cached view's units, columns memory-mapped read-only."""
+    meta = json.loads((path / "view.json").read_text(encoding="utf-8"))
+    literals = [LiteralTokens(lit["tokens"], lit["names"]) for lit in meta["literals"]]
+    sources = ((real, synth) + tuple(literals))[: meta["num_sources"]]
+    cols = {c: np.load(path / f"{c}.npy", mmap_mode="r") for c in COLUMNS}
+    return Units(sources, **cols, name=meta["name"], stats=meta["stats"])
+
