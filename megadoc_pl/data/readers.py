@@ -165,12 +165,39 @@ def _read_error(path: Path, e: BaseException) -> ValueError:
 
 def jsonl_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes) of every non-blank line of a JSONL(.gz/.zst) file."""
+    for first, block in jsonl_blocks(path):
+        yield from block_lines(first, block)
+
+
+def block_lines(first: int, block: bytes) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) of the non-blank lines of a block whose first line is ``first``."""
+    for k, raw in enumerate(block.split(b"\n")):
+        if raw.strip():  # blank lines (e.g. a trailing newline) are not rows
+            yield first + k, raw
+
+
+def jsonl_blocks(path: PathLike, block_bytes: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+    """A JSONL(.gz/.zst) file as blocks of whole lines of about ``block_bytes`` (a longer line is
+    one block of its own): (1-based number of the block's first line, bytes). Read failures are a
+    one-line ValueError naming the file."""
     p = Path(path)
     try:
         with _open_binary(p) as f:
-            for line_no, raw in enumerate(f, start=1):
-                if raw.strip():  # blank lines (e.g. a trailing newline) are not rows
-                    yield line_no, raw
+            line, parts = 1, []
+            while True:
+                data = f.read(block_bytes)
+                if not data:
+                    break
+                cut = data.rfind(b"\n") + 1
+                if not cut:  # inside a long line: keep reading
+                    parts.append(data)
+                    continue
+                block = b"".join(parts) + data[:cut] if parts else data[:cut]
+                parts = [data[cut:]] if cut < len(data) else []
+                yield line, block
+                line += block.count(b"\n")
+            if parts:
+                yield line, b"".join(parts)
     except Exception as e:
         # zstandard raises its own ZstdError; every read failure becomes one line naming the file
         if isinstance(e, (OSError, EOFError)) or type(e).__name__ == "ZstdError":
@@ -427,7 +454,7 @@ class RowChecker:
             if getattr(rec, "folds_repeats", False) and self.folded_text.get(rec.id) == hash(rec.text):
                 self.counts["maga_rows_folded"] = self.counts.get("maga_rows_folded", 0) + 1
                 return False
-            self.bad(_duplicate(rec, first))
+            self.bad(duplicate_error(rec, first))
             return False
         self.seen[key] = (rec.path, rec.line)
         if getattr(rec, "folds_repeats", False):
@@ -436,7 +463,7 @@ class RowChecker:
         return True
 
 
-def _duplicate(rec: Union[Document, Generation], first: tuple[str, int]) -> BadRowError:
+def duplicate_error(rec: Union[Document, Generation], first: tuple[str, int]) -> BadRowError:
     where = f"(first at {first[0]}:{first[1]})"
     if isinstance(rec, Document):
         return BadRowError(rec.path, rec.line, "duplicate_id", f"duplicate id {rec.id!r} {where}",

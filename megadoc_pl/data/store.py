@@ -13,6 +13,12 @@ A store is a directory::
                     chunk_index) and
                     meta (the rest of the row / the generation fields, as JSON)
 
+Building streams: the inputs are cut into ~1 MiB blocks of whole lines that workers (threads, or
+forked processes on many cores) parse, validate and tokenize; the parent appends each block's
+tokens, offsets and index rows to the files as they arrive and keeps only a 16-byte identity key
+per row, so memory does not grow with per-row objects. Duplicates (and MAGACorpus repeats, which
+fold) are settled once at the end by sorting the keys, with the same outcome as reading the rows
+one by one (readers.RowChecker). Offsets are 64-bit: one token file holds any number of tokens.
 It is built under a temporary name and renamed (utils.atomic_dir), so an interrupted build
 leaves no store. ``manifest.json`` records a CRC32 per 16 MiB block of the three data files and
 their size and mtime; :meth:`TokenStore.open` re-checks the blocks of tokens.bin / offsets.npy
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import hashlib
 import json
 import multiprocessing
 import os
@@ -38,19 +45,22 @@ import numpy as np
 
 from megadoc_pl.data.readers import (
     REAL_TASK,
+    UNASSIGNED,
     BadRowError,
     Document,
-    RowChecker,
+    Generation,
+    block_lines,
     decode_line,
+    duplicate_error,
     expand_inputs,
     is_parquet,
-    jsonl_lines,
+    jsonl_blocks,
     open_parquet,
     parse_document,
     parse_generation,
 )
 from megadoc_pl.data.tokenizer import TokenizerInfo, load_tokenizer
-from megadoc_pl.utils import atomic_dir, atomic_write_json, current_umask, file_fingerprint, stat_cache
+from megadoc_pl.utils import atomic_dir, atomic_write_json, current_umask, file_fingerprint, stable_hash, stat_cache
 
 PathLike = Union[str, os.PathLike]
 
@@ -389,23 +399,49 @@ class _Options:
 
 @dataclass
 class _Chunk:
-    """Rows of one input file: raw JSONL lines, or a Parquet record batch and its first row number."""
+    """Rows of one input file: a block of whole JSONL lines, or a Parquet record batch."""
 
     path: str
-    lines: Optional[list[tuple[int, bytes]]] = None
+    file: int  # position of the file among the store's inputs
+    first_line: int  # line (JSONL) or row (Parquet) number of the chunk's first row
+    block: Optional[bytes] = None
     batch: Any = None
-    first_row: int = 1
 
 
 @dataclass
 class _Parsed:
-    """A worker's answer for one chunk: every row parsed (texts dropped), tokens of the good ones."""
+    """A worker's answer for one chunk: the good rows as index columns and tokens, the bad rows.
 
-    records: list  # Document / Generation (text "", meta/fields {}) or BadRowError, in row order
-    metas: list  # JSON of each good record's meta / fields (None for bad rows)
-    promoted: list  # PROMOTED_FIELDS values of each good generation (None otherwise)
-    lengths: np.ndarray  # (good rows,) int64 stored lengths
+    Nothing per row outlives the chunk in the parent: the index is written as it arrives and each
+    row leaves 16 bytes of identity key (plus 8 for MAGACorpus chunks that fold repeats), so the
+    parent's memory does not grow with row objects.
+    """
+
+    index: Any  # pyarrow Table of the good rows (_index_schema), gen_index -1 for unnumbered MAGA rows
+    keys: np.ndarray  # (good, 2) uint64: 128-bit hash of each row's identity (id, or source_id/task/gen_index)
+    unnumbered: np.ndarray  # positions of MAGACorpus generation rows the parent numbers within their source
+    folds: np.ndarray  # positions of rows that fold repeats (MAGACorpus chunks read as documents)
+    fold_hashes: np.ndarray  # (len(folds),) uint64 hash of their text
+    bad: list  # (good rows before it, BadRowError), in row order
+    lengths: np.ndarray  # (good,) int64 stored lengths
     flat: np.ndarray  # tokens of the good rows, BOS/EOS included
+
+
+def _row_key(kind: str, source_id: str, task: str, gen_index: int) -> bytes:
+    """16-byte identity of a row: its id (documents) or (source_id, task, gen_index) (generations)."""
+    text = source_id if kind == "documents" else f"{source_id}\x00{task}\x00{gen_index}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _index_schema(kind: str):
+    import pyarrow as pa
+
+    fields = [("source_id", pa.string()), ("task", pa.string()), ("gen_index", pa.int64()), ("file", pa.int32()),
+              ("line", pa.int64())]
+    if kind == "generations":
+        fields += [(name, pa.string() if typ == "string" else pa.from_numpy_dtype(np.dtype(typ)))
+                   for name, (typ, _) in PROMOTED_FIELDS.items()]
+    return pa.schema(fields + [("meta", pa.string())])
 
 
 _WORKER: dict[str, Any] = {}
@@ -428,38 +464,53 @@ def _process_in_worker(chunk: _Chunk) -> _Parsed:
     return _process(_WORKER["tok"], _WORKER["opts"], chunk)
 
 
+def _chunk_rows(chunk: _Chunk) -> Iterator[tuple[int, Any]]:
+    if chunk.block is not None:
+        return ((line, decode_line(raw, chunk.path, line)) for line, raw in block_lines(chunk.first_line, chunk.block))
+    return enumerate(chunk.batch.to_pylist(), start=chunk.first_line)
+
+
 def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
-    """Parse, validate and tokenize one chunk; the order-dependent checks are left to the caller."""
-    if chunk.lines is not None:
-        rows: Iterable = ((line, decode_line(raw, chunk.path, line)) for line, raw in chunk.lines)
-    else:
-        rows = enumerate(chunk.batch.to_pylist(), start=chunk.first_row)
-    records, texts = [], []
-    for line, row in rows:
-        if opts.kind == "documents":
+    """Parse, validate and tokenize one chunk; the order-dependent checks are left to the parent."""
+    import pyarrow as pa
+
+    documents = opts.kind == "documents"
+    cols: dict[str, list] = {"source_id": [], "task": [], "gen_index": [], "line": [], "meta": []}
+    promoted: list[list] = [[] for _ in PROMOTED_FIELDS]
+    texts, keys, bad, unnumbered, folds, fold_hashes = [], [], [], [], [], []
+    for line, row in _chunk_rows(chunk):
+        if documents:
             rec = parse_document(row, chunk.path, line, opts.text_field, opts.id_field)
         else:
             rec = parse_generation(row, chunk.path, line)
-        records.append(rec)
-        if not isinstance(rec, BadRowError):
-            texts.append(rec.text)
-    lengths, flat = _encode(tok, opts.dtype, opts.bos, opts.eos, texts)
-    metas, promoted = [], []
-    for rec in records:
         if isinstance(rec, BadRowError):
-            metas.append(None)
-            promoted.append(None)
+            bad.append((len(texts), rec))
             continue
-        rec.text = ""  # not sent back: the tokens are
-        if isinstance(rec, Document):
-            metas.append(json.dumps(rec.meta, ensure_ascii=False, default=str))
-            promoted.append(None)
-            rec.meta = {}
+        if documents:
+            sid, task, gen_index, meta = rec.id, REAL_TASK, -1, rec.meta
+            if rec.folds_repeats:
+                folds.append(len(texts))
+                fold_hashes.append(stable_hash(rec.text))
         else:
-            metas.append(json.dumps(rec.fields, ensure_ascii=False, default=str))
-            promoted.append(tuple(_coerce(rec.fields.get(k), typ, dflt) for k, (typ, dflt) in PROMOTED_FIELDS.items()))
-            rec.fields = {}
-    return _Parsed(records, metas, promoted, lengths, flat)
+            sid, task, gen_index, meta = rec.source_id, rec.task, rec.gen_index, rec.fields
+            for values, (name, (typ, dflt)) in zip(promoted, PROMOTED_FIELDS.items()):
+                values.append(_coerce(meta.get(name), typ, dflt))
+            if gen_index == UNASSIGNED:
+                unnumbered.append(len(texts))
+        keys.append(_row_key(opts.kind, sid, task, gen_index))
+        texts.append(rec.text)
+        for name, value in zip(("source_id", "task", "gen_index", "line"), (sid, task, gen_index, line)):
+            cols[name].append(value)
+        cols["meta"].append(json.dumps(meta, ensure_ascii=False, default=str))
+    lengths, flat = _encode(tok, opts.dtype, opts.bos, opts.eos, texts)
+    schema = _index_schema(opts.kind)
+    arrays = {**cols, "file": np.full(len(texts), chunk.file, dtype=np.int32)}
+    if not documents:
+        arrays.update(zip(PROMOTED_FIELDS, promoted))
+    index = pa.table({f.name: pa.array(arrays[f.name], f.type) for f in schema}, schema=schema)
+    key_arr = np.frombuffer(b"".join(keys), dtype=np.uint64).reshape(-1, 2) if keys else np.zeros((0, 2), np.uint64)
+    return _Parsed(index, key_arr, np.array(unnumbered, np.int64), np.array(folds, np.int64),
+                   np.array(fold_hashes, np.uint64), bad, lengths, flat)
 
 
 def _encode(tok, dtype: np.dtype, bos: Optional[int], eos: Optional[int], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -566,23 +617,15 @@ class _Workers:
 
 def _chunks(files: list[Path]) -> Iterator[_Chunk]:
     """The inputs cut into work units of about CHUNK_BYTES (JSONL) or PARQUET_BATCH_ROWS rows."""
-    for path in files:
+    for k, path in enumerate(files):
         if is_parquet(path):
             first = 1
             for batch in open_parquet(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                yield _Chunk(str(path), batch=batch, first_row=first)
+                yield _Chunk(str(path), k, first, batch=batch)
                 first += batch.num_rows
             continue
-        lines: list[tuple[int, bytes]] = []
-        size = 0
-        for line, raw in jsonl_lines(path):
-            lines.append((line, raw))
-            size += len(raw)
-            if size >= CHUNK_BYTES:
-                yield _Chunk(str(path), lines=lines)
-                lines, size = [], 0
-        if lines:
-            yield _Chunk(str(path), lines=lines)
+        for first, block in jsonl_blocks(path, CHUNK_BYTES):
+            yield _Chunk(str(path), k, first, block=block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -729,8 +772,6 @@ def _existing_store(out: Path, manifest: dict, rebuild: bool) -> Optional[TokenS
 
 def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: dict, num_proc: Optional[int],
                  parallel: str, progress: bool) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -743,82 +784,25 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
         in_process = num_proc < PROCESSES_FROM_CORES or total_bytes < SMALL_INPUT_BYTES
     else:
         in_process = parallel == "threads" or num_proc == 1
-    file_index = {str(f): k for k, f in enumerate(files)}
-    counts: dict = {}
-    checker = RowChecker(manifest["skip_bad_rows"], counts)
-
-    cols: dict[str, list] = {k: [] for k in ("source_id", "task", "gen_index", "file", "line", "meta")}
-    promoted: list[tuple] = []
-    offsets = [np.zeros(1, dtype=np.int64)]
-    num_tokens = 0
+    sink = _StoreSink(tmp, kind, opts.dtype, [str(f) for f in files], manifest["skip_bad_rows"])
     workers = _Workers(info, opts, num_proc, in_process)
     bar = tqdm(desc=f"tokenizing {kind}", unit=" doc", disable=not progress or None, leave=False)
-
-    with open(tmp / "tokens.bin", "wb") as fout:
-        fout.write(b"\x00" * HEADER_BYTES)  # real header written once the count is known
-
-        def write(results: Iterator[_Parsed]) -> None:
-            nonlocal num_tokens
-            for res in results:
-                keep = []  # per good row: accepted by the in-order checks (duplicates are not)
-                for rec, meta, prom in zip(res.records, res.metas, res.promoted):
-                    ok = checker.accept(rec)
-                    if not isinstance(rec, BadRowError):
-                        keep.append(ok)
-                    if ok:
-                        cols["source_id"].append(rec.id if kind == "documents" else rec.source_id)
-                        cols["task"].append(REAL_TASK if kind == "documents" else rec.task)
-                        cols["gen_index"].append(-1 if kind == "documents" else rec.gen_index)
-                        cols["file"].append(file_index[rec.path])
-                        cols["line"].append(rec.line)
-                        cols["meta"].append(meta)
-                        if prom is not None:
-                            promoted.append(prom)
-                lengths, flat = res.lengths, res.flat
-                if not all(keep):
-                    keep_np = np.array(keep, dtype=bool)
-                    flat, lengths = flat[np.repeat(keep_np, lengths)], lengths[keep_np]
-                flat.tofile(fout)
-                offsets.append(num_tokens + np.cumsum(lengths))
-                num_tokens += int(flat.size)
-                bar.update(len(lengths))
-
-        try:
-            for chunk in _chunks(files):
-                write(workers.submit(chunk))
-            write(workers.drain())
-        finally:
-            workers.close()
-            bar.close()
-        if not cols["source_id"]:
-            raise ValueError(
-                f"{', '.join(str(f) for f in files[:3])}: no usable rows "
-                f"({counts.get('bad_rows', 0)} bad rows skipped) (fix: check the input files and field names)"
-            )
-        fout.seek(0)
-        fout.write(_header(opts.dtype, num_tokens))
-
-    offsets_np = np.concatenate(offsets)
-    assert offsets_np.shape == (len(cols["source_id"]) + 1,) and offsets_np[-1] == num_tokens
-    np.save(tmp / "offsets.npy", offsets_np)
-
-    table = {
-        "source_id": pa.array(cols["source_id"], pa.string()),
-        "task": pa.array(cols["task"], pa.string()),
-        "gen_index": pa.array(cols["gen_index"], pa.int64()),
-        "file": pa.array(cols["file"], pa.int32()),
-        "line": pa.array(cols["line"], pa.int64()),
-    }
-    if kind == "generations":
-        for k, (name, (typ, _)) in enumerate(PROMOTED_FIELDS.items()):
-            table[name] = pa.array([p[k] for p in promoted], pa.string() if typ == "string" else typ)
-    table["meta"] = pa.array(cols["meta"], pa.string())
-    pq.write_table(pa.table(table), tmp / "index.parquet", compression="zstd")
+    try:
+        for chunk in _chunks(files):
+            for res in workers.submit(chunk):
+                bar.update(sink.add(res))
+        for res in workers.drain():
+            bar.update(sink.add(res))
+        counts = sink.finish()
+    finally:
+        workers.close()
+        bar.close()
+        sink.close()
 
     manifest = dict(manifest)
     manifest.update(
-        num_documents=len(cols["source_id"]),
-        num_tokens=num_tokens,
+        num_documents=counts["rows"],
+        num_tokens=counts["tokens"],
         bad_rows=counts["bad_rows"],
         bad_rows_by_kind=counts["bad_rows_by_kind"],
         build_seconds=round(time.perf_counter() - t0, 3),
@@ -829,3 +813,212 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
     atomic_write_json(tmp / "manifest.json", manifest)
 
 
+# Index rows buffered before a Parquet row group is written, and documents per compaction block.
+INDEX_GROUP_ROWS = 1 << 16
+COMPACT_BLOCK_DOCS = 1 << 20
+COMPACT_BLOCK_TOKENS = 1 << 26
+
+
+class _StoreSink:
+    """The parent's side of a build: writes chunks in input order as they arrive, then settles the
+    order-dependent checks (duplicate ids, MAGACorpus numbering and folding) with the same outcome
+    as :class:`~megadoc_pl.data.readers.RowChecker` reading the rows one by one.
+
+    Tokens go to tokens.bin, stored-document end offsets to a scratch file, index rows to a Parquet
+    writer in row groups: memory is bounded by a chunk plus 16 bytes of identity key per row.
+    Duplicates are found once at the end by sorting the keys; rows dropped then (duplicates
+    skipped with ``skip_bad_rows``, repeats of a MAGACorpus chunk folded into its first row) are
+    removed by one streaming compaction pass.
+    """
+
+    def __init__(self, tmp: Path, kind: str, dtype: np.dtype, files: list[str], skip_bad_rows: bool):
+        import pyarrow.parquet as pq
+
+        self.tmp, self.kind, self.dtype, self.files, self.skip = tmp, kind, dtype, files, skip_bad_rows
+        self.schema = _index_schema(kind)
+        self.tokens = open(tmp / "tokens.bin", "wb")
+        self.tokens.write(b"\x00" * HEADER_BYTES)  # real header written once the count is known
+        self.ends = open(tmp / "ends.tmp", "wb")
+        self.index = pq.ParquetWriter(tmp / "index.parquet", self.schema, compression="zstd")
+        self.pending: list = []  # index tables not yet written as a row group
+        self.pending_rows = 0
+        self.keys: list[np.ndarray] = []
+        self.folds: list[np.ndarray] = []
+        self.fold_hashes: list[np.ndarray] = []
+        self.maga_next: dict[str, int] = {}
+        self.rows = self.num_tokens = 0
+        self.counts: dict = {"rows": 0, "bad_rows": 0, "bad_rows_by_kind": {}}
+
+    def add(self, res: _Parsed) -> int:
+        """One chunk's results, in input order; returns the rows it held (good and bad)."""
+        index, keys = res.index, res.keys
+        if len(res.unnumbered):
+            index, keys = self._number_maga(index, keys, res.unnumbered)
+        self.keys.append(keys)
+        if len(res.folds):
+            self.folds.append(res.folds + self.rows)
+            self.fold_hashes.append(res.fold_hashes)
+        res.flat.tofile(self.tokens)
+        (self.num_tokens + np.cumsum(res.lengths)).astype(np.int64).tofile(self.ends)
+        self.num_tokens += int(res.flat.size)
+        rows_before, self.rows = self.rows, self.rows + index.num_rows
+        self.pending.append(index)
+        self.pending_rows += index.num_rows
+        if self.pending_rows >= INDEX_GROUP_ROWS:
+            self._flush()
+        for before, err in res.bad:
+            if not self.skip:  # a duplicate before it in input order is the first error
+                self._flush()
+                self._raise_first_duplicate(limit=rows_before + before)
+                raise err
+            self._count_bad(err.kind)
+        return index.num_rows + len(res.bad)
+
+    def _number_maga(self, index, keys: np.ndarray, positions: np.ndarray):
+        """MAGACorpus rows get gen_index = their rank among their source's rows in input order."""
+        import pyarrow as pa
+
+        gen_index = index.column("gen_index").to_numpy().copy()
+        keys = keys.copy()
+        sids, tasks = index.column("source_id"), index.column("task")
+        for i in positions.tolist():
+            sid = sids[i].as_py()
+            gen_index[i] = g = self.maga_next.get(sid, 0)
+            self.maga_next[sid] = g + 1
+            keys[i] = np.frombuffer(_row_key(self.kind, sid, tasks[i].as_py(), g), dtype=np.uint64)
+        k = index.schema.get_field_index("gen_index")
+        return index.set_column(k, "gen_index", pa.array(gen_index, pa.int64())), keys
+
+    def _count_bad(self, kind: str, n: int = 1) -> None:
+        self.counts["bad_rows"] += n
+        by_kind = self.counts["bad_rows_by_kind"]
+        by_kind[kind] = by_kind.get(kind, 0) + n
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.pending:
+            self.index.write_table(pa.concat_tables(self.pending), row_group_size=max(self.pending_rows, 1))
+            self.pending, self.pending_rows = [], 0
+
+    def _settle(self, limit: Optional[int] = None) -> tuple[list[int], list[tuple[int, int]]]:
+        """(rows folded into an earlier copy, [(duplicate row, its first row)]) among the first
+        ``limit`` rows, by sorting the identity keys (rows in input order within a key)."""
+        keys = np.concatenate(self.keys) if self.keys else np.zeros((0, 2), np.uint64)
+        keys = keys[:limit]
+        if len(keys) < 2:
+            return [], []
+        order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: equal keys stay in input order
+        sk = keys[order]
+        same = (sk[1:] == sk[:-1]).all(axis=1)
+        if not same.any():
+            return [], []
+        run = np.cumsum(np.concatenate([[True], ~same])) - 1  # run (equal keys) of each sorted position
+        starts = np.flatnonzero(np.concatenate([[True], ~same]))
+        later = np.flatnonzero(same) + 1
+        rows, firsts = order[later], order[starts[run[later]]]
+        fold_hash = {}
+        if self.folds:
+            fold_pos, hashes = np.concatenate(self.folds), np.concatenate(self.fold_hashes)
+            wanted = np.isin(fold_pos, np.concatenate([rows, firsts]))
+            fold_hash = dict(zip(fold_pos[wanted].tolist(), hashes[wanted].tolist()))
+        folded, dups = [], []
+        for r, f in zip(rows.tolist(), firsts.tolist()):
+            if r in fold_hash and fold_hash[r] == fold_hash.get(f):
+                folded.append(r)
+            else:
+                dups.append((r, f))
+        return folded, sorted(dups)
+
+    def _raise_first_duplicate(self, limit: Optional[int] = None) -> None:
+        _, dups = self._settle(limit)
+        if dups:
+            row, first = dups[0]
+            raise self._duplicate_error(row, first)
+
+    def _duplicate_error(self, row: int, first: int) -> BadRowError:
+        import pyarrow.parquet as pq
+
+        self.index.close()
+        table = pq.read_table(self.tmp / "index.parquet", columns=["source_id", "task", "gen_index", "file", "line"])
+        r, f = (table.slice(i, 1).to_pylist()[0] for i in (row, first))
+        path = self.files[r["file"]]
+        if self.kind == "documents":
+            rec: Any = Document(r["source_id"], "", {}, path, r["line"])
+        else:
+            rec = Generation(r["source_id"], r["task"], r["gen_index"], "", {}, path, r["line"])
+        return duplicate_error(rec, (self.files[f["file"]], f["line"]))
+
+    def finish(self) -> dict:
+        """Settle duplicates, compact, write the header and offsets.npy; returns the counts."""
+        self._flush()
+        self.index.close()
+        folded, dups = self._settle()
+        if dups:
+            if not self.skip:
+                raise self._duplicate_error(*dups[0])
+            self._count_bad("duplicate_id", len(dups))
+        self.tokens.close()
+        self.ends.close()
+        drop = np.array(sorted(folded + [r for r, _ in dups]), dtype=np.int64)
+        if len(drop):
+            self._compact(drop)
+        if self.rows == 0:
+            raise ValueError(
+                f"{', '.join(self.files[:3])}: no usable rows "
+                f"({self.counts['bad_rows']} bad rows skipped) (fix: check the input files and field names)")
+        with open(self.tmp / "tokens.bin", "r+b") as f:
+            f.write(_header(self.dtype, self.num_tokens))
+        ends = np.fromfile(self.tmp / "ends.tmp", dtype=np.int64)
+        assert ends.shape == (self.rows,) and (not self.rows or ends[-1] == self.num_tokens)
+        offsets = np.lib.format.open_memmap(self.tmp / "offsets.npy", mode="w+", dtype=np.int64, shape=(self.rows + 1,))
+        offsets[0], offsets[1:] = 0, ends
+        offsets.flush()
+        del offsets, ends
+        (self.tmp / "ends.tmp").unlink()
+        self.counts.update(rows=self.rows, tokens=self.num_tokens)
+        return self.counts
+
+    def _compact(self, drop: np.ndarray) -> None:
+        """Remove rows ``drop`` from tokens.bin, the offsets and the index, streaming in blocks."""
+        import pyarrow.parquet as pq
+
+        ends = np.fromfile(self.tmp / "ends.tmp", dtype=np.int64)
+        keep = np.ones(len(ends), dtype=bool)
+        keep[drop] = False
+        lengths = np.diff(ends, prepend=0)
+        src = self.tmp / "tokens.bin"
+        dst, new_ends = self.tmp / "tokens.compact", self.tmp / "ends.compact"
+        tokens = np.memmap(src, dtype=self.dtype, mode="r", offset=HEADER_BYTES) if self.num_tokens else None
+        total = 0
+        with open(dst, "wb") as fout, open(new_ends, "wb") as fends:
+            fout.write(b"\x00" * HEADER_BYTES)
+            a = 0
+            while a < len(ends):  # blocks of at most COMPACT_BLOCK_DOCS documents / COMPACT_BLOCK_TOKENS tokens
+                start = int(ends[a - 1]) if a else 0
+                b = int(np.searchsorted(ends, start + COMPACT_BLOCK_TOKENS, side="right"))
+                b = min(len(ends), a + COMPACT_BLOCK_DOCS, max(b, a + 1))
+                k, n = keep[a:b], lengths[a:b]
+                if tokens is not None:
+                    np.asarray(tokens[start : int(ends[b - 1])])[np.repeat(k, n)].tofile(fout)
+                (total + np.cumsum(n[k])).astype(np.int64).tofile(fends)
+                total += int(n[k].sum())
+                a = b
+        del tokens
+        os.replace(dst, src)
+        os.replace(new_ends, self.tmp / "ends.tmp")
+        reader = pq.ParquetFile(self.tmp / "index.parquet")
+        with pq.ParquetWriter(self.tmp / "index.compact", self.schema, compression="zstd") as writer:
+            first = 0
+            for g in range(reader.num_row_groups):
+                table = reader.read_row_group(g)
+                mask = keep[first : first + table.num_rows]
+                first += table.num_rows
+                writer.write_table(table.filter(mask), row_group_size=max(int(mask.sum()), 1))
+        os.replace(self.tmp / "index.compact", self.tmp / "index.parquet")
+        self.rows, self.num_tokens = int(keep.sum()), total
+
+    def close(self) -> None:
+        for f in (self.tokens, self.ends):
+            f.close()
+        self.index.close()
