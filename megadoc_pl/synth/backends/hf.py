@@ -26,6 +26,7 @@ class TransformersBackend:
         dtype: str = "auto",
         batch_size: int = 8,
         chat_template: str | None = None,
+        quantize: str | None = None,  # "int8": torchao int8 Linear layers, for CPU serving (synth/toolmodel)
         trust_remote_code: bool = False,
     ) -> None:
         import torch  # core dependencies, imported here to keep `import megadoc_pl.synth` light
@@ -58,6 +59,11 @@ class TransformersBackend:
             model, dtype=torch_dtype, trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
+        if quantize is not None:  # e.g. a distilled MAGA tool model served on CPU
+            from megadoc_pl.synth.toolmodel.quantize import quantize_linears
+
+            quantize_linears(self.model, quantize)
+            self.model_name = f"{self.model_name}+{quantize}"  # rows record that the model was quantized
         self.uses_gpu = self.device.type == "cuda"
         eos = self.model.generation_config.eos_token_id
         if eos is None:
