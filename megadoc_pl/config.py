@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 # Choice fields: the one place their values are listed (OmegaConf and the CLI both enforce them).
-View = Literal["real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch"]
+View = Literal["real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch", "self_distill"]
 Scope = Literal["window", "document", "megadoc"]
 RealPosition = Literal["last", "first", "none"]
 Order = Literal["generation", "shuffled"]
@@ -130,13 +130,13 @@ class DataConfig:
     """Rebuild a token store whose fingerprints do not match instead of refusing."""
 
     view: View = "real"
-    """Synthetic corpus view: real | rephrase | stitch | stretch | maga | maga_stitch."""
+    """Synthetic corpus view: real | rephrase | stitch | stretch | maga | maga_stitch | self_distill."""
 
     generations: int = 0
     """G: generations per source used by the view (the first G by gen_index)."""
 
     include_real: bool = True
-    """Rephrase view: add the original document once to the synthetic stream."""
+    """Rephrase / self_distill views: add the original document once to the synthetic stream."""
 
     real_position: RealPosition = "last"
     """Stitch views: where the original goes in a megadoc: last | first | none."""

@@ -25,7 +25,7 @@ TOKENIZER_VERSION = 1
 
 # Which generation task each corpus view needs.
 VIEW_TASKS = {"real": None, "rephrase": "rephrase", "stitch": "rephrase", "stretch": "rationale",
-              "maga": "maga", "maga_stitch": "maga"}
+              "maga": "maga", "maga_stitch": "maga", "self_distill": "self_distill"}
 MAGA_PAIRS = 5  # MAGA asks for 5 (genre, audience) pairs per document
 
 

@@ -16,7 +16,8 @@ How it finds the facts of a source document, in order of preference:
 
 Payload keys read: ``text`` (source), ``style`` (rephrase), ``prefix``/``suffix`` (rationale),
 ``num_pairs`` (maga_pairs, default 5), ``genre``/``audience``/``variant`` (maga_reformulate),
-``rewritten`` (maga_judge; ``reformulation`` accepted too). Token counts in the responses are
+``rewritten`` (maga_judge; ``reformulation`` accepted too), ``prefix`` (self_distill: the
+continuation restates the facts the prefix has not stated yet, in a new order). Token counts in the responses are
 whitespace-separated words, an approximation of real tokenizer counts.
 """
 
@@ -48,7 +49,7 @@ from megadoc_pl.synth import Request, Response, register_backend
 # model name recorded in every row.
 TEMPLATE_VERSION = 1
 STYLES = ("wikipedia", "qa", "easy", "hard")
-TASKS = ("rephrase", "rationale", "maga_pairs", "maga_reformulate", "maga_judge")
+TASKS = ("rephrase", "rationale", "maga_pairs", "maga_reformulate", "maga_judge", "self_distill")
 
 # --------------------------------------------------------------------------------------------
 # Source statements: world facts when known, else the text's sentences
@@ -504,6 +505,17 @@ def maga_reformulate(src: Source, genre: str, audience: str, variant: str, rng: 
     return "\n\n".join(b for b in blocks if b)
 
 
+def continuation(src: Source, prefix: str, rng: random.Random) -> str:
+    """What a "teacher" writes after the opening ``prefix``: the statements the prefix has not made
+    yet, in a new order (the demo's stand-in for sampling a base LM)."""
+    if src.has_facts:
+        stated = set(src.mentioned(prefix))
+        sentences = _statements(src, _reordered([f for f in src.facts if f not in stated], rng), rng)
+    else:
+        sentences = [_reword(s, rng) for s in _reordered([s for s in src.sentences if s not in prefix], rng)]
+    return " " + " ".join(sentences) if sentences else ""
+
+
 def coverage(src: Source, text: str) -> float:
     """Fraction of the source's statements restated in ``text`` (facts, or sentences' key words)."""
     if src.has_facts:
@@ -542,6 +554,7 @@ class TemplateBackend:
 
     name = "template"
     model_name = f"template-v{TEMPLATE_VERSION}"
+    raw_completion = True  # self_distill: reads the payload's prefix, not the token ids
 
     def __init__(self, **_: object):
         # Constructor arguments (model, sampling defaults) are accepted and ignored: the runner
@@ -580,12 +593,14 @@ class TemplateBackend:
             if not isinstance(rewritten, str):
                 raise ValueError("maga_judge payload needs 'rewritten' (the reformulated text)")
             return [maga_judge(src, rewritten) for _ in range(n)]
+        if req.task == "self_distill":
+            return [continuation(src, str(p.get("prefix", "")), rng(k)) for k in range(n)]
         raise ValueError(f"unknown task '{req.task}' (the template backend knows: {', '.join(TASKS)})")
 
     def generate(self, requests: list[Request]) -> list[Response]:
         out = []
         for req in requests:
-            prompt_words = sum(_words(str(m.get("content", ""))) for m in req.messages)
+            prompt_words = sum(_words(str(m.get("content", ""))) for m in req.messages) + len(req.prompt_ids or [])
             try:
                 texts = self._answer(req)
             except (ValueError, KeyError, TypeError) as e:  # one bad request never stops the batch

@@ -7,7 +7,9 @@ uses the same "rotate half" layout as HF, so q/k rows need no permutation.
 An exported directory holds ``config.json``, ``model.safetensors`` and the tokenizer files
 (``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``) written by
 ``transformers.PreTrainedTokenizerFast``; ``AutoModelForCausalLM.from_pretrained(dir)`` and vLLM
-load it and reproduce our logits.
+load it and reproduce our logits. An export of a training checkpoint also holds
+``megadoc_export.json``: the checkpoint's path, sha256, step and resolved recipe (what the
+self-distillation rows cite as their teacher).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch
 
 from megadoc_pl.model.config import check_hf_matches, config_from_hf  # noqa: F401  (config_from_hf re-exported)
 from megadoc_pl.model.llama import Llama, LlamaConfig
-from megadoc_pl.utils import atomic_dir
+from megadoc_pl.utils import atomic_dir, json_fingerprint, sha256_file
 
 PathLike = Union[str, os.PathLike]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_PROVENANCE = "megadoc_export.json"  # in an export of a checkpoint: which checkpoint it holds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,8 +112,9 @@ def to_hf_config(cfg: LlamaConfig, bos_token_id: Optional[int] = None, eos_token
 
 
 def export_hf(model: Llama, out_dir: PathLike, tokenizer: Optional[PathLike] = None, dtype: str = "float32",
-              overwrite: bool = False) -> Path:
-    """Write a ``LlamaForCausalLM`` directory (built under a temporary name, renamed at the end)."""
+              overwrite: bool = False, provenance: Optional[dict] = None) -> Path:
+    """Write a ``LlamaForCausalLM`` directory (built under a temporary name, renamed at the end);
+    ``provenance`` (where the weights come from) is saved as ``megadoc_export.json``."""
     from safetensors.torch import save_file
 
     if dtype not in _DTYPES:
@@ -135,6 +139,8 @@ def export_hf(model: Llama, out_dir: PathLike, tokenizer: Optional[PathLike] = N
         save_file(to_hf_state_dict(model, _DTYPES[dtype]), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tok is not None:
             _save_tokenizer(tok, tmp)
+        if provenance is not None:
+            (tmp / EXPORT_PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     return out_dir
 
 
@@ -246,6 +252,20 @@ def _consolidate_sharded(path: Path) -> dict:
     return {**meta, "state_dict": state["state_dict"]}
 
 
+def checkpoint_provenance(ckpt_path: PathLike, cfg: dict) -> dict:
+    """Which training checkpoint this is: path, sha256 (a sharded checkpoint: of its files'
+    hashes), global step and the resolved recipe ``cfg``."""
+    p = Path(ckpt_path)
+    if p.is_dir():
+        meta = torch.load(p / "meta.pt", map_location="cpu", weights_only=False)
+        sha = json_fingerprint({f.relative_to(p).as_posix(): sha256_file(f) for f in sorted(p.rglob("*")) if f.is_file()})
+    else:
+        meta = torch.load(p, map_location="cpu", weights_only=False, mmap=True)  # only the step is read
+        sha = sha256_file(p)
+    return {"checkpoint": str(p.resolve()), "sha256": sha, "step": meta.get("global_step"),
+            "recipe_sha256": json_fingerprint(cfg), "recipe": cfg}
+
+
 def export_checkpoint(ckpt_path: PathLike, out_dir: PathLike, tokenizer: Optional[PathLike] = None,
                       dtype: str = "float32", overwrite: bool = False) -> Path:
     """Lightning checkpoint -> HF directory; the tokenizer defaults to the recipe's data.tokenizer."""
@@ -264,4 +284,5 @@ def export_checkpoint(ckpt_path: PathLike, out_dir: PathLike, tokenizer: Optiona
             f"{ckpt_path}: the recipe has no data.tokenizer (demo tokenizer?) (fix: pass --tokenizer PATH "
             "to the tokenizer.json used for training, or --no-tokenizer)"
         )
-    return export_hf(model, out_dir, tokenizer=None if tokenizer == "none" else tokenizer, dtype=dtype, overwrite=overwrite)
+    return export_hf(model, out_dir, tokenizer=None if tokenizer == "none" else tokenizer, dtype=dtype, overwrite=overwrite,
+                     provenance=checkpoint_provenance(ckpt_path, cfg))

@@ -14,8 +14,8 @@ from megadoc_pl.synth.tasks import LONG_SOURCES, MAGA_VARIANTS, STYLES, TASKS, T
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="synthesize.py",
-        description="Generate synthetic data (rephrases, rationales, MAGA reformulations) from a "
-        "real corpus; sharded, resumable, one JSONL row per generation.",
+        description="Generate synthetic data (rephrases, rationales, MAGA reformulations, self-distillation "
+        "continuations) from a real corpus; sharded, resumable, one JSONL row per generation.",
     )
     g = p.add_argument_group("what to generate")
     g.add_argument("--task", choices=TASKS, required=True)
@@ -25,10 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--style", choices=STYLES, default="wikipedia", help="rephrase style (WRAP)")
     g.add_argument("--maga-variant", choices=MAGA_VARIANTS, default="base", help="maga stage-2 prompt")
     g.add_argument("--judge", action="store_true", help="maga: score each reformulation 1-5")
+    g.add_argument("--prefix-tokens", type=int, default=64,
+                   help="self_distill: the teacher (--model: a training checkpoint or its HF export) continues "
+                   "this many of each document's first tokens (at most half the document)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=None,
-                   help="per generation (default: rephrase 1024, rationale 512, maga 4096)")
+                   help="per generation (default: rephrase 1024, rationale 512, maga 4096, self_distill 1024)")
     g.add_argument("--max-source-tokens", type=int, default=4096,
                    help="prompt budget for the source text (rationale: prefix + suffix)")
     g.add_argument("--long-sources", choices=LONG_SOURCES, default="truncate",
@@ -122,7 +125,7 @@ def backend_kwargs(name: str, a: argparse.Namespace, model: str | None, base_url
                      seed=a.seed, chat_template=a.chat_template,
                      enable_prefix_caching=False if a.no_prefix_caching else None),
         "transformers": dict(model=model, dtype=a.dtype, device=a.device, batch_size=a.gen_batch_size,
-                             chat_template=a.chat_template),
+                             chat_template=a.chat_template, raw=True if a.task == "self_distill" else None),
         "openai": dict(model=model, base_url=base_url, api_key_env=a.api_key_env,
                        concurrency=a.concurrency, timeout=a.request_timeout, max_retries=a.max_retries),
     }
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             max_source_tokens=a.max_source_tokens, long_sources=a.long_sources,
             min_chunk_tokens=a.min_chunk_tokens, min_keyword_coverage=a.min_keyword_coverage,
             strip_boilerplate=a.strip_boilerplate, seed=a.seed, prompt_dir=a.prompt_dir,
-            reject_duplicates=a.reject_duplicates,
+            reject_duplicates=a.reject_duplicates, prefix_tokens=a.prefix_tokens,
         )
         kwargs = {**backend_kwargs(a.backend, a, a.model, a.base_url), **_extra(a.backend_arg)}
         judge_kwargs = {}

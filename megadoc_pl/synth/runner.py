@@ -44,13 +44,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from megadoc_pl.synth.backends.base import Backend, Request, Response, error_line, get_backend
+from megadoc_pl.synth.backends.base import Backend, Request, Response, backend_factory, error_line, get_backend
 from megadoc_pl.synth.outdir import LocalDir, ObjectDir, open_out_dir, stage_inputs
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
 from megadoc_pl.utils import stable_hash
 
 RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max_source_tokens",
-            "min_chunk_tokens", "judge", "num_shards", "model", "budget_unit")
+            "min_chunk_tokens", "judge", "num_shards", "model", "budget_unit", "prefix_tokens", "teacher_sha256")
 EXECUTORS = ("local", "ray")
 
 
@@ -87,6 +87,8 @@ class RunConfig:
     worker_gpus: float = 0.0  # ray: GPUs per actor (vLLM: its tensor_parallel_size)
     worker_cpus: float = 1.0  # ray: CPUs per actor
     progress: bool = True
+    teacher: dict | None = None  # self_distill: the teacher's provenance, filled by the runner from
+    # --model (synth/teacher.py); cited by every row, kept whole in run.json
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -217,9 +219,11 @@ class BatchContext:
     """
 
     def __init__(self, backend: Backend, judge_backend: Backend, model: str, judge_model: str, task_name: str,
-                 state: dict[str, dict], attempts: dict[str, int], judge_pending: dict[str, list[dict]]) -> None:
+                 state: dict[str, dict], attempts: dict[str, int], judge_pending: dict[str, list[dict]],
+                 teacher: dict | None = None) -> None:
         self.backend, self.judge_backend = backend, judge_backend
         self.model, self.judge_model, self.task_name = model, judge_model, task_name
+        self.teacher = teacher
         self._state, self._attempts, self._pending = state, attempts, judge_pending
         self.new_state: dict[str, dict] = {}
         self.new_attempts: dict[str, int] = {}
@@ -346,6 +350,7 @@ class Backends:
     judge_model: str
     name: str
     uses_gpu: bool = False
+    teacher: dict | None = None  # self_distill: what rows cite (teacher.row_teacher)
 
     @classmethod
     def load(cls, task_cfg: TaskConfig, cfg: RunConfig, backend: Backend | None = None,
@@ -357,17 +362,32 @@ class Backends:
             judge = get_backend(cfg.judge_backend, **cfg.judge_backend_kwargs)
         else:
             judge = gen
-        model = getattr(gen, "model_name", None) or cfg.model or gen.name
+        if task_cfg.task == "self_distill":
+            _require_raw(gen, gen.name)
+        teacher = None
+        if cfg.teacher is not None:
+            from megadoc_pl.synth.teacher import row_teacher
+
+            teacher = row_teacher(cfg.teacher)
+        # A checkpoint teacher is loaded from its export in a scratch directory: rows name the checkpoint.
+        model = (teacher or {}).get("path") or getattr(gen, "model_name", None) or cfg.model or gen.name
         judge_model = getattr(judge, "model_name", None) or cfg.judge_backend_kwargs.get("model") or model
-        return cls(gen, judge, model, judge_model, gen.name, bool(getattr(gen, "uses_gpu", False)))
+        return cls(gen, judge, model, judge_model, gen.name, bool(getattr(gen, "uses_gpu", False)), teacher)
 
     def context(self, task_name: str, state: dict, attempts: dict, pending: dict) -> "BatchContext":
         return BatchContext(self.generator, self.judge, self.model, self.judge_model, task_name,
-                            state, attempts, pending)
+                            state, attempts, pending, self.teacher)
 
     def gpus(self) -> int:
         """GPUs billed when --gpus is not given: the visible ones if the backend uses them."""
         return visible_gpus() if self.uses_gpu else 0
+
+
+def _require_raw(backend: Any, name: str) -> None:
+    """self_distill sends token ids to continue (Request.prompt_ids): the backend must take them."""
+    if not getattr(backend, "raw_completion", False):
+        raise ValueError(f"--task self_distill needs a backend that continues raw token ids (transformers, vllm or "
+                         f"template), not '{name}'")
 
 
 class Runner:
@@ -387,6 +407,8 @@ class Runner:
         local = stage_inputs(list(cfg.inputs), Path(self._staged.name))
         self.inputs = [str(p) for p in expand_inputs(local)]
         self.input_names = self.inputs if local == list(cfg.inputs) else list(cfg.inputs)  # run.json
+        if task_cfg.task == "self_distill":
+            self.cfg = cfg = self._with_teacher(cfg, Path(self._staged.name))
         self.files = ShardFiles.of(self.out, self.shard, self.num_shards)
         self.heldout = self._load_heldout(cfg.split_file)
         counter = TokenCounter(self._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
@@ -411,6 +433,24 @@ class Runner:
     # -- setup
 
     @staticmethod
+    def _with_teacher(cfg: RunConfig, scratch: Path) -> RunConfig:
+        """self_distill: the backend loads the teacher's HF directory (a checkpoint is exported to
+        ``scratch``) and the run records its provenance. The template backend has no teacher."""
+        from dataclasses import replace
+
+        from megadoc_pl.synth.teacher import is_lightning_checkpoint, resolve_teacher
+
+        _require_raw(backend_factory(cfg.backend), cfg.backend)  # before exporting a checkpoint for it
+        model = cfg.model or cfg.backend_kwargs.get("model")
+        if cfg.backend == "template" or not model:
+            return cfg
+        if cfg.executor == "ray" and is_lightning_checkpoint(Path(model)):
+            raise ValueError(f"--executor ray loads the teacher on every node: pass its Hugging Face export, not the "
+                             f"checkpoint {model} (fix: python tools/export_hf.py --checkpoint {model} --out DIR)")
+        hf_dir, teacher = resolve_teacher(model, scratch)
+        return replace(cfg, model=model, backend_kwargs={**cfg.backend_kwargs, "model": hf_dir}, teacher=teacher)
+
+    @staticmethod
     def _load_heldout(split_file: str | None) -> set[str]:
         if split_file is None:
             return set()
@@ -426,10 +466,15 @@ class Runner:
 
         if path is not None:
             return load_tokenizer(path)
-        model = cfg.model or cfg.backend_kwargs.get("model")
+        model = cfg.backend_kwargs.get("model") or cfg.model  # self_distill: the teacher's export
         if task != "rationale" and model and (Path(model) / "tokenizer.json").is_file():
             return load_tokenizer(Path(model) / "tokenizer.json")
         return None
+
+    def _teacher_sha256(self) -> str | None:
+        """The checkpoint's sha256 (the same for the checkpoint and its export), else the weights'."""
+        teacher = self.cfg.teacher or {}
+        return teacher.get("sha256") or teacher.get("weights_sha256")
 
     def _check_run_file(self, counter: TokenCounter) -> dict | None:
         """Refuse to mix different generation settings or shard counts in one directory; returns
@@ -441,9 +486,12 @@ class Runner:
                "min_chunk_tokens": t.min_chunk_tokens if t.long_sources == "chunk" else None,
                "judge": t.judge if t.task == "maga" else None, "num_shards": self.num_shards,
                "model": self.cfg.model or self.cfg.backend_kwargs.get("model"),
-               "budget_unit": counter.unit}
+               "budget_unit": counter.unit,
+               "prefix_tokens": t.prefix_tokens if t.task == "self_distill" else None,
+               "teacher_sha256": self._teacher_sha256()}
         if not self.out.exists(self.files.run):
-            return {**run, "task_config": asdict(t), "inputs": self.input_names, "split_file": self.cfg.split_file}
+            return {**run, "task_config": asdict(t), "inputs": self.input_names, "split_file": self.cfg.split_file,
+                    **({"teacher": self.cfg.teacher} if self.cfg.teacher is not None else {})}
         old = self.out.read_json(self.files.run)
         diff = [k for k in RUN_KEYS if old.get(k) != run.get(k)]
         if diff:

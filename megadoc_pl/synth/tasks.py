@@ -21,6 +21,10 @@ generations reach training.
   resumed run never redoes it), stage 2 reformulates once per pair, an optional judge scores each
   reformulation 1-5; cleaning strips chat boilerplate and drops outputs with low keyword
   coverage of the source. gen_index = pair index.
+- ``self_distill``: a base LM (the real-only teacher) continues the first ``prefix_tokens``
+  tokens of the document (at most half of it), raw: BOS + prefix token ids, no chat template,
+  n = G samples; the row's text is prefix + continuation (a whole synthetic document that opens
+  like the real one), ``prefix_chars`` marks where the continuation starts.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ from megadoc_pl.synth.backends.base import Request, Response
 from megadoc_pl.synth.templates import PromptTemplate, load_template
 from megadoc_pl.utils import stable_hash
 
-TASKS = ("rephrase", "rationale", "maga")
+TASKS = ("rephrase", "rationale", "maga", "self_distill")
 STYLES = ("wikipedia", "qa", "easy", "hard")
 MAGA_VARIANTS = ("base", "strict", "relaxed")
 LONG_SOURCES = ("truncate", "chunk")
-DEFAULT_MAX_NEW_TOKENS = {"rephrase": 1024, "rationale": 512, "maga": 4096}
+DEFAULT_MAX_NEW_TOKENS = {"rephrase": 1024, "rationale": 512, "maga": 4096, "self_distill": 1024}
+SELF_DISTILL_PROMPT_VERSION = "raw-prefix/v1"  # BOS + the document's first tokens, no template
 
 
 @dataclass
@@ -70,6 +75,8 @@ class TaskConfig:
     reject_duplicates: bool = False  # rephrase: drop a completion that nearly repeats another
     # sample of the same prompt (counted and warned about either way)
     judge_attempts: int = 3  # maga: judge calls per reformulation in one run before it is kept unjudged
+    prefix_tokens: int = 64  # self_distill: the teacher continues this many of the document's first
+    # tokens (at most half the document)
 
     def __post_init__(self) -> None:
         if self.generations is None:
@@ -92,6 +99,9 @@ class TaskConfig:
              f"--temperature 0 is greedy: the G={self.generations} samples of one prompt would be identical "
              "(vLLM refuses n > 1 when greedy) (fix: --temperature 0.7 to 1.0, or --generations 1)"),
             (self.judge_attempts >= 1, f"judge_attempts must be >= 1, got {self.judge_attempts}"),
+            (self.prefix_tokens >= 1, f"--prefix-tokens must be >= 1, got {self.prefix_tokens}"),
+            (not (self.task == "self_distill" and self.long_sources == "chunk"),
+             "--long-sources chunk does not apply to self_distill (the teacher continues the document's opening)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -219,6 +229,7 @@ class Context(Protocol):
     model: str  # generator name recorded in rows
     judge_model: str
     state: dict[str, dict]  # maga stage-1 results by unit key
+    teacher: dict | None  # self_distill: the teacher's provenance cited by rows (None: template)
 
     def call(self, requests: list[Request], judge: bool = False) -> list[Response]: ...
     def attempt(self, request_key: str) -> int: ...
@@ -243,8 +254,11 @@ class Task:
     """Shared plumbing: templates, units, request construction and row provenance."""
 
     name: str = ""
+    needs_tokenizer: str = ""  # why the task needs real tokens (not the 4-characters estimate), if it does
 
     def __init__(self, cfg: TaskConfig, counter: TokenCounter) -> None:
+        if self.needs_tokenizer and counter.info is None:
+            raise ValueError(f"--task {self.name} needs {self.needs_tokenizer}")
         self.cfg = cfg
         self.counter = counter
         self.templates: dict[str, PromptTemplate] = {}
@@ -369,13 +383,7 @@ class RationaleTask(Task):
     def template_names(self) -> list[str]:
         return ["rationale"]
 
-    def __init__(self, cfg: TaskConfig, counter: TokenCounter) -> None:
-        if counter.info is None:
-            raise ValueError(
-                "--task rationale needs --tokenizer (the training tokenizer), so that the split "
-                "points match the ones the stretch view cuts at"
-            )
-        super().__init__(cfg, counter)
+    needs_tokenizer = "--tokenizer (the training tokenizer), so that the split points match the ones the stretch view cuts at"
 
     def units(self, doc) -> list[Unit]:
         spans = self.counter.spans(doc.text)
@@ -537,5 +545,43 @@ class MagaTask(Task):
         return verdicts
 
 
+# ----------------------------------------------------------------------------- self_distill
+
+
+class SelfDistillTask(Task):
+    """Raw samples of the teacher (a base LM trained on the real data only) continuing each
+    document's opening: the self-distillation baseline of the megadocs paper ("sdn")."""
+
+    name = "self_distill"
+
+    needs_tokenizer = ("the teacher's tokenizer, as the prompt is token ids (fix: pass the teacher's HF export or "
+                       "checkpoint as --model, or --tokenizer)")
+
+    def units(self, doc) -> list[Unit]:
+        spans = self.counter.spans(doc.text)
+        k = max(1, min(self.cfg.prefix_tokens, len(spans) // 2))
+        text, cut = truncate_head(doc.text, spans, k)
+        return [Unit(doc, doc.id, text, cut, min(k, len(spans)))]
+
+    def run(self, work, ctx) -> None:
+        info = self.counter.info
+        bos = [] if info.bos_id is None else [info.bos_id]
+        todo = []
+        for unit, missing in work:
+            req = self.request(ctx, unit, "self_distill", missing, [], len(missing), self.cfg.max_new_tokens,
+                               self.cfg.temperature, {"prefix": unit.text, "text": unit.doc.text})
+            req.prompt_ids = bos + info.encode(unit.text)
+            todo.append((unit, missing, req))
+        for (unit, missing, req), resp in zip(todo, ctx.call([t[-1] for t in todo])):
+            if resp.error is not None:
+                continue
+            for k, (gen_index, continuation) in enumerate(zip(missing, resp.texts)):
+                row = self.row(ctx, unit, gen_index, unit.text + continuation, req, resp, k,
+                               SELF_DISTILL_PROMPT_VERSION, prefix_tokens=unit.source_tokens,
+                               prefix_chars=len(unit.text), teacher=ctx.teacher)
+                ctx.emit(row)
+
+
 def make_task(cfg: TaskConfig, counter: TokenCounter) -> Task:
-    return {"rephrase": RephraseTask, "rationale": RationaleTask, "maga": MagaTask}[cfg.task](cfg, counter)
+    return {"rephrase": RephraseTask, "rationale": RationaleTask, "maga": MagaTask,
+            "self_distill": SelfDistillTask}[cfg.task](cfg, counter)

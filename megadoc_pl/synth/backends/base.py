@@ -23,10 +23,13 @@ class Request:
     temperature: float
     top_p: float
     seed: int | None
-    task: str  # rephrase | rationale | maga_pairs | maga_reformulate | maga_judge
+    task: str  # rephrase | rationale | maga_pairs | maga_reformulate | maga_judge | self_distill
     # Structured inputs (source text, style, prefix, suffix, genre, audience) so a backend that
     # does not read prompts (the demo's template generator) can still do the task.
     payload: dict = field(default_factory=dict)
+    # Raw completion (task self_distill): token ids a base LM continues as they are, no chat
+    # template; ``messages`` is then empty. Backends without a raw mode fail such a request.
+    prompt_ids: list[int] | None = None
 
 
 @dataclass
@@ -83,16 +86,22 @@ def available_backends() -> list[str]:
     return sorted(set(_REGISTRY) | set(_LAZY_MODULES))
 
 
-def get_backend(name: str, **kwargs) -> Backend:
-    """Build the backend registered under ``name`` (importing its module on first use)."""
+def backend_factory(name: str) -> BackendFactory:
+    """The factory registered under ``name`` (importing its module on first use)."""
     if name not in _REGISTRY and name in _LAZY_MODULES:
         importlib.import_module(_LAZY_MODULES[name])
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown generation backend '{name}' (available: {', '.join(available_backends())})"
         )
+    return _REGISTRY[name]
+
+
+def get_backend(name: str, **kwargs) -> Backend:
+    """Build the backend registered under ``name`` (importing its module on first use)."""
+    factory = backend_factory(name)
     try:
-        return _REGISTRY[name](**kwargs)
+        return factory(**kwargs)
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise

@@ -6,6 +6,10 @@ top_p), sorted by prompt length inside a group so a batch pads little, and gener
 seed, so a batch is seeded with its first request's seed: outputs are reproducible for the same
 requests and batch size. A batch that raises (out of memory, ...) is retried one request at a
 time; a request that still fails gets an error Response instead of aborting the run.
+
+Raw completion (``raw=True``, task ``self_distill``): a request's ``prompt_ids`` are continued as
+they are, no chat template, so a base model (our own HF export, which has none) can be the
+generator; such prompts are left-padded by hand and never re-tokenized.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from megadoc_pl.synth.backends.base import Request, Response, check_model_path, 
 
 class TransformersBackend:
     name = "transformers"
+    raw_completion = True  # continues Request.prompt_ids (see raw)
 
     def __init__(
         self,
@@ -28,6 +33,7 @@ class TransformersBackend:
         chat_template: str | None = None,
         quantize: str | None = None,  # "int8": torchao int8 Linear layers, for CPU serving (synth/toolmodel)
         trust_remote_code: bool = False,
+        raw: bool = False,  # base-LM completion: no chat template is needed (requests carry prompt_ids)
     ) -> None:
         import torch  # core dependencies, imported here to keep `import megadoc_pl.synth` light
         import transformers
@@ -46,7 +52,7 @@ class TransformersBackend:
             # A file path or the Jinja text itself.
             p = Path(chat_template)
             self.tokenizer.chat_template = p.read_text() if p.is_file() else chat_template
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not raw and not getattr(self.tokenizer, "chat_template", None):
             raise SystemExit(
                 f"error: the tokenizer of {model} has no chat template "
                 "(fix: use an instruct model, or pass --chat-template FILE)"
@@ -78,21 +84,22 @@ class TransformersBackend:
         )
 
     def generate(self, requests: list[Request]) -> list[Response]:
-        prompts = {r.id: self.render(r.messages) for r in requests}
+        prompts = {r.id: self.render(r.messages) for r in requests if r.prompt_ids is None}
         lengths = {
-            r.id: len(self.tokenizer(prompts[r.id], add_special_tokens=False)["input_ids"])
+            r.id: len(r.prompt_ids) if r.prompt_ids is not None
+            else len(self.tokenizer(prompts[r.id], add_special_tokens=False)["input_ids"])
             for r in requests
         }
         groups: dict[tuple, list[Request]] = defaultdict(list)
         for r in requests:
-            groups[(r.n, r.max_new_tokens, r.temperature, r.top_p)].append(r)
+            groups[(r.prompt_ids is not None, r.n, r.max_new_tokens, r.temperature, r.top_p)].append(r)
         done: dict[str, Response] = {}
         for group in groups.values():
             group.sort(key=lambda r: lengths[r.id])
             for start in range(0, len(group), self.batch_size):
                 batch = group[start : start + self.batch_size]
                 try:
-                    results = self._generate_batch(batch, [prompts[r.id] for r in batch])
+                    results = self._generate_batch(batch, [prompts.get(r.id) for r in batch])
                 except Exception as e:  # noqa: BLE001 - retried one by one below
                     if len(batch) == 1:
                         results = [Response(batch[0].id, [], lengths[batch[0].id], [], error_line(e))]
@@ -100,7 +107,7 @@ class TransformersBackend:
                         results = []
                         for r in batch:
                             try:
-                                results += self._generate_batch([r], [prompts[r.id]])
+                                results += self._generate_batch([r], [prompts.get(r.id)])
                             except Exception as e1:  # noqa: BLE001
                                 results.append(Response(r.id, [], lengths[r.id], [], error_line(e1)))
                 for res in results:
@@ -109,12 +116,24 @@ class TransformersBackend:
 
     # ------------------------------------------------------------------ one batch
 
-    def _generate_batch(self, batch: list[Request], prompts: list[str]) -> list[Response]:
+    def _encode_raw(self, batch: list[Request]) -> dict:
+        """Left-padded input_ids / attention_mask of the batch's prompt_ids (not re-tokenized)."""
+        torch = self._torch
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = [[self.tokenizer.pad_token_id] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in batch]
+        mask = [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch]
+        return {"input_ids": torch.tensor(ids, device=self.device),
+                "attention_mask": torch.tensor(mask, device=self.device)}
+
+    def _generate_batch(self, batch: list[Request], prompts: list[str | None]) -> list[Response]:
         torch = self._torch
         first = batch[0]
-        enc = self.tokenizer(
-            prompts, return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(self.device)
+        if first.prompt_ids is not None:
+            enc = self._encode_raw(batch)
+        else:
+            enc = self.tokenizer(
+                prompts, return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.device)
         prompt_len = enc["input_ids"].shape[1]
         kwargs = dict(
             max_new_tokens=first.max_new_tokens,

@@ -6,6 +6,10 @@ vLLM applies the model's chat template, schedules everything continuously and re
 ``RequestOutput`` per conversation with ``n`` completions. Requests sharing a prompt prefix (the
 same document with different genre/audience, or the system message) reuse cached KV blocks.
 
+Raw requests (``Request.prompt_ids``, task ``self_distill``) go to ``LLM.generate`` as
+``{"prompt_token_ids": ids}`` prompts instead: a base model (our HF export) continues them with
+no chat template.
+
 The keyword arguments sent to vLLM are built by two small pure functions (``engine_kwargs``,
 ``sampling_kwargs``) so that a test can check them against vLLM's documented API without a GPU.
 """
@@ -63,6 +67,7 @@ def sampling_kwargs(req: Request) -> dict[str, Any]:
 class VLLMBackend:
     name = "vllm"
     uses_gpu = True
+    raw_completion = True  # continues Request.prompt_ids through LLM.generate
 
     def __init__(
         self,
@@ -99,7 +104,11 @@ class VLLMBackend:
         kwargs: dict[str, Any] = dict(sampling_params=params, use_tqdm=False)
         if self.chat_template is not None:
             kwargs["chat_template"] = self.chat_template
-        outputs = self.llm.chat([r.messages for r in requests], **kwargs)
+        if all(r.prompt_ids is not None for r in requests):
+            kwargs.pop("chat_template", None)
+            outputs = self.llm.generate([{"prompt_token_ids": list(r.prompt_ids)} for r in requests], **kwargs)
+        else:
+            outputs = self.llm.chat([r.messages for r in requests], **kwargs)
         responses = []
         for req, out in zip(requests, outputs, strict=True):
             completions = list(out.outputs)
