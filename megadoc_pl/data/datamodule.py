@@ -38,6 +38,26 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size
     return global_batch_size // per
 
 
+def _worker_init(worker_id: int) -> None:
+    # A loader worker assembles batches with single-threaded numpy; torch's default of one
+    # intra-op thread per core in every worker oversubscribes the cores the trainer needs.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def loader_kwargs(num_workers: int) -> dict[str, Any]:
+    """DataLoader settings for batches of window indices: pinned memory on a GPU machine and,
+    with workers, persistent workers (forked once, sharing the memory-mapped views), four
+    batches prefetched per worker and one torch thread each."""
+    import torch
+
+    kw: dict[str, Any] = {"num_workers": int(num_workers), "pin_memory": torch.cuda.is_available()}
+    if num_workers > 0:
+        kw.update(persistent_workers=True, prefetch_factor=4, worker_init_fn=_worker_init)
+    return kw
+
+
 class TrainBatchSampler(Sampler):
     """This rank's micro-batches of global window indices, from the current position to ``end_step``."""
 
@@ -213,8 +233,7 @@ class MegadocDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:
         # batch_size=None: each sampler item is a list of indices, fetched as one vectorised batch.
-        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=False)
+        return DataLoader(dataset, batch_size=None, sampler=sampler, **loader_kwargs(self.num_workers))
 
     def train_sampler(self, rank: Optional[int] = None, world_size: Optional[int] = None) -> TrainBatchSampler:
         r, w = self._topology()
@@ -224,7 +243,7 @@ class MegadocDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: each sampler item is a list of indices, fetched as one vectorised batch.
         return _TrainLoader(self.train_windows, batch_size=None, sampler=self.train_sampler(),
-                            num_workers=self.num_workers, position=self.windows_consumed)
+                            position=self.windows_consumed, **loader_kwargs(self.num_workers))
 
     def val_dataloader(self) -> list[DataLoader]:
         r, w = self._topology()

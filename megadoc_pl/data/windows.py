@@ -98,9 +98,13 @@ class Clips:
     docpos: np.ndarray  # position of the clip's first token inside its document
 
     @staticmethod
-    def concat(parts: Sequence["Clips"]) -> "Clips":
+    def concat(parts: Sequence["Clips"], sort: bool = True) -> "Clips":
+        if len(parts) == 1 and not sort:
+            return parts[0]
         cols = {k: np.concatenate([getattr(p, k) for p in parts]) for k in Clips.__dataclass_fields__}
-        order = np.lexsort((cols["wpos"], cols["row"]))
+        if not sort:
+            return Clips(**cols)
+        order = np.argsort((cols["row"] << 32) | cols["wpos"])  # (row, offset) pairs are distinct
         return Clips(**{k: v[order] for k, v in cols.items()})
 
 
@@ -174,7 +178,7 @@ class StreamWindows:
 
     def clips(self, j: np.ndarray, rows: Optional[np.ndarray] = None) -> Clips:
         """Clips of draws ``j`` of the stream (vectorised; each reads ``stream_window(j)``); ``rows``
-        are their rows in the batch."""
+        are their rows in the batch. Grouped by pass, not sorted: :meth:`Windows.clips` sorts."""
         j = np.asarray(j, dtype=np.int64)
         rows = np.arange(len(j)) if rows is None else np.asarray(rows, np.int64)
         if not self.repeat and len(j) and (j.min() < 0 or int(j.max()) >= self.num_windows):
@@ -193,7 +197,7 @@ class StreamWindows:
         for p in np.unique(seg_pass):
             m = np.flatnonzero(seg_pass == p)
             parts.append(self._clip_pass(int(p), seg_lo[m], seg_hi[m], seg_wpos[m], rows[seg_win[m]]))
-        return Clips.concat(parts)
+        return Clips.concat(parts, sort=False)  # the caller sorts the clips of all streams once
 
     def _clip_pass(self, p: int, lo: np.ndarray, hi: np.ndarray, wpos: np.ndarray, row: np.ndarray) -> Clips:
         U = self.units
@@ -233,45 +237,54 @@ class StreamWindows:
 def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int) -> np.ndarray:
     """(B, L) int64 tokens of the clips, one fancy-index read per token source."""
     out = np.empty(B * L, dtype=np.int64)
-    dest0 = clips.row * L + clips.wpos
-    for s in np.unique(clips.src):
-        m = clips.src == s
+    used = np.unique(clips.src)
+    for s in used:
+        m = slice(None) if len(used) == 1 else clips.src == s
         src = sources[int(s)]
         first = src.offsets_full[clips.doc[m]] + clips.start[m]
-        out[_ranges(dest0[m], clips.n[m])] = src.token_array[_ranges(first, clips.n[m])]
+        tokens = np.asarray(src.token_array).view(np.ndarray)  # a plain view: memmap indexing is slower
+        if len(used) == 1:  # the clips tile the batch in order: no scatter
+            out[:] = tokens[_ranges(first, clips.n)]
+        else:
+            out[_ranges(clips.row[m] * L + clips.wpos[m], clips.n[m])] = tokens[_ranges(first, clips.n[m])]
     return out.reshape(B, L)
 
 
 def collate(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int, scope: str) -> dict:
-    """The batch contract from the clips of B windows (numpy in, torch tensors out)."""
+    """The batch contract from the clips of B windows (numpy in, torch tensors out).
+
+    The clips tile every window in order, so every per-token array is a ``np.repeat`` of a
+    per-clip or per-segment value plus a running index: the work is a few passes over B x T
+    integers and a loop over nothing.
+    """
     if scope not in SCOPES:
         raise ValueError(f"attention scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     B, T = len(window_index), seq_len
     L = T + 1
-    assert np.array_equal(np.bincount(clips.row, weights=clips.n, minlength=B), np.full(B, L)), "windows must be full"
-    tokens_BL = gather_tokens(clips, sources, B, L)
     dest0 = clips.row * L + clips.wpos
-    dpos = np.repeat(clips.docpos - dest0, clips.n) + _ranges(dest0, clips.n)  # by flat window position
-    doc_positions_BL = np.empty(B * L, np.int64)
-    doc_positions_BL[_ranges(dest0, clips.n)] = dpos
-    new_BL = np.zeros(B * L, bool)
+    assert len(dest0) and dest0[0] == 0 and np.array_equal(dest0[1:], dest0[:-1] + clips.n[:-1]) \
+        and int(dest0[-1] + clips.n[-1]) == B * L, "windows must be full"
+    tokens_BL = gather_tokens(clips, sources, B, L)
+    doc_positions_BL = np.repeat(clips.docpos - dest0, clips.n)  # by flat window position
+    doc_positions_BL += np.arange(B * L)
+    # Segments start at every row and, unless the scope is window, at each clip that starts a
+    # document (unit) inside the inputs (a clip at offset T only holds the last target).
+    starts = clips.wpos == 0
     if scope != "window":
-        flag = clips.newdoc if scope == "document" else clips.newunit
-        new_BL[dest0[flag]] = True
-    new_BT = new_BL.reshape(B, L)[:, :T].copy()
-    new_BT[:, 0] = True  # every row starts a segment
-    segment_ids_BT = np.cumsum(new_BT, axis=1) - 1
-    t_BT = np.broadcast_to(np.arange(T), (B, T))
-    seg_start_BT = np.maximum.accumulate(np.where(new_BT, t_BT, 0), axis=1)
-    starts = np.flatnonzero(new_BT.ravel())
-    cu_seqlens = np.append(starts, B * T)
+        starts |= clips.newdoc if scope == "document" else clips.newunit
+    starts &= clips.wpos < T
+    seg_start = clips.row[starts] * T + clips.wpos[starts]  # sorted: the clips are in (row, offset) order
+    cu_seqlens = np.append(seg_start, B * T)
+    lens = np.diff(cu_seqlens)
+    seg = np.arange(len(seg_start))
+    first_of_row = np.maximum.accumulate(np.where(clips.wpos[starts] == 0, seg, 0))
     return {
         "input_ids": torch.from_numpy(np.ascontiguousarray(tokens_BL[:, :T])),
         "targets": torch.from_numpy(np.ascontiguousarray(tokens_BL[:, 1:])),
-        "segment_ids": torch.from_numpy(segment_ids_BT.astype(np.int32)),
+        "segment_ids": torch.from_numpy(np.repeat((seg - first_of_row).astype(np.int32), lens).reshape(B, T)),
         "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)),
-        "max_seqlen": int(np.diff(cu_seqlens).max()),
-        "position_ids": torch.from_numpy((t_BT - seg_start_BT).astype(np.int64)),
+        "max_seqlen": int(lens.max()),
+        "position_ids": torch.from_numpy((np.arange(B * T) - np.repeat(seg_start, lens)).reshape(B, T)),
         "doc_positions": torch.from_numpy(np.ascontiguousarray(doc_positions_BL.reshape(B, L)[:, :T])),
         "window_index": torch.from_numpy(np.asarray(window_index, np.int64).copy()),
     }
