@@ -167,7 +167,7 @@ def test_cached_view_equals_a_fresh_one_and_changed_inputs_miss(tmp_path, kw):
     first = cached_view(tmp_path / "cache", R, S, opts, HELDOUT, encode=enc)
     (built,) = (tmp_path / "cache" / "views").iterdir()
     again = cached_view(tmp_path / "cache", R, S, opts, HELDOUT, encode=enc)
-    assert isinstance(again.piece_doc, np.memmap)  # loaded, memory-mapped, not rebuilt
+    assert isinstance(again.piece_doc.base, np.memmap)  # loaded, memory-mapped, not rebuilt
     _assert_same_units(first, fresh)
     _assert_same_units(again, fresh)
     # A changed option, seed, excluded set or store is another cache entry, never the old one.

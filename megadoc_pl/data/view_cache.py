@@ -96,6 +96,7 @@ def load_units(path: Path, real, synth) -> Units:
     meta = json.loads((path / "view.json").read_text(encoding="utf-8"))
     literals = [LiteralTokens(lit["tokens"], lit["names"]) for lit in meta["literals"]]
     sources = ((real, synth) + tuple(literals))[: meta["num_sources"]]
-    cols = {c: np.load(path / f"{c}.npy", mmap_mode="r") for c in COLUMNS}
+    # Plain ndarray views of the maps: np.memmap results pay a subclass hook on every operation.
+    cols = {c: np.load(path / f"{c}.npy", mmap_mode="r").view(np.ndarray) for c in COLUMNS}
     return Units(sources, **cols, name=meta["name"], stats=meta["stats"])
 

@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Views, plans and the train loader at the megadocs paper's scale (issue 12), vs a bare memmap slicer.
+
+Writes token stores directly in the store format (random tokens, no tokenizer; cached under
+``--root``): S real documents and, per task, S x G generations (rephrase; rationale with the
+split offsets stretch checks; maga with judge scores; rephrase + rationale for the hybrid).
+Every stage runs in a fresh process (its wall, CPU and peak RSS are its own):
+
+- ``build <view>``: :func:`megadoc_pl.data.view_cache.cached_view` from an empty cache
+  (open the stores, build the view, save it);
+- ``relaunch <view>``: the same call on the saved cache (open the stores, load the view);
+- ``loader <order> w<workers>``: collated stitch batches (B x T, scope document, the whole
+  batch contract) through a DataLoader with the datamodule's settings, early (step 1) and late
+  (the plan's last steps) window indices, against the peer;
+- ``peer``: nanoGPT's ``get_batch``: random offsets into the flat memmap, ``np.stack`` of
+  slices, ``torch.from_numpy`` (inputs and targets only), one process.
+
+    python benchmarks/bench_views.py --sources 16400            # 1/10 of the paper
+    python benchmarks/bench_views.py --sources 164000           # the paper: 5.2M generations per task
+
+Targets (SPEC 11): every view builds in <= 30 s, relaunches in <= 5 s, peak RSS <= 1.5 GB;
+the loader >= 0.8x the peer from one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+VIEWS = ("real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch")
+STORE_OF = {"real": "rephrase", "rephrase": "rephrase", "stitch": "rephrase", "stretch": "rationale",
+            "stitch_stretch": "hybrid", "maga": "maga", "maga_stitch": "maga"}
+HELDOUT = 1000  # held-out sources (excluded from every view)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stores written directly (random tokens): the format of megadoc_pl.data.store
+
+
+def write_store(out: Path, kind: str, lengths: np.ndarray, source_ids, tasks=None, gen_index=None,
+                fields: dict | None = None, meta=None, seed: int = 0, vocab: int = 32000):
+    """A token store of random tokens with BOS=0 / EOS=1 around every document; returns it opened."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megadoc_pl.data.store import FORMAT_VERSION, HEADER_BYTES, MAGIC, PROMOTED_FIELDS, TokenStore
+    from megadoc_pl.utils import atomic_dir
+
+    if (out / "manifest.json").exists():
+        return TokenStore.open(out)
+    D = len(lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(offsets[-1])
+    rng = np.random.default_rng(seed)
+    with atomic_dir(out) as tmp:
+        with open(tmp / "tokens.bin", "wb") as f:
+            f.write((MAGIC + np.array([FORMAT_VERSION, 2, n], "<i8").tobytes()).ljust(HEADER_BYTES, b"\0"))
+            for a in range(0, n, 1 << 24):
+                rng.integers(3, vocab, min(1 << 24, n - a), dtype=np.uint16).tofile(f)
+        tok = np.memmap(tmp / "tokens.bin", np.uint16, "r+", offset=HEADER_BYTES, shape=(n,))
+        tok[offsets[:-1]], tok[offsets[1:] - 1] = 0, 1
+        tok.flush()
+        del tok
+        np.save(tmp / "offsets.npy", offsets)
+        cols = {"source_id": source_ids, "task": tasks if tasks is not None else pa.array(["real"] * D),
+                "gen_index": pa.array(gen_index if gen_index is not None else np.full(D, -1, np.int64)),
+                "file": pa.array(np.zeros(D, np.int32)), "line": pa.array(np.arange(1, D + 1))}
+        if kind == "generations":
+            for name, (typ, default) in PROMOTED_FIELDS.items():
+                value = (fields or {}).get(name)
+                cols[name] = value if value is not None else pa.array(np.full(D, default, object if typ == "string" else typ))
+        cols["meta"] = meta if meta is not None else pa.array(["{}"] * D)
+        pq.write_table(pa.table(cols), tmp / "index.parquet", compression="zstd")
+        manifest = {"format_version": FORMAT_VERSION, "kind": kind, "tokenizer_fingerprint": "bench" * 8,
+                    "vocab_size": vocab, "dtype": "uint16", "add_bos": True, "add_eos": True, "bos_id": 0,
+                    "eos_id": 1, "num_documents": D, "num_tokens": n,
+                    "inputs": [{"path": str(out), "sha256": f"{kind}-{seed}-{D}-{n}", "size": n}]}
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+    return TokenStore.open(out)
+
+
+def build_stores(root: Path, sources: int, generations: int) -> dict:
+    """The real store and one generation store per task family (cached under ``root``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from megadoc_pl.data.views import stretch_cuts
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    S, G = sources, generations
+    ids = pa.array(np.char.add("doc", np.arange(S).astype(str)).astype(object))
+    real = write_store(root / "real", "documents", rng.integers(60, 300, S), ids, seed=1)
+    sid = pc.take(ids, pa.array(np.repeat(np.arange(S), G)))
+    gi = np.tile(np.arange(G, dtype=np.int64), S)
+
+    def gens(task: str, lo: int, hi: int, seed: int, **extra):
+        lengths = np.random.default_rng(seed).integers(lo, hi, S * G)
+        return lengths, sid, pa.array([task] * (S * G)), gi, extra
+
+    _, _, cut = stretch_cuts(real.content_lengths, G)
+    unit = pa.scalar(f"tokens:{real.manifest['tokenizer_fingerprint'][:16]}")
+    rat_meta = pc.binary_join_element_wise(
+        '{"split_index": ', pa.array(gi).cast(pa.string()), ', "split_token_offset": ', pa.array(cut).cast(pa.string()),
+        ', "split_tokenizer": "', unit, '"}', "")
+    parts = {"rephrase": gens("rephrase", 20, 100, 2), "rationale": gens("rationale", 20, 40, 3,
+                                                                        split_index=pa.array(gi), meta=rat_meta),
+             "maga": gens("maga", 20, 40, 4, judge_score=pa.array(np.random.default_rng(5).integers(1, 6, S * G) * 1.0))}
+    stores = {"real": real}
+    for name, (lengths, s, t, g, extra) in parts.items():
+        meta = extra.pop("meta", None)
+        stores[name] = write_store(root / name, "generations", lengths, s, t, g, extra, meta, seed=len(name))
+    a, b = parts["rephrase"], parts["rationale"]
+    stores["hybrid"] = write_store(
+        root / "hybrid", "generations", np.concatenate([a[0], b[0]]), pa.concat_arrays([sid, sid]),
+        pa.concat_arrays([a[2], b[2]]), np.concatenate([gi, gi]),
+        {"split_index": pa.array(np.concatenate([np.full(S * G, -1), gi]))},
+        pa.concat_arrays([pa.array(["{}"] * (S * G)), rat_meta]), seed=9)
+    return stores
+
+
+def open_stores(root: Path, view: str):
+    from megadoc_pl.data.store import TokenStore
+
+    return TokenStore.open(root / "real"), TokenStore.open(root / STORE_OF[view])
+
+
+# ---------------------------------------------------------------------------------------------
+# Timed stages (importable; each returns seconds or a rate)
+
+
+def heldout_ids(real, n: int = HELDOUT) -> set[str]:
+    return set(real.source_ids[:: max(1, real.num_documents // n)][:n].tolist())
+
+
+def view_options(view: str, generations: int):
+    from megadoc_pl.data.views import ViewOptions
+
+    return ViewOptions(view=view, generations=generations, short_pool="drop")
+
+
+def time_view(root: Path, cache: Path, view: str, generations: int) -> float:
+    """Seconds to open the stores and get ``view`` through the cache (a build when it is empty)."""
+    from megadoc_pl.data.view_cache import cached_view
+    from megadoc_pl.data.views import real_units
+
+    t = time.perf_counter()
+    real, synth = open_stores(root, view)
+    held = heldout_ids(real)
+    if view == "real":
+        units = real_units(real, held)
+    else:
+        units = cached_view(cache, real, synth, view_options(view, generations), held, encode=_encode)
+    assert units.num_units > 0
+    return time.perf_counter() - t
+
+
+def _encode(text: str) -> list[int]:
+    return [5, 6, 7][: len(text) % 4]  # the delimiters' token ids (any fixed short ids)
+
+
+def train_windows(root: Path, cache: Path, generations: int, seq_len: int, batch: int, order: str):
+    """The stitch recipe's training windows (E=32, w=0.9, scope document) on the bench stores."""
+    from megadoc_pl.data.mixture import paper_plan
+    from megadoc_pl.data.view_cache import cached_view
+    from megadoc_pl.data.views import real_units
+    from megadoc_pl.data.windows import StreamWindows, Windows
+
+    real, synth = open_stores(root, "stitch")
+    held = heldout_ids(real)
+    ru = real_units(real, held)
+    su = cached_view(cache, real, synth, view_options("stitch", generations), held)
+    plan = paper_plan(ru.num_tokens, 32, 0.9, batch, seq_len, su.num_tokens)
+    streams = {n: StreamWindows(u, seq_len, 42, n, window_order=order) for n, u in (("real", ru), ("synthetic", su))}
+    return Windows.from_plan(streams, plan, "document"), plan, synth
+
+
+def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int) -> float:
+    """Batches/s of a DataLoader over ``windows`` (the datamodule's settings), after one warm batch."""
+    from torch.utils.data import DataLoader
+
+    from megadoc_pl.data.datamodule import loader_kwargs
+
+    steps = [list(range(s * batch, (s + 1) * batch)) for s in range(first_step, first_step + batches + 1)]
+    it = iter(DataLoader(windows, batch_size=None, sampler=steps, **loader_kwargs(workers)))
+    next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches / (time.perf_counter() - t)
+
+
+def peer_rate(tokens: np.ndarray, batches: int, batch: int, seq_len: int, seed: int = 0) -> float:
+    """nanoGPT's get_batch on the same flat memmap: batches/s."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    t = time.perf_counter()
+    for _ in range(batches):
+        ix = rng.integers(0, len(tokens) - seq_len - 1, batch)
+        x = torch.from_numpy(np.stack([tokens[i:i + seq_len].astype(np.int64) for i in ix]))
+        y = torch.from_numpy(np.stack([tokens[i + 1:i + 1 + seq_len].astype(np.int64) for i in ix]))
+        assert x.shape == y.shape
+    return batches / (time.perf_counter() - t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: one process per stage
+
+
+def run_stage(args: argparse.Namespace) -> dict:
+    root, cache = Path(args.root), Path(args.root) / "cache"
+    kind, what = args.stage.split(":", 1)
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    out: dict = {}
+    if kind in ("build", "relaunch"):
+        time_view(root, cache, what, args.generations)
+    elif kind == "loader":
+        order, workers, where = what.split(":")
+        windows, plan, synth = train_windows(root, cache, args.generations, args.seq_len, args.batch, order)
+        first = 1 if where == "early" else plan.steps - args.batches - 2
+        out["rate"] = loader_rate(windows, first, args.batches, args.batch, int(workers))
+        out["peer"] = peer_rate(np.asarray(synth.token_array), args.batches, args.batch, args.seq_len)
+    out.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0,
+               rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["cpu"] += children.ru_utime + children.ru_stime
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sources", type=int, default=16400)
+    ap.add_argument("--generations", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--views", default=",".join(VIEWS))
+    ap.add_argument("--root", default=None, help="store and cache directory (default .cache/bench_views/s<S>-g<G>)")
+    ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.root = args.root or str(ROOT / ".cache" / "bench_views" / f"s{args.sources}-g{args.generations}")
+    if args.stage:
+        print(json.dumps(run_stage(args)))
+        return
+
+    import shutil
+
+    t = time.perf_counter()
+    build_stores(Path(args.root), args.sources, args.generations)
+    print(f"stores: {args.sources:,} sources x G={args.generations} under {args.root} "
+          f"({time.perf_counter() - t:.1f}s)", flush=True)
+    shutil.rmtree(Path(args.root) / "cache", ignore_errors=True)
+    size = f"{args.sources // 1000}k x {args.generations}"
+    stages = [f"build:{v}" for v in args.views.split(",")] + [f"relaunch:{v}" for v in args.views.split(",")]
+    stages += [f"loader:shuffled:{w}:{where}" for w in (0, 2) for where in ("early", "late")]
+    print(f"{'stage':34} {'size':>10} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'ratio vs peer':>14}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for stage in stages:
+        proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--root", args.root,
+                               "--generations", str(args.generations), "--seq-len", str(args.seq_len),
+                               "--batch", str(args.batch), "--batches", str(args.batches)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode:
+            print(f"{stage:34} failed: {proc.stderr.strip().splitlines()[-1]}")
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        ratio = f"{r['rate'] / r['peer']:.2f}x" if "rate" in r else ""
+        extra = f"  ({r['rate']:.1f} vs {r['peer']:.1f} batches/s)" if "rate" in r else ""
+        print(f"{stage:34} {size:>10} {r['wall']:8.1f} {r['cpu']:8.1f} {r['rss_gb']:12.2f} {ratio:>14}{extra}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
