@@ -232,11 +232,18 @@ def run_stage(args: argparse.Namespace) -> dict:
         first = 1 if where == "early" else plan.steps - args.batches - 2
         out["rate"] = loader_rate(windows, first, args.batches, args.batch, int(workers))
         out["peer"] = peer_rate(np.asarray(synth.token_array), args.batches, args.batch, args.seq_len)
-    out.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0,
-               rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    out.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0, rss_gb=peak_rss_gb())
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     out["cpu"] += children.ru_utime + children.ru_stime
     return out
+
+
+def peak_rss_gb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not inherit the parent's across fork/exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main() -> None:
