@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = ROOT.parent / "shared" / "data" / "llama-test-tokenizer.json"
 VIEW_RECIPES = {"stitch": "megadoc_stitch", "stretch": "megadoc_stretch", "rephrase": "rephrase", "maga": "maga",
                 "maga_stitch": "maga_stitch", "hybrid": "megadoc_hybrid"}
+VIEW_OVERRIDES = {"hybrid": ["data.generations=32"]}  # rationales are tied to the G they were written for
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ba", "de", "fi", "go", "hu", "je", "pa", "qu", "ze",
              "mon", "tar", "len", "dis", "cor", "ver", "ast", "ing", "tion", "al", "er", "ed", "ly"]
 
@@ -166,13 +168,15 @@ print(len(texts), n, time.perf_counter() - t0)
 }
 
 
-def stage(name: str, env: dict | None = None, **kw) -> dict:
-    return measured([sys.executable, "-c", STAGE_CODE[name].format(**kw)], env=env)
+def stage(name: str, env: dict | None = None, one_core: bool = False, **kw) -> dict:
+    """A stage's code in a fresh interpreter; ``one_core``: pinned to one CPU (taskset)."""
+    pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if one_core else []
+    return measured([*pin, sys.executable, "-c", STAGE_CODE[name].format(**kw)], env=env)
 
 
-def dry_run(recipe: str, root: Path, tokenizer: Path) -> dict:
+def dry_run(recipe: str, root: Path, tokenizer: Path, extra: list[str]) -> dict:
     r = measured([sys.executable, str(ROOT / "recipes" / "train.py"), "--recipe", recipe, "--dry-run",
-                  *overrides(root, tokenizer)])
+                  *overrides(root, tokenizer), *extra])
     report = json.loads(r["stdout"])
     r["stdout"] = ""
     r["units"] = sum(s.get("units", 0) for s in report.get("streams", {}).values()) if isinstance(report.get("streams"), dict) else None
@@ -190,6 +194,7 @@ def run_size(work: Path, sources: int, args, tokenizer: Path) -> dict:
     print(f"# {sources} sources: {corpus['rows']:,} generation rows, {corpus['bytes'] / 1e9:.2f} GB of JSONL "
           f"(written in {corpus['write_seconds']} s)", flush=True)
     res: dict = {"corpus": corpus}
+    shutil.rmtree(root / "cache", ignore_errors=True)  # every stage measured from nothing cached
     ov = overrides(root, tokenizer)
     single = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "true"}
 
@@ -197,24 +202,29 @@ def run_size(work: Path, sources: int, args, tokenizer: Path) -> dict:
     res["tokenize generations"] = stage("prepare_store", overrides=ov, inputs=str(root / "gen"), kind="generations")
     rows, tokens = map(int, res["tokenize generations"]["stdout"].split())
     res["tokenize generations"]["rows"], res["tokenize generations"]["tokens"] = rows, tokens
+    print(f"  tokenized: real {res['tokenize real']['wall']:.1f} s, generations {res['tokenize generations']['wall']:.1f} s",
+          flush=True)
     if args.builders:
         sample = root / "gen" / "rephrase.jsonl"
         scratch = str(root / "scratch_store")
-        res["build rephrase, 1 core"] = stage("build", env=single, inputs=str(sample), tokenizer=str(tokenizer),
+        res["build rephrase, 1 core"] = stage("build", env=single, one_core=True, inputs=str(sample), tokenizer=str(tokenizer),
                                               out=scratch, num_proc=1, parallel="threads")
         res["build rephrase, all cores (threads)"] = stage("build", inputs=str(sample), tokenizer=str(tokenizer), out=scratch,
                                                            num_proc=os.cpu_count(), parallel="threads")
         res["build rephrase, all cores (processes)"] = stage("build", inputs=str(sample), tokenizer=str(tokenizer),
                                                              out=scratch, num_proc=os.cpu_count(), parallel="processes")
         for label, env in (("peer encode rephrase, 1 core", single), ("peer encode rephrase, all cores", None)):
-            res[label] = stage("peer", env=env, inputs=str(sample), tokenizer=str(tokenizer))
+            res[label] = stage("peer", env=env, one_core=env is not None, inputs=str(sample), tokenizer=str(tokenizer))
         for r in res.values():
             if "stdout" in r and len(r["stdout"].split()) == 3:
                 r["seconds"] = float(r["stdout"].split()[-1])  # the call itself, without start-up
     for view in args.views:
         recipe = VIEW_RECIPES[view]
-        res[f"dry run {view} (first)"] = dry_run(recipe, root, tokenizer)
-        res[f"dry run {view} (relaunch)"] = dry_run(recipe, root, tokenizer)
+        extra = VIEW_OVERRIDES.get(view, [])
+        res[f"dry run {view} (first)"] = dry_run(recipe, root, tokenizer, extra)
+        res[f"dry run {view} (relaunch)"] = dry_run(recipe, root, tokenizer, extra)
+        print(f"  {view}: first {res[f'dry run {view} (first)']['wall']:.1f} s, relaunch "
+              f"{res[f'dry run {view} (relaunch)']['wall']:.1f} s", flush=True)
     return res
 
 

@@ -21,7 +21,7 @@ from megadoc_pl.eval.scoring import causal_rows_batch, token_losses
 from megadoc_pl.eval.validation import ValidationMetrics
 from megadoc_pl.model.llama import Llama
 
-from conftest import tiny_llama
+from conftest import one_thread, tiny_llama
 
 T = 24
 VOCAB = 64
@@ -166,6 +166,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from megadoc_pl.eval.multiple_choice import MCExample, MultipleChoiceScorer, evaluate_tasks
 
+    torch.set_num_threads(1)  # as the single-process reference: the same kernels, so sums agree to the last bits
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model = small_llama()
@@ -211,7 +212,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     single = ValidationMetrics(["iid", "long"], position_buckets=4, seq_len=T, doc_position_buckets=8)
     model = small_llama()
-    with torch.no_grad():
+    with one_thread(), torch.no_grad():  # one thread, as in the workers
         for i, b in enumerate(make_batches(5)):
             single.update("iid" if i < 4 else "long", token_losses(model, b), b)
     expect = single.results()

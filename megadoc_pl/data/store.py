@@ -83,11 +83,16 @@ PROMOTED_FIELDS: dict[str, tuple[str, Any]] = {
 CHUNK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 1024
 # parallel="auto": worker processes only for inputs of at least this many bytes (below, starting
-# them costs more than they save) and at least this many cores (below, threads are as fast: the
-# Rust tokenizer runs without the GIL, and the GIL-bound rest, ~0.2 us per token for parsing and
-# id conversion, only becomes the bottleneck at about 5 cores).
+# them costs more than they save) and at least this many cores. With threads the Rust tokenizer
+# runs without the GIL but parsing, validation and id conversion (~0.2 us per token plus a few us
+# per row) hold it. Measured on 2 cores: long documents (cc, ~10 KB rows) build at 0.99x raw
+# encoding with threads and 0.74x with processes (BENCHMARKS.md "Tokenization"); short generation
+# rows (~200 bytes) at 0.63x with threads and 0.76x with processes (BENCHMARKS.md "Paper-scale
+# data"). So: processes from PROCESSES_FROM_CORES cores, and already from 2 cores when the rows of
+# the first input block average under SHORT_ROW_BYTES.
 SMALL_INPUT_BYTES = 4 << 20
 PROCESSES_FROM_CORES = 5
+SHORT_ROW_BYTES = 2048
 PARALLEL_MODES = ("auto", "threads", "processes")
 
 
@@ -770,6 +775,14 @@ def _existing_store(out: Path, manifest: dict, rebuild: bool) -> Optional[TokenS
     )
 
 
+def _short_rows(files: list[Path]) -> bool:
+    """Whether the first block of the first JSONL input has rows under SHORT_ROW_BYTES on average."""
+    if is_parquet(files[0]):
+        return False
+    first = next(jsonl_blocks(files[0], CHUNK_BYTES), None)
+    return first is not None and len(first[1]) < SHORT_ROW_BYTES * max(1, first[1].count(b"\n"))
+
+
 def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: dict, num_proc: Optional[int],
                  parallel: str, progress: bool) -> None:
     from tqdm.auto import tqdm
@@ -781,7 +794,7 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
     num_proc = max(1, num_proc or default_num_proc())
     total_bytes = sum(f["size"] for f in manifest["inputs"])
     if parallel == "auto":
-        in_process = num_proc < PROCESSES_FROM_CORES or total_bytes < SMALL_INPUT_BYTES
+        in_process = total_bytes < SMALL_INPUT_BYTES or num_proc < (2 if _short_rows(files) else PROCESSES_FROM_CORES)
     else:
         in_process = parallel == "threads" or num_proc == 1
     sink = _StoreSink(tmp, kind, opts.dtype, [str(f) for f in files], manifest["skip_bad_rows"])
