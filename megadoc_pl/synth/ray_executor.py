@@ -1,120 +1,161 @@
-"""``--executor ray``: the runner's batches on a pool of Ray actors, each holding one backend.
+"""``--executor ray``: the runner's batches stream through Ray Data to actors that hold a backend.
 
 The driver (the runner, one process) stays the only reader of the inputs and the only writer of
-the output directory. It finds the pending units exactly as the local runner does, sends each
-batch with the slice of resume state it reads (``Runner.batch_inputs``) to a free actor, and
-applies the results as they come back, in any order. So the output layout, provenance, resume
-and the exactly-once guarantee keyed by (source_id, gen_index) are the local runner's: rows are
-written only when a whole batch has returned.
+the output directory. It works out the pending units exactly as the local runner does (documents
+still missing some (source_id, gen_index)), cuts them into batches, and packs each batch with the
+slice of resume state it reads (``Runner.batch_inputs``) into one row of a Ray Dataset. The
+Dataset goes through ``map_batches`` to ``GenerationWorker``, a callable class: Ray Data starts
+``--workers`` actors of it (``--worker-gpus`` GPUs each: vLLM gets one actor per GPU, or per
+tensor-parallel group), each loading the backend (and judge) once, and hands every actor the
+next row as soon as it has room (two in flight: one running, one queued), so a slow node takes
+fewer batches. The driver reads the results with ``iter_batches`` in completion order and applies
+them as the local runner applies its own (``Runner._apply``): the output layout, provenance,
+stats, resume and the exactly-once guarantee keyed by (source_id, gen_index) are the local
+runner's, because rows are written only by the driver and only for a batch that came back whole.
 
-What Ray adds:
+Failures: an actor whose process dies is restarted by Ray (its backend reloaded) and the batch
+it held is run again, up to ``RESTARTS`` times per batch; a batch that kills its actor more often
+is one line (exit 1), and a rerun resumes. A backend that cannot load stops the run in one line
+before anything is written (the constructor runs before the first result; nothing of a first
+start is left behind). Killing the driver is killing a local run.
 
-- actors on every node of a cluster (``--ray-address auto``), ``--workers`` of them with
-  ``--worker-gpus`` each (vLLM: one actor per GPU, or per tensor-parallel group);
-- dynamic load balancing: a batch goes to whichever actor is free, so a slow node takes fewer;
-- restarts: an actor whose process dies is restarted (its backend reloaded) and Ray runs the
-  batch it held again; only the returned result is written, once.
-
-Killing the driver is killing a local run: rerun the same command and it resumes. Ray Data's
-``map_batches`` was not used because its input must be a dataset built up front, while the
-runner's work list is computed lazily against the files already written (resume) and each batch
-carries resume state; an actor pool fed by ``ray.wait`` streams the same way with bounded memory.
+Why not ``ray.data.llm`` (its vLLM engine processor): see docs/synthesis.md, "Ray executor".
+In short, its engine stage keeps only the first completion of a request (we ask vLLM for n = G
+samples of one prompt), it has no finish reason, and it makes one LLM call per row, while maga
+is three dependent calls per unit (pairs, reformulations, judge) whose intermediate state is
+part of resume. The vLLM path is our own backend inside the actor: the same ``vllm.LLM`` engine
+per GPU group that Ray Data LLM would start, driven by the same task code as the local runner.
 
 Ray is an optional dependency (``pip install 'megadoc_pl[ray]'``), imported only here.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Any, Callable, Iterable, Iterator
+import pickle
+import re
+import socket
+import warnings
+from typing import Callable, Iterable, Iterator
 
 from megadoc_pl.synth.runner import Backends, RunConfig, Runner
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, make_task
 from megadoc_pl.utils import require
 
-RESTARTS = 3  # an actor is restarted, and the batch it held is retried, this many times
+RESTARTS = 3  # a batch whose actor dies is run again (on the restarted actor) this many times
+IN_FLIGHT = 2  # batches per actor at once: one running, one queued so it never waits for the driver
 
 
 class GenerationWorker:
-    """One Ray actor: a backend (and judge) and the task; runs whole batches."""
+    """Ray Data's callable class: one instance per actor holds the backend (and judge) and the task;
+    each call runs the runner batches packed in its rows and returns their results."""
 
     def __init__(self, task_cfg: TaskConfig, cfg: RunConfig) -> None:
         counter = TokenCounter(Runner._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
         self.task = make_task(task_cfg, counter)
         self.backends = Backends.load(task_cfg, cfg)
-
-    def describe(self) -> dict:
         b = self.backends
-        return {"model": b.model, "judge_model": b.judge_model, "name": b.name, "uses_gpu": b.uses_gpu,
-                "pid": os.getpid()}
+        self.info = {"model": b.model, "judge_model": b.judge_model, "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
-    def run(self, batch: list, state: dict, attempts: dict, pending: dict) -> dict:
-        ctx = self.backends.context(self.task.name, state, attempts, pending)
-        self.task.run(batch, ctx)
-        return ctx.result()
+    def __call__(self, rows: dict) -> dict:
+        import numpy as np
+
+        out = []
+        for item in rows["batch"]:
+            batch, state, attempts, pending = pickle.loads(item)
+            ctx = self.backends.context(self.task.name, state, attempts, pending)
+            self.task.run(batch, ctx)
+            out.append(pickle.dumps((batch, ctx.result(), self.info)))
+        return {"result": np.array(out, dtype=object)}
 
 
 class RayExecutor:
-    """A pool of ``GenerationWorker`` actors and the loop that feeds them."""
+    """Feeds the runner's batches through a Ray Data pipeline of ``GenerationWorker`` actors."""
 
     def __init__(self, task_cfg: TaskConfig, cfg: RunConfig) -> None:
-        ray = require("ray", "ray", "--executor ray")
-        self.ray = ray
+        self.ray = require("ray", "ray", "--executor ray")
         if cfg.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {cfg.workers}")
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
-        actor = ray.remote(GenerationWorker).options(
-            num_cpus=cfg.worker_cpus, num_gpus=cfg.worker_gpus, max_restarts=RESTARTS, max_task_retries=RESTARTS)
-        self.actors = [actor.remote(task_cfg, cfg) for _ in range(cfg.workers)]
-        try:
-            self.info = ray.get([a.describe.remote() for a in self.actors])
-        except Exception as e:  # noqa: BLE001 - a backend that cannot load: one line, not a Ray trace
-            self.close()
-            cause = getattr(e, "cause", None) or e
-            raise ValueError(f"the Ray workers could not load the backend: {type(cause).__name__}: "
-                             f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}") from None
-        first = self.info[0]
-        self.backends = _RemoteBackends(None, None, first["model"], first["judge_model"], first["name"],
-                                        first["uses_gpu"])
+        self.task_cfg, self.cfg = task_cfg, cfg
+        self.started_ray = not self.ray.is_initialized()
+        if self.started_ray:
+            self.ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False,
+                          configure_logging=False)
+        # The driver's view of the backends: names from the flags until a worker reports its own.
+        model = cfg.model or cfg.backend_kwargs.get("model") or cfg.backend
+        self.backends = _RemoteBackends(None, None, model, cfg.judge_backend_kwargs.get("model") or model,
+                                        cfg.backend, cfg.worker_gpus > 0)
         self.backends.worker_gpus = cfg.workers * cfg.worker_gpus
-
-    def pids(self) -> list[int]:
-        return [i["pid"] for i in self.info]
+        self.batches_by_worker: dict[str, int] = {}
 
     def map(self, batches: Iterable[list], inputs: Callable[[list], tuple]) -> Iterator[tuple[list, dict]]:
-        """(batch, result) for every batch, as the actors finish them (one batch per actor in
-        flight); ``inputs(batch)`` is the resume state sent with it."""
-        ray = self.ray
-        free = list(self.actors)
-        in_flight: dict[Any, tuple[list, Any]] = {}
-        todo = iter(batches)
-        exhausted = False
-        while True:
-            while free and not exhausted:
-                batch = next(todo, None)
-                if batch is None:
-                    exhausted = True
-                    break
-                actor = free.pop()
-                in_flight[actor.run.remote(batch, *inputs(batch))] = (batch, actor)
-            if not in_flight:
-                return
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            batch, actor = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                raise ValueError(f"a Ray worker died {RESTARTS + 1} times running one batch ({type(e).__name__}) "
-                                 "(fix: check the worker logs, e.g. out of memory; rerun resumes)") from None
-            free.append(actor)
-            yield batch, result
+        """(batch, result) for every batch, in the order the actors finish them; ``inputs(batch)``
+        is the resume state packed with it. The batches are packed before the pipeline starts
+        (their units are disjoint, so the state a batch reads cannot change meanwhile)."""
+        items = [{"batch": pickle.dumps((batch, *inputs(batch)))} for batch in batches]
+        if not items:
+            return
+        ray, cfg = self.ray, self.cfg
+        from ray.data import ActorPoolStrategy, DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False  # the runner has its own
+        ctx.execution_options.preserve_order = False  # results in completion order: dynamic balancing
+        ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block per batch
+        del items
+        with warnings.catch_warnings():  # Ray 2.60 deprecates remote args in map_batches, retries have no other knob
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(
+                GenerationWorker, fn_constructor_args=(self.task_cfg, cfg), batch_size=1, batch_format="numpy",
+                compute=ActorPoolStrategy(size=cfg.workers, max_tasks_in_flight_per_actor=IN_FLIGHT),
+                num_cpus=cfg.worker_cpus, num_gpus=cfg.worker_gpus or None, **_retries(ds.map_batches))
+        results = ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0)
+        first = True
+        try:
+            for out in results:
+                batch, result, info = pickle.loads(out["result"][0])
+                if first:  # the model names the backend itself reports
+                    self.backends.model, self.backends.judge_model = info["model"], info["judge_model"]
+                    first = False
+                self.batches_by_worker[info["worker"]] = self.batches_by_worker.get(info["worker"], 0) + 1
+                yield batch, result
+        except Exception as e:  # noqa: BLE001 - a worker that cannot load or keeps dying: one line
+            raise ValueError(_one_line(e, first)) from None
+        finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()
 
     def close(self) -> None:
-        for a in self.actors:
-            self.ray.kill(a)
-        self.actors = []
+        if self.started_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def _retries(map_batches) -> dict:
+    """Actors restart without limit (Ray Data's default) and a batch is retried ``RESTARTS`` times
+    (Ray Data's default is forever: a batch that always kills its actor would never end the run),
+    where this Ray still takes remote args in ``map_batches``."""
+    takes_remote_args = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                            for p in inspect.signature(map_batches).parameters.values())
+    return {"max_restarts": -1, "max_task_retries": RESTARTS} if takes_remote_args else {}
+
+
+def _one_line(e: Exception, before_first: bool) -> str:
+    """A failed Ray Data run as one line: the last line of what the worker raised (Ray puts the
+    worker's traceback in the message of the exception the driver sees)."""
+    cause = getattr(e, "cause", None)  # RayTaskError: the worker's own exception
+    e = cause if isinstance(cause, BaseException) else e
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    if not re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b", last):
+        last = f"{type(e).__name__}: {last}".rstrip(": ")
+    what = "the Ray workers failed before the first batch came back" if before_first else "a Ray worker failed"
+    if "(fix:" in last:
+        return f"{what}: {last}"
+    fix = ("check that --model, --tokenizer and --prompt-dir exist on every node" if before_first else
+           f"a batch whose worker dies is run again {RESTARTS} times; check the worker logs, e.g. out of memory")
+    return f"{what}: {last} (fix: {fix}; the logs are under /tmp/ray/session_latest/logs; rerun resumes)"
 
 
 class _RemoteBackends(Backends):

@@ -589,12 +589,14 @@ class Runner:
             try:
                 pending_all = sum(1 for _ in self._pending_units(counts))
                 self._validate_start(counts)
+                pending = pending_all if self.cfg.limit is None else min(pending_all, self.cfg.limit)
+                results = self._results(pending)  # ray: the workers have loaded and sent a first result
             except BaseException:
                 self._failed_start()
                 raise
             if self.run_record is not None:
                 self.out.write_json(self.files.run, self.run_record)
-            return self._generate(pending_all, counts)
+            return self._generate(pending_all, pending, counts, results)
         finally:
             self.lock.release()
             if getattr(self, "executor", None) is not None:
@@ -619,8 +621,25 @@ class Runner:
         if not counts.get("usable", 0):
             raise ValueError("the inputs hold no documents (fix: check --input and --text-field)")
 
-    def _generate(self, pending_all: int, counts: dict) -> dict:
-        pending = pending_all if self.cfg.limit is None else min(pending_all, self.cfg.limit)
+    def _results(self, pending: int) -> Iterator[tuple[list, dict]] | None:
+        """ray: (batch, result) as the workers return them, started here so that a backend that
+        cannot load fails the start (nothing written yet); local: None (batches run in _generate)."""
+        if self.cfg.executor != "ray":
+            return None
+        results = self.executor.map(self._batches(pending), self.batch_inputs)
+        first = next(results, None)
+
+        def all_results():
+            try:
+                if first is not None:
+                    yield first
+                    yield from results
+            finally:
+                results.close()
+
+        return all_results()
+
+    def _generate(self, pending_all: int, pending: int, counts: dict, results) -> dict:
         self.run_stats: dict[str, Any] = {k: 0 for k in COUNTERS}
         self.run_stats.update(by_stage={}, counters={}, heldout_skipped=counts.get("heldout", 0))
         self.gpus = self.cfg.gpus if self.cfg.gpus is not None else self.backends.gpus()
@@ -634,8 +653,8 @@ class Runner:
         finished = 0
         bar = _progress(pending, self.cfg.progress, f"{self.task.name} {shard_name(self.shard, self.num_shards)}")
         try:
-            if self.cfg.executor == "ray":
-                for batch, result in self.executor.map(self._batches(pending), self.batch_inputs):
+            if results is not None:
+                for batch, result in results:
                     self._apply(result, outputs)
                     finished += self._batch_done(batch, start, bar)
             else:
@@ -646,6 +665,8 @@ class Runner:
             raise
         finally:
             bar.close()
+            if results is not None:
+                results.close()  # stops the Ray pipeline when the circuit breaker ends the run early
             for a in outputs.values():
                 a.close()
             self.state_file.close()
@@ -749,6 +770,9 @@ class Runner:
         totals.update({k: self.file_counts[k] + s[k] for k in FILE_COUNTERS})
         totals["units_done"] = self.units_total - self.remaining_all
         totals["heldout_skipped"] = s["heldout_skipped"]
+        if self.cfg.executor == "ray":  # how the batches spread over the actors (dynamic balancing)
+            s["batches_by_worker"] = dict(self.executor.batches_by_worker)
+            self.model_name = self.backends.model  # as the workers report it
         run = {**s, "gpus": self.gpus, "backend": self.backends.name, "executor": self.cfg.executor,
                "model": self.model_name,
                "shard_source": self.shard_source, "started": self.started}
