@@ -18,7 +18,8 @@ from megadoc_pl.data.segments import equal_token_split
 from megadoc_pl.data.tokenizer import load_tokenizer
 from megadoc_pl.synth import Response, register_backend
 from megadoc_pl.synth.cli import main as cli_main
-from megadoc_pl.synth.runner import RunConfig, resolve_shard, shard_of, synthesize
+from megadoc_pl.synth.outdir import ShardLock
+from megadoc_pl.synth.runner import RunConfig, ShardFiles, resolve_shard, shard_of, synthesize
 from megadoc_pl.synth.tasks import TaskConfig
 from megadoc_pl.synth.tiny import build_tiny_chat_model
 
@@ -302,9 +303,33 @@ def test_shards_are_disjoint_and_complete(tmp_path):
     agg = json.loads((out / "stats.json").read_text())
     assert agg["shards"] == 3 and agg["shards_complete"] == 3 and agg["totals"]["rows_written"] == 60
     # a different shard count in the same directory would duplicate work: refused
-    with pytest.raises(ValueError, match="num_shards=3"):
+    with pytest.raises(ValueError, match=r"split into 3 shards \(.synth/run.json\), this run into 4: .* "
+                       r"\(fix: rerun with --num-shards 3"):
         run(out, [tmp_path / "docs.jsonl"], dict(task="rephrase", generations=2), backend="fixed_test",
             shard=0, num_shards=4)
+    assert not (out / ".synth" / "locks" / "shard-00000-of-00004.lock").exists()  # the refused start left nothing
+
+
+def test_another_shard_count_is_refused_by_its_files_and_locks_without_run_json(tmp_path):
+    """A concurrent first start with another count (it holds its lock, run.json not written yet),
+    or a directory whose run.json was lost: the shard files and locks name the count."""
+    docs = make_docs(tmp_path / "docs.jsonl", 12)
+    out = tmp_path / "out"
+    other = ShardLock(ShardFiles.of(out, 1, 4).lock, "shard 1 of 4")
+    other.acquire()  # a first start of 4 shards, still validating its input
+    try:
+        with pytest.raises(ValueError, match=r"split into 4 shards \(.synth/locks/shard-00001-of-00004.lock\), "
+                           "this run into 2"):
+            run(out, [tmp_path / "docs.jsonl"], dict(task="rephrase"), backend="fixed_test", shard=0, num_shards=2)
+    finally:
+        other.discard()
+    assert not any((out / ".synth" / "locks").glob("*-of-00002.lock"))
+    run(out, [tmp_path / "docs.jsonl"], dict(task="rephrase"), backend="fixed_test", shard=0, num_shards=2)
+    (out / ".synth" / "run.json").unlink()  # lost: the rows file still names the count
+    with pytest.raises(ValueError, match=r"split into 2 shards \(shard-00000-of-00002.jsonl\), this run into 1"):
+        run(out, [tmp_path / "docs.jsonl"], dict(task="rephrase"), backend="fixed_test")
+    run(out, [tmp_path / "docs.jsonl"], dict(task="rephrase"), backend="fixed_test", shard=1, num_shards=2)
+    assert sorted(keys(read_rows(out))) == [(d["id"], 0) for d in docs]  # nothing twice, nothing lost
 
 
 def test_shard_resolution_from_flags_and_environment():

@@ -96,6 +96,7 @@ class ShardLock:
         self.path, self.what = path, what
         self.f = None
         self.created: list[Path] = []  # directories this lock created (removed by discard)
+        self.new_file = False  # acquire created the lock file (removed by discard)
 
     def acquire(self) -> None:
         import fcntl
@@ -104,6 +105,7 @@ class ShardLock:
             if not d.exists():
                 self.created.append(d)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.new_file = not self.path.exists()
         f = open(self.path, "a+", encoding="utf-8")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -126,7 +128,7 @@ class ShardLock:
 
     def discard(self) -> None:
         """Release, and remove the lock file and the directories acquire created (a failed start)."""
-        if self.created:
+        if self.created or self.new_file:
             self.path.unlink(missing_ok=True)
         self.release()
         for d in reversed(self.created):

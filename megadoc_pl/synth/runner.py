@@ -417,6 +417,7 @@ class Runner:
         self.lock = self.out.lock(self.files.lock, f"shard {self.shard} of {self.num_shards} in {self.out}")
         self.lock.acquire()  # a second writer is refused before it loads a model
         try:
+            self._check_shard_count()  # after the lock: a concurrent start with another count shows its lock
             if cfg.executor == "ray":  # the backends live in the Ray actors, not in this process
                 from megadoc_pl.synth.ray_executor import RayExecutor
 
@@ -493,7 +494,7 @@ class Runner:
             return {**run, "task_config": asdict(t), "inputs": self.input_names, "split_file": self.cfg.split_file,
                     **({"teacher": self.cfg.teacher} if self.cfg.teacher is not None else {})}
         old = self.out.read_json(self.files.run)
-        diff = [k for k in RUN_KEYS if old.get(k) != run.get(k)]
+        diff = [k for k in RUN_KEYS if old.get(k) != run.get(k) and k != "num_shards"]  # _check_shard_count
         if diff:
             what = ", ".join(f"{k}={old.get(k)!r} (now {run.get(k)!r})" for k in diff)
             raise ValueError(
@@ -501,6 +502,31 @@ class Runner:
                 "(fix: rerun with the same settings to resume, or use a new --out)"
             )
         return None
+
+    def _check_shard_count(self) -> None:
+        """A directory keeps the shard count it was started with: a document's shard is
+        ``stable_hash(id) % num_shards``, so under another count it would be generated again by
+        the shard it now falls in. Refused in one line when run.json, or any shard file or lock
+        (a concurrent first start, a directory that lost its run.json), names another count."""
+        out, n = self.out, self.num_shards
+        counts: dict[int, str] = {}
+        if out.exists(self.files.run):
+            counts[int(out.read_json(self.files.run)["num_shards"])] = ".synth/run.json"
+        for folder, pattern in (((), "shard-*-of-*"), ((".synth", "locks"), "shard-*-of-*.lock"),
+                                ((".synth", "stats"), "shard-*-of-*.json")):
+            for path in out.glob(out.join(*folder), pattern):
+                m = re.fullmatch(r"shard-\d+-of-(\d+)(\.jsonl|\.lock|\.json)?", str(path).rsplit("/", 1)[-1])
+                if m is not None:
+                    counts.setdefault(int(m.group(1)), "/".join((*folder, str(path).rsplit("/", 1)[-1])))
+        other = {k: v for k, v in counts.items() if k != n}
+        if other:
+            k, where = next(iter(other.items()))
+            raise ValueError(
+                f"{out} is split into {k} shards ({where}), this run into {n}: a document's shard depends on the "
+                f"count, so documents would be generated twice (fix: rerun with --num-shards {k}, or the SLURM "
+                f"array size {k}; to spread a slow shard's remaining work over more GPUs, run that shard with "
+                "--executor ray --workers N)"
+            )
 
     # -- resume state
 
@@ -606,10 +632,7 @@ class Runner:
         """A first start that fails leaves nothing behind (an existing run keeps its files)."""
         if getattr(self, "executor", None) is not None:
             self.executor.close()
-        if self.run_record is not None:
-            self.lock.discard()
-        else:
-            self.lock.release()
+        self.lock.discard()  # removes only what this start created
 
     def _validate_start(self, counts: dict) -> None:
         if counts.get("heldout", 0) and not counts.get("usable", 0):
