@@ -15,6 +15,7 @@ import pytest
 from megadoc_pl.data.segments import equal_token_split
 from megadoc_pl.data.store import build_store
 from megadoc_pl.data.tokenizer import load_tokenizer
+import megadoc_pl.data.views as views_mod
 from megadoc_pl.data.views import ViewOptions, _Groups, _pools, _stretch, build_view, stretch_cuts
 
 WORDS = ["mill", "town", "river", "Alice", "founded", "built", "the", "of", "and", "first"]
@@ -117,7 +118,9 @@ def random_corpus(tmp_path_factory, tiny_tokenizer_path) -> dict:
 
 @pytest.mark.parametrize("G", [1, 2, 3, 6, 40])
 @pytest.mark.parametrize("delims", [("<t>", "</t>"), ("", "</t>"), ("", "")])
-def test_vectorised_stretch_equals_the_per_source_loop(random_corpus, G, delims):
+@pytest.mark.parametrize("block", [8192, 3])  # sources laid out at a time: one block, or many
+def test_vectorised_stretch_equals_the_per_source_loop(random_corpus, G, delims, block, monkeypatch):
+    monkeypatch.setattr(views_mod, "STRETCH_BLOCK_SOURCES", block)
     real, synth, info = random_corpus["real"], random_corpus["synth"], random_corpus["info"]
     pools = _pools(real, synth, "rationale", {"s3"}, 0, "drop", keep_all=True)
     open_ids, close_ids = info.encode(delims[0]), info.encode(delims[1])

@@ -73,17 +73,40 @@ def units_source_ids(units) -> set[str]:
 
     ``units`` is a ``megadoc_pl.data.views.Units``; token sources without ``source_ids``
     (delimiter literals) are skipped. For a generation store the source id is the id of the
-    real document the generation was made from.
+    real document the generation was made from. Read from the store's Arrow index (no Python
+    string per document: a paper-scale generation store has millions).
     """
-    import numpy as np
+    import pyarrow.compute as pc
 
     ids: set[str] = set()
     for s, src in enumerate(units.sources):
         if not hasattr(src, "source_ids"):
             continue
         docs = np.unique(units.piece_doc[units.piece_src == s])
-        ids.update(str(x) for x in np.asarray(src.source_ids)[docs])
+        column = src.arrow_column("source_id") if hasattr(src, "arrow_column") else _as_arrow(src.source_ids)
+        ids.update(pc.unique(column.take(docs)).to_pylist())
     return ids
+
+
+def _as_arrow(values):
+    import pyarrow as pa
+
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values
+    return pa.array([str(v) for v in np.asarray(values, dtype=object)], pa.string())
+
+
+def member_mask(values, members: Iterable[str]) -> np.ndarray:
+    """Boolean mask of ``values`` (ids: an Arrow string column or an array of str) that are in
+    ``members``, computed by Arrow (no Python object per value)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = _as_arrow(values)
+    members = list(members)
+    if not members:
+        return np.zeros(len(arr), dtype=bool)
+    return pc.is_in(arr, value_set=pa.array([str(m) for m in members], pa.string())).to_numpy(zero_copy_only=False)
 
 
 def check_units_disjoint(train_units, val_units: Mapping[str, object]) -> None:
@@ -132,7 +155,7 @@ def text_hashes(store: Any, decode_batch: Callable[[list[list[int]]], list[str]]
 
 def heldout_duplicates(ids: np.ndarray, hashes: np.ndarray, heldout: set[str]) -> set[str]:
     """Ids of documents that are not held out but whose normalised text equals a held-out document's."""
-    held = np.fromiter((str(i) in heldout for i in ids), dtype=bool, count=len(ids))
+    held = member_mask(ids, heldout)
     dup = ~held & np.isin(hashes, hashes[held])
     return {str(i) for i in np.asarray(ids)[dup]}
 
@@ -167,10 +190,12 @@ def check_heldout_generations(source_ids: np.ndarray, heldout: set[str], drop: b
     A generation of a held-out document carries that document's text into training; the view
     excludes such generations, so they are an error unless dropping them is asked for.
     """
-    held = np.fromiter((str(s) in heldout for s in source_ids), dtype=bool, count=len(source_ids))
+    import pyarrow.compute as pc
+
+    held = member_mask(source_ids, heldout)
     n = int(held.sum())
     if n and not drop:
-        sources = sorted({str(s) for s in np.asarray(source_ids)[held]})
+        sources = sorted(pc.unique(_as_arrow(source_ids).filter(held)).to_pylist())
         raise ValueError(
             f"data.synthetic holds {n} generations of {len(sources)} held-out documents (e.g. source {sources[0]!r}, "
             f"held out by {split_file}) (fix: generate with tools/synthesize.py --split-file {split_file}, which "

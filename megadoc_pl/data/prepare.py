@@ -302,7 +302,7 @@ def _prepare_corpus(cfg: DictConfig) -> PreparedData:
         _log.warning(f"held-out hygiene: {len(duplicates)} documents repeat the text of a held-out document under "
                      f"another id (e.g. {sorted(duplicates)[0]!r}): excluded from training")
     if synth is not None:
-        dropped = check_heldout_generations(synth.source_ids, heldout, bool(data.drop_heldout_generations), split_file)
+        dropped = check_heldout_generations(synth.arrow_column("source_id"), heldout, bool(data.drop_heldout_generations), split_file)
         if dropped:
             _log.warning(f"dropping {dropped} generations of held-out documents from data.synthetic "
                          "(data.drop_heldout_generations=true)")

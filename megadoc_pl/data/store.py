@@ -278,6 +278,12 @@ class TokenStore:
     def gen_indices(self) -> np.ndarray:
         return self.column("gen_index")
 
+    def arrow_column(self, name: str):
+        """An index column as Arrow (strings stay Arrow strings: no Python object per document)."""
+        if name not in self._index.column_names:
+            raise KeyError(f"{self.path}: index has no column {name!r} (columns: {', '.join(self._index.column_names)})")
+        return self._index.column(name)
+
     def column(self, name: str) -> np.ndarray:
         """An index column as a numpy array (source_id, task, gen_index, file, line, or a promoted field)."""
         if name not in self._index.column_names and name in PROMOTED_FIELDS and self.kind == "generations":

@@ -222,15 +222,23 @@ def _to_units(g: _Groups, sources: tuple, name: str, stats: dict, split_each: bo
 
     Empty spans (an empty delimiter) are dropped; every unit starts a document.
     """
-    unit_of = np.arange(len(g.length)) if split_each else np.repeat(np.arange(len(g.counts)), g.counts)
     keep = g.length > 0
-    unit_of = unit_of[keep]
-    src, doc, start, length = g.src[keep], g.doc[keep], g.start[keep], g.length[keep]
-    newdoc = g.newdoc[keep].copy()
-    first = np.ones(len(unit_of), bool)
-    first[1:] = unit_of[1:] != unit_of[:-1]
+    if keep.all():  # the common case: no copies of the piece arrays (paper scale: ~20M pieces)
+        src, doc, start, length, newdoc = g.src, g.doc, g.start, g.length, g.newdoc.copy()
+        first = np.ones(len(length), bool)
+        if not split_each:
+            first[:] = False
+            first[g.ptr[:-1][g.counts > 0]] = True
+    else:
+        unit_of = np.arange(len(g.length)) if split_each else np.repeat(np.arange(len(g.counts)), g.counts)
+        unit_of = unit_of[keep]
+        src, doc, start, length = g.src[keep], g.doc[keep], g.start[keep], g.length[keep]
+        newdoc = g.newdoc[keep].copy()
+        first = np.ones(len(unit_of), bool)
+        first[1:] = unit_of[1:] != unit_of[:-1]
+        del unit_of
     newdoc |= first
-    ptr = np.concatenate([np.flatnonzero(first), [len(unit_of)]]).astype(np.int64)
+    ptr = np.concatenate([np.flatnonzero(first), [len(length)]]).astype(np.int64)
     return Units(sources, src, doc, start, length, newdoc, _docpos(length, newdoc), ptr, name, stats)
 
 
@@ -447,34 +455,56 @@ def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[in
         k = int(bad_pool[0])
         _raise_stretch_pool(pools.ids[k], u_sidx[u_grp == k], int(g[k]), generations, bool(short[k]))
 
-    # Layout: per kept source g blocks of [segment, open?, rationale, close?], then the last segment.
-    has_open, has_close = len(open_ids) > 0, len(close_ids) > 0
-    m = 2 + has_open + has_close
     gk, nk, dk, lk = g[keep], n[keep], d[keep], r_len[keep]
+    rat_start = np.concatenate([[0], np.cumsum(gk)]).astype(np.int64)
+    counts = gk * (2 + (len(open_ids) > 0) + (len(close_ids) > 0)) + 1
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    cols = [np.empty(int(ptr[-1]), np.int64) for _ in range(4)] + [np.empty(int(ptr[-1]), bool)]
+    # Blocks of sources: the per-piece temporaries stay a few block sizes, not ~15 x the view.
+    for lo in range(0, len(gk), STRETCH_BLOCK_SOURCES):
+        hi = min(len(gk), lo + STRETCH_BLOCK_SOURCES)
+        layout = _stretch_layout(gk[lo:hi], nk[lo:hi], dk[lo:hi], lk[lo:hi], rats[rat_start[lo]:rat_start[hi]],
+                                 synth, bos, sbos, seos, len(open_ids), len(close_ids), lit_src)
+        for col, part in zip(cols, layout):
+            col[ptr[lo]:ptr[hi]] = part
+    return _Groups(ptr, *cols), keep
+
+
+# Sources laid out at a time by _stretch (G=32: ~130 pieces per source).
+STRETCH_BLOCK_SOURCES = 8192
+
+
+def _stretch_layout(gk, nk, dk, lk, rats, synth, bos: int, sbos: int, seos: int, n_open: int, n_close: int,
+                    lit_src: int) -> tuple[np.ndarray, ...]:
+    """(src, doc, start, length, newdoc) of consecutive stretched sources: per source g blocks of
+    [segment, open?, rationale, close?], then the last segment; ``rats`` are their rationales."""
+    has_open, has_close = n_open > 0, n_close > 0
+    m = 2 + has_open + has_close
     counts = gk * m + 1
     ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     src_of = np.repeat(np.arange(len(gk)), counts)
     q = np.arange(int(ptr[-1])) - ptr[:-1][src_of]  # piece number inside its source
     block, role = q // m, q % m  # role 0: real segment; then open?, rationale, close?
+    del q
     role = np.where(role == 0, 0, role + (not has_open))  # 1 open, 2 rationale, 3 close
     gq, nq = gk[src_of], nk[src_of]
     seg_lo = np.where(block == 0, 0, bos + (block * nq) // (gq + 1))
     seg_hi = np.where(block == gq, lk[src_of], bos + ((block + 1) * nq) // (gq + 1))
+    del gq, nq
     rat_start = np.concatenate([[0], np.cumsum(gk)])[:-1]
-    rat = np.zeros(len(q), np.int64)
+    rat = np.zeros(len(block), np.int64)
     is_rat = role == 2
     rat[is_rat] = rats[rat_start[src_of[is_rat]] + block[is_rat]]
     rat_len = synth.lengths[rat].astype(np.int64) - sbos - seos
     src = np.select([role == 0, role == 2], [0, 1], lit_src).astype(np.int64)
     doc = np.select([role == 0, role == 2, role == 1], [dk[src_of], rat, 0], 1).astype(np.int64)
     start = np.select([role == 0, role == 2], [seg_lo, sbos], 0).astype(np.int64)
-    length = np.select([role == 0, role == 2, role == 1], [seg_hi - seg_lo, rat_len, len(open_ids)],
-                       len(close_ids)).astype(np.int64)
+    length = np.select([role == 0, role == 2, role == 1], [seg_hi - seg_lo, rat_len, n_open], n_close).astype(np.int64)
     newdoc = (role == 0) & (block == 0)
     # Invariant: the real segments tile the stored document exactly, in order.
     real_seg = role == 0
     assert np.array_equal(np.bincount(src_of[real_seg], weights=length[real_seg], minlength=len(gk)), lk)
-    return _Groups(ptr, src, doc, start, length, newdoc), keep
+    return src, doc, start, length, newdoc
 
 
 def _raise_stretch_pool(source: str, split_indices: np.ndarray, cuts: int, generations: int, short: bool) -> None:
