@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = p.add_argument_group("executor")
     r.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="local: batches run in this process; ray: on Ray actors (pip install 'megadoc_pl[ray]')")
+                   help="local: batches run in this process; ray: streamed through Ray Data to --workers actors "
+                   "that each hold a backend (pip install 'megadoc_pl[ray]')")
     r.add_argument("--ray-address", default=None, help="ray: cluster to join (auto, ray://host:10001); "
                    "default: start one on this machine")
     r.add_argument("--workers", type=int, default=1, help="ray: actors, each holding one backend")

@@ -651,6 +651,7 @@ class Runner:
             return None
         results = self.executor.map(self._batches(pending), self.batch_inputs)
         first = next(results, None)
+        self.first_result_s = time.perf_counter() - self.t_start  # workers started, backend loaded, one batch
 
         def all_results():
             try:
@@ -795,6 +796,7 @@ class Runner:
         totals["heldout_skipped"] = s["heldout_skipped"]
         if self.cfg.executor == "ray":  # how the batches spread over the actors (dynamic balancing)
             s["batches_by_worker"] = dict(self.executor.batches_by_worker)
+            s["first_result_s"] = round(getattr(self, "first_result_s", 0.0), 3)
             self.model_name = self.backends.model  # as the workers report it
         run = {**s, "gpus": self.gpus, "backend": self.backends.name, "executor": self.cfg.executor,
                "model": self.model_name,
