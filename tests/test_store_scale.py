@@ -193,7 +193,7 @@ def test_offsets_past_4g_tokens(tmp_path):
 
     schema = store_mod._index_schema("documents")
     cols = {"source_id": ["a", "b"], "task": ["real", "real"], "gen_index": [-1, -1], "file": [0, 0], "line": [1, 2],
-            "meta": ["{}", "{}"]}
+            "text_hash": [0, 0], "meta": ["{}", "{}"]}
     pq.write_table(pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}), store / "index.parquet")
     manifest = {"format_version": store_mod.FORMAT_VERSION, "kind": "documents", "dtype": "uint16", "num_tokens": n,
                 "num_documents": 2, "add_bos": True, "add_eos": True, "bos_id": 0, "eos_id": 1, "inputs": []}
@@ -202,3 +202,17 @@ def test_offsets_past_4g_tokens(tmp_path):
     assert st.num_tokens > np.iinfo(np.uint32).max
     assert st.lengths.tolist() == [n - 4, 4]
     assert st.content_tokens(1).tolist() == [7, 8]
+
+
+def test_recorded_text_hashes_equal_the_decoded_ones(tmp_path, tiny_tokenizer_path):
+    """A document store records each document's normalised text hash while it is built (held-out
+    hygiene reads them instead of decoding every document); they equal the hashes of the texts
+    decoded from the stored tokens, which is how stores built before were checked."""
+    from megadoc_pl.data.hygiene import normalised_text_hash, text_hashes
+
+    rows = [{"id": f"d{i}", "text": f"  {SAMPLE_TEXTS[i % 5].upper()}\n\n number {i}  "} for i in range(40)]
+    st = build_store(write_rows(tmp_path / "d.jsonl", rows), tiny_tokenizer_path, tmp_path / "s", progress=False)
+    tok = load_tokenizer(tiny_tokenizer_path).tokenizer
+    decoded = [normalised_text_hash(t) for t in tok.decode_batch([st.content_tokens(i).tolist() for i in range(len(st))])]
+    assert text_hashes(st, tok.decode_batch).tolist() == decoded == [normalised_text_hash(r["text"]) for r in rows]
+    assert len(set(decoded)) == 40

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -261,9 +262,10 @@ def test_chunked_sources_use_every_chunk_also_from_a_store_built_before_chunk_in
                        progress=False)
     new = build_store(_write_jsonl(tmp_path / "gen.jsonl", gens), tiny_tokenizer_path, tmp_path / "gen",
                       kind="generations", progress=False)
-    index = pq.read_table(tmp_path / "gen" / "index.parquet")
-    pq.write_table(index.drop(["chunk_index"]), tmp_path / "gen" / "index.parquet")
-    old = TokenStore.open(tmp_path / "gen")
+    shutil.copytree(tmp_path / "gen", tmp_path / "old")  # a store built before chunk_index was promoted
+    index = pq.read_table(tmp_path / "old" / "index.parquet")
+    pq.write_table(index.drop(["chunk_index"]), tmp_path / "old" / "index.parquet")
+    old = TokenStore.open(tmp_path / "old")
     assert old.column("chunk_index").tolist() == new.column("chunk_index").tolist() == [0, 0, 1, 1, 2, 2, -1, -1]
     for synth in (new, old):
         one = build_view(real, synth, ViewOptions(view="stitch", generations=1))

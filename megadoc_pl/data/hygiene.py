@@ -80,11 +80,12 @@ def units_source_ids(units) -> set[str]:
 
     ids: set[str] = set()
     for s, src in enumerate(units.sources):
-        if not hasattr(src, "source_ids"):
+        if not hasattr(type(src), "source_ids"):  # on the class: the property itself builds an array
             continue
-        docs = np.unique(units.piece_doc[units.piece_src == s])
+        used = np.zeros(src.num_documents, dtype=bool)  # documents drawn from (a mask: O(pieces), no sort)
+        used[units.piece_doc[units.piece_src == s]] = True
         column = src.arrow_column("source_id") if hasattr(src, "arrow_column") else _as_arrow(src.source_ids)
-        ids.update(pc.unique(column.take(docs)).to_pylist())
+        ids.update(pc.unique(column.filter(used)).to_pylist())
     return ids
 
 
@@ -131,9 +132,13 @@ def text_hashes(store: Any, decode_batch: Callable[[list[list[int]]], list[str]]
                 cache_dir: Optional[Path] = None, chunk: int = 4096) -> np.ndarray:
     """(num_documents,) uint64 normalised-text hashes of a token store's documents.
 
-    The texts are decoded from the stored tokens (``decode_batch``: token id lists -> texts); with
-    ``cache_dir`` the result is kept there, named by the store and its content fingerprint.
+    A document store records them while it is built (column ``text_hash``, from the source text).
+    For a store built before that, the texts are decoded from the stored tokens (``decode_batch``:
+    token id lists -> texts); with ``cache_dir`` that result is kept there, named by the store and
+    its content fingerprint.
     """
+    if "text_hash" in getattr(getattr(store, "_index", None), "column_names", ()):
+        return store.column("text_hash").astype(np.uint64)
     key = json_fingerprint({k: store.manifest.get(k) for k in ("inputs", "tokenizer_fingerprint", "num_tokens",
                                                                 "num_documents")})[:16]
     cached = Path(cache_dir) / f"{Path(store.path).name}-{key}.npy" if cache_dir is not None else None

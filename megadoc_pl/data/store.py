@@ -10,7 +10,8 @@ A store is a directory::
     offsets.npy     int64, num_documents + 1 cumulative offsets
     index.parquet   one row per document: source_id, task, gen_index, file, line, promoted
                     generation fields (split_index, judge_score, genre, audience, style,
-                    chunk_index) and
+                    chunk_index) or, for documents, text_hash (data.hygiene's normalised
+                    text hash of the source text), and
                     meta (the rest of the row / the generation fields, as JSON)
 
 Building streams: the inputs are cut into ~1 MiB blocks of whole lines that workers (threads, or
@@ -59,6 +60,7 @@ from megadoc_pl.data.readers import (
     parse_document,
     parse_generation,
 )
+from megadoc_pl.data.hygiene import normalised_text_hash
 from megadoc_pl.data.tokenizer import TokenizerInfo, load_tokenizer
 from megadoc_pl.utils import atomic_dir, atomic_write_json, current_umask, file_fingerprint, stable_hash, stat_cache
 
@@ -120,7 +122,7 @@ class TokenStore:
         self.manifest = manifest
         self.token_array = tokens  # flat memmap of all tokens
         self.offsets_full = offsets  # (num_documents + 1,) int64 cumulative offsets
-        self._index = index  # pyarrow Table without the meta column
+        self._index = index  # _LazyIndex: the columns of index.parquet but meta, read on first use
         self._meta_column: Optional[list] = None
         self._id_to_indices: Optional[dict[str, list[int]]] = None
 
@@ -128,8 +130,6 @@ class TokenStore:
 
     @classmethod
     def open(cls, path: PathLike) -> "TokenStore":
-        import pyarrow.parquet as pq
-
         path = Path(path)
         mpath = path / "manifest.json"
         if not mpath.is_file():
@@ -159,11 +159,7 @@ class TokenStore:
             raise ValueError(f"{path / 'offsets.npy'}: missing or unreadable ({_reason(e)}) {_REBUILD}") from None
         if offsets.shape != (manifest["num_documents"] + 1,) or offsets[-1] != num_tokens:
             raise ValueError(f"{path}: offsets.npy does not match manifest.json (fix: rebuild the store with --rebuild)")
-        try:
-            schema_names = pq.read_schema(path / "index.parquet").names
-            index = pq.read_table(path / "index.parquet", columns=[c for c in schema_names if c != "meta"])
-        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError that names no file
-            raise ValueError(f"{path / 'index.parquet'}: missing or unreadable ({_reason(e)}) {_REBUILD}") from None
+        index = _LazyIndex(path / "index.parquet")
         if index.num_rows != manifest["num_documents"]:
             raise ValueError(f"{path}: index.parquet does not match manifest.json (fix: rebuild the store with --rebuild)")
         return cls(path, manifest, tokens, offsets, index)
@@ -318,6 +314,33 @@ class TokenStore:
 
 
 _REBUILD = "(fix: rebuild the store: data.rebuild=true, or tools/prepare.py --rebuild)"
+
+
+class _LazyIndex:
+    """index.parquet, each column read on first use (a dry run of a paper-scale generation store
+    needs a few of its ten columns; reading all of them costs ~90 bytes per row). The file is
+    opened with the store, so later reads see that file even if a rebuild replaces the store
+    directory meanwhile (as the token memmap does)."""
+
+    def __init__(self, path: Path):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        try:
+            self._file = pq.ParquetFile(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError that names no file
+            raise ValueError(f"{path}: missing or unreadable ({_reason(e)}) {_REBUILD}") from None
+        self.num_rows = self._file.metadata.num_rows
+        self.column_names = [n for n in self._file.schema_arrow.names if n != "meta"]
+        self._columns: dict[str, Any] = {}
+
+    def column(self, name: str):
+        if name not in self._columns:
+            try:
+                self._columns[name] = self._file.read(columns=[name]).column(name)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{self.path}: column {name!r} unreadable ({_reason(e)}) {_REBUILD}") from None
+        return self._columns[name]
 CHECKSUM_BLOCK_BYTES = 1 << 24
 _CHECKED_FILES = ("tokens.bin", "offsets.npy", "index.parquet")
 
@@ -452,6 +475,8 @@ def _index_schema(kind: str):
     if kind == "generations":
         fields += [(name, pa.string() if typ == "string" else pa.from_numpy_dtype(np.dtype(typ)))
                    for name, (typ, _) in PROMOTED_FIELDS.items()]
+    else:  # held-out hygiene compares documents by this hash of their normalised text (data/hygiene.py)
+        fields += [("text_hash", pa.uint64())]
     return pa.schema(fields + [("meta", pa.string())])
 
 
@@ -488,7 +513,7 @@ def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
     documents = opts.kind == "documents"
     cols: dict[str, list] = {"source_id": [], "task": [], "gen_index": [], "line": [], "meta": []}
     promoted: list[list] = [[] for _ in PROMOTED_FIELDS]
-    texts, keys, bad, unnumbered, folds, fold_hashes = [], [], [], [], [], []
+    texts, keys, bad, unnumbered, folds, fold_hashes, text_hashes = [], [], [], [], [], [], []
     for line, row in _chunk_rows(chunk):
         if documents:
             rec = parse_document(row, chunk.path, line, opts.text_field, opts.id_field)
@@ -499,6 +524,7 @@ def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
             continue
         if documents:
             sid, task, gen_index, meta = rec.id, REAL_TASK, -1, rec.meta
+            text_hashes.append(normalised_text_hash(rec.text))
             if rec.folds_repeats:
                 folds.append(len(texts))
                 fold_hashes.append(stable_hash(rec.text))
@@ -516,7 +542,9 @@ def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
     lengths, flat = _encode(tok, opts.dtype, opts.bos, opts.eos, texts)
     schema = _index_schema(opts.kind)
     arrays = {**cols, "file": np.full(len(texts), chunk.file, dtype=np.int32)}
-    if not documents:
+    if documents:
+        arrays["text_hash"] = np.array(text_hashes, dtype=np.uint64)
+    else:
         arrays.update(zip(PROMOTED_FIELDS, promoted))
     index = pa.table({f.name: pa.array(arrays[f.name], f.type) for f in schema}, schema=schema)
     key_arr = np.frombuffer(b"".join(keys), dtype=np.uint64).reshape(-1, 2) if keys else np.zeros((0, 2), np.uint64)

@@ -51,7 +51,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from megadoc_pl.data.segments import equal_token_split
 from megadoc_pl.utils import stable_hash
 
 VIEWS = ("real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch", "self_distill")
