@@ -89,6 +89,20 @@ def test_heldout_documents_are_never_seeds(cache, tmp_path):
     sources = {r["source_id"] for r in rows}
     assert not sources & heldout
     assert sources == {d["id"] for d in docs} - heldout
+    # The held-out documents' own facts are stated by no training document and no generation
+    # (rephrases here, rationales with their background facts below): only generalisation helps there.
+    from megadoc_pl.demo.template_backend import Source
+    from megadoc_pl.demo.world import build_world
+
+    world = build_world(0, N_DOCS)
+    held_docs = [d for d in docs if d["id"] in heldout]
+    own = {f for d in held_docs for f in d["meta"]["own_facts"]}
+    assert own and not own & {f for d in docs if d["id"] not in heldout for f in d["meta"]["facts"]}
+    rationales = _rows(ensure_demo(_cfg(cache, view="stretch", generations=2), split_file=split_file)["synthetic"])
+    for d in held_docs:
+        probe = Source(d["text"], world, None, tuple(world.facts[f] for f in d["meta"]["own_facts"]))
+        for r in rows + rationales:
+            assert not probe.mentioned(r["text"]), (d["id"], r["source_id"])
 
 
 def test_stretch_rationales_at_the_equal_token_split(cache):

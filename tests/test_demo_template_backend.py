@@ -1,9 +1,11 @@
 """The template generator: each task answered from the source's facts, deterministically,
-through the same Request/Response contract as the LLM backends."""
+through the same Request/Response contract as the LLM backends, in its own words (few word
+n-grams shared with the source), with partial coverage and a few errors, as LLM rewrites do."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -60,21 +62,68 @@ def test_source_found_from_meta_or_id_else_sentences():
     assert plain.sentences == ("Alpha rose.", "Beta fell.")
 
 
+def _ngrams(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
 @pytest.mark.parametrize("style", STYLES)
-def test_rephrase_keeps_every_fact_in_a_new_order_and_wording(style):
-    doc = _rich_doc()
-    src = _source(doc)
-    resp = TemplateBackend().generate([_req("rephrase", {"text": doc["text"], "source_id": doc["id"], "style": style}, n=3)])[0]
-    assert resp.error is None and len(resp.texts) == 3
-    assert len(set(resp.texts)) == 3  # each generation differs
-    source_sentences = set(split_sentences(doc["text"]))
-    for text in resp.texts:
-        assert {f.id for f in src.mentioned(text)} == set(doc["meta"]["facts"])  # same facts
-        assert _fact_order(src, text) != doc["meta"]["facts"]  # another order
-        new = [s for s in split_sentences(text) if s not in source_sentences]
-        assert len(new) >= 2  # other wording / layout
-    if style == "qa":
-        assert resp.texts[0].count("Q: ") == len(doc["meta"]["facts"])
+def test_rephrase_shares_facts_but_few_word_ngrams(style):
+    # An LLM rephrase says much of the same in other words: most facts, a new order, other
+    # sentences; the world's documents are written with other templates than the generator's.
+    docs = [d for d in (_doc(i) for i in range(60)) if len(d["meta"]["facts"]) >= 6]
+    coverage, shared, reordered = [], [], []
+    backend = TemplateBackend()
+    for doc in docs:
+        src = _source(doc)
+        resp = backend.generate([_req("rephrase", {"text": doc["text"], "source_id": doc["id"], "style": style}, n=3)])[0]
+        assert resp.error is None and len(resp.texts) == 3
+        assert len(set(resp.texts)) == 3  # each generation differs
+        for text in resp.texts:
+            said = [f.id for f in src.mentioned(text)]
+            assert said and set(said) <= set(doc["meta"]["facts"])
+            coverage.append(len(said) / len(doc["meta"]["facts"]))
+            grams = _ngrams(text)
+            shared.append(len(grams & _ngrams(doc["text"])) / len(grams))
+            assert not set(split_sentences(text)[1:]) & set(split_sentences(doc["text"]))  # no sentence copied
+            if len(said) > 2:
+                reordered.append(_fact_order(src, text) != [f for f in doc["meta"]["facts"] if f in said])
+    mean = sum(coverage) / len(coverage)
+    assert 0.6 < mean < 0.95 and min(coverage) < 0.75 and max(coverage) == 1.0  # partial coverage
+    assert sum(shared) / len(shared) < 0.1 and max(shared) < 0.3  # own words and structures
+    assert sum(reordered) > 0.9 * len(reordered)  # another order (a slip can hide a swap)
+
+
+def test_generator_lexicon_is_its_own():
+    # No generator wording shares a word 4-gram with a world template (placeholders aside).
+    from megadoc_pl.demo.lexicon import EASY_SWAPS, LEXICON
+    from megadoc_pl.demo.world import PREDICATES
+
+    def grams(template: str) -> set[tuple[str, ...]]:
+        return {g for g in _ngrams(template) if not any(w in {r for r, _ in pred.roles} for w in g)}
+
+    assert set(LEXICON) == set(PREDICATES)
+    for name, pred in PREDICATES.items():
+        world = set().union(*(grams(t) for t in pred.statements))
+        lex = LEXICON[name]
+        easy = lex.say[0]
+        for a, b in EASY_SWAPS:
+            easy = easy.replace(a, b)
+        for t in (*lex.say, lex.noun, lex.ask, easy):
+            assert not grams(t) & world, (name, t)
+
+
+def test_a_few_facts_come_out_wrong():
+    # LLMs slip: about ERROR_RATE of the stated facts carry a wrong year or count, which the
+    # fact matcher (and so the MAGA judge) does not count as stated.
+    from megadoc_pl.demo.template_backend import ERROR_RATE, _fact_words
+    from megadoc_pl.demo.world import rng_for
+
+    world = build_world(SEED, N)
+    dated = [f for f in world.facts.values() if f.year][:400]
+    wrong = sum(_fact_words(world, f, rng_for("e", f.id), ERROR_RATE) != world.text_values(f) for f in dated)
+    assert 0 < wrong < 0.1 * len(dated)
+    assert all(_fact_words(world, f, rng_for("e", f.id), 1.0) != world.text_values(f) for f in dated)
 
 
 def test_deterministic_given_request_seed():
@@ -139,7 +188,7 @@ def test_maga_reformulate_variants_and_judge():
     for variant in ("base", "strict", "relaxed"):
         payload = {"text": doc["text"], "source_id": doc["id"], "genre": genre, "audience": audience, "variant": variant}
         out[variant] = backend.generate([_req("maga_reformulate", payload)])[0].texts[0]
-    assert {f.id for f in src.mentioned(out["base"])} == set(doc["meta"]["facts"])
+    assert {f.id for f in src.mentioned(out["base"])} == set(doc["meta"]["facts"])  # base keeps every fact
     assert out["base"] != doc["text"]
     body = split_sentences(doc["text"])[1:]
     assert all(s in out["strict"] for s in body)  # strict: the source's own sentences, framed
@@ -185,9 +234,12 @@ def test_fact_positions_agree_with_searching_the_pieces():
         src = _source(doc)
         spans = sentence_spans(doc["text"])
         assert [doc["text"][a:b] for a, b in spans] == split_sentences(doc["text"]) or doc["meta"]["genre"] == "list"
+        # A fact whose key words are among another's ("town lies in region" inside "capital of
+        # region is town") is matched by both sentences: the fast path keeps the first in order.
+        ambiguous = {f.id for f, k in src._keys for g, k2 in src._keys if g is not f and set(k) <= set(k2)}
         for _, cut in spans[:: max(1, len(spans) // 4)]:
-            fast = {f.id for f in src.facts_between(0, cut)}
+            fast = {f.id for f in src.facts_between(0, cut)} - ambiguous
             # Oracle: the facts some single sentence before the cut states.
-            slow = {f.id for a, b in spans if b <= cut for f in src.mentioned(doc["text"][a:b])}
+            slow = {f.id for a, b in spans if b <= cut for f in src.mentioned(doc["text"][a:b])} - ambiguous
             assert fast == slow, (doc["id"], cut)
             assert fast <= {f.id for f in src.mentioned(doc["text"][:cut])}

@@ -28,13 +28,16 @@ def test_mini_preset_lists_its_runs_validated(capsys):
     assert reproduce.main(["--preset", "mini", "--dry-run", "--out", "/nonexistent/sweep"]) == 0
     lines = capsys.readouterr().out.splitlines()
     runs = sweep_runs(load_sweep("mini"))
-    # 4 E x 2 seeds real-only, (2 method groups x 2 E + 1) x 2 G x 2 seeds, 3 fractions x 2 E x 1 seed
-    assert len(runs) == 8 + 20 + 6 and len(lines) == 1 + len(runs)
-    assert {r.method for r in runs if r.group == "stitch_lr"} == {"stitch"}
-    assert lines[1].split()[:3] == ["pending", "real-E2-s0", "baseline_real"]
-    assert "stitch-G8-E1-w0.75-s1" in {r.name for r in runs} and "real_D-D0.125-E4-s0" in {r.name for r in runs}
-    stitch = next(r for r in runs if r.name == "stitch-G8-E1-w0.75-s1")
-    assert {"scale=mini", "data.generations=8", "train.seed=1", "train.data_seed=1"} <= set(stitch.overrides)
+    # 3 E x 2 seeds real-only, 2 method groups x 2 G x 2 seeds, 3 fractions x 2 E x 1 seed
+    assert len(runs) == 6 + 8 + 6 and len(lines) == 1 + len(runs)
+    assert lines[1].split()[:3] == ["pending", "real-E4-s0", "baseline_real"]
+    names = {r.name for r in runs}
+    assert {"real-E64-s1", "stitch-G8-E4-w0.75-s1", "real_D-D0.0078125-E64-s0"} <= names
+    stitch = next(r for r in runs if r.name == "stitch-G8-E4-w0.75-s1")
+    assert {"scale=mini", "data.generations=8", "train.lr=3.0e-3", "train.seed=1", "train.data_seed=1"} <= set(stitch.overrides)
+    # Data-constrained: the methods train on as many tokens as real-only at E=16, and real-only
+    # goes on to E=64 (where it can overfit).
+    assert max(r.value("data.mixture.real_epochs") for r in runs if r.role == "baseline") == 64
 
 
 def test_a_changed_sweep_definition_is_refused(tmp_path):
@@ -42,7 +45,7 @@ def test_a_changed_sweep_definition_is_refused(tmp_path):
     check_definitions(runs, tmp_path)
     check_definitions(runs, tmp_path)  # the same definition: fine
     changed = sweep_runs(load_sweep("mini"), ["train.lr=1e-2"])[:2]
-    with pytest.raises(ValueError, match="run real-E2-s0 in .* was made with .* the sweep now says"):
+    with pytest.raises(ValueError, match="run real-E4-s0 in .* was made with .* the sweep now says"):
         check_definitions(changed, tmp_path)
 
 

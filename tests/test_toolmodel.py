@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from megadoc_pl.demo.template_backend import TEMPLATE_VERSION
 from megadoc_pl.demo.world import write_world
 from megadoc_pl.synth import maga
 from megadoc_pl.synth.cli import main as synthesize_main
@@ -165,7 +166,7 @@ def test_tool_model_loop(world, base_model, tmp_path):
     stats = json.loads((student / ".synth/stats/shard-00000-of-00001.json").read_text())
     assert "maga_pairs" not in stats["runs"][-1]["by_stage"]  # stage 1 came from the teacher
     rows = [json.loads(x) for x in _rows_path(student).read_text().splitlines()]
-    assert rows and all(r["model"] == f"{tool}+int8" and r["judge_model"] == "template-v1" for r in rows)
+    assert rows and all(r["model"] == f"{tool}+int8" and r["judge_model"] == f"template-v{TEMPLATE_VERSION}" for r in rows)
     report = compare(str(tmp / "base"), str(student))
     teacher_rows = [json.loads(x) for x in _rows_path(tmp / "base").read_text().splitlines()]
     common = ({(r["source_id"], r["gen_index"]) for r in rows if r["judge_score"] is not None}

@@ -2,14 +2,17 @@
 
 It answers the same ``Request`` objects as the LLM backends (``megadoc_pl.synth``), reading the
 structured ``payload`` instead of the prompt, so the runner, files and provenance are exactly
-those of a real generation run. It is a demo and a test bed, not a stand-in for an LLM: its
-"rephrases" are the same facts re-rendered with other templates, in another order and layout.
+those of a real generation run. It is a stand-in for an LLM, designed from what LLM rewrites do
+(not tuned against any loss): it writes in its own words (``lexicon``: other words and sentence
+structures than the world's templates, a register per style or audience), keeps only part of
+the facts (``KEEP``) in a new order, gets a few wrong (``ERROR_RATE``), and its rationales derive
+new statements and add background facts (shared world facts only, never a document's own).
 
 How it finds the facts of a source document, in order of preference:
 
 1. ``payload["meta"]`` (or ``payload["source_meta"]``) carries the demo world's meta
    (``world`` = seed/num_documents/version, ``facts`` = fact ids, ``subject``);
-2. ``payload["source_id"]`` is a demo document id (``demo-v1-s0-n3000-000123`` names its
+2. ``payload["source_id"]`` is a demo document id (``demo-v2-s0-n3000-000123`` names its
    world), and the payload's text is part of that document: the document is re-rendered;
 3. otherwise the text's own sentences are used as the statements (any text works, the output
    is simply less varied).
@@ -30,6 +33,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from megadoc_pl.demo.lexicon import CASUAL_FRAMES, EASY_SWAPS, FORMAL_FRAMES, LEXICON
 from megadoc_pl.demo.world import (
     PREDICATES,
     Fact,
@@ -47,8 +51,12 @@ from megadoc_pl.synth import Request, Response, register_backend
 
 # Bump when the generated text changes: it is part of the demo's generation cache key and of the
 # model name recorded in every row.
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2
 STYLES = ("wikipedia", "qa", "easy", "hard")
+# What LLM rewrites do that a re-rendering does not: drop some facts (a rephrase keeps each fact
+# with a probability drawn per generation from KEEP) and get a few wrong (a year or a count).
+KEEP = (0.6, 1.0)
+ERROR_RATE = 0.03  # MAGA's base reformulations are asked to keep every fact and do (judge score 5)
 TASKS = ("rephrase", "rationale", "maga_pairs", "maga_reformulate", "maga_judge", "self_distill")
 
 # --------------------------------------------------------------------------------------------
@@ -112,6 +120,11 @@ class Source:
         return first.rstrip(".")[:60]
 
     @functools.cached_property
+    def rendered(self) -> dict:
+        """Sentences rendered for this source (a cache for ``say``)."""
+        return {}
+
+    @functools.cached_property
     def _keys(self) -> list[tuple[Fact, list[str]]]:
         """Each fact with its key words, lower-cased, longest first (see ``states``)."""
         assert self.world is not None
@@ -154,10 +167,10 @@ def _source_from_meta(text: str, meta: dict | None) -> Source | None:
     world = world_for_meta(meta)
     if world is None or not isinstance(meta, dict):
         return None
-    ids = [f for f in meta.get("facts", []) if f in world.facts]
-    if not ids:
+    facts = [world.fact(f) for f in meta.get("facts", [])]
+    if not any(facts):
         return None
-    return Source(text, world, meta.get("subject"), tuple(world.facts[f] for f in ids))
+    return Source(text, world, meta.get("subject"), tuple(f for f in facts if f is not None))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -182,7 +195,10 @@ def _source_from_id(source_id: str, payload: dict) -> Source | None:
 # Rendering helpers
 # --------------------------------------------------------------------------------------------
 
-_FUNCTION_WORDS = {"In", "The", "By", "Since", "As", "People", "Many", "It", "He", "She", "Its", "His", "Her"}
+_FUNCTION_WORDS = {"In", "The", "By", "Since", "As", "People", "Many", "It", "He", "She", "Its", "His", "Her",
+                   "During", "Records", "Of", "Scholars", "One", "Among", "Within", "Out", "At", "With", "Born",
+                   "Measured", "Chief", "Weather", "Most", "Lessons", "Credit", "Copies", "Construction",
+                   "Throughout", "Death", "A", "Locals", "People"}
 
 
 def decapitalize(sentence: str) -> str:
@@ -191,27 +207,73 @@ def decapitalize(sentence: str) -> str:
     return sentence[:1].lower() + sentence[1:] if first in _FUNCTION_WORDS else sentence
 
 
-def _pick_statement(fact: Fact, rng: random.Random, avoid_lead: str | None = None) -> str:
-    """A declarative template; prefers one that does not start with ``avoid_lead`` (variety)."""
-    options = list(PREDICATES[fact.predicate].statements)
-    if avoid_lead is not None:
-        other = [t for t in options if not leads_with(fact, t, avoid_lead)]
-        if other and rng.random() < 0.5:
-            options = other
-    return rng.choice(options)
+def _fact_words(world: World, fact: Fact, rng: random.Random, error_rate: float) -> dict[str, str]:
+    """The fact's words; with probability ``error_rate`` one year or count is wrong (LLMs slip)."""
+    words = world.text_values(fact)
+    if error_rate and rng.random() < error_rate:
+        kinds = dict(PREDICATES[fact.predicate].roles)
+        numeric = [r for r, k in kinds.items() if k in ("year", "count")]
+        if numeric:
+            role = rng.choice(numeric)
+            true = int(fact.value(role))  # type: ignore[arg-type]
+            if kinds[role] == "year":
+                wrong = f"{true + rng.choice((-1, 1)) * rng.randint(1, 9)}"
+            else:
+                wrong = f"{max(1, round(true * rng.uniform(0.6, 1.4))) + (true == 1):,}"
+            words = {**words, role: wrong if wrong != words[role] else f"{true + 1:,}"}
+    return words
 
 
-def _statements(src: Source, facts: list[Fact], rng: random.Random, easy: bool = False) -> list[str]:
+def _pick(fact: Fact, register: str, rng: random.Random) -> str:
+    """A declarative wording; the easy register keeps to the simpler first one."""
+    wordings = LEXICON[fact.predicate].say
+    return wordings[0] if register == "easy" else wordings[rng.random() < 0.5]
+
+
+def say(world: World, fact: Fact, rng: random.Random, template: str | None = None,
+        pronoun_for: str | None = None, register: str = "plain", error_rate: float = 0.0,
+        cache: dict | None = None) -> str:
+    """One sentence stating ``fact`` in the generator's own words (``lexicon``), in a register:
+    ``plain``, ``easy`` (simpler verbs), ``formal`` (a nominalisation in a scholarly frame) or
+    ``casual`` (chatty frames). ``cache`` keeps rendered sentences of one source (G generations
+    reuse them; the random draws are the same with or without it)."""
+    lex = LEXICON[fact.predicate]
+    words = _fact_words(world, fact, rng, error_rate)
+    if register == "formal":
+        return capitalize_first(rng.choice(FORMAL_FRAMES).format(noun=lex.noun.format(**words)))
+    template = template or _pick(fact, register, rng)
+    key = (fact.id, template, pronoun_for, register)
+    sentence = cache.get(key) if cache is not None and words is world.text_values(fact) else None
+    if sentence is None:
+        if register == "easy":
+            for a, b in EASY_SWAPS:
+                template = template.replace(a, b)
+        sentence = render_template(world, fact, template, pronoun_for, words)
+        if cache is not None and words is world.text_values(fact):
+            cache[key] = sentence
+    if register == "casual":
+        sentence = rng.choice(CASUAL_FRAMES).format(say=sentence, say_lc=decapitalize(sentence))
+    return sentence
+
+
+def _statements(src: Source, facts: list[Fact], rng: random.Random, register: str = "plain",
+                error_rate: float = ERROR_RATE) -> list[str]:
     """One sentence per fact, pronouns for the subject when it leads twice in a row."""
     assert src.world is not None
     out, last = [], None
     for fact in facts:
-        template = PREDICATES[fact.predicate].easy if easy else _pick_statement(fact, rng)
+        template = _pick(fact, register, rng)
         lead = src.subject if src.subject and leads_with(fact, template, src.subject) else None
-        pronoun = src.subject if lead and last == lead and rng.random() < 0.5 else None
-        out.append(render_template(src.world, fact, template, pronoun))
+        pronoun = src.subject if lead and last == lead and rng.random() < 0.5 and register != "formal" else None
+        out.append(say(src.world, fact, rng, template, pronoun, register, error_rate, src.rendered))
         last = lead
     return out
+
+
+def _covered(facts: list[Fact], rng: random.Random, keep: float) -> list[Fact]:
+    """The facts a rewrite keeps, each with probability ``keep`` (at least one)."""
+    kept = [f for f in facts if rng.random() < keep]
+    return kept or [facts[rng.randrange(len(facts))]]
 
 
 def _reordered(items: list, rng: random.Random) -> list:
@@ -247,6 +309,17 @@ def _reword(sentence: str, rng: random.Random) -> str:
     return sentence
 
 
+def _fuse(sentences: list[str], rng: random.Random, p: float) -> list[str]:
+    """Each sentence joined to the next with a semicolon with probability ``p``."""
+    out: list[str] = []
+    for s in sentences:
+        if out and out[-1].endswith(".") and rng.random() < p:
+            out[-1] = out[-1][:-1] + "; " + decapitalize(s)
+        else:
+            out.append(s)
+    return out
+
+
 def _join_hard(sentences: list[str], rng: random.Random) -> list[str]:
     """Pairs of sentences fused with scholarly connectors."""
     out = []
@@ -270,16 +343,18 @@ def rephrase(src: Source, style: str, rng: random.Random) -> str:
         raise ValueError(f"unknown rephrase style '{style}' (known: {', '.join(STYLES)})")
     name = src.name
     if src.has_facts:
-        facts = _reordered(list(src.facts), rng)
+        facts = _reordered(_covered(list(src.facts), rng, rng.uniform(*KEEP)), rng)
         if style == "qa":
             assert src.world is not None
             lines = [f"Questions and answers about {name}"]
             for fact in facts:
-                q = PREDICATES[fact.predicate].question
-                a = render_template(src.world, fact, _pick_statement(fact, rng))
-                lines.append(f"Q: {capitalize_first(q.format(**src.world.text_values(fact)))}\nA: {a}")
+                q = LEXICON[fact.predicate].ask.format(**src.world.text_values(fact))
+                a = say(src.world, fact, rng, error_rate=ERROR_RATE)
+                lines.append(f"Q: {capitalize_first(q)}\nA: {a}")
             return "\n\n".join(lines)
-        sentences = _statements(src, facts, rng, easy=(style == "easy"))
+        sentences = _statements(src, facts, rng, {"wikipedia": "plain", "easy": "easy", "hard": "formal"}[style])
+        if style == "wikipedia":  # some pairs fused into one sentence: another sentence structure
+            sentences = _fuse(sentences, rng, 0.3)
     else:
         sentences = [_reword(s, rng) for s in _reordered(list(src.sentences[1:] or src.sentences), rng)]
         if style == "qa":
@@ -333,8 +408,7 @@ def _background(world: World, ent_id: str, known: set[str], rng: random.Random) 
     extra = [f for f in world.by_entity.get(ent_id, []) if f not in known]
     if not extra:
         return None
-    fact = world.facts[rng.choice(extra)]
-    return render_template(world, fact, _pick_statement(fact, rng))
+    return say(world, world.facts[rng.choice(extra)], rng)
 
 
 def rationale(src: Source, prefix: str, suffix: str, rng: random.Random) -> str:
@@ -357,9 +431,9 @@ def rationale(src: Source, prefix: str, suffix: str, rng: random.Random) -> str:
     known = {f.id for f in src.facts}
     lines: list[str] = []
     for fact in pre[-1:]:  # one premise from before the split; the thinking is about what follows
-        lines.append(render_template(world, fact, _pick_statement(fact, rng)))
+        lines.append(say(world, fact, rng))
     for fact in post_new[:4]:
-        lines.append(render_template(world, fact, _pick_statement(fact, rng)))
+        lines.append(say(world, fact, rng))
         ents = set(fact.entities)
         related = [o for o in pre + post if o is not fact and not ents.isdisjoint(o.entities)]
         rng.shuffle(related)
@@ -466,8 +540,9 @@ def maga_reformulate(src: Source, genre: str, audience: str, variant: str, rng: 
     elif src.has_facts:
         facts = _reordered(list(src.facts), rng)
         if variant == "relaxed":  # keeps a few themes and drifts away from the rest
-            facts = facts[: max(1, len(facts) // 4)]
-        body = _statements(src, facts, rng, easy=(level == "easy"))
+            facts = facts[: max(1, len(src.facts) // 4)]
+        # The audience sets the register: simple verbs, scholarly nominalisations, or chat.
+        body = _statements(src, facts, rng, {"easy": "easy", "hard": "formal"}.get(level, "casual"), error_rate=0.0)
         if level == "hard":
             body = _join_hard(body, rng)
     else:
@@ -510,7 +585,7 @@ def continuation(src: Source, prefix: str, rng: random.Random) -> str:
     yet, in a new order (the demo's stand-in for sampling a base LM)."""
     if src.has_facts:
         stated = set(src.mentioned(prefix))
-        sentences = _statements(src, _reordered([f for f in src.facts if f not in stated], rng), rng)
+        sentences = _statements(src, _reordered([f for f in src.facts if f not in stated], rng), rng, "plain")
     else:
         sentences = [_reword(s, rng) for s in _reordered([s for s in src.sentences if s not in prefix], rng)]
     return " " + " ".join(sentences) if sentences else ""

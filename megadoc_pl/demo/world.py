@@ -5,8 +5,12 @@ rivers, companies, inventions, regions) and facts (a predicate over named roles,
 entity or a literal). Documents (biographies, town histories, encyclopedic entries, news
 reports, lists, long chronicles) restate facts with varied templates, sentence orders and
 pronouns, and many documents share facts, so that a synthetic restatement of one document
-teaches something about others. Each document's ``meta`` carries the ids of the facts it states
-(in order), so the template generator can restate them without parsing prose.
+teaches something about others. Each document also states a few facts of its own (stated by
+no other document: held-out documents' own facts test generalisation, not memorisation), and
+long chronicles tie later parts to earlier ones (back-references, running totals, a nickname
+used in place of the name, a recap). Each document's ``meta`` carries the ids of the facts it
+states (in order) and of its own facts, so the template generator can restate them without
+parsing prose.
 
 Randomness comes only from ``random.Random`` seeded with ``stable_hash`` of a name, so every
 entity, fact and document is the same in every process and Python version.
@@ -25,9 +29,10 @@ from typing import Iterable, Iterator
 from megadoc_pl.utils import atomic_write_text, stable_hash
 
 # Bump when entities, facts, templates or document rendering change: it is part of every cache key.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 ENTITY_KINDS = ("region", "river", "town", "person", "company", "invention")
+ENTITY_ROLE_KINDS = ENTITY_KINDS + ("entity",)  # "entity": a role that takes an entity of any kind
 
 
 def rng_for(*parts: object) -> random.Random:
@@ -45,19 +50,18 @@ class Predicate:
     """A kind of fact: its roles (name -> entity kind or literal type) and its wordings."""
 
     name: str
-    roles: tuple[tuple[str, str], ...]  # (role, kind): kind in ENTITY_KINDS, or year | count | text
+    roles: tuple[tuple[str, str], ...]  # (role, kind): kind in ENTITY_ROLE_KINDS, or year | count | text
     statements: tuple[str, ...]  # declarative templates, placeholders are role names
-    question: str  # a question whose answer is the fact (qa style)
-    easy: str  # short, plain wording (easy style)
+    own: bool = False  # a document's own fact: stated by that one document only (see OWN_PREDICATES)
 
     @functools.cached_property
     def entity_roles(self) -> tuple[str, ...]:
-        return tuple(r for r, k in self.roles if k in ENTITY_KINDS)
+        return tuple(r for r, k in self.roles if k in ENTITY_ROLE_KINDS)
 
 
-def _p(name: str, roles: str, statements: list[str], question: str, easy: str) -> Predicate:
+def _p(name: str, roles: str, statements: list[str], own: bool = False) -> Predicate:
     pairs = tuple(tuple(x.split("=")) for x in roles.split())
-    return Predicate(name, pairs, tuple(statements), question, easy)  # type: ignore[arg-type]
+    return Predicate(name, pairs, tuple(statements), own)  # type: ignore[arg-type]
 
 
 PREDICATES: dict[str, Predicate] = {
@@ -66,138 +70,119 @@ PREDICATES: dict[str, Predicate] = {
         _p("born", "person=person town=town year=year",
            ["{person} was born in {town} in {year}.", "{person} was born in {year} in {town}.",
             "In {year}, {person} was born in {town}.",
-            "{town} was the birthplace of {person}, who was born there in {year}."],
-           "Where and when was {person} born?", "{person} was born in {town} in {year}."),
+            "{town} was the birthplace of {person}, who was born there in {year}."]),
         _p("died", "person=person year=year town=town",
            ["{person} died in {town} in {year}.", "{person} died in {year} at {town}.",
-            "In {year}, {person} died in {town}.", "{person}'s life ended in {town} in {year}."],
-           "When and where did {person} die?", "{person} died in {year}, in {town}."),
+            "In {year}, {person} died in {town}.", "{person}'s life ended in {town} in {year}."]),
         _p("profession", "person=person profession=text",
            ["{person} worked as {profession}.", "By trade, {person} was {profession}.",
-            "{person} made a living as {profession}."],
-           "What did {person} do for a living?", "{person} was {profession}."),
+            "{person} made a living as {profession}."]),
         _p("parent", "child=person parent=person",
            ["{child} was a child of {parent}.", "{parent} was the parent of {child}.",
-            "{child} grew up as the child of {parent}."],
-           "Who was the parent of {child}?", "The parent of {child} was {parent}."),
+            "{child} grew up as the child of {parent}."]),
         _p("married", "person=person spouse=person year=year",
            ["{person} married {spouse} in {year}.", "In {year}, {person} and {spouse} were married.",
-            "{person} and {spouse} married in {year}."],
-           "Whom did {person} marry, and when?", "{person} married {spouse} in {year}."),
+            "{person} and {spouse} married in {year}."]),
         _p("mentor", "student=person teacher=person",
            ["{student} studied under {teacher}.", "{teacher} was the teacher of {student}.",
-            "{student} learned the trade from {teacher}."],
-           "Who taught {student}?", "{teacher} taught {student}."),
+            "{student} learned the trade from {teacher}."]),
         _p("moved", "person=person town=town year=year",
            ["In {year}, {person} moved to {town}.", "{person} settled in {town} in {year}.",
-            "{person} moved to {town} in {year}."],
-           "Where did {person} move, and when?", "{person} moved to {town} in {year}."),
+            "{person} moved to {town} in {year}."]),
         _p("award", "person=person award=text year=year",
            ["{person} received the {award} in {year}.", "In {year}, {person} was awarded the {award}.",
-            "The {award} went to {person} in {year}."],
-           "Which honour did {person} receive, and when?", "{person} won the {award} in {year}."),
+            "The {award} went to {person} in {year}."]),
         _p("wrote", "person=person book=text year=year",
            ["{person} wrote \"{book}\", published in {year}.",
             "In {year}, {person} published a book called \"{book}\".",
-            "\"{book}\", a book by {person}, appeared in {year}."],
-           "Which book did {person} publish, and when?", "{person} wrote a book called \"{book}\" in {year}."),
+            "\"{book}\", a book by {person}, appeared in {year}."]),
         _p("mayor", "person=person town=town year=year",
            ["{person} became mayor of {town} in {year}.", "In {year}, {person} was elected mayor of {town}.",
-            "{town} chose {person} as its mayor in {year}."],
-           "When did {person} become mayor, and of which town?", "{person} became the mayor of {town} in {year}."),
+            "{town} chose {person} as its mayor in {year}."]),
         _p("founded_company", "person=person company=company year=year",
            ["{person} founded {company} in {year}.", "{company} was founded by {person} in {year}.",
-            "In {year}, {person} established {company}."],
-           "Who founded {company}, and when?", "{person} started {company} in {year}."),
+            "In {year}, {person} established {company}."]),
         _p("invented", "person=person invention=invention year=year",
            ["{person} invented {invention} in {year}.", "{invention} was invented by {person} in {year}.",
-            "{invention} was the work of {person}, who completed it in {year}."],
-           "Who invented {invention}, and when?", "{person} made {invention} in {year}."),
+            "{invention} was the work of {person}, who completed it in {year}."]),
         _p("town_region", "town=town region=region",
            ["{town} lies in {region}.", "{town} is a town in {region}.",
-            "{region} is the region where {town} is found."],
-           "In which region is {town}?", "{town} is in {region}."),
+            "{region} is the region where {town} is found."]),
         _p("town_river", "town=town river=river",
            ["{town} stands on {river}.", "{river} flows through {town}.",
-            "{town} was built on the banks of {river}."],
-           "Which river flows through {town}?", "{river} goes through {town}."),
+            "{town} was built on the banks of {river}."]),
         _p("town_founded", "town=town year=year",
            ["{town} was founded in {year}.", "The town of {town} dates from {year}.",
-            "{town} was first settled in {year}."],
-           "When was {town} founded?", "{town} was started in {year}."),
+            "{town} was first settled in {year}."]),
         _p("population", "town=town count=count year=year",
            ["In {year}, {town} had {count} inhabitants.", "{town} counted {count} residents in {year}.",
-            "The census of {year} recorded {count} people living in {town}."],
-           "How many people lived in {town} in {year}?", "In {year}, {count} people lived in {town}."),
+            "The census of {year} recorded {count} people living in {town}."]),
         _p("industry", "town=town industry=text",
            ["The economy of {town} rests on {industry}.", "{town} is known for {industry}.",
-            "{industry} has long been the main trade of {town}."],
-           "What is {town} known for?", "Many people in {town} work in {industry}."),
+            "{industry} has long been the main trade of {town}."]),
         _p("landmark", "town=town landmark=text year=year",
            ["{landmark} in {town} was built in {year}.", "In {year}, the people of {town} built {landmark}.",
-            "{town} is home to {landmark}, built in {year}."],
-           "When was {landmark} in {town} built?", "People built {landmark} in {town} in {year}."),
+            "{town} is home to {landmark}, built in {year}."]),
         _p("twin", "town=town partner=town year=year",
            ["{town} has been twinned with {partner} since {year}.",
             "Since {year}, {town} and {partner} have been twin towns.",
-            "{partner} became the twin town of {town} in {year}."],
-           "Which town is twinned with {town}, and since when?", "{town} and {partner} are twin towns since {year}."),
+            "{partner} became the twin town of {town} in {year}."]),
         _p("river_length", "river=river km=count",
            ["{river} is {km} kilometres long.", "{river} runs for {km} kilometres.",
-            "The length of {river} is {km} kilometres."],
-           "How long is {river}?", "{river} is {km} kilometres long."),
+            "The length of {river} is {km} kilometres."]),
         _p("river_source", "river=river mountain=text",
            ["{river} rises on {mountain}.", "The source of {river} lies on {mountain}.",
-            "{river} begins on the slopes of {mountain}."],
-           "Where does {river} rise?", "{river} starts on {mountain}."),
+            "{river} begins on the slopes of {mountain}."]),
         _p("river_mouth", "river=river sea=text",
            ["{river} flows into {sea}.", "{river} empties into {sea}.",
-            "The mouth of {river} opens onto {sea}."],
-           "Where does {river} end?", "{river} ends in {sea}."),
+            "The mouth of {river} opens onto {sea}."]),
         _p("tributary", "river=river main=river",
-           ["{river} is a tributary of {main}.", "{river} joins {main}.", "{main} is fed by {river}."],
-           "Which river does {river} join?", "{river} flows into {main}."),
+           ["{river} is a tributary of {main}.", "{river} joins {main}.", "{main} is fed by {river}."]),
         _p("hq", "company=company town=town",
            ["{company} is based in {town}.", "The headquarters of {company} are in {town}.",
-            "{town} is home to {company}."],
-           "Where is {company} based?", "{company} is in {town}."),
+            "{town} is home to {company}."]),
         _p("product", "company=company product=text",
            ["{company} makes {product}.", "The main products of {company} are {product}.",
-            "{product} are the main business of {company}."],
-           "What does {company} make?", "{company} makes {product}."),
+            "{product} are the main business of {company}."]),
         _p("employees", "company=company count=count year=year",
            ["By {year}, {company} employed {count} people.", "In {year}, {company} had {count} workers.",
-            "{company} counted {count} employees in {year}."],
-           "How many people worked for {company} in {year}?", "In {year}, {count} people worked at {company}."),
+            "{company} counted {count} employees in {year}."]),
         _p("acquired", "buyer=company company=company year=year",
            ["{buyer} bought {company} in {year}.", "In {year}, {company} was taken over by {buyer}.",
-            "{company} became part of {buyer} in {year}."],
-           "Who bought {company}, and when?", "{buyer} bought {company} in {year}."),
+            "{company} became part of {buyer} in {year}."]),
         _p("manufactures", "company=company invention=invention",
            ["{company} manufactured {invention}.", "{invention} was produced by {company}.",
-            "{company} built {invention} for sale."],
-           "Which company manufactured {invention}?", "{company} made {invention} for sale."),
+            "{company} built {invention} for sale."]),
         _p("purpose", "invention=invention purpose=text",
            ["{invention} is used to {purpose}.", "{invention} was designed to {purpose}.",
-            "People use {invention} to {purpose}."],
-           "What is {invention} used for?", "{invention} helps people {purpose}."),
+            "People use {invention} to {purpose}."]),
         _p("demonstrated", "invention=invention town=town year=year",
            ["{invention} was first shown in {town} in {year}.",
             "In {year}, {invention} was demonstrated in {town}.",
-            "{town} saw the first demonstration of {invention} in {year}."],
-           "Where and when was {invention} first shown?", "People first saw {invention} in {town} in {year}."),
+            "{town} saw the first demonstration of {invention} in {year}."]),
         _p("capital", "region=region town=town",
            ["The capital of {region} is {town}.", "{town} is the capital of {region}.",
-            "{region} is governed from {town}."],
-           "What is the capital of {region}?", "The main town of {region} is {town}."),
+            "{region} is governed from {town}."]),
         _p("climate", "region=region climate=text",
            ["{region} has a {climate} climate.", "The climate of {region} is {climate}.",
-            "{region} is known for its {climate} climate."],
-           "What is the climate of {region} like?", "The weather in {region} is {climate}."),
+            "{region} is known for its {climate} climate."]),
         _p("area", "region=region km2=count",
            ["{region} covers {km2} square kilometres.", "The area of {region} is {km2} square kilometres.",
-            "{region} extends over {km2} square kilometres."],
-           "How large is {region}?", "{region} is {km2} square kilometres big."),
+            "{region} extends over {km2} square kilometres."]),
+        # A document's own facts: made for one document (its subject, literals drawn for it) and
+        # stated nowhere else, so a held-out document's own facts are in no training text.
+        _p("ledger", "who=entity count=count item=text year=year",
+           ["In {year}, {who} recorded {count} {item}.", "{who} recorded {count} {item} in {year}.",
+            "The ledger of {year} lists {count} {item} for {who}."], own=True),
+        _p("visit", "who=entity guest=person year=year errand=text",
+           ["In {year}, {guest} came to {who} to {errand}.", "{guest} visited {who} in {year} to {errand}.",
+            "{who} received {guest} in {year}, who came to {errand}."], own=True),
+        _p("incident", "who=entity incident=text year=year",
+           ["In {year}, {who} suffered {incident}.", "{who} went through {incident} in {year}.",
+            "{incident} struck {who} in {year}."], own=True),
+        _p("nickname", "who=entity nickname=text",
+           ["{who} was known locally as \"{nickname}\".", "Locals called {who} \"{nickname}\".",
+            "\"{nickname}\" was the local name for {who}."], own=True),
     ]
 }
 
@@ -247,6 +232,23 @@ class World:
     facts: dict[str, Fact] = field(default_factory=dict)
     by_entity: dict[str, list[str]] = field(default_factory=dict)  # entity id -> fact ids (creation order)
     _words: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)  # text_values cache
+    _own: dict[int, list[str]] = field(default_factory=dict, repr=False)  # document index -> own fact ids
+    num_shared_facts: int = 0  # facts made by build_world (documents' own facts come later, on demand)
+
+    def own_facts(self, index: int) -> list[str]:
+        """Ids of document ``index``'s own facts (stated by that document only); made on first use."""
+        ids = self._own.get(index)
+        if ids is None:
+            ids = self._own[index] = _make_own_facts(self, index)
+        return ids
+
+    def fact(self, fid: str) -> Fact | None:
+        """A fact by id; a document's own fact (``D<index>.<k>``) is made on demand."""
+        if fid not in self.facts and fid.startswith("D") and "." in fid:
+            index = fid[1:].split(".", 1)[0]
+            if index.isdigit() and int(index) < self.num_documents:
+                self.own_facts(int(index))
+        return self.facts.get(fid)
 
     def entities_of(self, kind: str) -> list[Entity]:
         return [e for e in self.entities.values() if e.kind == kind]
@@ -260,7 +262,7 @@ class World:
         kinds = dict(PREDICATES[fact.predicate].roles)
         for role, v in fact.values:
             kind = kinds[role]
-            if kind in ENTITY_KINDS:
+            if kind in ENTITY_ROLE_KINDS:
                 out[role] = self.entities[str(v)].name
             elif kind == "count":
                 out[role] = f"{int(v):,}"  # type: ignore[arg-type]
@@ -276,7 +278,7 @@ class World:
         return [
             words[role]
             for role, v in fact.values
-            if not (kinds[role] in ENTITY_KINDS and v == skip_entity)
+            if not (kinds[role] in ENTITY_ROLE_KINDS and v == skip_entity)
         ]
 
     def _add_entity(self, kind: str, name: str, gender: str = "") -> Entity:
@@ -285,13 +287,17 @@ class World:
         self.by_entity[ent.id] = []
         return ent
 
-    def _add_fact(self, predicate: str, **values: object) -> Fact:
+    def _add_fact(self, predicate: str, fid: str | None = None, **values: object) -> Fact:
+        """A shared fact (indexed by entity: any document about its entities may state it), or,
+        with ``fid``, a document's own fact (not indexed: only its document states it)."""
         pred = PREDICATES[predicate]
         assert set(values) == {r for r, _ in pred.roles}, (predicate, values)
-        fact = Fact(f"F{len(self.facts)}", predicate, tuple((r, values[r]) for r, _ in pred.roles))
+        assert pred.own == (fid is not None), predicate
+        fact = Fact(fid or f"F{len(self.facts)}", predicate, tuple((r, values[r]) for r, _ in pred.roles))
         self.facts[fact.id] = fact
-        for ent_id in dict.fromkeys(fact.entities):
-            self.by_entity[ent_id].append(fact.id)
+        if fid is None:
+            for ent_id in dict.fromkeys(fact.entities):
+                self.by_entity[ent_id].append(fact.id)
         return fact
 
 
@@ -333,6 +339,14 @@ _COMPANY = ("{sur} & Sons|{sur} Works|{town} {ind} Company|{sur} and {sur2}|the 
             "{sur} Brothers|{adj} {ind} Works").split("|")
 _COMPANY_IND = "Iron|Glass|Paper|Rope|Salt|Brewing|Printing|Pump|Lamp|Clock|Textile".split("|")
 _COMPANY_ADJ = "Northern|United|Royal|Standard|Union|Crown|Eastern".split("|")
+# Documents' own facts.
+_LEDGER_ITEM = {"town": "new houses", "region": "new roads", "river": "ferry crossings", "person": "letters",
+                "company": "orders", "invention": "repairs"}
+_ERRANDS = ("sign a trade agreement|give a lecture|buy land|study the old records|open a school|"
+            "settle a dispute|paint the harbour|survey the roads|collect old songs|plan a new bridge").split("|")
+_INCIDENTS = ("a great flood|a fire|a long strike|a hard winter|an outbreak of fever|a bank failure|"
+              "a bitter lawsuit|a storm|a failed harvest|a theft").split("|")
+_NICK_ADJ = "Old|Little|Grey|Red|Quiet|Iron|Silver|Lucky".split("|")
 
 
 def _unique(rng: random.Random, used: set[str], make) -> str:  # type: ignore[no-untyped-def]
@@ -496,6 +510,7 @@ def build_world(seed: int, num_documents: int) -> World:
             w._add_fact("demonstrated", invention=inv.id, town=rng.choice(towns).id, year=year + rng.randrange(0, 4))
         if rng.random() < 0.5:
             w._add_fact("manufactures", company=rng.choice(companies).id, invention=inv.id)
+    w.num_shared_facts = len(w.facts)
     return w
 
 
@@ -510,9 +525,11 @@ def capitalize_first(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def render_template(world: World, fact: Fact, template: str, pronoun_for: str | None = None) -> str:
-    """Fill ``template`` with the fact's words; a leading role that is ``pronoun_for`` becomes a pronoun."""
-    words = world.text_values(fact)
+def render_template(world: World, fact: Fact, template: str, pronoun_for: str | None = None,
+                    words: dict[str, str] | None = None) -> str:
+    """Fill ``template`` with the fact's words (or ``words``); a leading role that is
+    ``pronoun_for`` becomes a pronoun."""
+    words = world.text_values(fact) if words is None else words
     if pronoun_for is not None and template.startswith("{"):
         role = template[1:template.index("}")]
         if dict(fact.values).get(role) == pronoun_for:
@@ -582,23 +599,64 @@ def _neighbours(world: World, fact_ids: Iterable[str], seen: set[str]) -> list[s
     return out
 
 
-def plan_document(world: World, index: int) -> DocPlan:
-    """Choose genre, subject and the facts of document ``index`` (pure function of the world)."""
+def _doc_head(world: World, index: int) -> tuple[random.Random, str, str]:
+    """(rng, genre, subject) of document ``index``; the rng goes on to draw the rest of its plan."""
     rng = rng_for("doc", WORLD_VERSION, world.seed, index)
-    long = rng.random() < 0.08
-    if long:
+    if rng.random() < 0.08:
         genre = "chronicle"
         kind = rng.choice(("region", "region", "town", "person", "river"))
-        budget = int(rng.uniform(45, 170))
-        per_neighbour, depth = 8, 3
     else:
         genre = rng.choices(["biography", "history", "encyclopedia", "news", "list"], [30, 15, 25, 15, 15])[0]
         kind = {"biography": "person", "history": "town"}.get(
             genre, rng.choice(("person", "person", "town", "company", "invention", "river", "region")))
+    candidates = world.entities_of(kind)
+    return rng, genre, candidates[rng.randrange(len(candidates))].id
+
+
+def _make_own_facts(world: World, index: int) -> list[str]:
+    """Document ``index``'s own facts: a ledger (a series of yearly counts for running totals in
+    chronicles and histories), a local nickname (used later in the document in place of the name),
+    a visit, an incident. Made for this document only, never indexed by entity."""
+    _, genre, subject = _doc_head(world, index)
+    rng = rng_for("own", WORLD_VERSION, world.seed, index)
+    ent = world.entities[subject]
+    years = [world.facts[f].year for f in world.by_entity[subject] if world.facts[f].year]
+    lo = min(years) if years else 1800
+    hi = max(lo + 20, min(2010, (max(years) if years else lo) + 30))
+    ids: list[str] = []
+
+    def add(predicate: str, **values: object) -> None:
+        world._add_fact(predicate, fid=f"D{index}.{len(ids)}", **values)
+        ids.append(f"D{index}.{len(ids)}")
+
+    entries = {"chronicle": rng.randint(4, 6), "history": rng.choice((0, 3, 3, 4))}.get(genre, rng.choice((0, 0, 1)))
+    year = rng.randrange(lo, max(lo + 1, hi - 6 * entries))
+    for _ in range(entries):
+        add("ledger", who=subject, count=rng.randrange(5, 400), item=_LEDGER_ITEM[ent.kind], year=year)
+        year += rng.randrange(2, 7)
+    if genre == "chronicle" or rng.random() < 0.4:
+        add("nickname", who=subject, nickname=f"{rng.choice(_NICK_ADJ)} {_word(rng, 2)}")
+    if rng.random() < 0.5:
+        guest = rng.choice(world.entities_of("person"))
+        if guest.id != subject:
+            add("visit", who=subject, guest=guest.id, year=rng.randrange(lo, hi), errand=rng.choice(_ERRANDS))
+    if not ids or rng.random() < 0.4:
+        add("incident", who=subject, incident=rng.choice(_INCIDENTS), year=rng.randrange(lo, hi))
+    return ids
+
+
+def plan_document(world: World, index: int) -> DocPlan:
+    """Choose genre, subject and the facts of document ``index`` (pure function of the world)."""
+    rng, genre, subject = _doc_head(world, index)
+    long = genre == "chronicle"
+    if long:
+        # At most an eighth of the world's facts: in a tiny (test) world a chronicle stays a
+        # document about its subject instead of restating the whole world.
+        budget = min(int(rng.uniform(35, 130)), world.num_shared_facts // 8)
+        per_neighbour, depth = 8, 3
+    else:
         budget = int(round(2 ** rng.uniform(3.1, 5.1)))  # ~9..34 facts: ~100..400 demo tokens
         per_neighbour, depth = rng.choice((1, 2, 2, 3)), 1
-    candidates = world.entities_of(kind)
-    subject = candidates[rng.randrange(len(candidates))].id
 
     # Breadth-first around the subject: its own facts, then a few facts of each neighbour.
     sections: list[tuple[str, tuple[str, ...]]] = []
@@ -623,7 +681,16 @@ def plan_document(world: World, index: int) -> DocPlan:
             break
         rng.shuffle(nxt)
         frontier = nxt
-    return DocPlan(genre, subject, tuple(sections))
+    # The document's own facts: ledger entries one per part (the rest in the last part), the
+    # others with the subject's own facts.
+    own = world.own_facts(index)
+    ledger = [f for f in own if world.facts[f].predicate == "ledger"]
+    other = [f for f in own if f not in ledger]
+    parts = [list(fids) for _, fids in sections]
+    parts[0] += other
+    for i, fid in enumerate(ledger):
+        parts[min(i, len(parts) - 1)].append(fid)
+    return DocPlan(genre, subject, tuple((ent, tuple(fids)) for (ent, _), fids in zip(sections, parts)))
 
 
 def _order_facts(world: World, fids: tuple[str, ...], rng: random.Random) -> list[str]:
@@ -636,62 +703,120 @@ def _order_facts(world: World, fids: tuple[str, ...], rng: random.Random) -> lis
     return out
 
 
-def _prose(world: World, items: list[tuple[str, str]], rng: random.Random, fillers: list[str],
-           subject: str) -> list[str]:
-    """Paragraphs from (focus entity, fact id) items; a sentence leading with the document's
-    subject, like the previous one, may use a pronoun (only the subject: a reader of the text
-    can then still tell which entity every other fact is about)."""
-    paragraphs, para = [], []
-    last_lead: str | None = None
-    size = rng.randint(3, 6)
-    for focus, fid in items:
-        fact = world.facts[fid]
-        template = rng.choice(PREDICATES[fact.predicate].statements)
-        lead = focus if leads_with(fact, template, focus) else None
-        pronoun = focus if (lead == subject and last_lead == subject and rng.random() < 0.6) else None
-        para.append(render_template(world, fact, template, pronoun))
-        last_lead = lead
-        if len(para) >= size:
-            if fillers and rng.random() < 0.15:
-                para.append(rng.choice(fillers))
+class _Narrator:
+    """Renders a document's facts as paragraphs and adds what depends on earlier parts of the
+    document: running totals of its ledger, its subject's local nickname once introduced (a
+    coreference only the earlier text resolves), back-references to earlier parts and recaps."""
+
+    def __init__(self, world: World, subject: str, rng: random.Random, fillers: list[str]):
+        self.world, self.subject, self.rng, self.fillers = world, subject, rng, fillers
+        self.said: dict[str, tuple[int, str]] = {}  # fact id -> (part, sentence) where first stated
+        self.ledger: list[int] = []
+        self.item = ""
+        self.nickname: str | None = None
+        self.part = 0
+
+    def ref(self) -> str:
+        """How a derived sentence names the subject: its nickname once the text has given it."""
+        return f'"{self.nickname}"' if self.nickname else capitalize_first(self.world.entities[self.subject].name)
+
+    def prose(self, items: list[tuple[str, str]]) -> list[str]:
+        """Paragraphs from (focus entity, fact id) items; a sentence leading with the document's
+        subject, like the previous one, may use a pronoun (only the subject: a reader of the text
+        can then still tell which entity every other fact is about)."""
+        world, rng = self.world, self.rng
+        paragraphs, para = [], []
+        last_lead: str | None = None
+        size = rng.randint(3, 6)
+        for focus, fid in items:
+            fact = world.facts[fid]
+            template = rng.choice(PREDICATES[fact.predicate].statements)
+            lead = focus if leads_with(fact, template, focus) else None
+            pronoun = focus if (lead == self.subject and last_lead == self.subject and rng.random() < 0.6) else None
+            sentence = render_template(world, fact, template, pronoun)
+            para.append(sentence)
+            self.said.setdefault(fid, (self.part, sentence))
+            last_lead = lead
+            if fact.predicate == "nickname":
+                self.nickname = str(fact.value("nickname"))
+            elif fact.predicate == "ledger":
+                self.ledger.append(int(fact.value("count")))  # type: ignore[arg-type]
+                self.item = str(fact.value("item"))
+                if len(self.ledger) > 1:
+                    para.append(f"That brings the {self.item} on record for {self.ref()} to {sum(self.ledger):,}.")
+            if len(para) >= size:
+                if self.fillers and rng.random() < 0.15:
+                    para.append(rng.choice(self.fillers))
+                paragraphs.append(" ".join(para))
+                para, size, last_lead = [], rng.randint(3, 6), None
+        if para:
             paragraphs.append(" ".join(para))
-            para, size, last_lead = [], rng.randint(3, 6), None
-    if para:
-        paragraphs.append(" ".join(para))
-    return paragraphs
+        return paragraphs
+
+    def back_reference(self, ent: str) -> str | None:
+        """A sentence of an earlier part that stated a fact about ``ent``, cited by its part."""
+        for fid, (part, sentence) in self.said.items():
+            if part < self.part and ent in self.world.facts[fid].entities and not sentence.startswith(_PRONOUNS):
+                return f"As part {part + 1} told: {sentence}"
+        return None
+
+    def recap(self, names: list[str]) -> str:
+        text = f"This account of {self.ref()} ran to {len(names)} parts: {', '.join(names)}."
+        if self.ledger:
+            text += f" The {self.item} on record came to {sum(self.ledger):,} in all."
+        return text
+
+    def years_recap(self) -> str | None:
+        years = sorted({self.world.facts[f].year for f in self.said if self.world.facts[f].year})
+        return f"Years mentioned above: {', '.join(map(str, years[:6]))}." if len(years) >= 2 else None
+
+
+_PRONOUNS = tuple(p + " " for pair in _PRONOUN.values() for p in pair) + ("It ", "Its ")
 
 
 def render_document(world: World, index: int) -> dict:
-    """Document ``index`` as a JSONL row: ``id``, ``text``, ``meta`` (genre, subject, entities, facts)."""
+    """Document ``index`` as a JSONL row: ``id``, ``text``, ``meta`` (genre, subject, entities,
+    facts, own_facts)."""
     plan = plan_document(world, index)
     rng = rng_for("render", WORLD_VERSION, world.seed, index)
     subject = world.entities[plan.subject]
     title = rng.choice(_TITLES[plan.genre]).format(name=capitalize_first(subject.name), kind=subject.kind)
-    fillers = _FILLERS[plan.genre]
+    narrator = _Narrator(world, plan.subject, rng, _FILLERS[plan.genre])
     sections = [(ent, _order_facts(world, fids, rng)) for ent, fids in plan.sections]
     order = [f for _, fids in sections for f in fids]
     blocks = [title]
     if plan.genre == "list":
         blocks.append("\n".join("- " + render_fact(world, world.facts[f], rng) for f in order))
     elif plan.genre == "chronicle":
-        # Long documents: one headed part per entity.
+        # Long documents: one numbered part per entity, each later part tied to an earlier one.
+        names = []
         for si, (ent, fids) in enumerate(sections):
-            if si > 0 and rng.random() < 0.7:
-                blocks.append(capitalize_first(world.entities[ent].name))
-            blocks += _prose(world, [(ent, f) for f in fids], rng, fillers, plan.subject)
+            narrator.part = si
+            names.append(capitalize_first(world.entities[ent].name))
+            if si > 0:
+                blocks.append(f"Part {si + 1}: {names[-1]}")
+                back = narrator.back_reference(ent)
+                if back:
+                    blocks.append(back)
+            blocks += narrator.prose([(ent, f) for f in fids])
+        blocks += ["Recap", narrator.recap(names)]
     else:
-        paragraphs = _prose(world, [(ent, f) for ent, fids in sections for f in fids], rng, fillers, plan.subject)
+        paragraphs = narrator.prose([(ent, f) for ent, fids in sections for f in fids])
         if plan.genre == "news":
             year = next((world.facts[f].year for f in order if world.facts[f].year), None)
             if year is not None:
                 paragraphs[0] = f"{subject.name.upper()}, {year}. {paragraphs[0]}"
         blocks += paragraphs
+        recap = narrator.years_recap() if rng.random() < 0.3 else None
+        if recap:
+            blocks.append(recap)
     entities = list(dict.fromkeys(e for f in order for e in world.facts[f].entities))
     meta = {
         "genre": plan.genre,
         "subject": plan.subject,
         "entities": entities,
         "facts": order,
+        "own_facts": [f for f in order if PREDICATES[world.facts[f].predicate].own],
         "world": {"seed": world.seed, "num_documents": world.num_documents, "version": WORLD_VERSION},
     }
     return {"id": document_id(world.seed, world.num_documents, index), "text": "\n\n".join(blocks), "meta": meta}
