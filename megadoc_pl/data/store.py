@@ -506,6 +506,10 @@ def _chunk_rows(chunk: _Chunk) -> Iterator[tuple[int, Any]]:
     return enumerate(chunk.batch.to_pylist(), start=chunk.first_line)
 
 
+# One encoder for every row's meta: json.dumps with options builds a new encoder per call (~0.6 us).
+_META_JSON = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
 def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
     """Parse, validate and tokenize one chunk; the order-dependent checks are left to the parent."""
     import pyarrow as pa
@@ -538,7 +542,7 @@ def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
         texts.append(rec.text)
         for name, value in zip(("source_id", "task", "gen_index", "line"), (sid, task, gen_index, line)):
             cols[name].append(value)
-        cols["meta"].append(json.dumps(meta, ensure_ascii=False, default=str))
+        cols["meta"].append(_META_JSON(meta))
     lengths, flat = _encode(tok, opts.dtype, opts.bos, opts.eos, texts)
     schema = _index_schema(opts.kind)
     arrays = {**cols, "file": np.full(len(texts), chunk.file, dtype=np.int32)}
