@@ -467,3 +467,51 @@ def test_s3_round_trip_on_a_local_s3_server(tmp_path, monkeypatch):
         assert json.loads(fs.cat_file("gen-bucket/run1/.synth/run.json"))["inputs"] == ["s3://gen-bucket/docs/"]
     finally:
         server.stop()
+
+
+def test_object_storage_shard_lease(tmp_path, monkeypatch, capsys):
+    """One writer per shard on object storage: a lease object created exclusively, renewed while
+    held, refused to a second writer (one line, exit 1 from the CLI, no model loaded), deleted on
+    release, and taken over once a killed run's lease has expired."""
+    import fsspec
+
+    from megadoc_pl.synth import outdir
+
+    fs = fsspec.filesystem("memory")
+    path = f"/locks-{tmp_path.name}/shard.lock"
+    first = outdir.LeaseLock(fs, path, "shard 0 of 1 in memory://x", lease=0.3)
+    first.acquire()
+    try:
+        time.sleep(0.5)  # past the lease: renewals keep it held
+        second = outdir.LeaseLock(fs, path, "shard 0 of 1 in memory://x", lease=0.3)
+        with pytest.raises(outdir.ShardBusy, match=r"^shard 0 of 1 in memory://x is being written by pid \d+ on .* "
+                                                    r"\(lease until .*\) \(fix: wait for that run to end"):
+            second.acquire()
+    finally:
+        first.release()
+    assert not fs.exists(path)  # released: the object is gone
+    second.acquire()  # and the shard is free
+    second._stop.set()  # a killed run: no renewal, no release
+    second._thread.join()
+    time.sleep(0.35)
+    third = outdir.LeaseLock(fs, path, "shard 0 of 1 in memory://x", lease=0.3)
+    third.acquire()  # the expired lease is taken over
+    assert json.loads(fs.cat_file(path))["token"] == third.token
+    third.release()
+    second.release()  # a late release of a lease that is no longer its own deletes nothing
+    assert not fs.exists(path)
+
+    # through the CLI: a second writer of a shard whose lease is held is refused before any request
+    docs = make_docs(tmp_path / "docs.jsonl", 4)
+    url = f"memory://bucket/lease-{tmp_path.name}"
+    holder = outdir.LeaseLock(fs, f"/bucket/lease-{tmp_path.name}/.synth/locks/{SHARD}.lock", "held by a test")
+    holder.acquire()
+    try:
+        assert cli_main(_argv(tmp_path / "docs.jsonl", url, "-G", "2")) == 1
+        assert "is being written by pid" in capsys.readouterr().err
+        assert not _memory_rows(url)
+    finally:
+        holder.release()
+    assert cli_main(_argv(tmp_path / "docs.jsonl", url, "-G", "2")) == 0
+    assert sorted(keys(_memory_rows(url))) == [(d["id"], g) for d in docs for g in range(2)]
+    assert not fs.glob(f"/bucket/lease-{tmp_path.name}/.synth/locks/*")  # released at the end

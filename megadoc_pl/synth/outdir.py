@@ -9,7 +9,10 @@ An **fsspec URL** (``s3://``, ``gs://``, ``memory://``, ...; the protocol's fssp
 be installed, e.g. ``s3fs``) cannot be appended to, so every logical file ``X.jsonl`` is a
 folder ``X/`` of part files, one per completed batch (``part-<run>-<seq>.jsonl``), each written
 in one PUT: a kill leaves whole parts or none, so resume and exactly-once hold as locally.
-Object stores have no locks: run each shard once at a time (a SLURM array index, a Ray driver).
+A shard is locked by a **lease** (:class:`LeaseLock`): an object created with an exclusive PUT
+(``If-None-Match``), naming its holder and an expiry, renewed while the run writes and deleted at
+the end; a second writer is refused in one line, and the lease of a killed run expires after
+``LEASE_SECONDS`` so a later run can take the shard over.
 Readers of the output (``tools/prepare.py``, ``data.synthetic``) take the downloaded folder as
 is: directories are read recursively and ``.synth`` is hidden.
 
@@ -24,12 +27,13 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from megadoc_pl.utils import atomic_write_json, current_umask
+from megadoc_pl.utils import atomic_write_json, current_umask, get_logger
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 PARTS_PER_FETCH = 64  # part files fetched together on resume (concurrently where the protocol can)
@@ -335,8 +339,8 @@ class ObjectDir:
     def glob(self, folder: str, pattern: str) -> list[str]:
         return sorted(self.fs.glob(f"{folder}/{pattern}"))
 
-    def lock(self, path: str, what: str) -> "NoLock":
-        return NoLock()
+    def lock(self, path: str, what: str) -> "LeaseLock":
+        return LeaseLock(self.fs, path, what)
 
 
 class PartWriter:
@@ -356,12 +360,100 @@ class PartWriter:
         pass
 
 
-class NoLock:
-    """Object stores have no locks: one writer per shard is the scheduler's job."""
+# A shard's lease on object storage: how long it holds without renewal (a killed run's shard is
+# free again after this), renewed every third of it while the run writes.
+LEASE_SECONDS = 600.0
 
-    def acquire(self) -> None: ...
-    def release(self) -> None: ...
-    def discard(self) -> None: ...
+
+class LeaseLock:
+    """An exclusive lease on a shard in object storage (fsspec): the ShardLock of an ObjectDir.
+
+    ``acquire`` creates the lock object with an exclusive PUT (fsspec mode ``"xb"``: S3's
+    ``If-None-Match: *``), holding the holder's name, a random token and an expiry; a background
+    thread renews the expiry every third of the lease; ``release`` stops it and deletes the object
+    if it is still this run's. A fresh lease held by another run is :class:`ShardBusy` (one line).
+    An expired one (its run was killed) is deleted and taken over; two runs taking over the same
+    expired lease at the same moment can both succeed, since object stores have no conditional
+    delete — the window is one round trip, once per killed run.
+    """
+
+    def __init__(self, fs, path: str, what: str, lease: float | None = None) -> None:
+        self.fs, self.path, self.what = fs, path, what
+        self.lease = float(LEASE_SECONDS if lease is None else lease)
+        self.token = uuid.uuid4().hex
+        self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps({"holder": self.holder, "token": self.token, "since": now,
+                           "expires": now + self.lease}).encode("utf-8")
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # unreadable: treated as expired
+
+    def acquire(self) -> None:
+        for attempt in range(2):
+            try:
+                with self.fs.open(self.path, "xb") as f:
+                    f.write(self._body())
+                break
+            except FileExistsError:
+                held = self._read()
+                if held is None:
+                    continue  # released meanwhile
+                expires = float(held.get("expires", 0))
+                if expires > time.time() or attempt:
+                    until = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(expires))
+                    raise ShardBusy(f"{self.what} is being written by {held.get('holder', 'another run')} (lease until "
+                                    f"{until}) (fix: wait for that run to end, or give this one another --out or "
+                                    f"--shard; a killed run's lease expires {self.lease:.0f} s after its last renewal)") from None
+                get_logger("megadoc_pl.synth").warning(
+                    f"{self.what}: taking over the expired lease of {held.get('holder', 'a killed run')}")
+                self.fs.rm_file(self.path)
+            except (NotImplementedError, ValueError) as e:  # a protocol without exclusive create
+                raise ValueError(f"{self.path}: this object store cannot create a lock object exclusively ({e}) "
+                                 "(fix: write to a local directory or to S3 / memory://)") from None
+        else:
+            raise ShardBusy(f"{self.what}: the lock object changed while it was being taken (fix: run again)")
+        self.held = True
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew, name="shard-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease / 3):
+            try:
+                held = self._read()
+                if not held or held.get("token") != self.token:
+                    get_logger("megadoc_pl.synth").error(
+                        f"{self.what}: this run's lease was taken over by {(held or {}).get('holder', 'nobody')} "
+                        "(a renewal came later than the lease): two runs may now write this shard")
+                    return
+                self.fs.pipe_file(self.path, self._body())
+            except Exception as e:  # a failed renewal is retried at the next tick
+                get_logger("megadoc_pl.synth").warning(f"{self.what}: lease renewal failed ({e}); retrying")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.held:
+            self.held = False
+            held = self._read()
+            if held and held.get("token") == self.token:
+                self.fs.rm_file(self.path)
+
+    def discard(self) -> None:
+        self.release()
 
 
 def _jsonl(rows: list[dict]) -> bytes:

@@ -14,7 +14,7 @@ Layout of an output directory ``DIR`` (shard i of n; every node writes only its 
     DIR/.synth/locks/shard-....lock       held (flock) while a run writes the shard
 
 With ``--out`` an fsspec URL (object storage) every ``X.jsonl`` above is a folder ``X/`` of part
-files, one per completed batch, and there is no lock (outdir.py).
+files, one per completed batch, and the lock is a lease object (outdir.LeaseLock).
 
 Everything auxiliary sits in the hidden ``.synth`` folder so that readers given ``DIR`` see only
 generation rows. Resume works at request granularity: on start the runner cuts a torn last line
