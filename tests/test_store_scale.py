@@ -216,3 +216,16 @@ def test_recorded_text_hashes_equal_the_decoded_ones(tmp_path, tiny_tokenizer_pa
     decoded = [normalised_text_hash(t) for t in tok.decode_batch([st.content_tokens(i).tolist() for i in range(len(st))])]
     assert text_hashes(st, tok.decode_batch).tolist() == decoded == [normalised_text_hash(r["text"]) for r in rows]
     assert len(set(decoded)) == 40
+
+
+def test_store_pickles_with_lazily_read_columns(tmp_path, tiny_tokenizer_path):
+    """DataLoader workers receive stores by pickle: index columns read before and after still work."""
+    import pickle
+
+    rows = [{"id": f"d{i}", "text": f"{SAMPLE_TEXTS[i % 5]} {i}"} for i in range(12)]
+    st = build_store(write_rows(tmp_path / "d.jsonl", rows), tiny_tokenizer_path, tmp_path / "s", progress=False)
+    ids = st.source_ids.tolist()  # one column read before pickling, the others after
+    copy = pickle.loads(pickle.dumps(st))
+    assert copy.source_ids.tolist() == ids == [r["id"] for r in rows]
+    assert copy.column("line").tolist() == list(range(1, 13))
+    assert np.array_equal(np.asarray(copy.token_array), np.asarray(st.token_array))

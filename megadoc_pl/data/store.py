@@ -334,8 +334,18 @@ class _LazyIndex:
         self.column_names = [n for n in self._file.schema_arrow.names if n != "meta"]
         self._columns: dict[str, Any] = {}
 
+    def __getstate__(self) -> dict:  # for DataLoader workers: the columns read so far, not the file handle
+        return {k: v for k, v in self.__dict__.items() if k != "_file"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _file=None)
+
     def column(self, name: str):
         if name not in self._columns:
+            if self._file is None:  # unpickled in a worker: open the file on first need
+                import pyarrow.parquet as pq
+
+                self._file = pq.ParquetFile(self.path)
             try:
                 self._columns[name] = self._file.read(columns=[name]).column(name)
             except (OSError, ValueError) as e:
