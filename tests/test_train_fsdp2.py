@@ -41,6 +41,7 @@ _SHARD_CHECK = textwrap.dedent('''
         same = all(torch.equal(full[n], p) for n, p in ref.named_parameters())
         json.dump({"local": local, "total": cfg.num_params(), "same": same,
                    "checkpointed": all(b.checkpoint for b in model.layers)}, open(sys.argv[1], "w"))
+    dist.barrier()  # both ranks tear gloo down together (rank 1 leaving early aborted once under load)
     dist.destroy_process_group()
 ''')
 
