@@ -6,7 +6,8 @@ held-out document leaks it just as well as the document itself). Ids are compare
 
 Ids are not enough: a corpus may hold the same text under two ids. Documents are therefore also
 compared by a hash of their normalised text (:func:`text_hashes`: NFKC, case-folded, whitespace
-collapsed), decoded once per token store and cached beside it. A training document whose text
+collapsed), recorded by a document store while it is built (decoded from the tokens, once and
+cached, for a store built before that). A training document whose text
 equals a held-out one is excluded like the held-out document itself
 (:func:`heldout_duplicates`), and an extra validation set that shares text with the training
 documents is refused (:func:`check_content_disjoint`).
@@ -84,9 +85,13 @@ def units_source_ids(units) -> set[str]:
             continue
         used = np.zeros(src.num_documents, dtype=bool)  # documents drawn from (a mask: O(pieces), no sort)
         used[units.piece_doc[units.piece_src == s]] = True
-        column = src.arrow_column("source_id") if hasattr(src, "arrow_column") else _as_arrow(src.source_ids)
-        ids.update(pc.unique(column.filter(used)).to_pylist())
+        ids.update(pc.unique(arrow_column(src, "source_id").filter(used)).to_pylist())
     return ids
+
+
+def arrow_column(store, name: str):
+    """A store's index column as Arrow (no Python object per row); any object with ``column``."""
+    return store.arrow_column(name) if hasattr(store, "arrow_column") else _as_arrow(store.column(name))
 
 
 def _as_arrow(values):

@@ -60,7 +60,7 @@ from megadoc_pl.data.readers import (
     parse_document,
     parse_generation,
 )
-from megadoc_pl.data.hygiene import normalised_text_hash
+from megadoc_pl.data.hygiene import member_mask, normalised_text_hash
 from megadoc_pl.data.tokenizer import TokenizerInfo, load_tokenizer
 from megadoc_pl.utils import atomic_dir, atomic_write_json, current_umask, file_fingerprint, stable_hash, stat_cache
 
@@ -293,12 +293,8 @@ class TokenStore:
 
     def indices(self, ids: Iterable[str], exclude: bool = False) -> np.ndarray:
         """Sorted indices of documents whose source_id is in ``ids`` (or not in it, with exclude)."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        mask = pc.is_in(self._index.column("source_id"), value_set=pa.array(list(ids), type=pa.string()))
-        mask_np = mask.to_numpy(zero_copy_only=False)
-        return np.flatnonzero(~mask_np if exclude else mask_np)
+        mask = member_mask(self.arrow_column("source_id"), ids)
+        return np.flatnonzero(~mask if exclude else mask)
 
     def find(self, source_id: str) -> list[int]:
         """Indices of all documents with this source_id (its generations, or the one document)."""

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from megadoc_pl.data.hygiene import arrow_column, member_mask
 from megadoc_pl.utils import stable_hash
 
 VIEWS = ("real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch", "self_distill")
@@ -262,16 +263,6 @@ class _Pools:
     stats: dict
 
 
-def _arrow_column(store, name: str):
-    """An index column as a pyarrow array (no Python object per row), for vectorised lookups."""
-    import pyarrow as pa
-
-    index = getattr(store, "_index", None)  # TokenStore keeps its index as a pyarrow Table
-    if index is not None and name in index.column_names:
-        return index.column(name)
-    return pa.array(store.column(name))
-
-
 def _combined(column):
     """One contiguous Arrow array (value sets must not be chunked)."""
     return column.combine_chunks() if hasattr(column, "combine_chunks") else column
@@ -279,13 +270,7 @@ def _combined(column):
 
 def _is_in(store, name: str, values: set[str]) -> np.ndarray:
     """(num_documents,) bool: the store's column ``name`` is one of ``values`` (compared as strings)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if not values:
-        return np.zeros(store.num_documents, bool)
-    mask = pc.is_in(_arrow_column(store, name), value_set=pa.array(sorted(map(str, values)), pa.string()))
-    return mask.to_numpy(zero_copy_only=False).astype(bool)
+    return member_mask(arrow_column(store, name), values)
 
 
 def _train_sources(real, heldout: set[str]) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -304,7 +289,7 @@ def _pools(real, synth, task: str, heldout: set[str], generations: int, short_po
                          "(fix: point data.synthetic at tools/synthesize.py output)")
     import pyarrow.compute as pc
 
-    tasks = _arrow_column(synth, "task")
+    tasks = arrow_column(synth, "task")
     is_task = pc.equal(tasks, task).to_numpy(zero_copy_only=False).astype(bool)
     if not is_task.any():
         have = sorted(pc.unique(tasks).to_pylist())
@@ -312,8 +297,8 @@ def _pools(real, synth, task: str, heldout: set[str], generations: int, short_po
                          f"(fix: generate them with tools/synthesize.py --task {task}, or pick another data.view)")
     gen_docs = np.flatnonzero(is_task)
     # The real document of each generation's source: one hash join in Arrow, no per-row Python.
-    sids = _arrow_column(synth, "source_id")
-    src_doc = pc.index_in(sids, value_set=_combined(_arrow_column(real, "source_id"))).fill_null(-1)
+    sids = arrow_column(synth, "source_id")
+    src_doc = pc.index_in(sids, value_set=_combined(arrow_column(real, "source_id"))).fill_null(-1)
     src_doc = src_doc.to_numpy(zero_copy_only=False).astype(np.int64)[gen_docs]
     unknown = src_doc < 0
     if unknown.any():
