@@ -252,6 +252,24 @@ class TokenStore:
         """The rest of the input row (documents) or the generation's task fields (generations)."""
         return json.loads(self._metas()[i])
 
+    def meta_batches(self, docs: np.ndarray) -> Iterator[tuple[np.ndarray, Any]]:
+        """Yield ``(rows, meta)``: positions into ``docs`` and the JSON fields of those documents
+        (an Arrow string array), one record batch of index.parquet at a time (memory bounded by a
+        batch, where :meth:`meta` reads the whole column once)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        docs = np.asarray(docs, np.int64)
+        order = np.argsort(docs, kind="stable")
+        sorted_docs = docs[order]
+        lo = 0
+        for batch in pq.ParquetFile(self.path / "index.parquet").iter_batches(columns=["meta"], batch_size=1 << 18):
+            hi = lo + batch.num_rows
+            a, b = np.searchsorted(sorted_docs, [lo, hi])
+            if b > a:
+                yield order[a:b], batch.column(0).take(pa.array(sorted_docs[a:b] - lo))
+            lo = hi
+
     def _metas(self) -> list[str]:
         if self._meta_column is None:
             import pyarrow.parquet as pq

@@ -46,7 +46,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -529,7 +528,7 @@ def _split_points_ok(synth, rats: np.ndarray, cuts: np.ndarray, fingerprint: Opt
 
     ours = f"tokens:{str(fingerprint)[:16]}"
     out = np.ones(len(rats), bool)
-    for rows, meta in _meta_batches(synth, rats):
+    for rows, meta in synth.meta_batches(rats):
         fast = np.ones(len(rows), bool)
         for key, pattern in (("split_token_offset", r'"split_token_offset": (?P<v>-?[0-9]{1,15})[,}]'),
                              ("split_tokenizer", r'"split_tokenizer": "(?P<v>[^"\\\\]*)"')):
@@ -547,42 +546,8 @@ def _split_points_ok(synth, rats: np.ndarray, cuts: np.ndarray, fingerprint: Opt
     return out
 
 
-def _meta_batches(store, docs: np.ndarray):
-    """Yield ``(rows, meta)``: positions into ``docs`` and the JSON fields of those documents (an
-    Arrow string array), one index record batch at a time (memory bounded by a batch)."""
-    import pyarrow as pa
-
-    docs = np.asarray(docs, np.int64)
-    order = np.argsort(docs, kind="stable")
-    sorted_docs = docs[order]
-    path = getattr(store, "path", None)
-    index = Path(path) / "index.parquet" if path is not None else None
-    if index is None or not index.is_file() or "meta" not in _parquet_columns(index):
-        import json
-
-        yield order, pa.array([json.dumps(store.meta(int(i))) for i in sorted_docs], pa.string())
-        return
-    import pyarrow.parquet as pq
-
-    lo = 0
-    for batch in pq.ParquetFile(index).iter_batches(columns=["meta"], batch_size=1 << 18):
-        hi = lo + batch.num_rows
-        a, b = np.searchsorted(sorted_docs, [lo, hi])
-        if b > a:
-            yield order[a:b], batch.column(0).take(pa.array(sorted_docs[a:b] - lo))
-        lo = hi
-
-
-def _parquet_columns(path: Path) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return pq.read_schema(path).names
-
-
 def _raise_split_point(synth, r: int, i: int, cut: int, source: str, fingerprint: Optional[str]) -> None:
-    import json
-
-    meta = json.loads(next(_meta_batches(synth, np.array([r])))[1][0].as_py() or "{}")
+    meta = synth.meta(r)
     made_for, offset = meta.get("split_tokenizer"), meta.get("split_token_offset")
     raise ValueError(
         f"source {source!r}: rationale {i} was generated for the split at token {offset} ({made_for}) but stretch "
