@@ -9,11 +9,13 @@ Every stage runs in a fresh process (its wall, CPU and peak RSS are its own):
 - ``build <view>``: :func:`megadoc_pl.data.view_cache.cached_view` from an empty cache
   (open the stores, build the view, save it);
 - ``relaunch <view>``: the same call on the saved cache (open the stores, load the view);
-- ``loader <order> w<workers>``: collated stitch batches (B x T, scope document, the whole
-  batch contract) through a DataLoader with the datamodule's settings, early (step 1) and late
-  (the plan's last steps) window indices, against the peer;
-- ``peer``: nanoGPT's ``get_batch``: random offsets into the flat memmap, ``np.stack`` of
-  slices, ``torch.from_numpy`` (inputs and targets only), one process.
+- ``loader <order> w<workers>``: stitch batches (B x T, scope document) through the datamodule's
+  DataLoader: packed batches (tokens plus per-segment/per-clip offsets), which the datamodule
+  unpacks into the whole contract on the training device (the unpack's CPU time is printed
+  too), early (step 1) and late (the plan's last steps) window indices, against the peer;
+- ``peer``: nanoGPT's ``get_batch`` as train.py writes it (memmap re-opened per batch,
+  ``torch.randint`` offsets, ``torch.stack`` of int64 slices; inputs and targets only), one
+  process; and a tighter slicer (one array, ``np.stack``), printed alongside.
 
     python benchmarks/bench_views.py --sources 16400            # 1/10 of the paper
     python benchmarks/bench_views.py --sources 164000           # the paper: 5.2M generations per task
@@ -185,23 +187,48 @@ def train_windows(root: Path, cache: Path, generations: int, seq_len: int, batch
     return Windows.from_plan(streams, plan, "document"), plan, synth
 
 
-def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int) -> float:
-    """Batches/s of a DataLoader over ``windows`` (the datamodule's settings), after one warm batch."""
+def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int) -> tuple[float, float]:
+    """(batches/s of the datamodule's DataLoader over ``windows``, after one warm batch; ms to
+    unpack one of its batches into the whole contract on the CPU, which a GPU run does on the GPU)."""
     from torch.utils.data import DataLoader
 
-    from megadoc_pl.data.datamodule import loader_kwargs
+    from megadoc_pl.data.datamodule import PackedWindows, loader_kwargs
+    from megadoc_pl.data.windows import unpack
 
     steps = [list(range(s * batch, (s + 1) * batch)) for s in range(first_step, first_step + batches + 1)]
-    it = iter(DataLoader(windows, batch_size=None, sampler=steps, **loader_kwargs(workers)))
-    next(it)
+    it = iter(DataLoader(PackedWindows(windows), batch_size=None, sampler=steps, **loader_kwargs(workers)))
+    packed = next(it)
     t = time.perf_counter()
     for _ in range(batches):
         next(it)
+    rate = batches / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(5):
+        full = unpack(packed)
+    assert full["input_ids"].shape == (batch, windows.seq_len)
+    return rate, (time.perf_counter() - t) / 5 * 1e3
+
+
+def peer_rate(path: Path, batches: int, batch: int, seq_len: int) -> float:
+    """nanoGPT's ``get_batch`` (train.py, CPU branch) on the same token file, as written there: the
+    memmap re-opened per batch, ``torch.randint`` offsets, ``torch.stack`` of int64 slices."""
+    import torch
+
+    from megadoc_pl.data.store import HEADER_BYTES
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    for _ in range(batches):
+        data = np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES)
+        ix = torch.randint(len(data) - seq_len, (batch,))
+        x = torch.stack([torch.from_numpy((data[i:i + seq_len]).astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy((data[i + 1:i + 1 + seq_len]).astype(np.int64)) for i in ix])
+        assert x.shape == y.shape
     return batches / (time.perf_counter() - t)
 
 
-def peer_rate(tokens: np.ndarray, batches: int, batch: int, seq_len: int, seed: int = 0) -> float:
-    """nanoGPT's get_batch on the same flat memmap: batches/s."""
+def slicer_rate(tokens: np.ndarray, batches: int, batch: int, seq_len: int, seed: int = 0) -> float:
+    """A tighter bare slicer than nanoGPT's: one plain array, integer offsets, ``np.stack``."""
     import torch
 
     rng = np.random.default_rng(seed)
@@ -230,8 +257,9 @@ def run_stage(args: argparse.Namespace) -> dict:
         order, workers, where = what.split(":")
         windows, plan, synth = train_windows(root, cache, args.generations, args.seq_len, args.batch, order)
         first = 1 if where == "early" else plan.steps - args.batches - 2
-        out["rate"] = loader_rate(windows, first, args.batches, args.batch, int(workers))
-        out["peer"] = peer_rate(np.asarray(synth.token_array), args.batches, args.batch, args.seq_len)
+        out["rate"], out["unpack_ms"] = loader_rate(windows, first, args.batches, args.batch, int(workers))
+        out["peer"] = peer_rate(synth.path / "tokens.bin", args.batches, args.batch, args.seq_len)
+        out["slicer"] = slicer_rate(np.asarray(synth.token_array), args.batches, args.batch, args.seq_len)
     out.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0, rss_gb=peak_rss_gb())
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     out["cpu"] += children.ru_utime + children.ru_stime
@@ -271,7 +299,7 @@ def main() -> None:
     shutil.rmtree(Path(args.root) / "cache", ignore_errors=True)
     size = f"{args.sources // 1000}k x {args.generations}"
     stages = [f"build:{v}" for v in args.views.split(",")] + [f"relaunch:{v}" for v in args.views.split(",")]
-    stages += [f"loader:shuffled:{w}:{where}" for w in (0, 2) for where in ("early", "late")]
+    stages += [f"loader:shuffled:{w}:{where}" for w in (0, 1, 2) for where in ("early", "late")]
     print(f"{'stage':34} {'size':>10} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'ratio vs peer':>14}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for stage in stages:
@@ -284,7 +312,8 @@ def main() -> None:
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         ratio = f"{r['rate'] / r['peer']:.2f}x" if "rate" in r else ""
-        extra = f"  ({r['rate']:.1f} vs {r['peer']:.1f} batches/s)" if "rate" in r else ""
+        extra = (f"  ({r['rate']:.0f} vs {r['peer']:.0f} batches/s; {r['rate'] / r['slicer']:.2f}x the tight slicer "
+                 f"at {r['slicer']:.0f}/s; unpack on CPU {r['unpack_ms']:.1f} ms)") if "rate" in r else ""
         print(f"{stage:34} {size:>10} {r['wall']:8.1f} {r['cpu']:8.1f} {r['rss_gb']:12.2f} {ratio:>14}{extra}",
               flush=True)
 

@@ -57,7 +57,7 @@ def dry_run_report(prepared: PreparedData, sample_windows: int = 64) -> dict:
 
         train = prepared.train_windows()
         idx = np.unique(np.linspace(0, len(train) - 1, min(sample_windows, len(train))).astype(np.int64))
-        cu = train.batch(idx)["cu_seqlens"].numpy()
+        cu = train.packed(idx)["cu_seqlens"].numpy()
         return mean_attended_keys(np.diff(cu)), f"measured on {len(idx)} training windows"
 
     return _add_model_and_cost(prepared.cfg, prepared_summary(prepared), prepared.vocab_size, measured_keys)

@@ -85,13 +85,13 @@ def test_val_shards_disjoint_complete_and_equal_on_any_world(n, world):
 
 
 def test_padding_batches_are_marked():
-    from megadoc_pl.data.datamodule import _ValSet
+    from megadoc_pl.data.datamodule import PackedWindows
 
     class FakeWindows(list):
-        def __getitem__(self, index):
+        def packed(self, index):
             return {"window_index": list(index)}
 
-    ds = _ValSet(FakeWindows(range(5)))
+    ds = PackedWindows(FakeWindows(range(5)))
     assert "padding" not in ds[[0, 1]]
     assert ds[PaddingBatch([0, 1])]["padding"] is True
 

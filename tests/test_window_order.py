@@ -8,6 +8,7 @@ import pytest
 from megadoc_pl.data.datamodule import TrainBatchSampler
 from megadoc_pl.data.mixture import paper_plan
 from megadoc_pl.data.views import ViewOptions, build_view, real_units
+from megadoc_pl.data import windows as windows_mod
 from megadoc_pl.data.windows import StreamWindows, Windows, feistel_permute
 
 from test_views import HELDOUT, make_corpus
@@ -62,6 +63,20 @@ def test_each_pass_visits_its_windows_exactly_once(units):
                 assert read.tolist() != sorted(read.tolist())
                 seq = StreamWindows(st_units, seq_len, 5, name, window_order="sequential")
                 assert seq.stream_window(np.arange(first[passes])).tolist() == list(range(first[passes]))
+
+
+def test_tabulated_window_order_equals_the_walked_one(units, monkeypatch):
+    # Passes up to TABULATE_WINDOWS windows look their permutation up in a cached table; larger
+    # ones cycle-walk the Feistel network per draw. Both give the same windows, in any order of draws.
+    st_units = units[1]
+    st = StreamWindows(st_units, 7, 5, "synthetic", cache_passes=1)  # an LRU of one pass: refills
+    first, _ = st.pass_windows(np.arange(6))
+    draws = np.random.default_rng(0).permutation(int(first[5]))
+    tabulated = np.concatenate([st.stream_window(d) for d in np.array_split(draws, 9)])
+    assert len(st._window_cache) == 1
+    monkeypatch.setattr(windows_mod, "TABULATE_WINDOWS", 0)
+    walked = StreamWindows(st_units, 7, 5, "synthetic").stream_window(draws)
+    assert tabulated.tolist() == walked.tolist()
 
 
 def _windows(units, seed=1, order="shuffled"):

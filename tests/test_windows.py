@@ -8,6 +8,7 @@ import torch
 
 from megadoc_pl.data.mixture import paper_plan
 from megadoc_pl.data.views import ViewOptions, build_view, documents_units, real_units
+from megadoc_pl.data import windows as windows_mod
 from megadoc_pl.data.windows import StreamWindows, Windows, pass_seed
 
 from test_views import HELDOUT, make_corpus
@@ -44,9 +45,12 @@ def _oracle_batch(stream, j: int, T: int, scope: str) -> dict:
     return {"tokens": toks[sl], "segment_ids": seg, "position_ids": pos, "doc_positions": docpos[sl][:T]}
 
 
+@pytest.mark.parametrize("gather", ["runs", "fancy_index"])
 @pytest.mark.parametrize("scope", ["window", "document", "megadoc"])
 @pytest.mark.parametrize("view", ["stitch", "stretch"])
-def test_stream_windows_match_the_oracle_across_passes(corpus, scope, view):
+def test_stream_windows_match_the_oracle_across_passes(corpus, scope, view, gather, monkeypatch):
+    # tokens are copied run by run (few runs) or by one fancy-index read (many): both are exact
+    monkeypatch.setattr(windows_mod, "_LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
     units = build_view(corpus["real"], corpus["synth"], ViewOptions(view=view, generations=2, short_pool="drop"),
                        HELDOUT, encode=corpus["info"].encode)
     T = 23  # windows straddle units, pieces and pass boundaries
@@ -72,6 +76,25 @@ def test_stream_windows_match_the_oracle_across_passes(corpus, scope, view):
     starts = torch.nonzero(new.flatten()).flatten()
     assert batch["cu_seqlens"].tolist() == starts.tolist() + [seg.numel()]
     assert batch["max_seqlen"] == int(torch.diff(batch["cu_seqlens"]).max())
+
+
+@pytest.mark.parametrize("gather", ["runs", "fancy_index"])
+def test_windows_over_consecutive_documents_copy_whole_runs(corpus, gather, monkeypatch):
+    # Validation reads real documents in store order: a window's clips follow each other in the
+    # token file and are copied as one run. Both copy paths equal the oracle.
+    monkeypatch.setattr(windows_mod, "_LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
+    units = real_units(corpus["real"], HELDOUT)
+    T = 37
+    w = Windows.sequential(units, T, "document")
+    toks = _oracle_stream(units, 0, units.name, 1, shuffle=False)[0]
+    idx = np.arange(len(w))[::-1]
+    clips = w.clips(idx)
+    first = np.array([units.sources[s].offsets_full[d] + a for s, d, a in zip(clips.src, clips.doc, clips.start)])
+    assert ((clips.src[1:] == clips.src[:-1]) & (first[1:] == first[:-1] + clips.n[:-1])).any()  # some run of 2+ clips
+    batch = w.batch(idx)
+    for row, j in enumerate(idx):
+        assert batch["input_ids"][row].tolist() == toks[j * T:j * T + T].tolist()
+        assert batch["targets"][row].tolist() == toks[j * T + 1:j * T + T + 1].tolist()
 
 
 def _single(st):

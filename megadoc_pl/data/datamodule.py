@@ -24,7 +24,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megadoc_pl.data.mixture import MixturePlan
-from megadoc_pl.data.windows import Windows
+from megadoc_pl.data.windows import Windows, unpack
 
 
 def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -138,8 +138,10 @@ class ValBatchSampler(Sampler):
         return -(-(-(-self.n // self.bs)) // self.world)
 
 
-class _ValSet(Dataset):
-    """A validation set's windows; a :class:`PaddingBatch` comes back marked ``padding=True``."""
+class PackedWindows(Dataset):
+    """Windows fetched a batch of indices at a time as :func:`~megadoc_pl.data.windows.pack`-ed
+    batches (the module unpacks them on its device); a :class:`PaddingBatch` comes back marked
+    ``padding=True``."""
 
     def __init__(self, windows: Windows):
         self.windows = windows
@@ -148,7 +150,7 @@ class _ValSet(Dataset):
         return len(self.windows)
 
     def __getitem__(self, index: list[int]) -> dict:
-        batch = self.windows[list(index)]
+        batch = self.windows.packed(list(index))
         if isinstance(index, PaddingBatch):
             batch["padding"] = True
         return batch
@@ -242,13 +244,19 @@ class MegadocDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: each sampler item is a list of indices, fetched as one vectorised batch.
-        return _TrainLoader(self.train_windows, batch_size=None, sampler=self.train_sampler(),
+        return _TrainLoader(PackedWindows(self.train_windows), batch_size=None, sampler=self.train_sampler(),
                             position=self.windows_consumed, **loader_kwargs(self.num_workers))
 
     def val_dataloader(self) -> list[DataLoader]:
         r, w = self._topology()
-        return [self._loader(_ValSet(ws), ValBatchSampler(len(ws), self.val_batch_size, r, w))
+        return [self._loader(PackedWindows(ws), ValBatchSampler(len(ws), self.val_batch_size, r, w))
                 for ws in self.val_windows.values()]
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # On the device: the loaders ship packed batches (tokens and offsets, a fifth of the
+        # bytes); the per-token arrays of the contract are built here, where they cost next to
+        # nothing, before any LightningModule sees the batch.
+        return unpack(batch) if isinstance(batch, Mapping) else batch
 
     # ------------------------------------------------------------------------- inspection
 

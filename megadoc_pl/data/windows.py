@@ -14,9 +14,10 @@ seeded pseudo-random order: a Feistel permutation of the pass's window numbers, 
 materialised, so a window is still a pure function of (recipe, seed, global index).
 
 A batch of global window indices is turned into *clips* (the parts of pieces that fall in each
-window, in order) and then into the batch dict of the contract:
-``input_ids``, ``targets``, ``segment_ids``, ``cu_seqlens``, ``max_seqlen``, ``position_ids``,
-``doc_positions``, ``window_index``.
+window, in order). :func:`pack` turns them into what a loader ships (the tokens plus per-segment
+and per-clip offsets) and :func:`unpack`, on the batch's device, into the batch dict of the
+contract: ``input_ids``, ``targets``, ``segment_ids``, ``cu_seqlens``, ``max_seqlen``,
+``position_ids``, ``doc_positions``, ``window_index``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,13 @@ from megadoc_pl.data.views import Units, _ranges
 from megadoc_pl.utils import stable_hash
 
 SCOPES = ("window", "document", "megadoc")
+PACKED = "packed"  # marks a batch from :func:`pack`; :func:`unpack` turns it into the contract
 WINDOW_ORDERS = ("shuffled", "sequential")
 _FEISTEL_ROUNDS = 4  # Luby-Rackoff: four rounds of a pseudo-random function give a strong permutation
+# A pass of at most this many windows has its window permutation tabulated once (int32, 16 MB at
+# most, LRU like the unit order): a batch's draws are then a lookup instead of a cycle walk whose
+# slowest element sets the batch's time. Larger passes (17B+ tokens at T = 4096) walk per batch.
+TABULATE_WINDOWS = 1 << 22
 
 
 def pass_seed(data_seed: int, stream: str, pass_index: int) -> int:
@@ -130,6 +136,7 @@ class StreamWindows:
         self.canon_start = np.concatenate([[0], np.cumsum(self.unit_tokens)]).astype(np.int64)
         self.piece_key = np.concatenate([[0], np.cumsum(units.piece_len)[:-1]]).astype(np.int64)
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._window_cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._cache_size = cache_passes
 
     @property
@@ -154,8 +161,27 @@ class StreamWindows:
         p = (j * self.seq_len) // self.pass_tokens
         first, n = self.pass_windows(p)
         passes, inverse = np.unique(p, return_inverse=True)
+        if int(n.max()) <= TABULATE_WINDOWS:
+            out = np.empty_like(j)
+            for q in passes.tolist():
+                m = p == q
+                out[m] = first[m] + self._window_permutation(q, int(n[m][0]))[j[m] - first[m]]
+            return out
         keys = np.array([window_order_key(self.data_seed, self.name, int(q)) for q in passes], np.uint64)
         return first + feistel_permute(j - first, n, keys[inverse.ravel()])
+
+    def _window_permutation(self, p: int, n: int) -> np.ndarray:
+        """The window permutation of pass p (its n windows) as a table, cached (LRU)."""
+        hit = self._window_cache.get(p)
+        if hit is not None:
+            self._window_cache.move_to_end(p)
+            return hit
+        key = np.full(n, window_order_key(self.data_seed, self.name, p), np.uint64)
+        table = feistel_permute(np.arange(n), np.full(n, n), key).astype(np.int32)
+        self._window_cache[p] = table
+        if len(self._window_cache) > self._cache_size:
+            self._window_cache.popitem(last=False)
+        return table
 
     def pass_order(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         """(unit permutation, cumulative token starts) of pass p, cached (LRU; a batch touches at
@@ -234,28 +260,54 @@ class StreamWindows:
         )
 
 
-def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int) -> np.ndarray:
-    """(B, L) int64 tokens of the clips, one fancy-index read per token source."""
-    out = np.empty(B * L, dtype=np.int64)
+_LOOP_RUNS_PER_TOKEN = 1 / 256  # a slice copy per run beats one fancy-index read below this many runs per token
+
+
+def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int, dtype=np.int64) -> np.ndarray:
+    """(B, L) tokens of the clips.
+
+    Clips that follow each other in their token file are merged into runs (a window over
+    consecutive documents of one store is a handful of runs): few runs are copied slice by
+    slice, like a bare memmap slicer; many runs (a scattered store) by one fancy-index read.
+    """
+    out = np.empty(B * L, dtype=dtype)
+    first = np.empty(len(clips.n), dtype=np.int64)
     used = np.unique(clips.src)
+    arrays = {}
     for s in used:
         m = slice(None) if len(used) == 1 else clips.src == s
         src = sources[int(s)]
-        first = src.offsets_full[clips.doc[m]] + clips.start[m]
-        tokens = np.asarray(src.token_array).view(np.ndarray)  # a plain view: memmap indexing is slower
+        first[m] = src.offsets_full[clips.doc[m]] + clips.start[m]
+        arrays[int(s)] = np.asarray(src.token_array).view(np.ndarray)  # a plain view: memmap indexing is slower
+    # The clips tile the batch in order, so a clip continues a run when its tokens follow the last one's.
+    cont = np.zeros(len(first), dtype=bool)
+    cont[1:] = (clips.src[1:] == clips.src[:-1]) & (first[1:] == first[:-1] + clips.n[:-1])
+    head = np.flatnonzero(~cont)
+    if len(head) <= _LOOP_RUNS_PER_TOKEN * B * L:
+        dest = np.concatenate([[0], np.cumsum(clips.n)])
+        for d, e, f, s in zip(dest[head].tolist(), dest[np.append(head[1:], len(first))].tolist(),
+                              first[head].tolist(), clips.src[head].tolist()):
+            out[d:e] = arrays[s][f:f + e - d]
+        return out.reshape(B, L)
+    for s in used:
+        m = slice(None) if len(used) == 1 else clips.src == s
         if len(used) == 1:  # the clips tile the batch in order: no scatter
-            out[:] = tokens[_ranges(first, clips.n)]
+            out[:] = arrays[int(s)][_ranges(first, clips.n)]
         else:
-            out[_ranges(clips.row[m] * L + clips.wpos[m], clips.n[m])] = tokens[_ranges(first, clips.n[m])]
+            out[_ranges(clips.row[m] * L + clips.wpos[m], clips.n[m])] = arrays[int(s)][_ranges(first[m], clips.n[m])]
     return out.reshape(B, L)
 
 
-def collate(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int, scope: str) -> dict:
-    """The batch contract from the clips of B windows (numpy in, torch tensors out).
+def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int, scope: str) -> dict:
+    """The loader's half of the batch contract: the tokens, and the document structure as
+    per-segment and per-clip offsets (kilobytes, not B x T arrays). :func:`unpack` expands it
+    on the batch's device, so a loader ships a fifth of the bytes and does no per-token work
+    beyond copying the tokens.
 
-    The clips tile every window in order, so every per-token array is a ``np.repeat`` of a
-    per-clip or per-segment value plus a running index: the work is a few passes over B x T
-    integers and a loop over nothing.
+    ``tokens`` (B, T + 1) int32; ``cu_seqlens`` (S + 1,) int32 over the flattened (B * T) inputs,
+    ``max_seqlen``; ``clip_start`` / ``clip_docpos`` (C,) int64: where each clip starts in the
+    flattened (B * (T + 1)) tokens and the position of its first token in its document;
+    ``window_index`` (B,) int64.
     """
     if scope not in SCOPES:
         raise ValueError(f"attention scope must be one of {', '.join(SCOPES)}, got {scope!r}")
@@ -264,30 +316,62 @@ def collate(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: 
     dest0 = clips.row * L + clips.wpos
     assert len(dest0) and dest0[0] == 0 and np.array_equal(dest0[1:], dest0[:-1] + clips.n[:-1]) \
         and int(dest0[-1] + clips.n[-1]) == B * L, "windows must be full"
-    tokens_BL = gather_tokens(clips, sources, B, L)
-    doc_positions_BL = np.repeat(clips.docpos - dest0, clips.n)  # by flat window position
-    doc_positions_BL += np.arange(B * L)
     # Segments start at every row and, unless the scope is window, at each clip that starts a
     # document (unit) inside the inputs (a clip at offset T only holds the last target).
     starts = clips.wpos == 0
     if scope != "window":
         starts |= clips.newdoc if scope == "document" else clips.newunit
     starts &= clips.wpos < T
-    seg_start = clips.row[starts] * T + clips.wpos[starts]  # sorted: the clips are in (row, offset) order
-    cu_seqlens = np.append(seg_start, B * T)
-    lens = np.diff(cu_seqlens)
-    seg = np.arange(len(seg_start))
-    first_of_row = np.maximum.accumulate(np.where(clips.wpos[starts] == 0, seg, 0))
+    cu_seqlens = np.append(clips.row[starts] * T + clips.wpos[starts], B * T)  # sorted: clips are in (row, offset) order
     return {
-        "input_ids": torch.from_numpy(np.ascontiguousarray(tokens_BL[:, :T])),
-        "targets": torch.from_numpy(np.ascontiguousarray(tokens_BL[:, 1:])),
-        "segment_ids": torch.from_numpy(np.repeat((seg - first_of_row).astype(np.int32), lens).reshape(B, T)),
+        PACKED: True,
+        "tokens": torch.from_numpy(gather_tokens(clips, sources, B, L, np.int32)),
         "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)),
-        "max_seqlen": int(lens.max()),
-        "position_ids": torch.from_numpy((np.arange(B * T) - np.repeat(seg_start, lens)).reshape(B, T)),
-        "doc_positions": torch.from_numpy(np.ascontiguousarray(doc_positions_BL.reshape(B, L)[:, :T])),
+        "max_seqlen": int(np.diff(cu_seqlens).max()),
+        "clip_start": torch.from_numpy(dest0),
+        "clip_docpos": torch.from_numpy(clips.docpos.astype(np.int64, copy=False)),
         "window_index": torch.from_numpy(np.asarray(window_index, np.int64).copy()),
     }
+
+
+def unpack(batch: dict) -> dict:
+    """The whole batch contract from a :func:`pack`-ed batch, computed with torch on the batch's
+    device (a batch that is not packed comes back as it is)::
+
+        input_ids, targets      (B, T) int64     the window's tokens and the next ones
+        segment_ids             (B, T) int32     segment number inside the row (attention scope)
+        cu_seqlens, max_seqlen  (S + 1,) int32   segment offsets over the flattened batch
+        position_ids            (B, T) int64     position inside the token's segment
+        doc_positions           (B, T) int64     position inside the token's document
+        window_index            (B,) int64       global window numbers
+
+    Other keys (``padding``) pass through.
+    """
+    if not batch.get(PACKED):
+        return batch
+    out = {k: v for k, v in batch.items() if k not in (PACKED, "tokens", "clip_start", "clip_docpos")}
+    tokens = batch["tokens"].long()
+    B, L = tokens.shape
+    T = L - 1
+    dev = tokens.device
+    new_BT = torch.zeros(B * T, dtype=torch.int32, device=dev)
+    new_BT[batch["cu_seqlens"][:-1].long()] = 1
+    new_BT = new_BT.view(B, T)
+    t_BT = torch.arange(T, device=dev).expand(B, T)
+    # A token's segment starts at the last start at or before it (every row starts one).
+    seg_first_BT = torch.where(new_BT.bool(), t_BT, 0).cummax(dim=1).values
+    clip_start = batch["clip_start"]
+    clip_n = torch.diff(clip_start, append=clip_start.new_tensor([B * L]))
+    doc_BL = torch.repeat_interleave(batch["clip_docpos"] - clip_start, clip_n, output_size=B * L)
+    doc_BL += torch.arange(B * L, device=dev)
+    out.update(
+        input_ids=tokens[:, :T].contiguous(),
+        targets=tokens[:, 1:].contiguous(),
+        segment_ids=new_BT.cumsum(dim=1, dtype=torch.int32) - 1,
+        position_ids=t_BT - seg_first_BT,
+        doc_positions=doc_BL.view(B, L)[:, :T].contiguous(),
+    )
+    return out
 
 
 class _SourceTable:
@@ -324,7 +408,7 @@ class _SourceTable:
 class Windows:
     """Map-style windows: a pure function of (streams, plan, seed, global window index).
 
-    ``windows[list_of_indices]`` returns a collated batch (one vectorised call per batch);
+    ``windows[list_of_indices]`` returns a batch of the contract (one vectorised call per batch);
     ``windows.describe(k)`` gives the sources of window k.
     """
 
@@ -379,9 +463,14 @@ class Windows:
             parts.append(c)
         return Clips.concat(parts)
 
-    def batch(self, index: Sequence[int], scope: Optional[str] = None) -> dict:
+    def packed(self, index: Sequence[int], scope: Optional[str] = None) -> dict:
+        """The windows as a :func:`pack`-ed batch (what the loaders ship; :func:`unpack` expands it)."""
         index = np.asarray(index, np.int64)
-        return collate(self.clips(index), self.table.sources, index, self.seq_len, scope or self.scope)
+        return pack(self.clips(index), self.table.sources, index, self.seq_len, scope or self.scope)
+
+    def batch(self, index: Sequence[int], scope: Optional[str] = None) -> dict:
+        """The windows as a batch of the contract (see :func:`unpack`), on the CPU."""
+        return unpack(self.packed(index, scope))
 
     def __getitem__(self, index) -> dict:
         if np.isscalar(index):

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from megadoc_pl.data.windows import unpack
 from megadoc_pl.eval.ensemble import Ensemble
 from megadoc_pl.eval.multiple_choice import MultipleChoiceScorer, evaluate_tasks, load_task
 from megadoc_pl.eval.position import write_curves_csv
@@ -90,7 +91,7 @@ def evaluate_validation(
     out_dir: Optional[str | Path] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Loss of every named validation set (``windows.batch(indices)`` -> contract batch).
+    """Loss of every named validation set (packed batches moved to ``device``, then unpacked there).
 
     Returns ``{"val/<name>/loss": float, ...}`` and, per set, the token count; with
     ``out_dir`` the curves are written as ``loss_by_position_<name>.csv``.
@@ -101,7 +102,7 @@ def evaluate_validation(
     for name, windows in val_windows.items():
         n = len(windows)
         for b0 in tqdm(range(0, n, batch_size), desc=f"val/{name}", disable=not progress, leave=False):
-            batch = _to_device(windows.batch(list(range(b0, min(n, b0 + batch_size)))), device)
+            batch = unpack(_to_device(windows.packed(list(range(b0, min(n, b0 + batch_size)))), device))
             with _autocast(device, precision):
                 tok_loss_BT = token_losses(model, batch)
             metrics.update(name, tok_loss_BT.float(), batch)
