@@ -280,7 +280,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--views", default=",".join(VIEWS))
     ap.add_argument("--root", default=None, help="store and cache directory (default .cache/bench_views/s<S>-g<G>)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)

@@ -173,6 +173,10 @@ def test_cached_view_equals_a_fresh_one_and_changed_inputs_miss(tmp_path, kw):
     assert isinstance(again.piece_doc.base, np.memmap)  # loaded, memory-mapped, not rebuilt
     _assert_same_units(first, fresh)
     _assert_same_units(again, fresh)
+    # compact piece columns (18 bytes a piece), in memory and on disk
+    for u in (fresh, again):
+        assert [getattr(u, c).dtype for c in ("piece_src", "piece_doc", "piece_start", "piece_len", "piece_newdoc",
+                                              "piece_docpos")] == [np.int8] + [np.int32] * 3 + [bool, np.int32]
     # A changed option, seed, excluded set or store is another cache entry, never the old one.
     option = {"stretch_open": "<x>"} if kw["view"] == "stretch" else {"generations": 1}
     for changed in (dict(opts=ViewOptions(**{**kw, **option})), dict(opts=ViewOptions(**kw, seed=7)),
@@ -183,3 +187,38 @@ def test_cached_view_equals_a_fresh_one_and_changed_inputs_miss(tmp_path, kw):
     other = make_corpus(tmp_path / "other", build_tiny_tokenizer(tmp_path / "tok2", vocab_size=280))
     cached_view(tmp_path / "cache", other["real"], other["synth"], opts, HELDOUT, encode=other["info"].encode)
     assert len(list((tmp_path / "cache" / "views").iterdir())) == 5
+
+
+def _random_groups(rng, sources: int, src: int) -> _Groups:
+    counts = rng.integers(0, 5, sources)
+    n = int(counts.sum())
+    return _Groups(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), np.full(n, src, np.int8),
+                   rng.integers(0, 1000, n).astype(np.int32), rng.integers(0, 50, n).astype(np.int32),
+                   rng.integers(1, 90, n).astype(np.int32), rng.random(n) < 0.3)
+
+
+@pytest.mark.parametrize("block", [1, 3, 1 << 14])
+def test_blocked_concat_and_document_positions_equal_plain_loops(block):
+    # The view's two whole-view passes run a block at a time (bounded temporaries): the result
+    # must not depend on the block size. Oracles: per-source and per-piece Python loops.
+    rng = np.random.default_rng(block)
+    parts = [_random_groups(rng, 40, s) for s in range(3)]
+    got = views_mod._concat(parts, block=block)
+    cols = ("src", "doc", "start", "length", "newdoc")
+    want = {k: [] for k in cols}
+    for s in range(40):
+        for p in parts:
+            for k in cols:
+                want[k] += getattr(p, k)[p.ptr[s]:p.ptr[s + 1]].tolist()
+    for k in cols:
+        assert getattr(got, k).tolist() == want[k], k
+        assert getattr(got, k).dtype == getattr(parts[0], k).dtype
+    assert np.diff(got.ptr).tolist() == sum(np.diff(p.ptr) for p in parts).tolist()
+    newdoc = got.newdoc.copy()
+    newdoc[0] = True  # a stream starts a document
+    pos, docpos = 0, []
+    for n, nd in zip(got.length.tolist(), newdoc.tolist()):
+        pos = 0 if nd else pos
+        docpos.append(pos)
+        pos += n
+    assert views_mod._docpos(got.length, newdoc, block=block).tolist() == docpos

@@ -292,6 +292,11 @@ class TokenStore:
     def gen_indices(self) -> np.ndarray:
         return self.column("gen_index")
 
+    def release_columns(self) -> None:
+        """Forget the index columns read so far (they are read again on next use): a paper-scale
+        generation store's task, source_id and integer columns hold ~50 bytes a row."""
+        self._index.release()
+
     def arrow_column(self, name: str):
         """An index column as Arrow (strings stay Arrow strings: no Python object per document)."""
         if name not in self._index.column_names:
@@ -353,6 +358,12 @@ class _LazyIndex:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _file=None)
+
+    def release(self) -> None:
+        import pyarrow as pa
+
+        self._columns.clear()
+        pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages otherwise
 
     def column(self, name: str):
         if name not in self._columns:

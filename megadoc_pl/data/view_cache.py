@@ -23,7 +23,7 @@ import numpy as np
 from megadoc_pl.data.views import LiteralTokens, Units, ViewOptions, build_view
 from megadoc_pl.utils import atomic_dir, get_logger, json_fingerprint
 
-CACHE_VERSION = 1  # bump when the meaning of a cached view changes (a change to how views are built)
+CACHE_VERSION = 2  # bump when the meaning or layout of a cached view changes (2: int8/int32 piece columns)
 COLUMNS = ("piece_src", "piece_doc", "piece_start", "piece_len", "piece_newdoc", "piece_docpos", "unit_ptr")
 _log = get_logger("data")
 
@@ -74,7 +74,10 @@ def cached_view(cache_dir: Path, real, synth, opts: ViewOptions, heldout: Iterab
         pass  # another process saved the same view first
     except OSError as e:
         _log.warning(f"could not cache the {opts.view} view in {out} ({e.strerror or e}): it is rebuilt next launch")
-    return units
+        return units
+    # The saved copy, memory-mapped: the first run then holds the view as a relaunch does (pages
+    # shared with loader workers, read on use) instead of the freshly built arrays.
+    return load_units(out, real, synth)
 
 
 def save_units(out: Path, units: Units, overwrite: bool = False) -> None:

@@ -66,6 +66,10 @@ SYNTHETIC_TASK = {
 REAL_POSITIONS = ("last", "first", "none")
 ORDERS = ("generation", "shuffled")
 SHORT_POOL = ("error", "drop")
+# Piece columns: the token source as int8 (a view has at most three), documents, offsets and
+# lengths inside a document as int32 (a store's documents and a document's tokens stay below
+# 2^31, checked by build_view): 18 bytes a piece instead of 41 (paper-scale stretch: 21M pieces).
+SRC_DTYPE, POS_DTYPE = np.int8, np.int32
 
 
 class LiteralTokens:
@@ -73,7 +77,7 @@ class LiteralTokens:
 
     def __init__(self, token_lists: Sequence[Sequence[int]], names: Sequence[str]):
         lengths = np.array([len(t) for t in token_lists], dtype=np.int64)
-        self.offsets_full = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.offsets_full = running_offsets(lengths)
         flat = [int(x) for t in token_lists for x in t]
         self.token_array = np.array(flat, dtype=np.int64)
         self.names = list(names)
@@ -105,12 +109,12 @@ class Units:
     """Units of one stream in columnar form: pieces in unit order, CSR over units."""
 
     sources: tuple  # token sources referenced by piece_src (TokenStore / LiteralTokens)
-    piece_src: np.ndarray  # (P,) int64 index into sources
-    piece_doc: np.ndarray  # (P,) int64 document in that source
-    piece_start: np.ndarray  # (P,) int64 first token of the span inside the document
-    piece_len: np.ndarray  # (P,) int64 tokens in the span (> 0)
+    piece_src: np.ndarray  # (P,) int8 index into sources
+    piece_doc: np.ndarray  # (P,) int32 document in that source
+    piece_start: np.ndarray  # (P,) int32 first token of the span inside the document
+    piece_len: np.ndarray  # (P,) int32 tokens in the span (> 0)
     piece_newdoc: np.ndarray  # (P,) bool: a document boundary at the span's first token
-    piece_docpos: np.ndarray  # (P,) int64 position of the span's first token in its document
+    piece_docpos: np.ndarray  # (P,) int32 position of the span's first token in its document
     unit_ptr: np.ndarray  # (U + 1,) int64: unit u is pieces unit_ptr[u]:unit_ptr[u + 1]
     name: str = ""
     stats: dict = field(default_factory=dict)  # sources kept / dropped / held out, filters
@@ -125,7 +129,7 @@ class Units:
 
     @property
     def unit_tokens(self) -> np.ndarray:
-        cum = np.concatenate([[0], np.cumsum(self.piece_len)])
+        cum = running_offsets(self.piece_len)
         return cum[self.unit_ptr[1:]] - cum[self.unit_ptr[:-1]]
 
     @property
@@ -174,15 +178,27 @@ class _Groups:
     def single(src: int, docs: np.ndarray, lengths: np.ndarray) -> "_Groups":
         """One whole stored document per source."""
         n = len(docs)
-        return _Groups(np.arange(n + 1, dtype=np.int64), np.full(n, src, np.int64), docs.astype(np.int64),
-                       np.zeros(n, np.int64), lengths.astype(np.int64), np.ones(n, bool))
+        return _Groups(np.arange(n + 1, dtype=np.int64), np.full(n, src, SRC_DTYPE), docs.astype(POS_DTYPE),
+                       np.zeros(n, POS_DTYPE), lengths.astype(POS_DTYPE), np.ones(n, bool))
 
     def take(self, keep: np.ndarray) -> "_Groups":
-        """The groups of the sources where ``keep`` is True."""
+        """The groups of the sources where ``keep`` is True (itself when all are: no copy)."""
+        if keep.all():
+            return self
         counts = self.counts[keep]
         idx = _ranges(self.ptr[:-1][keep], counts)
-        ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        ptr = running_offsets(counts)
         return _Groups(ptr, self.src[idx], self.doc[idx], self.start[idx], self.length[idx], self.newdoc[idx])
+
+
+def running_offsets(lengths) -> np.ndarray:
+    """(n + 1,) int64 offsets ``[0, l0, l0 + l1, ...]`` of n lengths, in one allocation (a
+    paper-scale view's 21M piece lengths: 168 MB, not three copies of it)."""
+    lengths = np.asarray(lengths)
+    out = np.empty(len(lengths) + 1, np.int64)
+    out[0] = 0
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -200,19 +216,23 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(out)
 
 
-def _concat(parts: Sequence[_Groups]) -> _Groups:
-    """Per source, the pieces of parts[0], then parts[1], ... (vectorised CSR interleave)."""
+def _concat(parts: Sequence[_Groups], block: int = 1 << 14) -> _Groups:
+    """Per source, the pieces of parts[0], then parts[1], ... (vectorised CSR interleave, a block
+    of sources at a time so the destination indices never cover the whole view)."""
     counts = np.stack([p.counts for p in parts])  # (K, S)
     total = counts.sum(axis=0)
-    ptr = np.concatenate([[0], np.cumsum(total)]).astype(np.int64)
+    ptr = running_offsets(total)
     n = int(ptr[-1])
     cols = {k: np.empty(n, dtype=getattr(parts[0], k).dtype) for k in ("src", "doc", "start", "length", "newdoc")}
-    before = np.zeros_like(total)
-    for p, c in zip(parts, counts):
-        dest = _ranges(ptr[:-1] + before, c)
-        for k, arr in cols.items():
-            arr[dest] = getattr(p, k)
-        before = before + c
+    for lo in range(0, len(total), block):
+        hi = min(len(total), lo + block)
+        before = np.zeros(hi - lo, np.int64)
+        for p, c in zip(parts, counts[:, lo:hi]):
+            dest = _ranges(ptr[lo:hi] + before, c)
+            a, b = int(p.ptr[lo]), int(p.ptr[hi])
+            for k, arr in cols.items():
+                arr[dest] = getattr(p, k)[a:b]
+            before += c
     return _Groups(ptr, cols["src"], cols["doc"], cols["start"], cols["length"], cols["newdoc"])
 
 
@@ -221,6 +241,12 @@ def _to_units(g: _Groups, sources: tuple, name: str, stats: dict, split_each: bo
 
     Empty spans (an empty delimiter) are dropped; every unit starts a document.
     """
+    for store in sources:  # the int32 piece columns held every document number and offset exactly
+        n = store.num_documents
+        if n >= 2**31 or (store.offsets_full[-1] >= 2**31 and int(np.diff(store.offsets_full).max()) >= 2**31):
+            raise ValueError(f"{getattr(store, 'path', store)}: views index documents and their tokens with int32 and "
+                             f"this store has {n} documents of up to {int(np.diff(store.offsets_full).max())} tokens "
+                             "(fix: split the corpus into stores below 2^31 documents, documents below 2^31 tokens)")
     keep = g.length > 0
     if keep.all():  # the common case: no copies of the piece arrays (paper scale: ~20M pieces)
         src, doc, start, length, newdoc = g.src, g.doc, g.start, g.length, g.newdoc.copy()
@@ -241,11 +267,21 @@ def _to_units(g: _Groups, sources: tuple, name: str, stats: dict, split_each: bo
     return Units(sources, src, doc, start, length, newdoc, _docpos(length, newdoc), ptr, name, stats)
 
 
-def _docpos(length: np.ndarray, newdoc: np.ndarray) -> np.ndarray:
-    """Position of each piece's first token inside its document (documents start at newdoc)."""
-    cum = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
-    doc_start = np.maximum.accumulate(np.where(newdoc, cum, 0)) if len(cum) else cum
-    return cum - doc_start
+def _docpos(length: np.ndarray, newdoc: np.ndarray, block: int = 1 << 22) -> np.ndarray:
+    """Position of each piece's first token inside its document (documents start at newdoc),
+    a block of pieces at a time (int64 temporaries of a block, not of the view)."""
+    out = np.empty(len(length), POS_DTYPE)
+    base = doc_start = 0  # stream offset of the block's first piece; start of the open document
+    for lo in range(0, len(length), block):
+        n = length[lo:lo + block]
+        cum = np.cumsum(n, dtype=np.int64)
+        cum -= n
+        cum += base  # the stream offset of each piece's first token
+        starts = np.where(newdoc[lo:lo + block], cum, doc_start)
+        np.maximum.accumulate(starts, out=starts)
+        out[lo:lo + block] = cum - starts
+        base, doc_start = int(cum[-1] + n[-1]), int(starts[-1])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,16 +325,18 @@ def _pools(real, synth, task: str, heldout: set[str], generations: int, short_po
     import pyarrow.compute as pc
 
     tasks = arrow_column(synth, "task")
-    is_task = pc.equal(tasks, task).to_numpy(zero_copy_only=False).astype(bool)
-    if not is_task.any():
+    is_task = pc.equal(tasks, task)
+    gen_docs = np.flatnonzero(is_task.to_numpy(zero_copy_only=False))
+    if not len(gen_docs):
         have = sorted(pc.unique(tasks).to_pylist())
         raise ValueError(f"{synth.path}: no generations of task '{task}' (the store has tasks {have}) "
                          f"(fix: generate them with tools/synthesize.py --task {task}, or pick another data.view)")
-    gen_docs = np.flatnonzero(is_task)
-    # The real document of each generation's source: one hash join in Arrow, no per-row Python.
-    sids = arrow_column(synth, "source_id")
+    # The real document of each generation's source: one hash join in Arrow, no per-row Python,
+    # over this task's rows only (a store of several tasks is several times larger).
+    sids = arrow_column(synth, "source_id").filter(is_task)
+    del is_task
     src_doc = pc.index_in(sids, value_set=_combined(arrow_column(real, "source_id"))).fill_null(-1)
-    src_doc = src_doc.to_numpy(zero_copy_only=False).astype(np.int64)[gen_docs]
+    src_doc = src_doc.to_numpy(zero_copy_only=False).astype(np.int64)
     unknown = src_doc < 0
     if unknown.any():
         first = synth.source_id(int(gen_docs[np.flatnonzero(unknown)[0]]))
@@ -306,7 +344,8 @@ def _pools(real, synth, task: str, heldout: set[str], generations: int, short_po
             f"{synth.path}: {int(unknown.sum())} '{task}' generations name sources that are not in the "
             f"real corpus (e.g. source_id={first!r}) (fix: point data.real at the corpus they were generated from)"
         )
-    held = _is_in(synth, "source_id", heldout)[gen_docs]
+    held = member_mask(sids, heldout)
+    del sids
     stats["heldout_generations_excluded"] = int(held.sum())
     gen_docs, src_doc = gen_docs[~held], src_doc[~held]
     # Position of each generation's source among the training sources (real store order).
@@ -351,9 +390,9 @@ def _pools(real, synth, task: str, heldout: set[str], generations: int, short_po
         sel &= passed
     gen_docs, pos = gen_docs[sel], pos[sel]
     gcounts = np.bincount(pos, minlength=len(real_docs))
-    ptr = np.concatenate([[0], np.cumsum(gcounts)]).astype(np.int64)
-    gens = _Groups(ptr, np.ones(len(gen_docs), np.int64), gen_docs.astype(np.int64), np.zeros(len(gen_docs), np.int64),
-                   synth.lengths[gen_docs].astype(np.int64), np.ones(len(gen_docs), bool))
+    ptr = running_offsets(gcounts)
+    gens = _Groups(ptr, np.ones(len(gen_docs), SRC_DTYPE), gen_docs.astype(POS_DTYPE), np.zeros(len(gen_docs), POS_DTYPE),
+                   synth.lengths[gen_docs].astype(POS_DTYPE), np.ones(len(gen_docs), bool))
     keep = ~short
     stats["sources_kept"] = int(keep.sum())
     stats["generations_used"] = int(gcounts[keep].sum())
@@ -373,6 +412,13 @@ def _shuffle_within(g: _Groups, seed: int) -> _Groups:
 # Stretch: rationales inside the original
 
 
+def split_counts(num_tokens: np.ndarray, generations: int) -> np.ndarray:
+    """Split points of each document: G, capped at ``n - 1`` (every segment keeps a token)."""
+    if generations < 0:
+        raise ValueError(f"generations must be >= 0, got {generations}")
+    return np.minimum(generations, np.maximum(np.asarray(num_tokens, np.int64) - 1, 0))
+
+
 def stretch_cuts(num_tokens: np.ndarray, generations: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`equal_token_split` of many documents at once, flattened.
 
@@ -380,10 +426,8 @@ def stretch_cuts(num_tokens: np.ndarray, generations: int) -> tuple[np.ndarray, 
     for every split point its document and offset ``(i * n) // (g + 1)``, i = 1..g, documents in
     order. Exactly the offsets of ``equal_token_split(n[k], generations)`` concatenated.
     """
-    if generations < 0:
-        raise ValueError(f"generations must be >= 0, got {generations}")
     n = np.asarray(num_tokens, np.int64)
-    g = np.minimum(generations, np.maximum(n - 1, 0))
+    g = split_counts(n, generations)
     owner = np.repeat(np.arange(len(n)), g)
     i = np.arange(len(owner)) - np.repeat(np.cumsum(g) - g, g) + 1
     return g, owner, (i * n[owner]) // (g[owner] + 1)
@@ -400,49 +444,18 @@ def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[in
     """
     bos, eos = int(real.add_bos), int(real.add_eos)
     sbos, seos = int(synth.add_bos), int(synth.add_eos)
-    S = len(pools.ids)
     d = pools.real_docs.astype(np.int64)
-    r_len = real.lengths[d].astype(np.int64)
+    r_len = real.offsets_full[d + 1] - real.offsets_full[d]
     n = r_len - bos - eos  # content tokens
-    g, owner, cut = stretch_cuts(n, generations)
-
-    # Distinct split indices of each pool and the first rationale (pool order) of each.
-    pool = pools.gens.doc
-    grp = np.repeat(np.arange(S), pools.gens.counts)
-    sidx = synth.column("split_index")[pool]
-    sidx = np.where(sidx >= 0, sidx, synth.gen_indices[pool]).astype(np.int64)
-    order = np.lexsort((sidx, grp))  # stable: within (source, split), pool order
-    grp_o, sidx_o = grp[order], sidx[order]
-    first = np.ones(len(order), bool)
-    first[1:] = (grp_o[1:] != grp_o[:-1]) | (sidx_o[1:] != sidx_o[:-1])
-    u_grp, u_sidx, u_doc = grp_o[first], sidx_o[first], pool[order[first]]
-    distinct = np.bincount(u_grp, minlength=S)
-    in_range = np.bincount(u_grp[(u_sidx >= 0) & (u_sidx < g[u_grp])], minlength=S)
-    negative = np.bincount(u_grp[u_sidx < 0], minlength=S) > 0
-    short = (g > 0) & ((in_range < g) | negative)
-    extra = ~short & (distinct > g)
-    ok = ~(short | extra)  # accepted pools hold exactly the split indices 0..g-1
-    keep = ok
-    rats = u_doc[ok[u_grp]]  # (sum g[keep],) rationale i of each kept source, sources in order
-    rat_owner = owner[ok[owner]]
-    bad = np.flatnonzero(~_split_points_ok(synth, rats, cut[ok[owner]], real.manifest.get("tokenizer_fingerprint")))
-    bad_pool = np.flatnonzero(~ok) if short_pool != "drop" else np.zeros(0, np.int64)
-    # The first source in order with a problem decides the error (as a per-source loop would).
-    if len(bad) and (not len(bad_pool) or rat_owner[bad[0]] < bad_pool[0]):
-        j = int(bad[0])
-        k = int(rat_owner[j])
-        i = j - int(np.searchsorted(rat_owner, k))
-        _raise_split_point(synth, int(rats[j]), i, int(cut[ok[owner]][j]), pools.ids[k],
-                           real.manifest.get("tokenizer_fingerprint"))
-    if len(bad_pool):
-        k = int(bad_pool[0])
-        _raise_stretch_pool(pools.ids[k], u_sidx[u_grp == k], int(g[k]), generations, bool(short[k]))
-
+    # The per-rationale checks run in a function of their own: their temporaries (a few arrays
+    # per generation) are gone before the layout allocates the view.
+    keep, g, rats = _stretch_rationales(real, synth, pools, n, generations, short_pool)
     gk, nk, dk, lk = g[keep], n[keep], d[keep], r_len[keep]
-    rat_start = np.concatenate([[0], np.cumsum(gk)]).astype(np.int64)
+    rat_start = running_offsets(gk)
     counts = gk * (2 + (len(open_ids) > 0) + (len(close_ids) > 0)) + 1
-    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    cols = [np.empty(int(ptr[-1]), np.int64) for _ in range(4)] + [np.empty(int(ptr[-1]), bool)]
+    ptr = running_offsets(counts)
+    n_pieces = int(ptr[-1])
+    cols = [np.empty(n_pieces, SRC_DTYPE)] + [np.empty(n_pieces, POS_DTYPE) for _ in range(3)] + [np.empty(n_pieces, bool)]
     # Blocks of sources: the per-piece temporaries stay a few block sizes, not ~15 x the view.
     for lo in range(0, len(gk), STRETCH_BLOCK_SOURCES):
         hi = min(len(gk), lo + STRETCH_BLOCK_SOURCES)
@@ -451,6 +464,49 @@ def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[in
         for col, part in zip(cols, layout):
             col[ptr[lo]:ptr[hi]] = part
     return _Groups(ptr, *cols), keep
+
+
+def _stretch_rationales(real, synth, pools: _Pools, n: np.ndarray, generations: int,
+                        short_pool: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keep mask over the pools' sources, split points per source, the rationale of every split
+    point of the kept sources in order); raises the first problem in source order."""
+    S = len(pools.ids)
+    g = split_counts(n, generations)
+
+    # Distinct split indices of each pool and the first rationale (pool order) of each. Each
+    # temporary is dropped as soon as it is used: there are a few per generation (5M at G=32).
+    pool = pools.gens.doc
+    grp = np.repeat(np.arange(S, dtype=np.int32), pools.gens.counts)
+    sidx = synth.column("split_index")[pool]
+    sidx = np.where(sidx >= 0, sidx, synth.gen_indices[pool])
+    order = np.lexsort((sidx, grp))  # stable: within (source, split), pool order
+    grp, sidx = grp[order], sidx[order]
+    first = np.ones(len(order), bool)
+    first[1:] = (grp[1:] != grp[:-1]) | (sidx[1:] != sidx[:-1])
+    u_grp, u_sidx, u_doc = grp[first], sidx[first], pool[order[first]]
+    del grp, sidx, order, first
+    distinct = np.bincount(u_grp, minlength=S)
+    in_range = np.bincount(u_grp[(u_sidx >= 0) & (u_sidx < g[u_grp])], minlength=S)
+    negative = np.bincount(u_grp[u_sidx < 0], minlength=S) > 0
+    short = (g > 0) & ((in_range < g) | negative)
+    extra = ~short & (distinct > g)
+    ok = ~(short | extra)  # accepted pools hold exactly the split indices 0..g-1
+    rats = u_doc[ok[u_grp]]  # (sum g[ok],) rationale i of each kept source, sources in order
+    del u_doc
+    kept = np.flatnonzero(ok)
+    _, owner, cut = stretch_cuts(n[kept], generations)  # owner: the kept source's number in ``kept``
+    bad = np.flatnonzero(~_split_points_ok(synth, rats, cut, real.manifest.get("tokenizer_fingerprint")))
+    bad_pool = np.flatnonzero(~ok) if short_pool != "drop" else np.zeros(0, np.int64)
+    # The first source in order with a problem decides the error (as a per-source loop would).
+    if len(bad) and (not len(bad_pool) or kept[owner[bad[0]]] < bad_pool[0]):
+        j = int(bad[0])
+        i = j - int(np.searchsorted(owner, owner[j]))
+        _raise_split_point(synth, int(rats[j]), i, int(cut[j]), pools.ids[int(kept[owner[j]])],
+                           real.manifest.get("tokenizer_fingerprint"))
+    if len(bad_pool):
+        k = int(bad_pool[0])
+        _raise_stretch_pool(pools.ids[k], u_sidx[u_grp == k], int(g[k]), generations, bool(short[k]))
+    return ok, g, rats
 
 
 # Sources laid out at a time by _stretch (G=32: ~130 pieces per source).
@@ -464,7 +520,7 @@ def _stretch_layout(gk, nk, dk, lk, rats, synth, bos: int, sbos: int, seos: int,
     has_open, has_close = n_open > 0, n_close > 0
     m = 2 + has_open + has_close
     counts = gk * m + 1
-    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    ptr = running_offsets(counts)
     src_of = np.repeat(np.arange(len(gk)), counts)
     q = np.arange(int(ptr[-1])) - ptr[:-1][src_of]  # piece number inside its source
     block, role = q // m, q % m  # role 0: real segment; then open?, rationale, close?
@@ -474,11 +530,11 @@ def _stretch_layout(gk, nk, dk, lk, rats, synth, bos: int, sbos: int, seos: int,
     seg_lo = np.where(block == 0, 0, bos + (block * nq) // (gq + 1))
     seg_hi = np.where(block == gq, lk[src_of], bos + ((block + 1) * nq) // (gq + 1))
     del gq, nq
-    rat_start = np.concatenate([[0], np.cumsum(gk)])[:-1]
+    rat_start = running_offsets(gk)[:-1]
     rat = np.zeros(len(block), np.int64)
     is_rat = role == 2
     rat[is_rat] = rats[rat_start[src_of[is_rat]] + block[is_rat]]
-    rat_len = synth.lengths[rat].astype(np.int64) - sbos - seos
+    rat_len = synth.offsets_full[rat + 1] - synth.offsets_full[rat] - sbos - seos
     src = np.select([role == 0, role == 2], [0, 1], lit_src).astype(np.int64)
     doc = np.select([role == 0, role == 2, role == 1], [dk[src_of], rat, 0], 1).astype(np.int64)
     start = np.select([role == 0, role == 2], [seg_lo, sbos], 0).astype(np.int64)
@@ -687,10 +743,16 @@ def _build_view(real, synth, opts: ViewOptions, heldout: Iterable[str],
         both = np.intersect1d(pools.real_docs, stretched_docs)
         gens = gens.take(np.isin(pools.real_docs, both))
         real_part = stretched.take(np.isin(stretched_docs, both))
+        del stretched, rat_pools, pools  # the view's peak is the concatenation below: hold no more than its parts
         stats["sources_kept"] = int(len(both))
     else:
         real_part = _Groups.single(0, pools.real_docs, real.lengths[pools.real_docs])
 
     # stitch / maga_stitch / stitch_stretch: one megadoc per source.
     parts = {"last": [gens, real_part], "first": [real_part, gens], "none": [gens]}[opts.real_position]
-    return _to_units(_concat(parts), sources, name, stats)
+    del gens, real_part
+    for store in (real, synth):  # nothing below reads an index column: the concatenation is the peak
+        store.release_columns()
+    megadocs = _concat(parts)
+    del parts
+    return _to_units(megadocs, sources, name, stats)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from megadoc_pl.data.mixture import MixturePlan, StreamDrawer
-from megadoc_pl.data.views import Units, _ranges
+from megadoc_pl.data.views import Units, _ranges, running_offsets
 from megadoc_pl.utils import stable_hash
 
 SCOPES = ("window", "document", "megadoc")
@@ -133,8 +133,8 @@ class StreamWindows:
         self.shuffle, self.repeat, self.window_order = shuffle, repeat, window_order
         self.unit_tokens = units.unit_tokens
         self.pass_tokens = int(self.unit_tokens.sum())
-        self.canon_start = np.concatenate([[0], np.cumsum(self.unit_tokens)]).astype(np.int64)
-        self.piece_key = np.concatenate([[0], np.cumsum(units.piece_len)[:-1]]).astype(np.int64)
+        self.canon_start = running_offsets(self.unit_tokens)
+        self.piece_key = running_offsets(units.piece_len)[:-1]
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
         self._window_cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._cache_size = cache_passes
@@ -196,7 +196,7 @@ class StreamWindows:
         else:
             perm = np.arange(U)
         perm = perm.astype(np.int32 if U < 2**31 else np.int64)  # ~5M units per pass at G=32: halve the cache
-        starts = np.concatenate([[0], np.cumsum(self.unit_tokens[perm])]).astype(np.int64)
+        starts = running_offsets(self.unit_tokens[perm])
         self._cache[p] = (perm, starts)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -284,7 +284,7 @@ def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int, dtype=np.int6
     cont[1:] = (clips.src[1:] == clips.src[:-1]) & (first[1:] == first[:-1] + clips.n[:-1])
     head = np.flatnonzero(~cont)
     if len(head) <= _LOOP_RUNS_PER_TOKEN * B * L:
-        dest = np.concatenate([[0], np.cumsum(clips.n)])
+        dest = running_offsets(clips.n)
         for d, e, f, s in zip(dest[head].tolist(), dest[np.append(head[1:], len(first))].tolist(),
                               first[head].tolist(), clips.src[head].tolist()):
             out[d:e] = arrays[s][f:f + e - d]
