@@ -229,3 +229,27 @@ def test_store_pickles_with_lazily_read_columns(tmp_path, tiny_tokenizer_path):
     assert copy.source_ids.tolist() == ids == [r["id"] for r in rows]
     assert copy.column("line").tolist() == list(range(1, 13))
     assert np.array_equal(np.asarray(copy.token_array), np.asarray(st.token_array))
+
+
+def test_generation_store_reads_ids_and_tasks_dictionary_encoded(tmp_path, tiny_tokenizer_path):
+    """A generation store repeats each source id G times: its source_id and task columns are read
+    dictionary-encoded (~4 bytes a row), and every accessor still sees plain strings."""
+    rows = [{"source_id": f"s{i // 3}", "task": ("rephrase", "rationale")[i % 2], "gen_index": i % 3,
+             "text": f"{SAMPLE_TEXTS[i % 5]} {i}"} for i in range(12)]
+    st = build_store(write_rows(tmp_path / "g.jsonl", rows), tiny_tokenizer_path, tmp_path / "g", kind="generations",
+                     progress=False)
+    import pyarrow as pa
+
+    for name in ("source_id", "task"):
+        assert pa.types.is_dictionary(st.arrow_column(name).type), name
+    assert st.source_ids.tolist() == [r["source_id"] for r in rows]
+    assert [st.task(i) for i in range(12)] == [r["task"] for r in rows]
+    assert st.indices({"s1"}).tolist() == [3, 4, 5] and st.find("s2") == [6, 7, 8]
+    copy = pickle_round_trip(st)
+    assert copy.source_ids.tolist() == st.source_ids.tolist()
+
+
+def pickle_round_trip(obj):
+    import pickle
+
+    return pickle.loads(pickle.dumps(obj))

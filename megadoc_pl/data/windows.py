@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
 from megadoc_pl.data.mixture import MixturePlan, StreamDrawer
 from megadoc_pl.data.views import Units, _ranges, running_offsets
@@ -137,6 +136,7 @@ class StreamWindows:
         self.piece_key = running_offsets(units.piece_len)[:-1]
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
         self._window_cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._window_seen: set[int] = set()  # passes drawn from once: tabulated on the next draw
         self._cache_size = cache_passes
 
     @property
@@ -160,22 +160,31 @@ class StreamWindows:
             return j
         p = (j * self.seq_len) // self.pass_tokens
         first, n = self.pass_windows(p)
-        passes, inverse = np.unique(p, return_inverse=True)
-        if int(n.max()) <= TABULATE_WINDOWS:
-            out = np.empty_like(j)
-            for q in passes.tolist():
-                m = p == q
-                out[m] = first[m] + self._window_permutation(q, int(n[m][0]))[j[m] - first[m]]
-            return out
-        keys = np.array([window_order_key(self.data_seed, self.name, int(q)) for q in passes], np.uint64)
-        return first + feistel_permute(j - first, n, keys[inverse.ravel()])
+        out = np.empty_like(j)
+        walk = np.ones(len(j), bool)
+        for q in np.unique(p).tolist():
+            m = p == q
+            table = self._window_permutation(q, int(n[m][0]))
+            if table is not None:
+                out[m] = first[m] + table[j[m] - first[m]]
+                walk[m] = False
+        if walk.any():
+            passes, inverse = np.unique(p[walk], return_inverse=True)
+            keys = np.array([window_order_key(self.data_seed, self.name, int(q)) for q in passes], np.uint64)
+            out[walk] = first[walk] + feistel_permute(j[walk] - first[walk], n[walk], keys[inverse.ravel()])
+        return out
 
-    def _window_permutation(self, p: int, n: int) -> np.ndarray:
-        """The window permutation of pass p (its n windows) as a table, cached (LRU)."""
+    def _window_permutation(self, p: int, n: int) -> Optional[np.ndarray]:
+        """The window permutation of pass p (its n windows) as a table, cached (LRU); None for a
+        pass too large to tabulate or met for the first time (a dry run's or an inspection's
+        scattered windows are walked; training comes back to a pass thousands of times)."""
         hit = self._window_cache.get(p)
         if hit is not None:
             self._window_cache.move_to_end(p)
             return hit
+        if n > TABULATE_WINDOWS or p not in self._window_seen:
+            self._window_seen.add(p)
+            return None
         key = np.full(n, window_order_key(self.data_seed, self.name, p), np.uint64)
         table = feistel_permute(np.arange(n), np.full(n, n), key).astype(np.int32)
         self._window_cache[p] = table
@@ -298,7 +307,8 @@ def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int, dtype=np.int6
     return out.reshape(B, L)
 
 
-def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int, scope: str) -> dict:
+def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int, scope: str,
+         tensors: bool = True) -> dict:
     """The loader's half of the batch contract: the tokens, and the document structure as
     per-segment and per-clip offsets (kilobytes, not B x T arrays). :func:`unpack` expands it
     on the batch's device, so a loader ships a fifth of the bytes and does no per-token work
@@ -307,7 +317,8 @@ def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int
     ``tokens`` (B, T + 1) int32; ``cu_seqlens`` (S + 1,) int32 over the flattened (B * T) inputs,
     ``max_seqlen``; ``clip_start`` / ``clip_docpos`` (C,) int64: where each clip starts in the
     flattened (B * (T + 1)) tokens and the position of its first token in its document;
-    ``window_index`` (B,) int64.
+    ``window_index`` (B,) int64. ``tensors=False`` leaves them numpy arrays (a dry run, which
+    imports no torch).
     """
     if scope not in SCOPES:
         raise ValueError(f"attention scope must be one of {', '.join(SCOPES)}, got {scope!r}")
@@ -323,15 +334,18 @@ def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int
         starts |= clips.newdoc if scope == "document" else clips.newunit
     starts &= clips.wpos < T
     cu_seqlens = np.append(clips.row[starts] * T + clips.wpos[starts], B * T)  # sorted: clips are in (row, offset) order
-    return {
-        PACKED: True,
-        "tokens": torch.from_numpy(gather_tokens(clips, sources, B, L, np.int32)),
-        "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)),
-        "max_seqlen": int(np.diff(cu_seqlens).max()),
-        "clip_start": torch.from_numpy(dest0),
-        "clip_docpos": torch.from_numpy(clips.docpos.astype(np.int64, copy=False)),
-        "window_index": torch.from_numpy(np.asarray(window_index, np.int64).copy()),
+    arrays = {
+        "tokens": gather_tokens(clips, sources, B, L, np.int32),
+        "cu_seqlens": cu_seqlens.astype(np.int32),
+        "clip_start": dest0,
+        "clip_docpos": clips.docpos.astype(np.int64, copy=False),
+        "window_index": np.asarray(window_index, np.int64).copy(),
     }
+    if tensors:
+        import torch
+
+        arrays = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    return {PACKED: True, **arrays, "max_seqlen": int(np.diff(cu_seqlens).max())}
 
 
 def unpack(batch: dict) -> dict:
@@ -349,6 +363,8 @@ def unpack(batch: dict) -> dict:
     """
     if not batch.get(PACKED):
         return batch
+    import torch
+
     out = {k: v for k, v in batch.items() if k not in (PACKED, "tokens", "clip_start", "clip_docpos")}
     tokens = batch["tokens"].long()
     B, L = tokens.shape
@@ -463,10 +479,10 @@ class Windows:
             parts.append(c)
         return Clips.concat(parts)
 
-    def packed(self, index: Sequence[int], scope: Optional[str] = None) -> dict:
+    def packed(self, index: Sequence[int], scope: Optional[str] = None, tensors: bool = True) -> dict:
         """The windows as a :func:`pack`-ed batch (what the loaders ship; :func:`unpack` expands it)."""
         index = np.asarray(index, np.int64)
-        return pack(self.clips(index), self.table.sources, index, self.seq_len, scope or self.scope)
+        return pack(self.clips(index), self.table.sources, index, self.seq_len, scope or self.scope, tensors)
 
     def batch(self, index: Sequence[int], scope: Optional[str] = None) -> dict:
         """The windows as a batch of the contract (see :func:`unpack`), on the CPU."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional
 
-from megadoc_pl.model.llama import LlamaConfig
+from megadoc_pl.model.config import LlamaConfig  # not model.llama: a dry run imports no torch
 
 
 def matmul_params(cfg: LlamaConfig) -> int:
