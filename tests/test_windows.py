@@ -206,3 +206,24 @@ def test_workers_get_a_picklable_dataset(corpus):
     clone = pickle.loads(pickle.dumps(w))
     assert np.array_equal(clone.tokens([0, 3]), w.tokens([0, 3]))
     assert len(pickle.dumps(w)) < 100_000  # stores travel as paths, not as token arrays
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_unpack_on_the_gpu_equals_the_cpu(corpus):
+    # The datamodule unpacks on the training device: the contract must not depend on where.
+    from megadoc_pl.data.windows import unpack
+
+    units = build_view(corpus["real"], corpus["synth"], ViewOptions(view="stitch", generations=2, short_pool="drop"),
+                       HELDOUT, encode=corpus["info"].encode)
+    st = StreamWindows(units, 23, data_seed=7, name="synthetic")
+    for scope in ("window", "document", "megadoc"):
+        w = Windows([st], _single(st), 23, scope, None)
+        packed = w.packed(np.arange(16))
+        cpu = unpack(packed)
+        gpu = unpack({k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()})
+        for k, v in cpu.items():
+            if torch.is_tensor(v):
+                assert gpu[k].device.type == "cuda" and gpu[k].dtype == v.dtype and torch.equal(gpu[k].cpu(), v), k
+            else:
+                assert gpu[k] == v, k
