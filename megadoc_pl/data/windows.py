@@ -10,8 +10,9 @@ Window order (``data.window_order``): the j-th window *drawn* from a stream is, 
 ``sequential``, stream window j. For ``shuffled`` (the papers' loader shuffles packed sequences)
 the draws of one pass visit that pass's windows (those whose first token lies in the pass) in a
 seeded pseudo-random order: a Feistel permutation of the pass's window numbers, keyed by
-(data_seed, stream, pass), cycle-walked onto the exact count. O(1) per window, nothing
-materialised, so a window is still a pure function of (recipe, seed, global index).
+(data_seed, stream, pass), cycle-walked onto the exact count. O(1) per window and a pure
+function of (recipe, seed, global index); a pass drawn from again is looked up in a table of
+that permutation (the same values, computed once; see ``TABULATE_WINDOWS``).
 
 A batch of global window indices is turned into *clips* (the parts of pieces that fall in each
 window, in order). :func:`pack` turns them into what a loader ships (the tokens plus per-segment
@@ -36,9 +37,10 @@ SCOPES = ("window", "document", "megadoc")
 PACKED = "packed"  # marks a batch from :func:`pack`; :func:`unpack` turns it into the contract
 WINDOW_ORDERS = ("shuffled", "sequential")
 _FEISTEL_ROUNDS = 4  # Luby-Rackoff: four rounds of a pseudo-random function give a strong permutation
-# A pass of at most this many windows has its window permutation tabulated once (int32, 16 MB at
-# most, LRU like the unit order): a batch's draws are then a lookup instead of a cycle walk whose
-# slowest element sets the batch's time. Larger passes (17B+ tokens at T = 4096) walk per batch.
+# A pass of at most this many windows has its window permutation tabulated on its second use
+# (int32, 16 MB at most, LRU like the unit order): a batch's draws are then a lookup instead of a
+# cycle walk whose slowest element sets the batch's time. Larger passes (17B+ tokens at T = 4096)
+# and scattered draws walk.
 TABULATE_WINDOWS = 1 << 22
 
 
