@@ -68,7 +68,7 @@ ORDERS = ("generation", "shuffled")
 SHORT_POOL = ("error", "drop")
 # Piece columns: the token source as int8 (a view has at most three), documents, offsets and
 # lengths inside a document as int32 (a store's documents and a document's tokens stay below
-# 2^31, checked by build_view): 18 bytes a piece instead of 41 (paper-scale stretch: 21M pieces).
+# 2^31, checked when units are made): 18 bytes a piece instead of 41 (paper-scale stretch: 21M pieces).
 SRC_DTYPE, POS_DTYPE = np.int8, np.int32
 
 
