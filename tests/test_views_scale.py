@@ -222,3 +222,15 @@ def test_blocked_concat_and_document_positions_equal_plain_loops(block):
         docpos.append(pos)
         pos += n
     assert views_mod._docpos(got.length, newdoc, block=block).tolist() == docpos
+
+
+def test_a_document_beyond_int32_tokens_is_refused_in_one_line():
+    # Piece columns are int32: a source they cannot index exactly is an error, not a wrap-around.
+    class Huge:
+        path, num_documents = "huge-store", 1
+        offsets_full = np.array([0, 2**31 + 5], np.int64)
+
+    g = _Groups(np.array([0, 1]), np.zeros(1, np.int8), np.zeros(1, np.int32), np.zeros(1, np.int32),
+                np.ones(1, np.int32), np.ones(1, bool))
+    with pytest.raises(ValueError, match=r"huge-store: views index documents .* up to 2147483653 tokens"):
+        views_mod._to_units(g, (Huge(),), "real", {})
