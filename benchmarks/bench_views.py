@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -209,6 +210,25 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
     return rate, (time.perf_counter() - t) / 5 * 1e3
 
 
+def gpu_unpack_ms(windows, batch: int) -> Optional[float]:
+    """ms to move one packed batch to the GPU and unpack it there (what training does), or None."""
+    import torch
+
+    from megadoc_pl.data.windows import unpack
+
+    if not torch.cuda.is_available():
+        return None
+    packed = windows.packed(list(range(batch)))
+    pinned = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in packed.items()}
+    for i in range(25):  # 5 warm-up rounds, then 20 timed
+        if i == 5:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+        unpack({k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in pinned.items()})
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / 20 * 1e3
+
+
 def peer_rate(path: Path, batches: int, batch: int, seq_len: int) -> float:
     """nanoGPT's ``get_batch`` (train.py, CPU branch) on the same token file, as written there: the
     memmap re-opened per batch, ``torch.randint`` offsets, ``torch.stack`` of int64 slices."""
@@ -260,6 +280,7 @@ def run_stage(args: argparse.Namespace) -> dict:
         out["rate"], out["unpack_ms"] = loader_rate(windows, first, args.batches, args.batch, int(workers))
         out["peer"] = peer_rate(synth.path / "tokens.bin", args.batches, args.batch, args.seq_len)
         out["slicer"] = slicer_rate(np.asarray(synth.token_array), args.batches, args.batch, args.seq_len)
+        out["gpu_unpack_ms"] = gpu_unpack_ms(windows, args.batch)
     out.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0, rss_gb=peak_rss_gb())
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     out["cpu"] += children.ru_utime + children.ru_stime
@@ -313,7 +334,9 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         ratio = f"{r['rate'] / r['peer']:.2f}x" if "rate" in r else ""
         extra = (f"  ({r['rate']:.0f} vs {r['peer']:.0f} batches/s; {r['rate'] / r['slicer']:.2f}x the tight slicer "
-                 f"at {r['slicer']:.0f}/s; unpack on CPU {r['unpack_ms']:.1f} ms)") if "rate" in r else ""
+                 f"at {r['slicer']:.0f}/s; unpack on CPU {r['unpack_ms']:.1f} ms"
+                 + (f", to GPU and unpack there {r['gpu_unpack_ms']:.2f} ms" if r.get("gpu_unpack_ms") else "")
+                 + ")") if "rate" in r else ""
         print(f"{stage:34} {size:>10} {r['wall']:8.1f} {r['cpu']:8.1f} {r['rss_gb']:12.2f} {ratio:>14}{extra}",
               flush=True)
 
