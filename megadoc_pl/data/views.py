@@ -303,13 +303,8 @@ def _combined(column):
     return column.combine_chunks() if hasattr(column, "combine_chunks") else column
 
 
-def _is_in(store, name: str, values: set[str]) -> np.ndarray:
-    """(num_documents,) bool: the store's column ``name`` is one of ``values`` (compared as strings)."""
-    return member_mask(arrow_column(store, name), values)
-
-
 def _train_sources(real, heldout: set[str]) -> tuple[np.ndarray, np.ndarray, dict]:
-    held = _is_in(real, "source_id", heldout)
+    held = member_mask(arrow_column(real, "source_id"), heldout)
     docs = np.flatnonzero(~held)
     return docs, real.source_ids[docs], {"sources": int(len(docs)), "heldout_sources_excluded": int(held.sum())}
 
