@@ -51,3 +51,25 @@ def test_heldout_duplicates_and_content_overlap():
         check_content_disjoint(ids, hashes, {"ood": (np.array(["x", "y"]), np.array([3, 9], dtype=np.uint64))})
     assert "'ood' shares 1 of 2 documents by text ('x' = training 'd')" in str(e.value)
     assert e.value.overlaps == {"ood": ["x"]}
+
+
+def test_nfkc_line_by_line_equals_nfkc_of_the_whole_text():
+    """The line-wise NFKC behind the text hash equals unicodedata's on texts built to stress it:
+    combining marks right after a newline, Hangul jamo and compatibility characters on either
+    side of one, ligatures, full-width forms, and random code points from the whole range."""
+    import random
+    import unicodedata
+
+    from megadoc_pl.data.hygiene import _nfkc
+
+    rng = random.Random(0)
+    alphabet = ["\n", "\n", " ", "a", "e", "\u0301", "\u0327", "\u0308", "\u1100", "\u1161", "\u11a8", "\uac00",
+                "\u2026", "\ufb01", "\uff21", "\u00b4", "\u00a0", "\u2163", "\u0f73", "\u0b47", "\u0b3e", "\u3099"]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) if rng.random() < 0.85 else chr(rng.randrange(0x20, 0x2FFFF))
+                       for _ in range(rng.randrange(1, 40)))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a surrogate code point: not a text a reader returns
+            continue
+        assert _nfkc(text) == unicodedata.normalize("NFKC", text), ascii(text)

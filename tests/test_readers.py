@@ -259,3 +259,49 @@ def test_bad_generation_rows(tmp_path, row, expected):
     counts: dict = {}
     assert len(list(iter_generations(path, skip_bad_rows=True, counts=counts))) == 1
     assert counts["bad_rows"] == 1
+
+
+# Lines where a fast JSON path could differ from json.loads: whitespace, BOM, NaN and out-of-range
+# numbers, integers past 64 bits, lone surrogates, duplicate keys, non-objects, invalid UTF-8.
+TRICKY_LINES = [
+    b'{"a": 1, "text": "plain"}', b"", b"   ", b'  {"a": 2}  ', b'{"a": 3}\r', b"\xef\xbb\xbf{\"a\": 4}",
+    b'{"a": NaN}', b'{"a": Infinity, "b": -Infinity}', b'{"a": 1E400}', b'{"a": 1e-400}', b'{"a": -0, "b": -0.0}',
+    b'{"a": 18446744073709551616}', b'{"a": -9223372036854775809}', b'{"a": 9223372036854775807}',
+    b'{"a": "\\ud800"}', b'{"a": "\\ud83d\\ude00 ok"}', b'{"a": 1, "b": 2, "a": 3}', b"[1, 2]", b'"text"', b"17",
+    b'{"a": 1} {"b": 2}', b'{"a": 1},{"b": 2}', b'{"a": [1', b'2]}', b'{"a": "caf\xc3\xa9", "b": "\\u00e9"}',
+    b'{"a": "\xff"}', b'{"a": "\x01"}', b'{"a": 0.1, "b": 1.5e3, "c": 12345678.9}', b"{bad json",
+]
+
+
+@pytest.mark.parametrize("orjson_path", [True, False], ids=["orjson", "stdlib-scanner"])
+def test_block_rows_equal_decode_line_per_line(monkeypatch, orjson_path):
+    """The fast block parser answers exactly as json.loads line by line (decode_line over
+    block_lines), on every path: orjson, the stdlib scanner on a decoded block, and (invalid UTF-8
+    anywhere) the slow path, including blocks that the long-digits guard keeps from orjson."""
+    import megadoc_pl.data.readers as readers
+
+    if not orjson_path:
+        monkeypatch.setattr(readers, "_orjson_loads", lambda block: None)
+    elif readers._orjson_loads(b"{}") is None:
+        pytest.skip("orjson is not installed")
+
+    def answers(rows):
+        return [(line, r if isinstance(r, dict) else (r.kind, str(r))) for line, r in rows]
+
+    def same(a, b):  # NaN != NaN: compare the JSON text of the answers
+        return json.dumps(a, default=str) == json.dumps(b, default=str)
+
+    safe = [ln for ln in TRICKY_LINES if b"\xff" not in ln]
+    no_long = [ln for ln in safe if not any(d in ln for d in (b"18446744073709551616", b"9223372036854775809",
+                                                              b"9223372036854775807"))]
+    for lines in (TRICKY_LINES, safe, no_long, [b'{"x": %d}' % i for i in range(5)]):
+        block = b"\n".join(lines) + b"\n"
+        oracle = [(line, readers.decode_line(raw, "f.jsonl", line)) for line, raw in readers.block_lines(7, block)]
+        got = list(readers.block_rows(7, block, "f.jsonl"))
+        assert same(answers(got), answers(oracle))
+        for (_, g), (_, o) in zip(got, oracle):  # key order too (it is the order of meta's JSON)
+            if isinstance(o, dict):
+                assert list(g) == list(o)
+    if orjson_path:
+        assert readers._orjson_loads(b"\n".join(no_long)) is not None  # the orjson path really ran
+        assert readers._orjson_loads(b"\n".join(safe)) is None

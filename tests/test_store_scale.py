@@ -253,3 +253,37 @@ def pickle_round_trip(obj):
     import pickle
 
     return pickle.loads(pickle.dumps(obj))
+
+
+def test_inline_generation_rows_equal_the_parser(tmp_path, tiny_tokenizer_path, monkeypatch):
+    """Rows taken by the builder's inline check (and its promoted-column and meta shortcuts) give
+    the store the full parse gives: ids, tokens, meta, promoted columns, bad rows."""
+    rows = messy_generations(130) + [
+        {"source_id": 7, "task": "rephrase", "gen_index": 0, "text": "an int source id"},
+        {"source_id": "s900", "task": "rephrase", "gen_index": True, "text": "a bool index"},
+        {"source_id": "s901", "task": "rephrase", "gen_index": 1, "text": "\x1c\x1d \u2003"},
+        {"source_id": "s902", "task": "", "gen_index": 1, "text": "no task"},
+        {"source_id": "s903", "task": "rephrase", "gen_index": 2, "text": 5},
+        {"source_id": "s904", "task": "rephrase", "gen_index": 3, "text": "mixed promoted types",
+         "judge_score": "4", "split_index": 2.0, "style": 3, "genre": None, "chunk_index": True},
+        {"source_id": "s905", "task": "rephrase", "gen_index": 0, "text": "nested and unicode: caf\u00e9",
+         "sampling": {"temperature": 1.0, "n": 2, "stop": ["\n", "\u00e9"]}, "finish_reason": None, "\u00e9": [1.5, "x"]},
+        {"source_id": "s906", "task": "rephrase", "gen_index": 0, "text": "float", "judge_score": 3.5, "x": float("nan")},
+    ]
+    src = write_rows(tmp_path / "g.jsonl", rows)
+    surrogate = tmp_path / "s.jsonl"  # a lone surrogate escape: the whole chunk takes the full parse
+    surrogate.write_bytes(src.read_bytes() + b'{"source_id": "s907", "task": "rephrase", "gen_index": 0, "text": "\\ud800"}\n')
+    for path in (src, surrogate):
+        fast = build_store(path, tiny_tokenizer_path, tmp_path / f"fast-{path.stem}", kind="generations",
+                           skip_bad_rows=True, num_proc=1, progress=False)
+        with monkeypatch.context() as m:
+            m.setattr(store_mod, "_spec_generation", lambda row: False)
+            m.setattr(store_mod, "_promoted_column", lambda metas, name, typ, dflt: [
+                store_mod._coerce(meta.get(name), typ, dflt) for meta in metas])
+            m.setattr(store_mod, "_meta_json", store_mod._META_JSON)
+            full = build_store(path, tiny_tokenizer_path, tmp_path / f"full-{path.stem}", kind="generations",
+                               skip_bad_rows=True, num_proc=1, progress=False)
+        assert_same_store(fast, full)
+        assert [fast._index.column("meta")[i].as_py() for i in range(len(fast))] == \
+               [full._index.column("meta")[i].as_py() for i in range(len(full))]  # the JSON text itself
+    assert fast.manifest["bad_rows_by_kind"]["invalid_utf8"] == 1

@@ -25,10 +25,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import json.scanner
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from megadoc_pl.utils import content_id, get_field
 
@@ -163,17 +164,66 @@ def _read_error(path: Path, e: BaseException) -> ValueError:
     return ValueError(f"{path}: cannot decompress ({e}) (fix: check that it is a complete .zst file)")
 
 
-def jsonl_lines(path: PathLike) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of every non-blank line of a JSONL(.gz/.zst) file."""
-    for first, block in jsonl_blocks(path):
-        yield from block_lines(first, block)
-
-
 def block_lines(first: int, block: bytes) -> Iterator[tuple[int, bytes]]:
     """(line number, raw bytes) of the non-blank lines of a block whose first line is ``first``."""
     for k, raw in enumerate(block.split(b"\n")):
         if raw.strip():  # blank lines (e.g. a trailing newline) are not rows
             yield first + k, raw
+
+
+# json.loads(s) is this scanner at index 0 plus checks for leading and trailing whitespace: calling
+# it directly saves ~1 us of Python per row (block_rows).
+_SCAN_JSON = json.scanner.make_scanner(json.JSONDecoder())
+_BLANK = " \t\n\r\x0b\x0c"  # what bytes.strip() removes, as str
+# orjson parses a row in ~0.8 us (the stdlib ~1.7 us). Where they differ it fails, so the row
+# goes to json (NaN, Infinity, out-of-range floats, lone surrogate escapes), except for integers
+# beyond 64 bits, which it turns into floats: a block with a run of 19 digits is left to json
+# (found by mapping every digit to 0: ~4x faster than a regular expression).
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+
+
+def _orjson_loads(block: bytes) -> Optional[Callable[[bytes], Any]]:
+    try:
+        import orjson
+    except ImportError:
+        return None
+    return None if b"0" * 19 in block.translate(_DIGITS_TO_ZERO) else orjson.loads
+
+
+def block_rows(first: int, block: bytes, path: PathLike) -> Iterator[tuple[int, Union[dict, BadRowError]]]:
+    """(line number, row dict or BadRowError) of the non-blank lines of a block whose first line is
+    ``first``: the same as ``decode_line`` over ``block_lines``, faster. Each line goes to orjson
+    (or the stdlib's JSON scanner, on a block decoded once); a line that does not come back as an
+    object (bad JSON, not an object, a case the fast parser leaves to json) goes through
+    ``decode_line`` for its exact answer."""
+    loads = _orjson_loads(block)
+    if loads is not None:
+        for k, raw in enumerate(block.split(b"\n")):
+            try:
+                row = loads(raw)
+            except ValueError:
+                row = None
+            if type(row) is dict:
+                yield first + k, row
+            elif raw.strip():
+                yield first + k, decode_line(raw, path, first + k)
+        return
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        for line, raw in block_lines(first, block):
+            yield line, decode_line(raw, path, line)
+        return
+    scan = _SCAN_JSON
+    for k, s in enumerate(text.split("\n")):
+        try:
+            row, end = scan(s, 0)
+        except (StopIteration, ValueError):
+            row, end = None, -1
+        if end == len(s) and type(row) is dict:
+            yield first + k, row
+        elif s.strip(_BLANK):
+            yield first + k, decode_line(s.encode("utf-8"), path, first + k)
 
 
 def jsonl_blocks(path: PathLike, block_bytes: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
@@ -252,8 +302,8 @@ def iter_rows(path: PathLike) -> Iterator[RawRow]:
     if is_parquet(path):
         yield from parquet_rows(path)
         return
-    for line, raw in jsonl_lines(path):
-        yield line, decode_line(raw, path, line)
+    for first, block in jsonl_blocks(path):
+        yield from block_rows(first, block, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import hashlib
+import itertools
 import json
+import json.encoder
 import multiprocessing
 import os
 import time
@@ -50,8 +52,7 @@ from megadoc_pl.data.readers import (
     BadRowError,
     Document,
     Generation,
-    block_lines,
-    decode_line,
+    block_rows,
     duplicate_error,
     expand_inputs,
     is_parquet,
@@ -84,17 +85,13 @@ PROMOTED_FIELDS: dict[str, tuple[str, Any]] = {
 # Work unit sent to a worker: about this many bytes of JSONL, or this many Parquet rows.
 CHUNK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 1024
-# parallel="auto": worker processes only for inputs of at least this many bytes (below, starting
-# them costs more than they save) and at least this many cores. With threads the Rust tokenizer
-# runs without the GIL but parsing, validation and id conversion (~0.2 us per token plus a few us
-# per row) hold it. Measured on 2 cores: long documents (cc, ~10 KB rows) build at 0.99x raw
-# encoding with threads and 0.74x with processes (BENCHMARKS.md "Tokenization"); short generation
-# rows (~200 bytes) at 0.63x with threads and 0.76x with processes (BENCHMARKS.md "Paper-scale
-# data"). So: processes from PROCESSES_FROM_CORES cores, and already from 2 cores when the rows of
-# the first input block average under SHORT_ROW_BYTES.
+# parallel="auto": worker processes from 2 cores, for inputs of at least SMALL_INPUT_BYTES (below,
+# starting them costs more than they save); threads otherwise. With threads the Rust tokenizer
+# runs without the GIL, but parsing, validation, the text hash and id conversion hold it, so the
+# pool waits on them. Measured on 2 quiet cores (BENCHMARKS.md "Tokenization"): short generation
+# rows build at 0.83x raw encoding with processes and 0.70x with threads, long documents at
+# 0.81x and 0.76x.
 SMALL_INPUT_BYTES = 4 << 20
-PROCESSES_FROM_CORES = 5
-SHORT_ROW_BYTES = 2048
 PARALLEL_MODES = ("auto", "threads", "processes")
 
 
@@ -541,12 +538,42 @@ def _process_in_worker(chunk: _Chunk) -> _Parsed:
 
 def _chunk_rows(chunk: _Chunk) -> Iterator[tuple[int, Any]]:
     if chunk.block is not None:
-        return ((line, decode_line(raw, chunk.path, line)) for line, raw in block_lines(chunk.first_line, chunk.block))
+        return block_rows(chunk.first_line, chunk.block, chunk.path)
     return enumerate(chunk.batch.to_pylist(), start=chunk.first_line)
 
 
-# One encoder for every row's meta: json.dumps with options builds a new encoder per call (~0.6 us).
+# One C encoder for every row's meta, built once: json.dumps(meta, ensure_ascii=False, default=str)
+# builds a new one per call (~0.5 us). No circular check: rows come from a JSON or Parquet reader.
 _META_JSON = json.JSONEncoder(ensure_ascii=False, default=str).encode
+_META_ENCODER = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, str, json.encoder.encode_basestring, None, ": ", ", ", False, False, True)
+
+
+def _meta_json(meta: dict) -> str:
+    return "".join(_META_ENCODER(meta, 0)) if _META_ENCODER else _META_JSON(meta)
+
+
+def _spec_generation(row: Any) -> bool:
+    """Whether ``row`` is a SPEC 3.2 generation row that parse_generation accepts as it is, checked
+    inline (~1.5 us a row less): str text with a non-space character, non-empty str source_id and
+    task, int gen_index >= 0. Anything else (ints as ids, MAGACorpus rows, bad rows) takes
+    parse_generation. The text's UTF-8 check is the caller's (a block without \\ud escapes has no
+    lone surrogates)."""
+    if type(row) is not dict or "content_split" in row:
+        return False
+    text, sid, task, g = row.get("text"), row.get("source_id"), row.get("task"), row.get("gen_index")
+    return (type(text) is str and text != "" and not text.isspace() and type(sid) is str and sid != ""
+            and type(task) is str and task != "" and type(g) is int and g >= 0)
+
+
+def _promoted_column(metas: list[dict], name: str, typ: str, default: Any) -> list:
+    """The promoted field ``name`` of every row, coerced as _coerce does; a column whose values
+    are all missing or already of the column's type is taken as it is."""
+    values = [m.get(name) for m in metas]
+    exact = {"int64": int, "float64": float, "string": str}[typ]
+    if set(map(type, values)) <= {type(None), exact}:
+        return [default if v is None else v for v in values]
+    return [_coerce(v, typ, default) for v in values]
 
 
 def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
@@ -554,41 +581,46 @@ def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
     import pyarrow as pa
 
     documents = opts.kind == "documents"
-    cols: dict[str, list] = {"source_id": [], "task": [], "gen_index": [], "line": [], "meta": []}
-    promoted: list[list] = [[] for _ in PROMOTED_FIELDS]
+    cols: dict[str, list] = {"source_id": [], "task": [], "gen_index": [], "line": []}
+    metas: list[dict] = []
     texts, keys, bad, unnumbered, folds, fold_hashes, text_hashes = [], [], [], [], [], [], []
+    # Lone surrogates can only come from \ud800-\udfff escapes: without any, valid rows need no UTF-8 check.
+    inline = not documents and (chunk.block is None or (b"\\ud" not in chunk.block and b"\\uD" not in chunk.block))
     for line, row in _chunk_rows(chunk):
-        if documents:
-            rec = parse_document(row, chunk.path, line, opts.text_field, opts.id_field)
+        if inline and _spec_generation(row):
+            sid, task, gen_index, text = row.pop("source_id"), row.pop("task"), row.pop("gen_index"), row.pop("text")
+            meta = row  # the rest of the row, in its order: what parse_generation keeps as fields
         else:
-            rec = parse_generation(row, chunk.path, line)
-        if isinstance(rec, BadRowError):
-            bad.append((len(texts), rec))
-            continue
-        if documents:
-            sid, task, gen_index, meta = rec.id, REAL_TASK, -1, rec.meta
-            text_hashes.append(normalised_text_hash(rec.text))
-            if rec.folds_repeats:
-                folds.append(len(texts))
-                fold_hashes.append(stable_hash(rec.text))
-        else:
-            sid, task, gen_index, meta = rec.source_id, rec.task, rec.gen_index, rec.fields
-            for values, (name, (typ, dflt)) in zip(promoted, PROMOTED_FIELDS.items()):
-                values.append(_coerce(meta.get(name), typ, dflt))
-            if gen_index == UNASSIGNED:
-                unnumbered.append(len(texts))
+            rec = (parse_document(row, chunk.path, line, opts.text_field, opts.id_field) if documents
+                   else parse_generation(row, chunk.path, line))
+            if isinstance(rec, BadRowError):
+                bad.append((len(texts), rec))
+                continue
+            text = rec.text
+            if documents:
+                sid, task, gen_index, meta = rec.id, REAL_TASK, -1, rec.meta
+                text_hashes.append(normalised_text_hash(text))
+                if rec.folds_repeats:
+                    folds.append(len(texts))
+                    fold_hashes.append(stable_hash(text))
+            else:
+                sid, task, gen_index, meta = rec.source_id, rec.task, rec.gen_index, rec.fields
+                if gen_index == UNASSIGNED:
+                    unnumbered.append(len(texts))
         keys.append(_row_key(opts.kind, sid, task, gen_index))
-        texts.append(rec.text)
-        for name, value in zip(("source_id", "task", "gen_index", "line"), (sid, task, gen_index, line)):
-            cols[name].append(value)
-        cols["meta"].append(_META_JSON(meta))
+        texts.append(text)
+        metas.append(meta)
+        cols["source_id"].append(sid)
+        cols["task"].append(task)
+        cols["gen_index"].append(gen_index)
+        cols["line"].append(line)
     lengths, flat = _encode(tok, opts.dtype, opts.bos, opts.eos, texts)
     schema = _index_schema(opts.kind)
-    arrays = {**cols, "file": np.full(len(texts), chunk.file, dtype=np.int32)}
+    arrays = {**cols, "file": np.full(len(texts), chunk.file, dtype=np.int32), "meta": list(map(_meta_json, metas))}
     if documents:
         arrays["text_hash"] = np.array(text_hashes, dtype=np.uint64)
     else:
-        arrays.update(zip(PROMOTED_FIELDS, promoted))
+        arrays.update((name, _promoted_column(metas, name, typ, dflt)) for name, (typ, dflt) in PROMOTED_FIELDS.items())
     index = pa.table({f.name: pa.array(arrays[f.name], f.type) for f in schema}, schema=schema)
     key_arr = np.frombuffer(b"".join(keys), dtype=np.uint64).reshape(-1, 2) if keys else np.zeros((0, 2), np.uint64)
     return _Parsed(index, key_arr, np.array(unnumbered, np.int64), np.array(folds, np.int64),
@@ -598,20 +630,23 @@ def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
 def _encode(tok, dtype: np.dtype, bos: Optional[int], eos: Optional[int], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(lengths int64, flat tokens) of ``texts`` with BOS/EOS added as configured."""
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: same ids, less work
-    encs = encode(texts, add_special_tokens=False)
+    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    sizes = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    content = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(sizes.sum()))
     extra = (bos is not None) + (eos is not None)
-    lengths = np.fromiter((len(e) for e in encs), dtype=np.int64, count=len(encs)) + extra
-    flat = np.empty(int(lengths.sum()), dtype=dtype)
-    pos = 0
-    for enc, n in zip(encs, lengths.tolist()):
-        if bos is not None:
-            flat[pos] = bos
-        lo = pos + (bos is not None)
-        hi = pos + n - (eos is not None)
-        flat[lo:hi] = enc.ids
-        if eos is not None:
-            flat[hi] = eos
-        pos += n
+    if not extra:
+        return sizes, content
+    lengths = sizes + extra
+    ends = np.cumsum(lengths)
+    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=dtype)
+    is_content = np.ones(flat.size, dtype=bool)
+    if bos is not None:
+        flat[ends - lengths] = bos
+        is_content[ends - lengths] = False
+    if eos is not None:
+        flat[ends - 1] = eos
+        is_content[ends - 1] = False
+    flat[is_content] = content
     return lengths, flat
 
 
@@ -771,7 +806,7 @@ def build_store(
     ValueError naming what differs) when they differ, unless ``rebuild``. ``num_proc`` cores
     (default: all available); ``parallel`` = threads (one process; the Rust tokenizer uses the
     cores), processes (``num_proc`` forked workers parse and tokenize) or auto (processes for
-    large inputs on >= PROCESSES_FROM_CORES cores). The result does not depend on either.
+    inputs of SMALL_INPUT_BYTES or more on 2 cores or more). The result does not depend on either.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown store kind {kind!r} (fix: use one of {', '.join(KINDS)})")
@@ -852,14 +887,6 @@ def _existing_store(out: Path, manifest: dict, rebuild: bool) -> Optional[TokenS
     )
 
 
-def _short_rows(files: list[Path]) -> bool:
-    """Whether the first block of the first JSONL input has rows under SHORT_ROW_BYTES on average."""
-    if is_parquet(files[0]):
-        return False
-    first = next(jsonl_blocks(files[0], CHUNK_BYTES), None)
-    return first is not None and len(first[1]) < SHORT_ROW_BYTES * max(1, first[1].count(b"\n"))
-
-
 def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: dict, num_proc: Optional[int],
                  parallel: str, progress: bool) -> None:
     from tqdm.auto import tqdm
@@ -871,7 +898,7 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
     num_proc = max(1, num_proc or default_num_proc())
     total_bytes = sum(f["size"] for f in manifest["inputs"])
     if parallel == "auto":
-        in_process = total_bytes < SMALL_INPUT_BYTES or num_proc < (2 if _short_rows(files) else PROCESSES_FROM_CORES)
+        in_process = total_bytes < SMALL_INPUT_BYTES or num_proc < 2
     else:
         in_process = parallel == "threads" or num_proc == 1
     sink = _StoreSink(tmp, kind, opts.dtype, [str(f) for f in files], manifest["skip_bad_rows"])
