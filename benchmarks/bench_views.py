@@ -188,26 +188,40 @@ def train_windows(root: Path, cache: Path, generations: int, seq_len: int, batch
     return Windows.from_plan(streams, plan, "document"), plan, synth
 
 
-def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int) -> tuple[float, float]:
-    """(batches/s of the datamodule's DataLoader over ``windows``, after one warm batch; ms to
-    unpack one of its batches into the whole contract on the CPU, which a GPU run does on the GPU)."""
+def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int) -> dict:
+    """The datamodule's DataLoader over ``windows``: ``rate`` (batches/s after one warm batch),
+    the CPU it cost per batch in the main process (``main_ms``: receiving a worker's batch, or
+    making it with no workers) and in the workers (``worker_ms``, their whole life included:
+    fork, first batches, exit), and ``unpack_ms``, the CPU time to unpack one batch into the
+    whole contract, which a GPU run does on the GPU."""
+    import gc
+
     from torch.utils.data import DataLoader
 
     from megadoc_pl.data.datamodule import PackedWindows, loader_kwargs
     from megadoc_pl.data.windows import unpack
 
+    def cpu(who: int) -> float:
+        r = resource.getrusage(who)
+        return r.ru_utime + r.ru_stime
+
     steps = [list(range(s * batch, (s + 1) * batch)) for s in range(first_step, first_step + batches + 1)]
+    kids0 = cpu(resource.RUSAGE_CHILDREN)
     it = iter(DataLoader(PackedWindows(windows), batch_size=None, sampler=steps, **loader_kwargs(workers)))
     packed = next(it)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu(resource.RUSAGE_SELF)
     for _ in range(batches):
         next(it)
-    rate = batches / (time.perf_counter() - t)
+    out = {"rate": batches / (time.perf_counter() - t), "main_ms": (cpu(resource.RUSAGE_SELF) - c) / batches * 1e3}
+    del it
+    gc.collect()  # shuts the persistent workers down, so that their CPU time is counted
+    out["worker_ms"] = (cpu(resource.RUSAGE_CHILDREN) - kids0) / (batches + 1) * 1e3 if workers else None
     t = time.perf_counter()
     for _ in range(5):
         full = unpack(packed)
     assert full["input_ids"].shape == (batch, windows.seq_len)
-    return rate, (time.perf_counter() - t) / 5 * 1e3
+    out["unpack_ms"] = (time.perf_counter() - t) / 5 * 1e3
+    return out
 
 
 def gpu_unpack_ms(windows, batch: int) -> Optional[float]:
@@ -277,7 +291,7 @@ def run_stage(args: argparse.Namespace) -> dict:
         order, workers, where = what.split(":")
         windows, plan, synth = train_windows(root, cache, args.generations, args.seq_len, args.batch, order)
         first = 1 if where == "early" else plan.steps - args.batches - 2
-        out["rate"], out["unpack_ms"] = loader_rate(windows, first, args.batches, args.batch, int(workers))
+        out.update(loader_rate(windows, first, args.batches, args.batch, int(workers)))
         out["peer"] = peer_rate(synth.path / "tokens.bin", args.batches, args.batch, args.seq_len)
         out["slicer"] = slicer_rate(np.asarray(synth.token_array), args.batches, args.batch, args.seq_len)
         out["gpu_unpack_ms"] = gpu_unpack_ms(windows, args.batch)
@@ -334,7 +348,9 @@ def main() -> None:
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         ratio = f"{r['rate'] / r['peer']:.2f}x" if "rate" in r else ""
         extra = (f"  ({r['rate']:.0f} vs {r['peer']:.0f} batches/s; {r['rate'] / r['slicer']:.2f}x the tight slicer "
-                 f"at {r['slicer']:.0f}/s; unpack on CPU {r['unpack_ms']:.1f} ms"
+                 f"at {r['slicer']:.0f}/s; CPU per batch: main {r['main_ms']:.2f} ms"
+                 + (f", workers {r['worker_ms']:.2f} ms" if r.get("worker_ms") else "")
+                 + f"; unpack on CPU {r['unpack_ms']:.1f} ms"
                  + (f", to GPU and unpack there {r['gpu_unpack_ms']:.2f} ms" if r.get("gpu_unpack_ms") else "")
                  + ")") if "rate" in r else ""
         print(f"{stage:34} {size:>10} {r['wall']:8.1f} {r['cpu']:8.1f} {r['rss_gb']:12.2f} {ratio:>14}{extra}",

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan
 from megadoc_pl.data.prepare import PreparedData, plan_from_sizes, run_steps
+from megadoc_pl.data.windows import packed_fields
 from megadoc_pl.model.config import LlamaConfig
 from megadoc_pl.model.flops import flops_per_token, peak_bf16_flops
 from megadoc_pl.recipes import validate_recipe
@@ -62,7 +63,7 @@ def dry_run_report(prepared: PreparedData, sample_windows: int = 64) -> dict:
         train = prepared.train_windows()
         span = min(len(train), 64 * sample_windows)
         idx = np.unique(np.linspace(0, span - 1, min(sample_windows, span)).astype(np.int64))
-        cu = train.packed(idx, tensors=False)["cu_seqlens"]
+        cu = packed_fields(train.packed(idx, tensors=False))["cu_seqlens"]
         return mean_attended_keys(np.diff(cu)), f"measured on {len(idx)} of the first {span} training windows"
 
     return _add_model_and_cost(prepared.cfg, prepared_summary(prepared), prepared.vocab_size, measured_keys)

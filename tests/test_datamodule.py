@@ -11,7 +11,7 @@ from megadoc_pl.data.datamodule import (MegadocDataModule, PaddingBatch, TrainBa
                                          accumulation_steps)
 from megadoc_pl.data.mixture import paper_plan
 from megadoc_pl.data.views import ViewOptions, build_view, documents_units, real_units
-from megadoc_pl.data.windows import StreamWindows, Windows
+from megadoc_pl.data.windows import StreamWindows, Windows, unpack
 
 from conftest import load_script
 from test_views import HELDOUT, make_corpus
@@ -102,7 +102,7 @@ def test_dataloaders_with_workers_match_in_process(corpus):
         assert set(x) == set(y)
         for k in x:
             assert (x[k] == y[k]).all() if torch.is_tensor(x[k]) else x[k] == y[k]
-    v = next(iter(a.val_dataloader()[0]))
+    v = unpack(next(iter(a.val_dataloader()[0])))
     assert v["window_index"].tolist() == [0, 1]
     assert a.val_set_names == ["iid"]
 
@@ -160,7 +160,7 @@ def test_state_dict_round_trip_without_a_trainer(corpus):
     dm = make_dm(corpus)
     dm.load_state_dict({"fingerprint": "fp-A", "windows_consumed": 8, "global_step": 2})
     assert dm.windows_consumed() == 8
-    first = next(iter(dm.train_dataloader()))
+    first = unpack(next(iter(dm.train_dataloader())))
     assert first["window_index"].tolist() == [8, 9]
     with pytest.raises(ValueError, match="fingerprint"):
         dm.load_state_dict({"fingerprint": "other", "windows_consumed": 0})

@@ -227,3 +227,49 @@ def test_unpack_on_the_gpu_equals_the_cpu(corpus):
                 assert gpu[k].device.type == "cuda" and gpu[k].dtype == v.dtype and torch.equal(gpu[k].cpu(), v), k
             else:
                 assert gpu[k] == v, k
+
+
+class _WideStore:
+    """A memory-mapped-like source (has a path) whose dtype decides the packed token width."""
+
+    def __init__(self, tokens: np.ndarray, lengths: list[int]):
+        from megadoc_pl.data.views import LiteralTokens
+
+        lit = LiteralTokens([[0] * n for n in lengths], [f"d{i}" for i in range(len(lengths))])
+        self.offsets_full, self.names, self.token_array = lit.offsets_full, lit.names, tokens
+        self.path = "not-opened"
+
+    num_documents = property(lambda self: len(self.names))
+    lengths = property(lambda self: np.diff(self.offsets_full))
+
+    def tokens(self, i: int) -> np.ndarray:
+        return self.token_array[self.offsets_full[i]:self.offsets_full[i + 1]]
+
+
+@pytest.mark.parametrize("dtype, top, width", [(np.uint16, 65535, 2), (np.uint32, 200_000, 4), (np.int64, 65535, 4)])
+def test_packed_tokens_keep_every_id_in_either_width(dtype, top, width):
+    """Tokens travel in 2 bytes when the sources allow it (ids up to 65535, past int16's sign bit)
+    and in 4 otherwise; unpack gives back every id, and the byte buffer's fields round-trip."""
+    from megadoc_pl.data.views import documents_units
+    from megadoc_pl.data.windows import packed_fields, token_bytes, unpack
+
+    rng = np.random.default_rng(0)
+    lengths = [40, 7, 95, 30]
+    ids = rng.integers(top - 40_000, top + 1, sum(lengths)).astype(dtype)
+    ids[:3] = [top, 32768, 0]
+    src = _WideStore(ids, lengths)
+    st = StreamWindows(documents_units(src), 19, name="d", shuffle=False, repeat=False, window_order="sequential")
+    w = Windows([st], _single(st), 19, "document", st.num_windows)
+    assert token_bytes([src]) == width
+    packed = w.packed(np.arange(len(w)))
+    assert packed["buffer"].dtype == torch.uint8 and packed[windows_mod.PACKED][-1] == width
+    batch = unpack(packed)
+    T = 19
+    flat = ids.astype(np.int64)
+    for row in range(len(w)):
+        assert batch["input_ids"][row].tolist() == flat[row * T:row * T + T].tolist()
+        assert batch["targets"][row].tolist() == flat[row * T + 1:row * T + T + 1].tolist()
+    f = packed_fields(w.packed(np.arange(len(w)), tensors=False))
+    assert f["tokens"].dtype == (np.uint16 if width == 2 else np.int32)
+    assert f["window_index"].tolist() == list(range(len(w)))
+    assert f["cu_seqlens"].tolist() == batch["cu_seqlens"].tolist()

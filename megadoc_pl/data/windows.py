@@ -274,14 +274,16 @@ class StreamWindows:
 _LOOP_RUNS_PER_TOKEN = 1 / 256  # a slice copy per run beats one fancy-index read below this many runs per token
 
 
-def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int, dtype=np.int64) -> np.ndarray:
-    """(B, L) tokens of the clips.
+def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int, dtype=np.int64,
+                  out: Optional[np.ndarray] = None) -> np.ndarray:
+    """(B, L) tokens of the clips (written into ``out``, (B * L,), when given).
 
     Clips that follow each other in their token file are merged into runs (a window over
     consecutive documents of one store is a handful of runs): few runs are copied slice by
     slice, like a bare memmap slicer; many runs (a scattered store) by one fancy-index read.
     """
-    out = np.empty(B * L, dtype=dtype)
+    if out is None:
+        out = np.empty(B * L, dtype=dtype)
     first = np.empty(len(clips.n), dtype=np.int64)
     used = np.unique(clips.src)
     arrays = {}
@@ -310,22 +312,28 @@ def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int, dtype=np.int6
 
 
 def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int, scope: str,
-         tensors: bool = True) -> dict:
+         tensors: bool = True, token_bytes: int = 4) -> dict:
     """The loader's half of the batch contract: the tokens, and the document structure as
-    per-segment and per-clip offsets (kilobytes, not B x T arrays). :func:`unpack` expands it
-    on the batch's device, so a loader ships a fifth of the bytes and does no per-token work
-    beyond copying the tokens.
+    per-segment and per-clip offsets (kilobytes, not B x T arrays), all in one byte buffer.
+    :func:`unpack` expands it on the batch's device. A loader ships a tenth of the contract's
+    bytes and does no per-token work beyond copying the tokens, and a DataLoader worker hands
+    its batch to the main process as one tensor: each tensor costs ~0.25 ms there, each MB ~0.6 ms,
+    so tokens travel in 2 bytes when every source's ids fit (``token_bytes=2``, see
+    :func:`token_bytes`), else in 4.
 
-    ``tokens`` (B, T + 1) int32; ``cu_seqlens`` (S + 1,) int32 over the flattened (B * T) inputs,
-    ``max_seqlen``; ``clip_start`` / ``clip_docpos`` (C,) int64: where each clip starts in the
-    flattened (B * (T + 1)) tokens and the position of its first token in its document;
-    ``window_index`` (B,) int64. ``tensors=False`` leaves them numpy arrays (a dry run, which
-    imports no torch).
+    ``{PACKED: (B, L, S + 1, C, token bytes), "buffer": (N,) uint8, "max_seqlen": int}``;
+    :func:`packed_fields` reads the buffer as ``window_index`` (B,) int64, ``cu_seqlens``
+    (S + 1,) int32 over the flattened (B * T) inputs, ``clip_start`` / ``clip_docpos`` (C,)
+    int32: where each clip starts in the flattened (B * L) tokens and the position of its first
+    token in its document, and ``tokens`` (B, L = T + 1). ``tensors=False`` leaves the buffer a
+    numpy array (a dry run, which imports no torch).
     """
     if scope not in SCOPES:
         raise ValueError(f"attention scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     B, T = len(window_index), seq_len
     L = T + 1
+    if B * L >= 2**31:
+        raise ValueError(f"a batch of {B} x {L} tokens is past 2^31 (fix: use smaller batches per device)")
     dest0 = clips.row * L + clips.wpos
     assert len(dest0) and dest0[0] == 0 and np.array_equal(dest0[1:], dest0[:-1] + clips.n[:-1]) \
         and int(dest0[-1] + clips.n[-1]) == B * L, "windows must be full"
@@ -336,18 +344,59 @@ def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int
         starts |= clips.newdoc if scope == "document" else clips.newunit
     starts &= clips.wpos < T
     cu_seqlens = np.append(clips.row[starts] * T + clips.wpos[starts], B * T)  # sorted: clips are in (row, offset) order
-    arrays = {
-        "tokens": gather_tokens(clips, sources, B, L, np.int32),
-        "cu_seqlens": cu_seqlens.astype(np.int32),
-        "clip_start": dest0,
-        "clip_docpos": clips.docpos.astype(np.int64, copy=False),
-        "window_index": np.asarray(window_index, np.int64).copy(),
-    }
+    if token_bytes not in (2, 4):
+        raise ValueError(f"token_bytes must be 2 or 4, got {token_bytes}")
+    layout = (B, L, len(cu_seqlens), len(dest0), token_bytes)
+    f = packed_fields({PACKED: layout, "buffer": np.empty(_buffer_bytes(*layout), dtype=np.uint8)})
+    f["window_index"][:] = window_index
+    f["cu_seqlens"][:] = cu_seqlens
+    f["clip_start"][:] = dest0
+    f["clip_docpos"][:] = clips.docpos  # < 2^31: views check document positions when they make units
+    gather_tokens(clips, sources, B, L, out=f["tokens"].reshape(-1))
+    buf = f["buffer"]
     if tensors:
         import torch
 
-        arrays = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    return {PACKED: True, **arrays, "max_seqlen": int(np.diff(cu_seqlens).max())}
+        buf = torch.from_numpy(buf)
+    return {PACKED: layout, "buffer": buf, "max_seqlen": int(np.diff(cu_seqlens).max())}
+
+
+def token_bytes(sources: Sequence) -> int:
+    """2 when every source's token ids fit in 16 bits (uint8/uint16 stores; the ids of an
+    in-memory source, such as the delimiters, are checked), else 4."""
+    for src in sources:
+        arr = src.token_array
+        if arr.dtype.kind == "u" and arr.dtype.itemsize <= 2:
+            continue
+        in_memory = getattr(src, "path", None) is None
+        if in_memory and (arr.size == 0 or (arr.min() >= 0 and arr.max() <= 0xFFFF)):
+            continue
+        return 4
+    return 2
+
+
+def _buffer_bytes(B: int, L: int, S1: int, C: int, token_bytes: int) -> int:
+    return 8 * B + 4 * (S1 + 2 * C) + token_bytes * B * L
+
+
+def packed_fields(batch: dict) -> dict:
+    """The fields of a :func:`pack`-ed batch's buffer: views of a numpy buffer (tokens uint16 or
+    int32, as packed) or, for a torch buffer on any device, views with the tokens as int64."""
+    B, L, S1, C, token_bytes = batch[PACKED]
+    buf = batch["buffer"]
+    assert buf.shape[0] == _buffer_bytes(B, L, S1, C, token_bytes), "not a packed buffer of this layout"
+    a, b, c, d = np.cumsum([8 * B, 4 * S1, 4 * C, 4 * C]).tolist()  # int64 first, so every field is aligned
+    if isinstance(buf, np.ndarray):
+        i32, i64, tok = np.int32, np.int64, np.uint16 if token_bytes == 2 else np.int32
+    else:
+        import torch
+
+        i32, i64, tok = torch.int32, torch.int64, torch.int16 if token_bytes == 2 else torch.int32
+    tokens = buf[d:].view(tok).reshape(B, L)
+    if not isinstance(buf, np.ndarray):
+        tokens = tokens.long() & 0xFFFF if token_bytes == 2 else tokens.long()  # torch has no uint16 arithmetic
+    return {"buffer": buf, "window_index": buf[:a].view(i64), "cu_seqlens": buf[a:b].view(i32),
+            "clip_start": buf[b:c].view(i32), "clip_docpos": buf[c:d].view(i32), "tokens": tokens}
 
 
 def unpack(batch: dict) -> dict:
@@ -367,27 +416,30 @@ def unpack(batch: dict) -> dict:
         return batch
     import torch
 
-    out = {k: v for k, v in batch.items() if k not in (PACKED, "tokens", "clip_start", "clip_docpos")}
-    tokens = batch["tokens"].long()
+    f = packed_fields(batch)
+    out = {k: v for k, v in batch.items() if k not in (PACKED, "buffer")}
+    tokens = f["tokens"]
     B, L = tokens.shape
     T = L - 1
     dev = tokens.device
     new_BT = torch.zeros(B * T, dtype=torch.int32, device=dev)
-    new_BT[batch["cu_seqlens"][:-1].long()] = 1
+    new_BT[f["cu_seqlens"][:-1].long()] = 1
     new_BT = new_BT.view(B, T)
     t_BT = torch.arange(T, device=dev).expand(B, T)
     # A token's segment starts at the last start at or before it (every row starts one).
     seg_first_BT = torch.where(new_BT.bool(), t_BT, 0).cummax(dim=1).values
-    clip_start = batch["clip_start"]
+    clip_start = f["clip_start"].long()
     clip_n = torch.diff(clip_start, append=clip_start.new_tensor([B * L]))
-    doc_BL = torch.repeat_interleave(batch["clip_docpos"] - clip_start, clip_n, output_size=B * L)
+    doc_BL = torch.repeat_interleave(f["clip_docpos"].long() - clip_start, clip_n, output_size=B * L)
     doc_BL += torch.arange(B * L, device=dev)
     out.update(
         input_ids=tokens[:, :T].contiguous(),
         targets=tokens[:, 1:].contiguous(),
         segment_ids=new_BT.cumsum(dim=1, dtype=torch.int32) - 1,
+        cu_seqlens=f["cu_seqlens"].clone(),
         position_ids=t_BT - seg_first_BT,
         doc_positions=doc_BL.view(B, L)[:, :T].contiguous(),
+        window_index=f["window_index"].clone(),
     )
     return out
 
@@ -409,6 +461,7 @@ class _SourceTable:
                     self.sources.append(src)
                     idx.append(len(self.sources) - 1)
             self.remap.append(np.asarray(idx, np.int64))
+        self.token_bytes = token_bytes(self.sources)
 
     def __getstate__(self) -> dict:
         # Token stores reopen from their paths in worker processes instead of pickling memmaps.
@@ -484,7 +537,8 @@ class Windows:
     def packed(self, index: Sequence[int], scope: Optional[str] = None, tensors: bool = True) -> dict:
         """The windows as a :func:`pack`-ed batch (what the loaders ship; :func:`unpack` expands it)."""
         index = np.asarray(index, np.int64)
-        return pack(self.clips(index), self.table.sources, index, self.seq_len, scope or self.scope, tensors)
+        return pack(self.clips(index), self.table.sources, index, self.seq_len, scope or self.scope, tensors,
+                    self.table.token_bytes)
 
     def batch(self, index: Sequence[int], scope: Optional[str] = None) -> dict:
         """The windows as a batch of the contract (see :func:`unpack`), on the CPU."""
