@@ -73,3 +73,5 @@ def test_nfkc_line_by_line_equals_nfkc_of_the_whole_text():
         except UnicodeEncodeError:  # a surrogate code point: not a text a reader returns
             continue
         assert _nfkc(text) == unicodedata.normalize("NFKC", text), ascii(text)
+    ascii_chars = "".join(map(chr, range(128)))
+    assert ascii_chars.lower() == ascii_chars.casefold()  # the hash lower()s ASCII texts instead of casefold()

@@ -281,8 +281,8 @@ def test_block_rows_equal_decode_line_per_line(monkeypatch, orjson_path):
     import megadoc_pl.data.readers as readers
 
     if not orjson_path:
-        monkeypatch.setattr(readers, "_orjson_loads", lambda block: None)
-    elif readers._orjson_loads(b"{}") is None:
+        monkeypatch.setattr(readers, "orjson_loads", lambda block: None)
+    elif readers.orjson_loads(b"{}") is None:
         pytest.skip("orjson is not installed")
 
     def answers(rows):
@@ -303,5 +303,5 @@ def test_block_rows_equal_decode_line_per_line(monkeypatch, orjson_path):
             if isinstance(o, dict):
                 assert list(g) == list(o)
     if orjson_path:
-        assert readers._orjson_loads(b"\n".join(no_long)) is not None  # the orjson path really ran
-        assert readers._orjson_loads(b"\n".join(safe)) is None
+        assert readers.orjson_loads(b"\n".join(no_long)) is not None  # the orjson path really ran
+        assert readers.orjson_loads(b"\n".join(safe)) is None

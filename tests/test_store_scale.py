@@ -280,10 +280,47 @@ def test_inline_generation_rows_equal_the_parser(tmp_path, tiny_tokenizer_path, 
             m.setattr(store_mod, "_spec_generation", lambda row: False)
             m.setattr(store_mod, "_promoted_column", lambda metas, name, typ, dflt: [
                 store_mod._coerce(meta.get(name), typ, dflt) for meta in metas])
-            m.setattr(store_mod, "_meta_json", store_mod._META_JSON)
+            m.setattr(store_mod, "_meta_jsons", lambda metas: [store_mod._META_JSON(meta) for meta in metas])
+            m.setattr(store_mod, "_spec_chunk", lambda chunk: None)
             full = build_store(path, tiny_tokenizer_path, tmp_path / f"full-{path.stem}", kind="generations",
                                skip_bad_rows=True, num_proc=1, progress=False)
         assert_same_store(fast, full)
         assert [fast._index.column("meta")[i].as_py() for i in range(len(fast))] == \
                [full._index.column("meta")[i].as_py() for i in range(len(full))]  # the JSON text itself
     assert fast.manifest["bad_rows_by_kind"]["invalid_utf8"] == 1
+
+
+def test_whole_chunk_path_equals_the_row_loop(tmp_path, tiny_tokenizer_path, monkeypatch):
+    """A chunk of plain SPEC 3.2 rows is taken column by column (_spec_chunk, _generation_keys);
+    the row loop gives the same store, and any chunk with one row it cannot take (a bad row, an
+    int id, a blank line, a MAGACorpus row) falls back to the loop as a whole."""
+    plain = [{"source_id": f"s{i // 3}", "task": "rephrase", "gen_index": i % 3, "text": f"{SAMPLE_TEXTS[i % 5]} {i}",
+              "style": "qa" if i % 2 else None, "judge_score": i % 4, "\u00e9": {"n": i}} for i in range(60)]
+    variants = {"plain": plain, "bad": plain[:30] + [{"source_id": "x", "task": "rephrase", "gen_index": -1, "text": "t"}] + plain[30:],
+                "int id": plain + [{"source_id": 5, "task": "rephrase", "gen_index": 0, "text": "t"}],
+                "maga": plain + [maga_row("m", "0", 1)], "dup": plain + [plain[4]]}
+    for name, rows in variants.items():
+        src = write_rows(tmp_path / f"{name}.jsonl", rows)
+        if name == "plain":
+            blank = tmp_path / "blank.jsonl"
+            blank.write_bytes(src.read_bytes().replace(b"\n", b"\n\n", 3))
+            assert store_mod._spec_chunk(store_mod._Chunk(str(src), 0, 1, block=src.read_bytes())) is not None
+            assert store_mod._spec_chunk(store_mod._Chunk(str(blank), 0, 1, block=blank.read_bytes())) is None
+            paths = [src, blank]
+        else:
+            assert store_mod._spec_chunk(store_mod._Chunk(str(src), 0, 1, block=src.read_bytes())) is None or name == "dup"
+            paths = [src]
+        for path in paths:
+            fast = build_store(path, tiny_tokenizer_path, tmp_path / f"fast-{path.stem}", kind="generations",
+                               skip_bad_rows=True, num_proc=1, progress=False)
+            with monkeypatch.context() as m:
+                m.setattr(store_mod, "_spec_chunk", lambda chunk: None)
+                m.setattr(store_mod, "_spec_generation", lambda row: False)
+                loop = build_store(path, tiny_tokenizer_path, tmp_path / f"loop-{path.stem}", kind="generations",
+                                   skip_bad_rows=True, num_proc=1, progress=False)
+            assert_same_store(fast, loop)
+            assert fast.column("line").tolist() == loop.column("line").tolist()
+            assert [fast._index.column("meta")[i].as_py() for i in range(len(fast))] == \
+                   [loop._index.column("meta")[i].as_py() for i in range(len(loop))]
+    keys = store_mod._generation_keys(["a", "b\u00e9"], ["rephrase", "maga"], [0, 12])
+    assert keys == store_mod._row_key("generations", "a", "rephrase", 0) + store_mod._row_key("generations", "b\u00e9", "maga", 12)

@@ -182,7 +182,9 @@ _BLANK = " \t\n\r\x0b\x0c"  # what bytes.strip() removes, as str
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 
 
-def _orjson_loads(block: bytes) -> Optional[Callable[[bytes], Any]]:
+def orjson_loads(block: bytes) -> Optional[Callable[[bytes], Any]]:
+    """orjson.loads where it answers as json.loads would on every line of ``block``, or None (no
+    orjson installed, or a run of 19 digits in the block)."""
     try:
         import orjson
     except ImportError:
@@ -196,7 +198,7 @@ def block_rows(first: int, block: bytes, path: PathLike) -> Iterator[tuple[int, 
     (or the stdlib's JSON scanner, on a block decoded once); a line that does not come back as an
     object (bad JSON, not an object, a case the fast parser leaves to json) goes through
     ``decode_line`` for its exact answer."""
-    loads = _orjson_loads(block)
+    loads = orjson_loads(block)
     if loads is not None:
         for k, raw in enumerate(block.split(b"\n")):
             try:
