@@ -317,6 +317,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--views", default=",".join(VIEWS))
+    ap.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to measure (many cores: 0,1,2,4,8)")
     ap.add_argument("--root", default=None, help="store and cache directory (default .cache/bench_views/s<S>-g<G>)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -334,7 +335,7 @@ def main() -> None:
     shutil.rmtree(Path(args.root) / "cache", ignore_errors=True)
     size = f"{args.sources // 1000}k x {args.generations}"
     stages = [f"build:{v}" for v in args.views.split(",")] + [f"relaunch:{v}" for v in args.views.split(",")]
-    stages += [f"loader:shuffled:{w}:{where}" for w in (0, 1, 2) for where in ("early", "late")]
+    stages += [f"loader:shuffled:{w}:{where}" for w in map(int, args.workers.split(",")) for where in ("early", "late")]
     print(f"{'stage':34} {'size':>10} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'ratio vs peer':>14}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for stage in stages:
