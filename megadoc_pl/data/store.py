@@ -16,10 +16,10 @@ A store is a directory::
 
 Building streams: the inputs are cut into ~1 MiB blocks of whole lines that workers (threads, or
 forked processes on many cores) parse, validate and tokenize; the parent appends each block's
-tokens, offsets and index rows to the files as they arrive and keeps only a 16-byte identity key
-per row, so memory does not grow with per-row objects. Duplicates (and MAGACorpus repeats, which
-fold) are settled once at the end by sorting the keys, with the same outcome as reading the rows
-one by one (readers.RowChecker). Offsets are 64-bit: one token file holds any number of tokens.
+tokens, offsets and index rows to the files as they arrive and keeps a 16-byte identity key per
+row, spilled to 256 bucket files every 256k rows, so memory does not grow with the rows.
+Duplicates (and MAGACorpus repeats, which fold) are settled once at the end by sorting the keys
+of each bucket, with the same outcome as reading the rows one by one (readers.RowChecker). Offsets are 64-bit: one token file holds any number of tokens.
 It is built under a temporary name and renamed (utils.atomic_dir), so an interrupted build
 leaves no store. ``manifest.json`` records a CRC32 per 16 MiB block of the three data files and
 their size and mtime; :meth:`TokenStore.open` re-checks the blocks of tokens.bin / offsets.npy
@@ -41,6 +41,7 @@ import json.encoder
 import multiprocessing
 import operator
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -993,6 +994,27 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
 INDEX_GROUP_ROWS = 1 << 16
 COMPACT_BLOCK_DOCS = 1 << 20
 COMPACT_BLOCK_TOKENS = 1 << 26
+# Identity keys are held in memory up to KEY_SPILL_ROWS rows, then spilled to KEY_BUCKETS files.
+KEY_SPILL_ROWS = 1 << 18
+KEY_BUCKET_BITS = 8
+KEY_BUCKETS = 1 << KEY_BUCKET_BITS
+_KEY_RECORD = np.dtype([("k0", "<u8"), ("k1", "<u8"), ("row", "<i8")])
+
+
+def _duplicates(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows whose key an earlier row has, that earlier (first) row), for keys (n, 2) of
+    ``rows`` given in input order."""
+    if len(keys) < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: equal keys stay in input order
+    sk = keys[order]
+    same = (sk[1:] == sk[:-1]).all(axis=1)
+    if not same.any():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    run = np.cumsum(np.concatenate([[True], ~same])) - 1  # run (equal keys) of each sorted position
+    starts = np.flatnonzero(np.concatenate([[True], ~same]))
+    later = np.flatnonzero(same) + 1
+    return rows[order[later]], rows[order[starts[run[later]]]]
 
 
 class _StoreSink:
@@ -1001,8 +1023,9 @@ class _StoreSink:
     as :class:`~megadoc_pl.data.readers.RowChecker` reading the rows one by one.
 
     Tokens go to tokens.bin, stored-document end offsets to a scratch file, index rows to a Parquet
-    writer in row groups: memory is bounded by a chunk plus 16 bytes of identity key per row.
-    Duplicates are found once at the end by sorting the keys; rows dropped then (duplicates
+    writer in row groups, identity keys (16 bytes a row) to bucket files by their top bits once
+    KEY_SPILL_ROWS are buffered: memory is bounded by a chunk and the buffer, not by the rows.
+    Duplicates are found once at the end by sorting the keys bucket by bucket; rows dropped then (duplicates
     skipped with ``skip_bad_rows``, repeats of a MAGACorpus chunk folded into its first row) are
     removed by one streaming compaction pass.
     """
@@ -1018,7 +1041,9 @@ class _StoreSink:
         self.index = pq.ParquetWriter(tmp / "index.parquet", self.schema, compression="zstd")
         self.pending: list = []  # index tables not yet written as a row group
         self.pending_rows = 0
-        self.keys: list[np.ndarray] = []
+        self.keys: list[np.ndarray] = []  # identity keys of the rows since the last spill
+        self.keys_from = 0  # row number of the first of them
+        self.spilled = False
         self.folds: list[np.ndarray] = []
         self.fold_hashes: list[np.ndarray] = []
         self.maga_next: dict[str, int] = {}
@@ -1031,6 +1056,8 @@ class _StoreSink:
         if len(res.unnumbered):
             index, keys = self._number_maga(index, keys, res.unnumbered)
         self.keys.append(keys)
+        if self.rows + len(keys) - self.keys_from >= KEY_SPILL_ROWS:
+            self._spill_keys(self.rows + len(keys))
         if len(res.folds):
             self.folds.append(res.folds + self.rows)
             self.fold_hashes.append(res.fold_hashes)
@@ -1077,22 +1104,46 @@ class _StoreSink:
             self.index.write_table(pa.concat_tables(self.pending), row_group_size=max(self.pending_rows, 1))
             self.pending, self.pending_rows = [], 0
 
+    def _spill_keys(self, upto: int) -> None:
+        """Append the buffered keys, with their row numbers, to KEY_BUCKETS files by the key's
+        top bits: duplicates share a bucket, and each bucket is settled on its own, so memory
+        does not grow with the rows (~24 bytes a row on disk instead of ~60 in memory)."""
+        keys = np.concatenate(self.keys) if self.keys else np.zeros((0, 2), np.uint64)
+        assert len(keys) == upto - self.keys_from
+        rec = np.empty(len(keys), dtype=_KEY_RECORD)
+        rec["k0"], rec["k1"], rec["row"] = keys[:, 0], keys[:, 1], np.arange(self.keys_from, upto)
+        bucket = (keys[:, 0] >> np.uint64(64 - KEY_BUCKET_BITS)).astype(np.int64)
+        order = np.argsort(bucket, kind="stable")  # rows stay in input order within a bucket
+        bounds = np.searchsorted(bucket[order], np.arange(KEY_BUCKETS + 1))
+        (self.tmp / "keys").mkdir(exist_ok=True)
+        for b in np.flatnonzero(np.diff(bounds)).tolist():
+            with open(self.tmp / "keys" / f"{b:04d}.bin", "ab") as f:
+                rec[order[bounds[b]:bounds[b + 1]]].tofile(f)
+        self.keys, self.keys_from, self.spilled = [], upto, True
+
+    def _key_groups(self, limit: Optional[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys (n, 2), row numbers) of the first ``limit`` rows, one bucket at a time once
+        spilled (all in one group before), rows in input order within a group."""
+        if not self.spilled:
+            keys = np.concatenate(self.keys) if self.keys else np.zeros((0, 2), np.uint64)
+            keys = keys[:limit]
+            yield keys, np.arange(self.keys_from, self.keys_from + len(keys))
+            return
+        self._spill_keys(self.rows)
+        for path in sorted((self.tmp / "keys").iterdir()):
+            rec = np.fromfile(path, dtype=_KEY_RECORD)
+            if limit is not None:
+                rec = rec[rec["row"] < limit]
+            yield np.stack([rec["k0"], rec["k1"]], axis=1), rec["row"]
+
     def _settle(self, limit: Optional[int] = None) -> tuple[list[int], list[tuple[int, int]]]:
         """(rows folded into an earlier copy, [(duplicate row, its first row)]) among the first
         ``limit`` rows, by sorting the identity keys (rows in input order within a key)."""
-        keys = np.concatenate(self.keys) if self.keys else np.zeros((0, 2), np.uint64)
-        keys = keys[:limit]
-        if len(keys) < 2:
+        pairs = [_duplicates(keys, rows) for keys, rows in self._key_groups(limit)]
+        rows = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0, np.int64)
+        firsts = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros(0, np.int64)
+        if not len(rows):
             return [], []
-        order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: equal keys stay in input order
-        sk = keys[order]
-        same = (sk[1:] == sk[:-1]).all(axis=1)
-        if not same.any():
-            return [], []
-        run = np.cumsum(np.concatenate([[True], ~same])) - 1  # run (equal keys) of each sorted position
-        starts = np.flatnonzero(np.concatenate([[True], ~same]))
-        later = np.flatnonzero(same) + 1
-        rows, firsts = order[later], order[starts[run[later]]]
         fold_hash = {}
         if self.folds:
             fold_pos, hashes = np.concatenate(self.folds), np.concatenate(self.fold_hashes)
@@ -1104,7 +1155,7 @@ class _StoreSink:
                 folded.append(r)
             else:
                 dups.append((r, f))
-        return folded, sorted(dups)
+        return sorted(folded), sorted(dups)
 
     def _raise_first_duplicate(self, limit: Optional[int] = None) -> None:
         _, dups = self._settle(limit)
@@ -1136,6 +1187,7 @@ class _StoreSink:
             self._count_bad("duplicate_id", len(dups))
         self.tokens.close()
         self.ends.close()
+        shutil.rmtree(self.tmp / "keys", ignore_errors=True)
         drop = np.array(sorted(folded + [r for r, _ in dups]), dtype=np.int64)
         if len(drop):
             self._compact(drop)
@@ -1145,13 +1197,16 @@ class _StoreSink:
                 f"({self.counts['bad_rows']} bad rows skipped) (fix: check the input files and field names)")
         with open(self.tmp / "tokens.bin", "r+b") as f:
             f.write(_header(self.dtype, self.num_tokens))
-        ends = np.fromfile(self.tmp / "ends.tmp", dtype=np.int64)
-        assert ends.shape == (self.rows,) and (not self.rows or ends[-1] == self.num_tokens)
-        offsets = np.lib.format.open_memmap(self.tmp / "offsets.npy", mode="w+", dtype=np.int64, shape=(self.rows + 1,))
-        offsets[0], offsets[1:] = 0, ends
-        offsets.flush()
-        del offsets, ends
-        (self.tmp / "ends.tmp").unlink()
+        # offsets.npy = 0 followed by the end offsets, copied through a buffer (not held in memory)
+        ends_path = self.tmp / "ends.tmp"
+        assert ends_path.stat().st_size == 8 * self.rows
+        assert not self.rows or np.fromfile(ends_path, np.int64, offset=8 * (self.rows - 1))[0] == self.num_tokens
+        with open(self.tmp / "offsets.npy", "wb") as f, open(ends_path, "rb") as ends:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)), "fortran_order": False, "shape": (self.rows + 1,)}
+            np.lib.format.write_array_header_1_0(f, header)
+            np.zeros(1, np.int64).tofile(f)
+            shutil.copyfileobj(ends, f, 1 << 24)
+        ends_path.unlink()
         self.counts.update(rows=self.rows, tokens=self.num_tokens)
         return self.counts
 
