@@ -252,8 +252,14 @@ class StreamWindows:
         # Pieces overlapping [x_lo, x_hi) of each unit, found on the canonical piece offsets.
         g_lo = self.canon_start[u] + x_lo
         g_hi = self.canon_start[u] + x_hi
-        k_first = np.searchsorted(self.piece_key, g_lo, side="right") - 1
-        k_last = np.searchsorted(self.piece_key, g_hi - 1, side="right") - 1
+        # A unit read from its start begins at its first piece and one read to its end stops at
+        # its last (pieces are never empty): only the units cut by a window's edges are searched.
+        k_first = U.unit_ptr[u].astype(np.int64)
+        k_last = U.unit_ptr[u + 1] - 1
+        cut = x_lo > 0
+        k_first[cut] = np.searchsorted(self.piece_key, g_lo[cut], side="right") - 1
+        cut = x_hi < self.unit_tokens[u]
+        k_last[cut] = np.searchsorted(self.piece_key, g_hi[cut] - 1, side="right") - 1
         kc = k_last - k_first + 1
         own = np.repeat(np.arange(len(u)), kc)
         k = _ranges(k_first, kc)
@@ -298,9 +304,10 @@ def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int, dtype=np.int6
     head = np.flatnonzero(~cont)
     if len(head) <= _LOOP_RUNS_PER_TOKEN * B * L:
         dest = running_offsets(clips.n)
-        for d, e, f, s in zip(dest[head].tolist(), dest[np.append(head[1:], len(first))].tolist(),
-                              first[head].tolist(), clips.src[head].tolist()):
-            out[d:e] = arrays[s][f:f + e - d]
+        runs = dest[np.append(head[1:], len(first))] - dest[head]  # the runs tile the batch in order
+        np.concatenate([arrays[s][f:f + n] for f, n, s in zip(first[head].tolist(), runs.tolist(),
+                                                              clips.src[head].tolist())],
+                       out=out, casting="unsafe")  # ids fit the buffer's width: token_bytes checked the sources
         return out.reshape(B, L)
     for s in used:
         m = slice(None) if len(used) == 1 else clips.src == s
