@@ -251,7 +251,7 @@ def test_packed_tokens_keep_every_id_in_either_width(dtype, top, width):
     """Tokens travel in 2 bytes when the sources allow it (ids up to 65535, past int16's sign bit)
     and in 4 otherwise; unpack gives back every id, and the byte buffer's fields round-trip."""
     from megadoc_pl.data.views import documents_units
-    from megadoc_pl.data.windows import packed_fields, token_bytes, unpack
+    from megadoc_pl.data.windows import packed_fields, token_width, unpack
 
     rng = np.random.default_rng(0)
     lengths = [40, 7, 95, 30]
@@ -260,7 +260,7 @@ def test_packed_tokens_keep_every_id_in_either_width(dtype, top, width):
     src = _WideStore(ids, lengths)
     st = StreamWindows(documents_units(src), 19, name="d", shuffle=False, repeat=False, window_order="sequential")
     w = Windows([st], _single(st), 19, "document", st.num_windows)
-    assert token_bytes([src]) == width
+    assert token_width([src]) == width
     packed = w.packed(np.arange(len(w)))
     assert packed["buffer"].dtype == torch.uint8 and packed[windows_mod.PACKED][-1] == width
     batch = unpack(packed)

@@ -19,7 +19,8 @@ forked processes on many cores) parse, validate and tokenize; the parent appends
 tokens, offsets and index rows to the files as they arrive and keeps a 16-byte identity key per
 row, spilled to 256 bucket files every 256k rows, so memory does not grow with the rows.
 Duplicates (and MAGACorpus repeats, which fold) are settled once at the end by sorting the keys
-of each bucket, with the same outcome as reading the rows one by one (readers.RowChecker). Offsets are 64-bit: one token file holds any number of tokens.
+of each bucket, with the same outcome as reading the rows one by one (readers.RowChecker).
+Offsets are 64-bit: one token file holds any number of tokens.
 It is built under a temporary name and renamed (utils.atomic_dir), so an interrupted build
 leaves no store. ``manifest.json`` records a CRC32 per 16 MiB block of the three data files and
 their size and mtime; :meth:`TokenStore.open` re-checks the blocks of tokens.bin / offsets.npy
@@ -588,7 +589,7 @@ def _spec_chunk(chunk: _Chunk) -> Optional[tuple[list, ...]]:
     made column by column with C-level maps: ~3 us a row less than the row loop); None for any
     other chunk, which takes the row loop. ``metas`` are the rows without the four fields."""
     block = chunk.block
-    if block is None or b"\\ud" in block or b"\\uD" in block:  # lone surrogates need the UTF-8 check
+    if block is None or _may_hold_lone_surrogates(chunk):  # those rows need parse_generation's UTF-8 check
         return None
     loads = orjson_loads(block)
     if loads is None:
@@ -604,9 +605,11 @@ def _spec_chunk(chunk: _Chunk) -> Optional[tuple[list, ...]]:
         return None
     if set(map(type, rows)) != {dict} or any(map(dict.__contains__, rows, itertools.repeat("content_split"))):
         return None
-    texts, sids, tasks, gens = (list(map(dict.get, rows, itertools.repeat(k))) for k in ("text", "source_id", "task", "gen_index"))
-    if not (set(map(type, texts)) == set(map(type, sids)) == set(map(type, tasks)) == {str} and set(map(type, gens)) == {int}
-            and all(texts) and all(sids) and all(tasks) and min(gens) >= 0 and not any(map(str.isspace, texts))):
+    texts, sids, tasks, gens = (list(map(dict.get, rows, itertools.repeat(k)))
+                                for k in ("text", "source_id", "task", "gen_index"))
+    strings = set(map(type, texts)) == set(map(type, sids)) == set(map(type, tasks)) == {str}
+    if not (strings and set(map(type, gens)) == {int} and all(texts) and all(sids) and all(tasks)
+            and min(gens) >= 0 and not any(map(str.isspace, texts))):
         return None
     for k in _GEN_FIELDS:  # what is left of a row is the meta parse_generation keeps, in its order
         collections.deque(map(dict.pop, rows, itertools.repeat(k)), maxlen=0)
@@ -614,6 +617,14 @@ def _spec_chunk(chunk: _Chunk) -> Optional[tuple[list, ...]]:
 
 
 _GEN_FIELDS = ("source_id", "task", "gen_index", "text")
+
+
+def _may_hold_lone_surrogates(chunk: _Chunk) -> bool:
+    """Lone surrogates can only come from \\ud800-\\udfff escapes in JSON (Parquet strings are
+    UTF-8): a block without ``\\ud`` holds none, and its valid rows need no UTF-8 check."""
+    return chunk.block is not None and (b"\\ud" in chunk.block or b"\\uD" in chunk.block)
+
+
 _KEY_HASH = functools.partial(hashlib.blake2b, digest_size=16)
 
 
@@ -630,8 +641,7 @@ def _process_rows(opts: _Options, chunk: _Chunk) -> tuple:
     documents = opts.kind == "documents"
     lines, sids, tasks, gens, texts, metas, keys = [], [], [], [], [], [], []
     bad, unnumbered, folds, fold_hashes, text_hashes = [], [], [], [], []
-    # Lone surrogates can only come from \ud800-\udfff escapes: without any, valid rows need no UTF-8 check.
-    inline = not documents and (chunk.block is None or (b"\\ud" not in chunk.block and b"\\uD" not in chunk.block))
+    inline = not documents and not _may_hold_lone_surrogates(chunk)
     for line, row in _chunk_rows(chunk):
         if inline and _spec_generation(row):
             sid, task, gen_index, text = row.pop("source_id"), row.pop("task"), row.pop("gen_index"), row.pop("text")
@@ -1025,9 +1035,9 @@ class _StoreSink:
     Tokens go to tokens.bin, stored-document end offsets to a scratch file, index rows to a Parquet
     writer in row groups, identity keys (16 bytes a row) to bucket files by their top bits once
     KEY_SPILL_ROWS are buffered: memory is bounded by a chunk and the buffer, not by the rows.
-    Duplicates are found once at the end by sorting the keys bucket by bucket; rows dropped then (duplicates
-    skipped with ``skip_bad_rows``, repeats of a MAGACorpus chunk folded into its first row) are
-    removed by one streaming compaction pass.
+    Duplicates are found once at the end by sorting the keys bucket by bucket; rows dropped then
+    (duplicates skipped with ``skip_bad_rows``, repeats of a MAGACorpus chunk folded into its
+    first row) are removed by one streaming compaction pass.
     """
 
     def __init__(self, tmp: Path, kind: str, dtype: np.dtype, files: list[str], skip_bad_rows: bool):
@@ -1202,8 +1212,8 @@ class _StoreSink:
         assert ends_path.stat().st_size == 8 * self.rows
         assert not self.rows or np.fromfile(ends_path, np.int64, offset=8 * (self.rows - 1))[0] == self.num_tokens
         with open(self.tmp / "offsets.npy", "wb") as f, open(ends_path, "rb") as ends:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)), "fortran_order": False, "shape": (self.rows + 1,)}
-            np.lib.format.write_array_header_1_0(f, header)
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)),
+                                                     "fortran_order": False, "shape": (self.rows + 1,)})
             np.zeros(1, np.int64).tofile(f)
             shutil.copyfileobj(ends, f, 1 << 24)
         ends_path.unlink()
