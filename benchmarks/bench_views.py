@@ -198,7 +198,7 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
 
     from torch.utils.data import DataLoader
 
-    from megadoc_pl.data.datamodule import PackedWindows, loader_kwargs
+    from megadoc_pl.data.datamodule import PackedWindows, loader_kwargs, release_slot
     from megadoc_pl.data.windows import unpack
 
     def cpu(who: int) -> float:
@@ -207,11 +207,11 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
 
     steps = [list(range(s * batch, (s + 1) * batch)) for s in range(first_step, first_step + batches + 1)]
     kids0 = cpu(resource.RUSAGE_CHILDREN)
-    it = iter(DataLoader(PackedWindows(windows), batch_size=None, sampler=steps, **loader_kwargs(workers)))
+    it = iter(DataLoader(PackedWindows(windows, workers), batch_size=None, sampler=steps, **loader_kwargs(workers)))
     packed = next(it)
     t, c = time.perf_counter(), cpu(resource.RUSAGE_SELF)
     for _ in range(batches):
-        next(it)
+        release_slot(next(it))  # done with it, as the datamodule is once it has unpacked a batch
     out = {"rate": batches / (time.perf_counter() - t), "main_ms": (cpu(resource.RUSAGE_SELF) - c) / batches * 1e3}
     del it
     gc.collect()  # shuts the persistent workers down, so that their CPU time is counted

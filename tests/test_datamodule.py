@@ -88,7 +88,7 @@ def test_padding_batches_are_marked():
     from megadoc_pl.data.datamodule import PackedWindows
 
     class FakeWindows(list):
-        def packed(self, index):
+        def packed(self, index, alloc=None):
             return {"window_index": list(index)}
 
     ds = PackedWindows(FakeWindows(range(5)))
@@ -97,11 +97,25 @@ def test_padding_batches_are_marked():
 
 
 def test_dataloaders_with_workers_match_in_process(corpus):
+    """Workers pack into reused shared-memory slots once the module has unpacked a batch
+    (on_after_batch_transfer releases it); without a release they pack into fresh buffers.
+    Either way every batch equals the in-process one."""
+    from megadoc_pl.data.datamodule import SLOTS_PER_WORKER
+
     a, b = make_dm(corpus), make_dm(corpus, num_workers=2)
-    for x, y in zip(a.train_dataloader(), b.train_dataloader()):
-        assert set(x) == set(y)
-        for k in x:
-            assert (x[k] == y[k]).all() if torch.is_tensor(x[k]) else x[k] == y[k]
+    slots, n = [], 0
+    for release in (True, False):
+        for x, y in zip(a.train_dataloader(), b.train_dataloader()):
+            slots.append(y.get("slot", (None, None))[1])
+            x, y = a.on_after_batch_transfer(x, 0), (b.on_after_batch_transfer(y, 0) if release else unpack(y))
+            assert set(x) == set(y)
+            for k in x:
+                assert (x[k] == y[k]).all() if torch.is_tensor(x[k]) else x[k] == y[k]
+            n += 1
+        if release:  # every batch came in a slot, and slots were reused
+            assert None not in slots and len(set(slots)) < len(slots) and len(slots) > 2 * SLOTS_PER_WORKER
+            slots = []
+    assert slots.count(None) > 0  # unreleased: the workers ran out of slots and packed into fresh buffers
     v = unpack(next(iter(a.val_dataloader()[0])))
     assert v["window_index"].tolist() == [0, 1]
     assert a.val_set_names == ["iid"]

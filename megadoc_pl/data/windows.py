@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -35,6 +35,7 @@ from megadoc_pl.utils import stable_hash
 
 SCOPES = ("window", "document", "megadoc")
 PACKED = "packed"  # marks a batch from :func:`pack`; :func:`unpack` turns it into the contract
+SLOT = "slot"  # a packed batch in a loader worker's reused buffer: (pool, slot) to release once unpacked
 WINDOW_ORDERS = ("shuffled", "sequential")
 _FEISTEL_ROUNDS = 4  # Luby-Rackoff: four rounds of a pseudo-random function give a strong permutation
 # A pass of at most this many windows has its window permutation tabulated on its second use
@@ -319,7 +320,7 @@ def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int, dtype=np.int6
 
 
 def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int, scope: str,
-         tensors: bool = True, token_bytes: int = 4) -> dict:
+         tensors: bool = True, token_bytes: int = 4, alloc: Optional[Callable[[int], Any]] = None) -> dict:
     """The loader's half of the batch contract: the tokens, and the document structure as
     per-segment and per-clip offsets (kilobytes, not B x T arrays), all in one byte buffer.
     :func:`unpack` expands it on the batch's device. A loader ships ~2 bytes a token instead of
@@ -333,7 +334,8 @@ def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int
     (S + 1,) int32 over the flattened (B * T) inputs, ``clip_start`` / ``clip_docpos`` (C,)
     int32: where each clip starts in the flattened (B * L) tokens and the position of its first
     token in its document, and ``tokens`` (B, L = T + 1). ``tensors=False`` leaves the buffer a
-    numpy array (a dry run, which imports no torch).
+    numpy array (a dry run, which imports no torch). ``alloc(nbytes)`` may give the buffer (a
+    uint8 torch tensor, such as a DataLoader worker's reused shared-memory slot) or None.
     """
     if scope not in SCOPES:
         raise ValueError(f"attention scope must be one of {', '.join(SCOPES)}, got {scope!r}")
@@ -354,14 +356,17 @@ def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int
     if token_bytes not in (2, 4):
         raise ValueError(f"token_bytes must be 2 or 4, got {token_bytes}")
     layout = (B, L, len(cu_seqlens), len(dest0), token_bytes)
-    f = packed_fields({PACKED: layout, "buffer": np.empty(_buffer_bytes(*layout), dtype=np.uint8)})
+    given = alloc(_buffer_bytes(*layout)) if alloc is not None else None
+    buf = np.empty(_buffer_bytes(*layout), dtype=np.uint8) if given is None else given.numpy()
+    f = packed_fields({PACKED: layout, "buffer": buf})
     f["window_index"][:] = window_index
     f["cu_seqlens"][:] = cu_seqlens
     f["clip_start"][:] = dest0
     f["clip_docpos"][:] = clips.docpos  # < 2^31: views check document positions when they make units
     gather_tokens(clips, sources, B, L, out=f["tokens"].reshape(-1))
-    buf = f["buffer"]
-    if tensors:
+    if given is not None:
+        buf = given
+    elif tensors:
         import torch
 
         buf = torch.from_numpy(buf)
@@ -424,7 +429,7 @@ def unpack(batch: dict) -> dict:
     import torch
 
     f = packed_fields(batch)
-    out = {k: v for k, v in batch.items() if k not in (PACKED, "buffer")}
+    out = {k: v for k, v in batch.items() if k not in (PACKED, "buffer", SLOT)}
     tokens = f["tokens"]
     B, L = tokens.shape
     T = L - 1
@@ -541,11 +546,12 @@ class Windows:
             parts.append(c)
         return Clips.concat(parts)
 
-    def packed(self, index: Sequence[int], scope: Optional[str] = None, tensors: bool = True) -> dict:
+    def packed(self, index: Sequence[int], scope: Optional[str] = None, tensors: bool = True,
+               alloc: Optional[Callable[[int], Any]] = None) -> dict:
         """The windows as a :func:`pack`-ed batch (what the loaders ship; :func:`unpack` expands it)."""
         index = np.asarray(index, np.int64)
         return pack(self.clips(index), self.table.sources, index, self.seq_len, scope or self.scope, tensors,
-                    self.table.token_bytes)
+                    self.table.token_bytes, alloc)
 
     def batch(self, index: Sequence[int], scope: Optional[str] = None) -> dict:
         """The windows as a batch of the contract (see :func:`unpack`), on the CPU."""
