@@ -289,3 +289,31 @@ def test_dry_run_and_dump_windows_on_the_demo(tmp_path, capsys):
     capsys.readouterr()
     assert dump.main(["--recipe", "megadoc_stitch", *common, "--split", "val/nope", "--out", str(rows)]) == 2
     assert "is not one of train, val/iid" in capsys.readouterr().err
+
+
+def test_slot_pool_reuses_released_buffers_and_grows_them(monkeypatch):
+    """A worker's slots: busy ones are skipped, a released one is reused (regrown when a batch
+    no longer fits), and with every slot busy there is none (the batch gets a fresh buffer)."""
+    import types
+
+    import torch.utils.data as tud
+
+    from megadoc_pl.data.datamodule import SLOTS_PER_WORKER, SlotPool, release_slot
+
+    pool = SlotPool(num_workers=2)
+    assert pool.take(100) is None  # not in a worker: no slot
+    monkeypatch.setattr(tud, "get_worker_info", lambda: types.SimpleNamespace(id=1))
+    first, buf = pool.take(100)
+    assert first == SLOTS_PER_WORKER and buf.numel() == 100 and pool.busy[first] == 1
+    second, _ = pool.take(100)
+    assert second == first + 1
+    buf[:] = 7
+    release_slot({"slot": (pool.key, first)})
+    again, same = pool.take(110)  # fits the first buffer's headroom: the same memory
+    assert again == first and same.data_ptr() == buf.data_ptr() and int(same[0]) == 7
+    release_slot({"slot": (pool.key, first)})
+    grown, bigger = pool.take(10_000)
+    assert grown == first and bigger.numel() == 10_000 and bigger.data_ptr() != buf.data_ptr()
+    while pool.take(100) is not None:
+        pass
+    assert int(pool.busy[SLOTS_PER_WORKER:].sum()) == SLOTS_PER_WORKER and int(pool.busy[:SLOTS_PER_WORKER].sum()) == 0
