@@ -316,8 +316,9 @@ class MegadocDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: each sampler item is a list of indices, fetched as one vectorised batch.
-        return _TrainLoader(PackedWindows(self.train_windows, self.num_workers), batch_size=None, sampler=self.train_sampler(),
-                            position=self.windows_consumed, **loader_kwargs(self.num_workers))
+        return _TrainLoader(PackedWindows(self.train_windows, self.num_workers), batch_size=None,
+                            sampler=self.train_sampler(), position=self.windows_consumed,
+                            **loader_kwargs(self.num_workers))
 
     def val_dataloader(self) -> list[DataLoader]:
         r, w = self._topology()
@@ -325,9 +326,9 @@ class MegadocDataModule(pl.LightningDataModule):
                 for ws in self.val_windows.values()]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # On the device: the loaders ship packed batches (tokens and offsets, a fifth of the
-        # bytes); the per-token arrays of the contract are built here, where they cost next to
-        # nothing, before any LightningModule sees the batch.
+        # On the device: the loaders ship packed batches (tokens and offsets, ~2 bytes a token
+        # instead of the contract's 36); the per-token arrays of the contract are built here,
+        # where they cost next to nothing, before any LightningModule sees the batch.
         if not isinstance(batch, Mapping):
             return batch
         out = unpack(batch)

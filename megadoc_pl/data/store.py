@@ -589,7 +589,9 @@ def _spec_chunk(chunk: _Chunk) -> Optional[tuple[list, ...]]:
     made column by column with C-level maps: ~3 us a row less than the row loop); None for any
     other chunk, which takes the row loop. ``metas`` are the rows without the four fields."""
     block = chunk.block
-    if block is None or _may_hold_lone_surrogates(chunk):  # those rows need parse_generation's UTF-8 check
+    # Lone surrogates need parse_generation's UTF-8 check; MAGACorpus rows (found without parsing,
+    # so that a MAGACorpus file is not parsed twice) are numbered by the parent.
+    if block is None or _may_hold_lone_surrogates(chunk) or b'"content_split"' in block:
         return None
     loads = orjson_loads(block)
     if loads is None:

@@ -324,10 +324,10 @@ def pack(clips: Clips, sources: Sequence, window_index: np.ndarray, seq_len: int
     """The loader's half of the batch contract: the tokens, and the document structure as
     per-segment and per-clip offsets (kilobytes, not B x T arrays), all in one byte buffer.
     :func:`unpack` expands it on the batch's device. A loader ships ~2 bytes a token instead of
-    the contract's 36 and does no per-token work beyond copying the tokens, and a DataLoader worker hands
-    its batch to the main process as one tensor: each tensor costs ~0.25 ms there, each MB ~0.6 ms,
-    so tokens travel in 2 bytes when every source's ids fit (``token_bytes=2``, see
-    :func:`token_width`), else in 4.
+    the contract's 36 and does no per-token work beyond copying the tokens, and a DataLoader
+    worker hands its batch to the main process as one tensor (each tensor costs ~0.25 ms there,
+    each MB ~0.6 ms). Tokens travel in 2 bytes when every source's ids fit (``token_bytes=2``,
+    see :func:`token_width`), else in 4.
 
     ``{PACKED: (B, L, S + 1, C, token bytes), "buffer": (N,) uint8, "max_seqlen": int}``;
     :func:`packed_fields` reads the buffer as ``window_index`` (B,) int64, ``cu_seqlens``
