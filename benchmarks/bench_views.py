@@ -196,9 +196,7 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
     whole contract, which a GPU run does on the GPU."""
     import gc
 
-    from torch.utils.data import DataLoader
-
-    from megadoc_pl.data.datamodule import PackedWindows, loader_kwargs, release_slot
+    from megadoc_pl.data.datamodule import PackedWindows, SlotLoader, loader_kwargs, release_slot
     from megadoc_pl.data.windows import unpack
 
     def cpu(who: int) -> float:
@@ -207,7 +205,7 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
 
     steps = [list(range(s * batch, (s + 1) * batch)) for s in range(first_step, first_step + batches + 1)]
     kids0 = cpu(resource.RUSAGE_CHILDREN)
-    it = iter(DataLoader(PackedWindows(windows, workers), batch_size=None, sampler=steps, **loader_kwargs(workers)))
+    it = iter(SlotLoader(PackedWindows(windows, workers), batch_size=None, sampler=steps, **loader_kwargs(workers)))
     packed = next(it)
     t, c = time.perf_counter(), cpu(resource.RUSAGE_SELF)
     for _ in range(batches):

@@ -121,6 +121,69 @@ def test_dataloaders_with_workers_match_in_process(corpus):
     assert a.val_set_names == ["iid"]
 
 
+def test_slot_buffers_travel_once_and_again_when_regrown(corpus):
+    """A slot's buffer goes to the main process with the first batch packed into it; later
+    batches in it carry only its number, and a batch too large for it makes the worker regrow
+    the slot and send the new buffer. With batches that grow twice, through one worker: every
+    batch equals the in-process one, a few buffers travel (not one per batch), and the main
+    process ends up holding buffers large enough for the largest batch."""
+    from megadoc_pl.data.datamodule import SLOT, PackedWindows, SlotLoader, release_slot
+    from megadoc_pl.data.windows import packed_bytes
+
+    w = make_dm(corpus).train_windows
+    index = [list(range(k, k + n)) for k, n in enumerate([1] * 12 + [4] * 12 + [16] * 12)]
+    travelled = []
+
+    class Counting(PackedWindows):  # runs in the worker: marks batches that bring their slot's buffer
+        def __getitem__(self, i):
+            b = super().__getitem__(i)
+            b["brought"] = b[SLOT][2] is not None
+            return b
+
+    ds = Counting(w, num_workers=1)
+    for got, i in zip(SlotLoader(ds, batch_size=None, sampler=index, num_workers=1), index):
+        assert got["buffer"].numel() == packed_bytes(got) and len(got[SLOT]) == 2
+        x, y = unpack(got), w.batch(i)
+        assert x.keys() - {"brought"} == y.keys()
+        assert all(torch.equal(x[k], y[k]) if torch.is_tensor(y[k]) else x[k] == y[k] for k in y)
+        travelled.append(got["brought"])
+        release_slot(got)
+    for phase in (0, 12, 24):  # a size's first batch brings a (re)grown buffer; once the few slots
+        # in flight are regrown, batches carry only their slot's number
+        assert travelled[phase] and not any(travelled[phase + 6:phase + 12])
+    assert min(t.numel() for t in ds.pool.received.values()) >= packed_bytes(w.packed(index[-1]))
+
+
+def test_a_slot_batch_outside_its_loader_is_one_clear_error():
+    from megadoc_pl.data.datamodule import SLOT, SlotPool, receive_slot
+
+    with pytest.raises(RuntimeError, match="does not hold that pool"):
+        receive_slot({SLOT: [10**9, 0, None], "buffer": None})
+    pool = SlotPool(num_workers=1)
+    with pytest.raises(RuntimeError, match="arrived before that slot's buffer.*SlotLoader"):
+        receive_slot({SLOT: [pool.key, 3, None], "buffer": None})
+    plain = {"buffer": torch.zeros(4)}
+    assert receive_slot(plain) is plain
+
+
+def test_a_pinned_slot_batch_is_a_copy_and_frees_its_slot(monkeypatch):
+    """With pinned memory (a GPU run), the main process copies a slot's batch into pinned memory
+    and frees the slot at once (no GPU here: pinning is a recorded copy)."""
+    from megadoc_pl.data.datamodule import SLOT, SlotPool, receive_slot
+    from megadoc_pl.data.windows import PACKED, packed_bytes
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t.clone()) or pinned[-1])
+    pool = SlotPool(num_workers=1)
+    layout = (1, 3, 2, 1, 2)
+    pool.busy[2] = 1
+    batch = {PACKED: layout, "buffer": None, SLOT: [pool.key, 2, None]}
+    pool.received[2] = torch.arange(64, dtype=torch.uint8)
+    got = receive_slot(batch, pin=True)
+    assert got["buffer"] is pinned[0] and torch.equal(got["buffer"], torch.arange(packed_bytes(got), dtype=torch.uint8))
+    assert SLOT not in got and int(pool.busy[2]) == 0
+
+
 class _Recorder(pl.LightningModule):
     """A one-parameter model that records the windows it trains on."""
 
@@ -303,17 +366,19 @@ def test_slot_pool_reuses_released_buffers_and_grows_them(monkeypatch):
     pool = SlotPool(num_workers=2)
     assert pool.take(100) is None  # not in a worker: no slot
     monkeypatch.setattr(tud, "get_worker_info", lambda: types.SimpleNamespace(id=1))
-    first, buf = pool.take(100)
+    first, buf, whole = pool.take(100)
     assert first == SLOTS_PER_WORKER and buf.numel() == 100 and pool.busy[first] == 1
-    second, _ = pool.take(100)
+    assert whole.data_ptr() == buf.data_ptr() and whole.numel() >= 100  # a new slot travels with its batch
+    second, _, _ = pool.take(100)
     assert second == first + 1
     buf[:] = 7
     release_slot({"slot": (pool.key, first)})
-    again, same = pool.take(110)  # fits the first buffer's headroom: the same memory
-    assert again == first and same.data_ptr() == buf.data_ptr() and int(same[0]) == 7
+    again, same, whole = pool.take(110)  # fits the first buffer's headroom: the same memory, not sent again
+    assert again == first and same.data_ptr() == buf.data_ptr() and int(same[0]) == 7 and whole is None
     release_slot({"slot": (pool.key, first)})
-    grown, bigger = pool.take(10_000)
+    grown, bigger, whole = pool.take(10_000)
     assert grown == first and bigger.numel() == 10_000 and bigger.data_ptr() != buf.data_ptr()
+    assert whole.data_ptr() == bigger.data_ptr()  # a regrown slot travels again
     while pool.take(100) is not None:
         pass
     assert int(pool.busy[SLOTS_PER_WORKER:].sum()) == SLOTS_PER_WORKER and int(pool.busy[:SLOTS_PER_WORKER].sum()) == 0

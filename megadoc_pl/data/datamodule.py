@@ -26,7 +26,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megadoc_pl.data.mixture import MixturePlan
-from megadoc_pl.data.windows import SLOT, Windows, unpack
+from megadoc_pl.data.windows import SLOT, Windows, packed_bytes, unpack
 
 
 def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -93,21 +93,6 @@ class TrainBatchSampler(Sampler):
         return self.end_step * self.A
 
 
-class _TrainLoader(DataLoader):
-    """A DataLoader that tells Lightning it is resumable: its position lives in the datamodule
-    (restored from the same checkpoint), so its own state is informational only."""
-
-    def __init__(self, *args: Any, position: Callable[[], int], **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._position = position
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"windows_consumed": int(self._position())}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass  # MegadocDataModule.load_state_dict restored the position already
-
-
 class PaddingBatch(list):
     """Window indices of a validation batch that only keeps ranks in step: computed, never counted."""
 
@@ -143,21 +128,36 @@ class ValBatchSampler(Sampler):
 # Buffers a loader worker keeps per worker: more than the batches it can have in flight
 # (prefetch_factor 4, the batch in use, Lightning's one-batch look-ahead).
 SLOTS_PER_WORKER = 8
-_POOLS: "weakref.WeakValueDictionary[int, SlotPool]" = weakref.WeakValueDictionary()  # by key, for release_slot
+_POOLS: "weakref.WeakValueDictionary[int, SlotPool]" = weakref.WeakValueDictionary()  # by key, in the main process
 _POOL_KEYS = itertools.count()
+
+
+class _SlotBuffer:
+    """A worker's slot on its way to the main process, the first time a batch uses it. An
+    object, not a tensor: the DataLoader's pin-memory thread would replace a tensor by a pinned
+    copy that the worker no longer writes into."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
 
 
 class SlotPool:
     """Shared-memory buffers that a DataLoader's workers pack batches into and reuse.
 
-    torch hands a worker's tensor to the main process through shared memory: a fresh buffer is
-    copied into a new segment there, and the main process maps it anew (~0.5 ms of CPU per
-    0.5 MB batch between them, measured). A slot is shared once and then reused: torch sends its
-    handle and the main process keeps its mapping. ``busy`` (shared, one flag per slot) says
-    which slots are in flight: a worker sets a slot's flag when it packs into it, and the main
-    process clears it once the batch is unpacked (:func:`release_slot`, called by
-    :class:`MegadocDataModule` after ``unpack``). A worker with no free slot (a consumer that
-    never releases) packs into a fresh buffer, as without a pool: batches are never shared.
+    torch hands a worker's tensor to the main process through shared memory, and even a buffer
+    it has handed over before costs a file-descriptor exchange between the two processes (~0.3 ms
+    of CPU in the main process per batch, measured, and as much in the worker). So a slot's
+    tensor travels once, with the first batch packed into it (and again if a larger batch makes
+    the worker regrow it); later batches in that slot carry only its number, and the main
+    process reads the batch from the tensor it kept (:func:`receive_slot`, which
+    :class:`SlotLoader` applies to every batch). ``busy`` (shared, one flag per slot) says which
+    slots are in use: a worker sets a slot's flag when it packs into it, and the main process
+    clears it once the batch is unpacked (:func:`release_slot`, called by
+    :class:`MegadocDataModule` after ``unpack``), or at once when it copies the batch into pinned
+    memory. A worker with no free slot (a consumer that never releases) packs into a fresh
+    buffer, as without a pool: a batch in use is never overwritten.
     """
 
     def __init__(self, num_workers: int):
@@ -166,10 +166,13 @@ class SlotPool:
         self.busy = torch.zeros(num_workers * SLOTS_PER_WORKER, dtype=torch.int32).share_memory_()
         self.key = next(_POOL_KEYS)
         self.slots: list = []  # this worker's buffers (made in the worker, on first use)
+        self.sent: list[bool] = []  # whether the main process has been sent each of them
+        self.received: dict[int, Any] = {}  # main process: the slots' tensors, by slot number
         _POOLS[self.key] = self
 
-    def take(self, nbytes: int) -> Optional[tuple[int, Any]]:
-        """(slot, uint8 tensor of ``nbytes``) in a free buffer of this worker, or None."""
+    def take(self, nbytes: int) -> Optional[tuple[int, Any, Optional[Any]]]:
+        """(slot, uint8 tensor of ``nbytes`` in it, the slot's whole tensor if the main process
+        has not been sent it yet, else None) for a free buffer of this worker, or None."""
         import torch
         from torch.utils.data import get_worker_info
 
@@ -182,13 +185,41 @@ class SlotPool:
                 continue
             if k == len(self.slots) or self.slots[k].numel() < nbytes:  # released: the main process is done with it
                 buf = torch.empty(nbytes + nbytes // 4, dtype=torch.uint8).share_memory_()  # room for larger batches
-                self.slots[k:k + 1] = [buf]
+                self.slots[k:k + 1], self.sent[k:k + 1] = [buf], [False]
             busy[first + k] = 1
-            return first + k, self.slots[k][:nbytes]
+            whole = None if self.sent[k] else self.slots[k]
+            self.sent[k] = True
+            return first + k, self.slots[k][:nbytes], whole
         return None
 
     def __getstate__(self) -> dict:  # a spawned worker gets the flags, not the main process's registry entry
-        return {"busy": self.busy, "key": self.key, "slots": []}
+        return {"busy": self.busy, "key": self.key, "slots": [], "sent": [], "received": {}}
+
+
+def receive_slot(batch: Any, pin: bool = False) -> Any:
+    """In the main process, a batch from a worker as it was packed: one packed into a slot gets
+    its buffer back (the slot's tensor, kept from the first batch that brought it). ``pin``
+    copies it into pinned memory (for a GPU) and frees the slot at once. Other batches pass."""
+    got = batch.get(SLOT) if isinstance(batch, Mapping) else None
+    if got is None or len(got) != 3:
+        return batch
+    key, k, sent = got
+    pool = _POOLS.get(key)
+    if pool is None:
+        raise RuntimeError(f"a batch packed into slot {k} of loader pool {key} reached a process that does not "
+                           "hold that pool (fix: iterate the loader of the PackedWindows that made it)")
+    if sent is not None:
+        pool.received[k] = sent.tensor
+    if k not in pool.received:
+        raise RuntimeError(f"a batch packed into slot {k} of loader pool {key} arrived before that slot's buffer "
+                           "(fix: iterate PackedWindows through SlotLoader, which receives every batch)")
+    batch["buffer"] = pool.received[k][:packed_bytes(batch)]
+    batch[SLOT] = (key, k)
+    if pin:
+        batch["buffer"] = batch["buffer"].pin_memory()
+        release_slot(batch)
+        del batch[SLOT]
+    return batch
 
 
 def release_slot(batch: Mapping) -> None:
@@ -201,7 +232,8 @@ def release_slot(batch: Mapping) -> None:
 class PackedWindows(Dataset):
     """Windows fetched a batch of indices at a time as :func:`~megadoc_pl.data.windows.pack`-ed
     batches (the module unpacks them on its device); a :class:`PaddingBatch` comes back marked
-    ``padding=True``. With ``num_workers``, the workers pack into a :class:`SlotPool`."""
+    ``padding=True``. With ``num_workers``, the workers pack into a :class:`SlotPool` and a
+    batch in a slot leaves the worker without its buffer: iterate it with :class:`SlotLoader`."""
 
     def __init__(self, windows: Windows, num_workers: int = 0):
         self.windows = windows
@@ -217,15 +249,44 @@ class PackedWindows(Dataset):
             got = self.pool.take(nbytes) if self.pool is not None else None
             if got is None:
                 return None
-            slot.append(got[0])
+            slot.append(got)
             return got[1]
 
         batch = self.windows.packed(list(index), alloc=alloc)
         if slot:
-            batch[SLOT] = (self.pool.key, slot[0])
+            k, _, whole = slot[0]
+            batch["buffer"] = None  # the main process reads it from the slot (receive_slot)
+            batch[SLOT] = (self.pool.key, k, None if whole is None else _SlotBuffer(whole))
         if isinstance(index, PaddingBatch):
             batch["padding"] = True
         return batch
+
+
+class SlotLoader(DataLoader):
+    """The DataLoader of :class:`PackedWindows`: its batches come out whole (each batch a worker
+    packed into a slot gets its buffer back, see :func:`receive_slot`)."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        if not self.num_workers:
+            return batches
+        pin = bool(self.pin_memory)
+        return (receive_slot(b, pin) for b in batches)
+
+
+class _TrainLoader(SlotLoader):
+    """A DataLoader that tells Lightning it is resumable: its position lives in the datamodule
+    (restored from the same checkpoint), so its own state is informational only."""
+
+    def __init__(self, *args: Any, position: Callable[[], int], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._position = position
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"windows_consumed": int(self._position())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass  # MegadocDataModule.load_state_dict restored the position already
 
 
 class MegadocDataModule(pl.LightningDataModule):
@@ -307,7 +368,7 @@ class MegadocDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, sampler: Sampler) -> DataLoader:
         # batch_size=None: each sampler item is a list of indices, fetched as one vectorised batch.
-        return DataLoader(dataset, batch_size=None, sampler=sampler, **loader_kwargs(self.num_workers))
+        return SlotLoader(dataset, batch_size=None, sampler=sampler, **loader_kwargs(self.num_workers))
 
     def train_sampler(self, rank: Optional[int] = None, world_size: Optional[int] = None) -> TrainBatchSampler:
         r, w = self._topology()

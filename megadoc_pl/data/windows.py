@@ -391,6 +391,11 @@ def _buffer_bytes(B: int, L: int, S1: int, C: int, token_bytes: int) -> int:
     return 8 * B + 4 * (S1 + 2 * C) + token_bytes * B * L
 
 
+def packed_bytes(batch: dict) -> int:
+    """The size of a :func:`pack`-ed batch's buffer."""
+    return _buffer_bytes(*batch[PACKED])
+
+
 def packed_fields(batch: dict) -> dict:
     """The fields of a :func:`pack`-ed batch's buffer: views of a numpy buffer (tokens uint16 or
     int32, as packed) or, for a torch buffer on any device, views with the tokens as int64."""
