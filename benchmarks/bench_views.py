@@ -92,7 +92,14 @@ def write_store(out: Path, kind: str, lengths: np.ndarray, source_ids, tasks=Non
     return TokenStore.open(out)
 
 
-def build_stores(root: Path, sources: int, generations: int) -> dict:
+# Token lengths drawn uniformly per document: real documents, rephrases, rationales, MAGA
+# reformulations. "short" keeps full-size stores small (11.3M generations in ~1 GB each);
+# "paper" has the papers' means (164k documents of ~1.24k tokens, 5.2M generations of ~700).
+LENGTHS = {"short": {"real": (60, 300), "rephrase": (20, 100), "rationale": (20, 40), "maga": (20, 40)},
+           "paper": {"real": (200, 2290), "rephrase": (300, 1100), "rationale": (100, 300), "maga": (300, 1100)}}
+
+
+def build_stores(root: Path, sources: int, generations: int, lengths: str = "short") -> dict:
     """The real store and one generation store per task family (cached under ``root``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -103,7 +110,8 @@ def build_stores(root: Path, sources: int, generations: int) -> dict:
     rng = np.random.default_rng(0)
     S, G = sources, generations
     ids = pa.array(np.char.add("doc", np.arange(S).astype(str)).astype(object))
-    real = write_store(root / "real", "documents", rng.integers(60, 300, S), ids, seed=1)
+    span = LENGTHS[lengths]
+    real = write_store(root / "real", "documents", rng.integers(*span["real"], S), ids, seed=1)
     sid = pc.take(ids, pa.array(np.repeat(np.arange(S), G)))
     gi = np.tile(np.arange(G, dtype=np.int64), S)
 
@@ -116,9 +124,10 @@ def build_stores(root: Path, sources: int, generations: int) -> dict:
     rat_meta = pc.binary_join_element_wise(
         '{"split_index": ', pa.array(gi).cast(pa.string()), ', "split_token_offset": ', pa.array(cut).cast(pa.string()),
         ', "split_tokenizer": "', unit, '"}', "")
-    parts = {"rephrase": gens("rephrase", 20, 100, 2), "rationale": gens("rationale", 20, 40, 3,
-                                                                        split_index=pa.array(gi), meta=rat_meta),
-             "maga": gens("maga", 20, 40, 4, judge_score=pa.array(np.random.default_rng(5).integers(1, 6, S * G) * 1.0))}
+    parts = {"rephrase": gens("rephrase", *span["rephrase"], 2),
+             "rationale": gens("rationale", *span["rationale"], 3, split_index=pa.array(gi), meta=rat_meta),
+             "maga": gens("maga", *span["maga"], 4,
+                          judge_score=pa.array(np.random.default_rng(5).integers(1, 6, S * G) * 1.0))}
     stores = {"real": real}
     for name, (lengths, s, t, g, extra) in parts.items():
         meta = extra.pop("meta", None)
@@ -172,19 +181,24 @@ def _encode(text: str) -> list[int]:
     return [5, 6, 7][: len(text) % 4]  # the delimiters' token ids (any fixed short ids)
 
 
-def train_windows(root: Path, cache: Path, generations: int, seq_len: int, batch: int, order: str):
-    """The stitch recipe's training windows (E=32, w=0.9, scope document) on the bench stores."""
+def train_windows(root: Path, cache: Path, generations: int, seq_len: int, batch: int, order: str,
+                  shared: bool = False, view: str = "stitch"):
+    """A recipe's training windows (E=32, w=0.9, scope document; the view's synthetic stream) on
+    the bench stores; ``shared``: pass orders and window tables shared through files, as with
+    loader workers."""
     from megadoc_pl.data.mixture import paper_plan
     from megadoc_pl.data.view_cache import cached_view
     from megadoc_pl.data.views import real_units
-    from megadoc_pl.data.windows import StreamWindows, Windows
+    from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows
 
-    real, synth = open_stores(root, "stitch")
+    real, synth = open_stores(root, view)
     held = heldout_ids(real)
     ru = real_units(real, held)
-    su = cached_view(cache, real, synth, view_options("stitch", generations), held)
+    su = cached_view(cache, real, synth, view_options(view, generations), held)
     plan = paper_plan(ru.num_tokens, 32, 0.9, batch, seq_len, su.num_tokens)
-    streams = {n: StreamWindows(u, seq_len, 42, n, window_order=order) for n, u in (("real", ru), ("synthetic", su))}
+    passes = SharedPasses(cache / "passes") if shared else None
+    streams = {n: StreamWindows(u, seq_len, 42, n, window_order=order, shared=passes)
+               for n, u in (("real", ru), ("synthetic", su))}
     return Windows.from_plan(streams, plan, "document"), plan, synth
 
 
@@ -205,13 +219,15 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
 
     steps = [list(range(s * batch, (s + 1) * batch)) for s in range(first_step, first_step + batches + 1)]
     kids0 = cpu(resource.RUSAGE_CHILDREN)
-    it = iter(SlotLoader(PackedWindows(windows, workers), batch_size=None, sampler=steps, **loader_kwargs(workers)))
+    loader = SlotLoader(PackedWindows(windows, workers), batch_size=None, sampler=steps, **loader_kwargs(workers))
+    it = iter(loader)
     packed = next(it)
     t, c = time.perf_counter(), cpu(resource.RUSAGE_SELF)
     for _ in range(batches):
         release_slot(next(it))  # done with it, as the datamodule is once it has unpacked a batch
     out = {"rate": batches / (time.perf_counter() - t), "main_ms": (cpu(resource.RUSAGE_SELF) - c) / batches * 1e3}
-    del it
+    out["worker_private_mb"] = worker_private_mb(loader._iterator)
+    del it, loader
     gc.collect()  # shuts the persistent workers down, so that their CPU time is counted
     out["worker_ms"] = (cpu(resource.RUSAGE_CHILDREN) - kids0) / (batches + 1) * 1e3 if workers else None
     t = time.perf_counter()
@@ -220,6 +236,19 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
     assert full["input_ids"].shape == (batch, windows.seq_len)
     out["unpack_ms"] = (time.perf_counter() - t) / 5 * 1e3
     return out
+
+
+def worker_private_mb(it) -> Optional[float]:
+    """Mean memory of a DataLoader's iterator's workers that no other process shares (Private_Clean +
+    Private_Dirty of /proc/PID/smaps_rollup, Linux), or None."""
+    sizes = []
+    for w in getattr(it, "_workers", []):
+        try:
+            text = Path(f"/proc/{w.pid}/smaps_rollup").read_text()
+        except OSError:
+            return None
+        sizes.append(sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_")) / 1024)
+    return sum(sizes) / len(sizes) if sizes else None
 
 
 def gpu_unpack_ms(windows, batch: int) -> Optional[float]:
@@ -287,7 +316,12 @@ def run_stage(args: argparse.Namespace) -> dict:
         time_view(root, cache, what, args.generations)
     elif kind == "loader":
         order, workers, where = what.split(":")
-        windows, plan, synth = train_windows(root, cache, args.generations, args.seq_len, args.batch, order)
+        import shutil
+
+        shutil.rmtree(cache / "passes", ignore_errors=True)  # every stage computes its passes afresh
+        windows, plan, synth = train_windows(root, cache, args.generations, args.seq_len, args.batch, order,
+                                             shared=int(workers) > 0 and not args.no_shared_passes,
+                                             view=args.loader_view)
         first = 1 if where == "early" else plan.steps - args.batches - 2
         out.update(loader_rate(windows, first, args.batches, args.batch, int(workers)))
         out["peer"] = peer_rate(synth.path / "tokens.bin", args.batches, args.batch, args.seq_len)
@@ -316,10 +350,17 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--views", default=",".join(VIEWS))
     ap.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to measure (many cores: 0,1,2,4,8)")
+    ap.add_argument("--loader-view", default="stitch", choices=("stitch", "rephrase", "maga"),
+                    help="the synthetic stream of the loader stages (rephrase: one unit per generation, 5.2M a pass)")
+    ap.add_argument("--lengths", default="short", choices=tuple(LENGTHS),
+                    help="document lengths: short (small stores) or paper (the papers' mean lengths)")
+    ap.add_argument("--no-shared-passes", action="store_true",
+                    help="workers compute pass orders and window tables each (as before they were shared)")
     ap.add_argument("--root", default=None, help="store and cache directory (default .cache/bench_views/s<S>-g<G>)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.root = args.root or str(ROOT / ".cache" / "bench_views" / f"s{args.sources}-g{args.generations}")
+    args.root = args.root or str(ROOT / ".cache" / "bench_views" / (f"s{args.sources}-g{args.generations}"
+                                                                    + ("" if args.lengths == "short" else "-paper")))
     if args.stage:
         print(json.dumps(run_stage(args)))
         return
@@ -327,19 +368,22 @@ def main() -> None:
     import shutil
 
     t = time.perf_counter()
-    build_stores(Path(args.root), args.sources, args.generations)
+    build_stores(Path(args.root), args.sources, args.generations, args.lengths)
     print(f"stores: {args.sources:,} sources x G={args.generations} under {args.root} "
           f"({time.perf_counter() - t:.1f}s)", flush=True)
     shutil.rmtree(Path(args.root) / "cache", ignore_errors=True)
     size = f"{args.sources // 1000}k x {args.generations}"
-    stages = [f"build:{v}" for v in args.views.split(",")] + [f"relaunch:{v}" for v in args.views.split(",")]
+    views = [v for v in args.views.split(",") if v]
+    stages = [f"build:{v}" for v in views] + [f"relaunch:{v}" for v in views]
     stages += [f"loader:shuffled:{w}:{where}" for w in map(int, args.workers.split(",")) for where in ("early", "late")]
     print(f"{'stage':34} {'size':>10} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'ratio vs peer':>14}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for stage in stages:
         proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--root", args.root,
                                "--generations", str(args.generations), "--seq-len", str(args.seq_len),
-                               "--batch", str(args.batch), "--batches", str(args.batches)],
+                               "--batch", str(args.batch), "--batches", str(args.batches),
+                               "--loader-view", args.loader_view]
+                              + (["--no-shared-passes"] if args.no_shared_passes else []),
                               capture_output=True, text=True, env=env)
         if proc.returncode:
             print(f"{stage:34} failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -349,6 +393,7 @@ def main() -> None:
         extra = (f"  ({r['rate']:.0f} vs {r['peer']:.0f} batches/s; {r['rate'] / r['slicer']:.2f}x the tight slicer "
                  f"at {r['slicer']:.0f}/s; CPU per batch: main {r['main_ms']:.2f} ms"
                  + (f", workers {r['worker_ms']:.2f} ms" if r.get("worker_ms") else "")
+                 + (f"; {r['worker_private_mb']:.0f} MB private per worker" if r.get("worker_private_mb") else "")
                  + f"; unpack on CPU {r['unpack_ms']:.1f} ms"
                  + (f", to GPU and unpack there {r['gpu_unpack_ms']:.2f} ms" if r.get("gpu_unpack_ms") else "")
                  + ")") if "rate" in r else ""

@@ -11,7 +11,7 @@ from megadoc_pl.data.datamodule import (MegadocDataModule, PaddingBatch, TrainBa
                                          accumulation_steps)
 from megadoc_pl.data.mixture import paper_plan
 from megadoc_pl.data.views import ViewOptions, build_view, documents_units, real_units
-from megadoc_pl.data.windows import StreamWindows, Windows, unpack
+from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows, unpack
 
 from conftest import load_script
 from test_views import HELDOUT, make_corpus
@@ -24,13 +24,16 @@ def corpus(tmp_path_factory, tiny_tokenizer_path) -> dict:
     return make_corpus(tmp_path_factory.mktemp("corpus"), tiny_tokenizer_path)
 
 
-def make_dm(corpus, global_batch=4, micro=2, seed=0, fingerprint="fp-A", num_workers=0, max_steps=None) -> MegadocDataModule:
+def make_dm(corpus, global_batch=4, micro=2, seed=0, fingerprint="fp-A", num_workers=0, max_steps=None,
+            passes=None) -> MegadocDataModule:
     R, S = corpus["real"], corpus["synth"]
     ru = real_units(R, HELDOUT)
     su = build_view(R, S, ViewOptions(view="stitch", generations=2, short_pool="drop"), HELDOUT)
     plan = paper_plan(ru.num_tokens, 2, 0.5, global_batch, T, su.num_tokens)
     steps = max_steps or plan.steps
-    streams = {"real": StreamWindows(ru, T, seed, "real"), "synthetic": StreamWindows(su, T, seed, "synthetic")}
+    shared = SharedPasses(passes) if passes else None
+    streams = {"real": StreamWindows(ru, T, seed, "real", shared=shared),
+               "synthetic": StreamWindows(su, T, seed, "synthetic", shared=shared)}
     train = Windows.from_plan(streams, plan, "document", length=steps * global_batch)
     val = {"iid": Windows.sequential(documents_units(R, np.array([R.find("d4")[0], 0, 1]), "iid"), T, "document")}
     return MegadocDataModule(train, val, plan, micro_batch_size=micro, max_steps=steps, num_workers=num_workers,
@@ -96,13 +99,14 @@ def test_padding_batches_are_marked():
     assert ds[PaddingBatch([0, 1])]["padding"] is True
 
 
-def test_dataloaders_with_workers_match_in_process(corpus):
+def test_dataloaders_with_workers_match_in_process(corpus, tmp_path):
     """Workers pack into reused shared-memory slots once the module has unpacked a batch
     (on_after_batch_transfer releases it); without a release they pack into fresh buffers.
-    Either way every batch equals the in-process one."""
+    Either way every batch equals the in-process one. The workers share pass orders and window
+    tables through files (as prepare_corpus sets up with workers)."""
     from megadoc_pl.data.datamodule import SLOTS_PER_WORKER
 
-    a, b = make_dm(corpus), make_dm(corpus, num_workers=2)
+    a, b = make_dm(corpus), make_dm(corpus, num_workers=2, passes=tmp_path / "passes")
     slots, n = [], 0
     for release in (True, False):
         for x, y in zip(a.train_dataloader(), b.train_dataloader()):
@@ -116,6 +120,7 @@ def test_dataloaders_with_workers_match_in_process(corpus):
             assert None not in slots and len(set(slots)) < len(slots) and len(slots) > 2 * SLOTS_PER_WORKER
             slots = []
     assert slots.count(None) > 0  # unreleased: the workers ran out of slots and packed into fresh buffers
+    assert list((tmp_path / "passes").glob("order-*.npy")) and list((tmp_path / "passes").glob("windows-*.npy"))
     v = unpack(next(iter(a.val_dataloader()[0])))
     assert v["window_index"].tolist() == [0, 1]
     assert a.val_set_names == ["iid"]

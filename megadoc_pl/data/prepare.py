@@ -36,7 +36,7 @@ from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, p
 from megadoc_pl.data.view_cache import cached_view
 from megadoc_pl.data.views import (SYNTHETIC_TASK, Units, ViewOptions, documents_units, real_fraction_excluded,
                                    real_units)
-from megadoc_pl.data.windows import StreamWindows, Windows
+from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows
 from megadoc_pl.utils import file_lock, get_logger, json_fingerprint
 
 if TYPE_CHECKING:  # Lightning is imported only when a datamodule is made (dry runs stay light)
@@ -90,9 +90,12 @@ class PreparedData:
         seed = int(self.cfg.train.data_seed)
         T = int(self.cfg.data.seq_len)
         order = str(self.cfg.data.window_order)
-        streams = {REAL: StreamWindows(self.real_units, T, seed, REAL, window_order=order)}
+        # Loader workers (and the ranks of a node) share each pass's unit order and window table.
+        shared = SharedPasses(Path(self.cfg.data.cache_dir) / "passes") if int(self.cfg.data.num_workers) else None
+        streams = {REAL: StreamWindows(self.real_units, T, seed, REAL, window_order=order, shared=shared)}
         if self.synthetic_units is not None:
-            streams[SYNTHETIC] = StreamWindows(self.synthetic_units, T, seed, SYNTHETIC, window_order=order)
+            streams[SYNTHETIC] = StreamWindows(self.synthetic_units, T, seed, SYNTHETIC, window_order=order,
+                                               shared=shared)
         return Windows.from_plan(streams, self.plan, self.scope, length=self.max_steps * self.plan.global_batch_size)
 
     def val_windows(self) -> dict[str, Windows]:
