@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
@@ -79,3 +82,31 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "cc_en_head-0091.jsonl.gz").exists():
         pytest.skip("../shared/data is not present (only in the developers' workplace)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(name, size, ro) -> a fresh tmpfs (root only; skips where it cannot mount)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    mounted = []
+
+    def mount(name: str, size: str = "2m", ro: bool = False) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if ro else ""), "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def fill_filesystem(directory: Path, leave: int) -> None:
+    """Take all but ``leave`` bytes of a filesystem."""
+    st = os.statvfs(directory)
+    (directory / "ballast").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))

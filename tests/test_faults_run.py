@@ -27,7 +27,7 @@ from megadoc_pl.train.checkpoint import AtomicCheckpointIO, TMP_SUFFIX, write_ch
 from megadoc_pl.train.cli import main
 from megadoc_pl.train.run import train
 
-from conftest import REPO, build_tiny_tokenizer, one_thread
+from conftest import REPO, build_tiny_tokenizer, fill_filesystem, one_thread
 from train_helpers import QUIET, scalars_per_file, tiny_overrides, tiny_recipe, write_corpus
 
 QUIET_FLAGS = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -303,34 +303,6 @@ def test_nonfinite_weights_are_refused_by_the_checkpoint_io(tmp_path, capsys):
 # ------------------------------------------------------------------------- read-only and full filesystems
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """mount(name, size, ro) -> a fresh tmpfs (root only; skips where it cannot mount)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    mounted = []
-
-    def mount(name: str, size: str = "2m", ro: bool = False) -> Path:
-        d = tmp_path / name
-        d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if ro else ""), "tmpfs", str(d)],
-                           capture_output=True, text=True)
-        if r.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-        mounted.append(d)
-        return d
-
-    yield mount
-    for d in mounted:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
-def _fill(directory: Path, leave: int) -> None:
-    """Take all but ``leave`` bytes of a filesystem."""
-    st = os.statvfs(directory)
-    (directory / "ballast").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
-
-
 def test_read_only_run_root_is_one_line_before_any_data_work(world, tmpfs, capsys, tmp_path):
     ro = tmpfs("ro", ro=True)
     argv = _fit(world, "ro-run", f"run.root={ro / 'runs'}", f"data.cache_dir={tmp_path / 'fresh-cache'}")
@@ -342,7 +314,7 @@ def test_read_only_run_root_is_one_line_before_any_data_work(world, tmpfs, capsy
 
 def test_full_run_root_fails_the_checkpoint_in_one_line_and_leaves_no_temp_file(world, tmpfs, capsys):
     full = tmpfs("full")
-    _fill(full, leave=64 * 1024)  # room for config, provenance and events, not for a checkpoint
+    fill_filesystem(full, leave=64 * 1024)  # room for config, provenance and events, not for a checkpoint
     rc, line = _cli(_fit(world, "full-run", f"run.root={full}", "train.ckpt_every=1", steps=2), capsys)
     ckpts = full / "full-run" / "checkpoints"
     assert rc == 2 and line.startswith(f"error: cannot write checkpoint {ckpts / 'step-000001.ckpt'}: "
@@ -354,7 +326,7 @@ def test_full_run_root_fails_the_checkpoint_in_one_line_and_leaves_no_temp_file(
 def test_a_full_run_root_under_tensorboard_is_one_line_from_the_command_line(world, tmpfs):
     """TensorBoard's writer thread meets the full disk first: still no traceback, one line, exit 2."""
     full = tmpfs("full-tb")
-    _fill(full, leave=64 * 1024)  # validation figures at the end do not fit
+    fill_filesystem(full, leave=64 * 1024)  # validation figures at the end do not fit
     argv = [sys.executable, "-m", "megadoc_pl.train.cli", *_fit(world, "tb", f"run.root={full}", steps=2)]
     r = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
@@ -367,7 +339,7 @@ def test_a_full_run_root_under_tensorboard_is_one_line_from_the_command_line(wor
 def test_full_or_read_only_cache_dir_is_one_line(world, tmpfs, capsys, fault):
     cache = tmpfs(f"cache-{fault}", ro=fault == "read-only")
     if fault == "full":
-        _fill(cache, leave=4096)
+        fill_filesystem(cache, leave=4096)
     rc, line = _cli(_fit(world, f"cache-{fault}", f"data.cache_dir={cache}"), capsys)
     assert rc == 2 and line.startswith(f"error: data.cache_dir={cache}: "), line
     words = ("No space left on device", "the filesystem is full") if fault == "full" else ("Read-only file system",)

@@ -13,7 +13,7 @@ import pytest
 from megadoc_pl.data.views import ViewOptions, build_view, real_units
 from megadoc_pl.data.windows import SharedPasses, StreamWindows
 
-from test_faults_run import _fill, tmpfs  # noqa: F401  (a fixture)
+from conftest import fill_filesystem
 from test_views import HELDOUT, make_corpus
 
 T = 16
@@ -111,13 +111,13 @@ def test_many_processes_compute_a_pass_once(tmp_path):
     assert len(log.read_text().split()) == 1  # one computed it; the others waited and mapped its file
 
 
-def test_where_files_cannot_be_written_each_process_computes_its_own(units, tmp_path, tmpfs, capsys):  # noqa: F811
+def test_where_files_cannot_be_written_each_process_computes_its_own(units, tmp_path, tmpfs, capsys):
     st_units = units[1]
     mem = StreamWindows(st_units, T, 5, "synthetic")
     blocked = tmp_path / "a-file"
     blocked.write_text("not a directory")
     full = tmpfs("full", size="1m")
-    _fill(full, leave=0)
+    fill_filesystem(full, leave=0)
     fails = []
     for root in (blocked / "passes", full / "passes"):
         shared = SharedPasses(root)
