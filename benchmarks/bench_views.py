@@ -19,6 +19,14 @@ Every stage runs in a fresh process (its wall, CPU and peak RSS are its own):
 
     python benchmarks/bench_views.py --sources 16400            # 1/10 of the paper
     python benchmarks/bench_views.py --sources 164000           # the paper: 5.2M generations per task
+    python benchmarks/bench_views.py --sources 16400 --lengths paper --views stitch,rephrase \
+        --loader-view rephrase --workers 0,1,2,4,8               # the papers' document lengths, many cores
+
+Documents are short by default (real ~180 tokens, generations ~30-60) so that paper-size stores
+fit in ~1 GB each; ``--lengths paper`` draws the papers' means (~1.24k and ~700). The loader
+stages read the stitch view's synthetic stream, or ``--loader-view``'s; with workers, pass orders
+and window tables are shared through files as in training (``--no-shared-passes``: each worker
+computes its own), and each worker's private memory is printed.
 
 Targets (SPEC 11): every view builds in <= 30 s, relaunches in <= 5 s, peak RSS <= 1.5 GB;
 the loader >= 0.8x the peer from one process.

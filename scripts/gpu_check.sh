@@ -3,7 +3,7 @@
 #   1. the GPU test marker (flash_attn / torch_varlen / flex against fp32 sdpa in bf16, forward and backward)
 #   2. 300m at 4096 context, document scope: tokens/s and MFU, eager and torch.compile
 #   3. FSDP2 (train.strategy=fsdp2, meta-device init) training the demo recipe on one GPU
-#   4. the loader at 1/10 paper scale with 0-8 DataLoader workers: packed batches vs nanoGPT's get_batch, and the cost of moving a
+#   4. the loader at 1/10 paper scale (the papers' document lengths) with 0-8 DataLoader workers: packed batches vs nanoGPT's get_batch, and the cost of moving a
 #      packed 64 x 4096 batch to the GPU and unpacking it there
 # then one summary table. Needs the package importable (pip install -e . --no-deps on a machine that has
 # torch, lightning, transformers, torchmetrics, tensorboard and the other core dependencies).
@@ -30,7 +30,7 @@ step fsdp2_one_gpu 120 python -m megadoc_pl.train.cli fit --recipe megadoc_stitc
   --set train.strategy=fsdp2 --set train.accelerator=gpu --set train.devices=1 --set train.max_steps=50 \
   --set run.root="$OUT/runs" --set run.name=fsdp2 --set data.cache_dir="$OUT/cache" \
   --trainer.enable_progress_bar false
-step loader 180 python benchmarks/bench_views.py --sources 16400 --views stitch --workers 0,1,2,4,8 --root "$OUT/bench_views"
+step loader 240 python benchmarks/bench_views.py --sources 16400 --lengths paper --views stitch --workers 0,1,2,4,8 --root "$OUT/bench_views"
 
 python - "$OUT" <<'PY'
 import json, re, sys
