@@ -124,3 +124,55 @@ def test_malformed_split_files(tmp_path):
     p.write_text(json.dumps({"heldout": ["a"], "sets": {"iid": ["a", "b"]}}))
     with pytest.raises(ValueError, match="set 'iid' has ids that are not held out, e.g. 'b'"):
         load_heldout_ids(p)
+
+
+TRICKY_IDS = ["doc-1", "é", "中文", "😀 grin", 'quote"d', "back\\slash", "new\nline", "tab\t", "nul\x00", "a", "a\x00",
+              "\u2028", "Z", "zz" * 40, "123", "-1", "ǅ", "\U0010fffd"] + [f"w{i}" for i in range(60)]
+
+
+@pytest.mark.parametrize("arrow", [False, True])
+def test_vectorised_split_equals_the_rule_on_python_strings(arrow, monkeypatch):
+    """make_split keeps its ids in Arrow (no Python object per document for a 100M-document
+    corpus): the hash order, the sorted-ids fingerprint and the sets equal the per-id rule on
+    Python strings, in small chunks and with ties forced by a coarse hash."""
+    import pyarrow as pa
+
+    from megadoc_pl.data import split as split_mod
+    from megadoc_pl.utils import json_fingerprint
+
+    monkeypatch.setattr(split_mod, "_CHUNK", 7)
+    ids = list(TRICKY_IDS)
+    random.Random(0).shuffle(ids)
+    lengths = np.arange(len(ids)) * 100
+    given = pa.chunked_array([pa.array(ids[:30]), pa.array(ids[30:])]) if arrow else ids
+    val = ValConfig(num_iid=9, num_long=5, num_short=4, max_heldout_fraction=1.0)
+    for coarse in (False, True):
+        if coarse:  # only 5 distinct keys: ties everywhere, broken by id
+            monkeypatch.setattr(split_mod, "stable_hash", lambda text: stable_hash(text) % 5)
+        key = split_mod.stable_hash
+        for seed in (0, 1234):
+            want = sorted(range(len(ids)), key=lambda i: (key(f"{seed}:{ids[i]}"), ids[i]))
+            assert split_mod.hash_order(given, seed).tolist() == want
+        s = make_split(given, lengths, val)
+        want = sorted(range(len(ids)), key=lambda i: (key(f"1234:{ids[i]}"), ids[i]))
+        assert s["ids_fingerprint"] == json_fingerprint(sorted(ids))
+        assert s["sets"]["iid"] == [ids[i] for i in want[:9]]
+        assert s["sets"]["long"] == [ids[i] for i in want if lengths[i] >= 2048][:5]
+        assert s["sets"]["short"] == [ids[i] for i in want if lengths[i] < 512][:4]
+        rank = {i: k for k, i in enumerate(want)}
+        held = {ids[i] for i in want[:9]} | set(s["sets"]["long"]) | set(s["sets"]["short"])
+        assert s["heldout"] == sorted(held, key=lambda x: rank[ids.index(x)])
+    with pytest.raises(ValueError, match="not unique \\('w3' repeats\\)"):
+        make_split(ids + ["w3"], np.arange(len(ids) + 1), val)
+
+
+def test_missing_heldout_ids_reads_arrow_ids(tmp_path):
+    import pyarrow as pa
+
+    from megadoc_pl.data.split import missing_heldout_ids
+
+    ids = pa.array(["a", "b", "c", "b"])
+    assert missing_heldout_ids(tmp_path / "s.json", {"a", "b", "zz"}, ids) == 1
+    assert missing_heldout_ids(tmp_path / "s.json", {"a"}, ["a", "b"]) == 0
+    with pytest.raises(ValueError, match="none of its 1 held-out ids.*ids like 'a'"):
+        missing_heldout_ids(tmp_path / "s.json", {"q"}, ids)

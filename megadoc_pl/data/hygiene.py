@@ -91,10 +91,11 @@ def units_source_ids(units) -> set[str]:
 
 def arrow_column(store, name: str):
     """A store's index column as Arrow (no Python object per row); any object with ``column``."""
-    return store.arrow_column(name) if hasattr(store, "arrow_column") else _as_arrow(store.column(name))
+    return store.arrow_column(name) if hasattr(store, "arrow_column") else arrow_strings(store.column(name))
 
 
-def _as_arrow(values):
+def arrow_strings(values):
+    """Ids as Arrow strings: an Arrow array or column as it is, else each value's ``str``."""
     import pyarrow as pa
 
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
@@ -108,7 +109,7 @@ def member_mask(values, members: Iterable[str]) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    arr = _as_arrow(values)
+    arr = arrow_strings(values)
     members = list(members)
     if not members:
         return np.zeros(len(arr), dtype=bool)
@@ -217,7 +218,7 @@ def check_heldout_generations(source_ids: np.ndarray, heldout: set[str], drop: b
     held = member_mask(source_ids, heldout)
     n = int(held.sum())
     if n and not drop:
-        sources = sorted(pc.unique(_as_arrow(source_ids).filter(held)).to_pylist())
+        sources = sorted(pc.unique(arrow_strings(source_ids).filter(held)).to_pylist())
         raise ValueError(
             f"data.synthetic holds {n} generations of {len(sources)} held-out documents (e.g. source {sources[0]!r}, "
             f"held out by {split_file}) (fix: generate with tools/synthesize.py --split-file {split_file}, which "

@@ -196,7 +196,7 @@ def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]
         path = Path(cfg.data.cache_dir) / "splits" / f"split-{json_fingerprint(key)[:16]}.json"
     split = split_mod.ensure_split(real, val, path)
     heldout = set(split_mod.load_heldout_ids(path))
-    missing = split_mod.missing_heldout_ids(path, heldout, real.source_ids)
+    missing = split_mod.missing_heldout_ids(path, heldout, real.arrow_column("source_id"))
     if missing:
         _log.warning(f"{path}: {missing} of its {len(heldout)} held-out ids are not documents of the real corpus")
     sets = {name: list(ids) for name, ids in split["sets"].items()} if isinstance(split, dict) else dict(split.sets)

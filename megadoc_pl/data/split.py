@@ -30,7 +30,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from megadoc_pl.utils import atomic_write_json, json_fingerprint, stable_hash
+from megadoc_pl.data.hygiene import arrow_strings
+from megadoc_pl.utils import atomic_write_json, stable_hash
 
 PathLike = Union[str, os.PathLike]
 SPLIT_FORMAT_VERSION = 1
@@ -45,20 +46,76 @@ def _val_get(val: Any, key: str, default: Any = None) -> Any:
     return getattr(val, key, default)
 
 
-def hash_order(ids: Sequence[str], seed: int) -> np.ndarray:
-    """Indices of ``ids`` sorted by their seeded stable hash (ties, impossible in practice, by id)."""
-    keys = [(stable_hash(f"{seed}:{i}"), i) for i in ids]
-    return np.array(sorted(range(len(ids)), key=keys.__getitem__), dtype=np.int64)
+_CHUNK = 1 << 20  # ids turned into Python strings at a time (a 100M-document corpus stays in Arrow)
 
 
-def make_split(ids: Sequence[str], lengths: Sequence[int], val: Any) -> dict:
-    """The split of documents ``ids`` with content token ``lengths`` under ``val`` (ValConfig-like)."""
-    ids = [str(i) for i in ids]
+def _as_arrow(ids: Any):
+    """Document ids as one Arrow string array (Arrow input is used as it is)."""
+    arr = arrow_strings(ids)
+    return arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr
+
+
+def _chunks(arr) -> Iterable[list[str]]:
+    for lo in range(0, len(arr), _CHUNK):
+        yield arr.slice(lo, _CHUNK).to_pylist()
+
+
+def hash_order(ids: Any, seed: int) -> np.ndarray:
+    """Indices of ``ids`` sorted by their seeded stable hash, ties (impossible in practice) by id.
+
+    Vectorised for large corpora: the 64-bit keys are computed a chunk of ids at a time into one
+    array and sorted by numpy; only equal keys, if any, are ordered by their ids.
+    """
+    arr = _as_arrow(ids)
+    keys = np.fromiter((stable_hash(f"{seed}:{i}") for chunk in _chunks(arr) for i in chunk), np.uint64, len(arr))
+    order = np.argsort(keys, kind="stable")
+    ranked = keys[order]
+    del keys
+    tied = np.flatnonzero(ranked[1:] == ranked[:-1])
+    if len(tied):
+        starts = tied[np.r_[True, np.diff(tied) > 1]]  # first position of each run of equal keys
+        for a in starts.tolist():
+            b = a + 1
+            while b < len(ranked) and ranked[b] == ranked[a]:
+                b += 1
+            group = order[a:b]
+            names = arr.take(group).to_pylist()
+            order[a:b] = group[sorted(range(len(group)), key=names.__getitem__)]
+    return order.astype(np.int64, copy=False)
+
+
+def _sorted_ids_fingerprint(arr) -> tuple[str, Optional[str]]:
+    """``json_fingerprint(sorted(ids))`` without a Python list of all ids, and the first repeated
+    id (None when every id is unique). Arrow sorts UTF-8 bytes, which is code point order: the
+    order of Python's ``sorted``."""
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    ranked = arr.take(pc.sort_indices(arr))
+    same = pc.equal(ranked.slice(1), ranked.slice(0, max(len(ranked) - 1, 0)))
+    repeated = None
+    if len(ranked) > 1 and pc.any(same).as_py():
+        repeated = ranked[int(np.flatnonzero(same.to_numpy(zero_copy_only=False))[0])].as_py()
+    h = hashlib.sha256(b"[")
+    for k, chunk in enumerate(_chunks(ranked)):  # json.dumps of the whole list, one chunk at a time
+        h.update((b"," if k else b"") + json.dumps(chunk, separators=(",", ":")).encode()[1:-1])
+    h.update(b"]")
+    return h.hexdigest(), repeated
+
+
+def make_split(ids: Any, lengths: Sequence[int], val: Any) -> dict:
+    """The split of documents ``ids`` (strings, or an Arrow string array: a 100M-document corpus
+    holds no Python object per document) with content token ``lengths`` under ``val``
+    (ValConfig-like)."""
+    ids = _as_arrow(ids)
     lengths_np = np.asarray(lengths, dtype=np.int64)
     if len(ids) != len(lengths_np):
         raise ValueError(f"make_split: {len(ids)} ids but {len(lengths_np)} lengths")
-    if len(set(ids)) != len(ids):
-        raise ValueError("make_split: document ids are not unique (fix: give every document a unique id)")
+    ids_fingerprint, repeated = _sorted_ids_fingerprint(ids)
+    if repeated is not None:
+        raise ValueError(f"make_split: document ids are not unique ({repeated!r} repeats) "
+                         "(fix: give every document a unique id)")
     seed = int(_val_get(val, "split_seed", 1234))
     long_t = int(_val_get(val, "long_threshold", 2048))
     short_t = int(_val_get(val, "short_threshold", 512))
@@ -114,9 +171,7 @@ def make_split(ids: Sequence[str], lengths: Sequence[int], val: Any) -> dict:
             chosen["iid"] = pools["iid"][:n_iid]
     heldout_idx = np.unique(np.concatenate(list(chosen.values())))
     # Keep sets and held-out ids in hash order: a deterministic, file-order-free listing.
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-    heldout_sorted = heldout_idx[np.argsort(rank[heldout_idx])]
+    heldout_sorted = order[np.isin(order, heldout_idx)]
     return {
         "format_version": SPLIT_FORMAT_VERSION,
         "seed": seed,
@@ -129,16 +184,15 @@ def make_split(ids: Sequence[str], lengths: Sequence[int], val: Any) -> dict:
         "scaled": scaled,
         "scale": scale,
         "counts": {**{k: int(len(chosen[k])) for k in SET_NAMES}, "heldout": int(len(heldout_sorted))},
-        "ids_fingerprint": json_fingerprint(sorted(ids)),
-        "heldout": [ids[i] for i in heldout_sorted],
-        "sets": {k: [ids[i] for i in chosen[k]] for k in SET_NAMES},
+        "ids_fingerprint": ids_fingerprint,
+        "heldout": ids.take(heldout_sorted).to_pylist(),
+        "sets": {k: ids.take(chosen[k]).to_pylist() for k in SET_NAMES},
     }
 
 
 def split_from_store(store: Any, val: Any) -> dict:
     """make_split over a real-document TokenStore (ids and content lengths)."""
-    ids = [str(s) for s in store.source_ids]
-    return make_split(ids, store.content_lengths, val)
+    return make_split(store.arrow_column("source_id"), store.content_lengths, val)
 
 
 def write_split(path: PathLike, split: dict, extra_sets: Optional[Mapping[str, Any]] = None) -> Path:
@@ -182,20 +236,24 @@ def ensure_split(store: Any, val: Any, path: PathLike) -> dict:
     return split
 
 
-def missing_heldout_ids(path: PathLike, heldout: set[str], ids: Iterable[str]) -> int:
-    """How many held-out ids of a split file the corpus (``ids``) lacks; refuses a file matching none."""
+def missing_heldout_ids(path: PathLike, heldout: set[str], ids: Any) -> int:
+    """How many held-out ids of a split file the corpus (``ids``: strings or an Arrow string
+    array) lacks; refuses a file matching none."""
     if not heldout:
         return 0
-    ids = [str(i) for i in ids]
-    missing = heldout - set(ids)
-    if len(missing) == len(heldout):
-        example = ids[0] if ids else None
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = _as_arrow(ids)
+    found = pc.count_distinct(ids.filter(pc.is_in(ids, value_set=pa.array(sorted(heldout), pa.string())))).as_py()
+    if found == 0:
+        example = ids[0].as_py() if len(ids) else None
         raise ValueError(
             f"{path}: none of its {len(heldout)} held-out ids is a document of the real corpus (e.g. "
             f"{sorted(heldout)[0]!r}; the corpus has ids like {example!r}) (fix: this split belongs to another corpus "
             "or data.id_field; give the matching data.val.split_file, or remove it to compute a new split)"
         )
-    return len(missing)
+    return len(heldout) - found
 
 
 def load_heldout_ids(path: PathLike) -> set[str]:

@@ -303,10 +303,16 @@ def _combined(column):
     return column.combine_chunks() if hasattr(column, "combine_chunks") else column
 
 
-def _train_sources(real, heldout: set[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+def _train_docs(real, heldout: set[str]) -> tuple[np.ndarray, dict]:
+    """The real documents that are not held out, and their counts (no Python object per document)."""
     held = member_mask(arrow_column(real, "source_id"), heldout)
     docs = np.flatnonzero(~held)
-    return docs, real.source_ids[docs], {"sources": int(len(docs)), "heldout_sources_excluded": int(held.sum())}
+    return docs, {"sources": int(len(docs)), "heldout_sources_excluded": int(held.sum())}
+
+
+def _train_sources(real, heldout: set[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    docs, stats = _train_docs(real, heldout)
+    return docs, real.source_ids[docs], stats
 
 
 def _pools(real, synth, task: str, heldout: set[str], generations: int, short_pool: str,
@@ -662,7 +668,7 @@ def real_fraction_excluded(real, heldout: Iterable[str], fraction: float, seed: 
 
 def real_units(real, heldout: Iterable[str] = ()) -> Units:
     """The real stream: one unit per training source, r(s) (its stored BOS/EOS included)."""
-    docs, _, stats = _train_sources(real, set(heldout))
+    docs, stats = _train_docs(real, set(heldout))
     g = _Groups.single(0, docs, real.lengths[docs])
     return _to_units(g, (real,), "real", stats)
 
