@@ -7,8 +7,10 @@ process, printing its wall, CPU and peak RSS:
 
 - ``split``: the validation split of the whole corpus (``split.split_from_store``, written as
   ``split.json``): a seeded hash of every id, the order, the sets;
-- ``units``: the held-out ids read back and matched against the corpus
-  (``missing_heldout_ids``), then the real stream's units (``views.real_units``);
+- ``units``: what ``prepare_corpus`` does next with a real store: the held-out ids read back and
+  matched against the corpus (``missing_heldout_ids``), training documents repeating a held-out
+  text (``heldout_duplicates``), ``data.real_fraction`` (at 1), the real stream's units
+  (``views.real_units``) and the validation sets' units;
 - ``batch``: the stream's windows (``StreamWindows``, shuffled) and a batch of 64 x 4096
   windows at the end of the first pass (``Windows.batch``).
 
@@ -91,12 +93,22 @@ def run_stage(stage: str, store: Path) -> dict:
         split_mod.write_split(path, split)
         out["heldout"] = len(split["heldout"])
     elif stage in ("units", "batch"):
-        from megadoc_pl.data.views import real_units
+        from omegaconf import OmegaConf
 
-        heldout = split_mod.load_heldout_ids(path)
+        from megadoc_pl.data.hygiene import heldout_duplicates, text_hashes
+        from megadoc_pl.data.prepare import _val_units
+        from megadoc_pl.data.views import real_fraction_excluded, real_units
+
+        # What prepare_corpus does with a real store once it is built, in its order.
+        split = split_mod.load_split(path)
+        heldout = set(split["heldout"])
         out["missing"] = split_mod.missing_heldout_ids(path, heldout, real.arrow_column("source_id"))
-        units = real_units(real, heldout)
+        duplicates = heldout_duplicates(real.arrow_column("source_id"), text_hashes(real, None), heldout)
+        excluded = heldout | duplicates | real_fraction_excluded(real, heldout | duplicates, 1.0, 0)
+        units = real_units(real, excluded)
+        val = _val_units(OmegaConf.create({"data": {"val": {"extra": None}}}), real, split["sets"], None)
         out["units"] = units.num_units
+        out["val_windows"] = sum(u.num_units for u in val.values())
         if stage == "batch":
             from fractions import Fraction
 

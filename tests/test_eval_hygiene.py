@@ -51,6 +51,16 @@ def test_heldout_duplicates_and_content_overlap():
         check_content_disjoint(ids, hashes, {"ood": (np.array(["x", "y"]), np.array([3, 9], dtype=np.uint64))})
     assert "'ood' shares 1 of 2 documents by text ('x' = training 'd')" in str(e.value)
     assert e.value.overlaps == {"ood": ["x"]}
+    # Arrow ids (a large corpus): each overlap names the first training document of its text
+    import pyarrow as pa
+
+    many = pa.array(["t0", "t1", "t2", "t3", "t4"])
+    with pytest.raises(HeldoutOverlapError) as e:
+        check_content_disjoint(many, np.array([7, 5, 7, 5, 2], dtype=np.uint64),
+                               {"s": (np.array(["v", "w", "u"]), np.array([5, 8, 7], dtype=np.uint64))})
+    assert "'s' shares 2 of 3 documents by text ('v' = training 't1', 'u' = training 't0')" in str(e.value)
+    assert heldout_duplicates(pa.chunked_array([["a", "b"], ["c", "d"]]), hashes, {"a"}) == {"c"}
+    check_content_disjoint(pa.array([], pa.string()), np.zeros(0, np.uint64), {"s": (np.array(["v"]), np.array([5]))})
 
 
 def test_nfkc_line_by_line_equals_nfkc_of_the_whole_text():

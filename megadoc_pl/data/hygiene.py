@@ -176,24 +176,30 @@ def text_hashes(store: Any, decode_batch: Callable[[list[list[int]]], list[str]]
     return out
 
 
-def heldout_duplicates(ids: np.ndarray, hashes: np.ndarray, heldout: set[str]) -> set[str]:
-    """Ids of documents that are not held out but whose normalised text equals a held-out document's."""
+def heldout_duplicates(ids: Any, hashes: np.ndarray, heldout: set[str]) -> set[str]:
+    """Ids of documents that are not held out but whose normalised text equals a held-out
+    document's (``ids``: an Arrow string column or an array of str)."""
+    import pyarrow as pa
+
     held = member_mask(ids, heldout)
     dup = ~held & np.isin(hashes, hashes[held])
-    return {str(i) for i in np.asarray(ids)[dup]}
+    return set(arrow_strings(ids).filter(pa.array(dup)).to_pylist()) if dup.any() else set()
 
 
 def check_content_disjoint(train_ids: np.ndarray, train_hashes: np.ndarray,
                            val_sets: Mapping[str, tuple[np.ndarray, np.ndarray]], max_examples: int = 3) -> None:
     """Refuse validation sets (name -> (ids, hashes)) sharing a normalised text with training documents."""
-    first_train: dict[int, str] = {}
-    for i, h in zip(np.asarray(train_ids), np.asarray(train_hashes)):
-        first_train.setdefault(int(h), str(i))
+    # The first training document of every text, as arrays (a training corpus of 100M documents
+    # holds no Python object per document): its hash, sorted, and its position.
+    text, first = np.unique(np.asarray(train_hashes, dtype=np.uint64), return_index=True)
     overlaps: dict[str, list[str]] = {}
     parts = []
     for name, (ids, hashes) in val_sets.items():
-        pairs = [(str(i), first_train[int(h)]) for i, h in zip(np.asarray(ids), np.asarray(hashes))
-                 if int(h) in first_train]
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        at = np.minimum(np.searchsorted(text, hashes), max(len(text) - 1, 0))
+        hit = np.flatnonzero(text[at] == hashes) if len(text) else np.zeros(0, np.int64)
+        firsts = arrow_strings(train_ids).take(first[at[hit]]).to_pylist()
+        pairs = [(str(np.asarray(ids)[k]), t) for k, t in zip(hit.tolist(), firsts)]
         if pairs:
             overlaps[name] = [v for v, _ in pairs]
             examples = ", ".join(f"{v!r} = training {t!r}" for v, t in pairs[:max_examples])

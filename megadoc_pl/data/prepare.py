@@ -30,6 +30,7 @@ from megadoc_pl.data.hygiene import (
     check_heldout_generations,
     check_units_disjoint,
     heldout_duplicates,
+    member_mask,
     text_hashes,
 )
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
@@ -300,7 +301,7 @@ def _prepare_corpus(cfg: DictConfig) -> PreparedData:
 
     # held-out hygiene by text: a training document repeating a held-out text is excluded like it
     hashes = _text_hashes(cfg, real, tok)
-    duplicates = heldout_duplicates(real.source_ids, hashes, heldout)
+    duplicates = heldout_duplicates(real.arrow_column("source_id"), hashes, heldout)
     if duplicates:
         _log.warning(f"held-out hygiene: {len(duplicates)} documents repeat the text of a held-out document under "
                      f"another id (e.g. {sorted(duplicates)[0]!r}): excluded from training")
@@ -340,13 +341,15 @@ def _check_extra_sets_by_text(cfg: DictConfig, real: Any, hashes: np.ndarray, ex
     extra = cfg.data.val.extra or {}
     if not extra:
         return
-    ids = real.source_ids
-    train = np.fromiter((str(i) not in excluded for i in ids), dtype=bool, count=len(ids))
+    import pyarrow as pa
+
+    ids = real.arrow_column("source_id")
+    train = ~member_mask(ids, excluded)
     sets = {}
     for name, path in extra.items():
         store = _build_store(cfg, _as_list(path), tok, "documents", f"validation set '{name}'")
         sets[str(name)] = (store.source_ids, _text_hashes(cfg, store, tok))
-    check_content_disjoint(ids[train], hashes[train], sets)
+    check_content_disjoint(ids.filter(pa.array(train)), hashes[train], sets)
 
 
 def prepare_data(cfg: DictConfig) -> "MegadocDataModule":
@@ -355,8 +358,11 @@ def prepare_data(cfg: DictConfig) -> "MegadocDataModule":
 
 
 def _val_units(cfg: DictConfig, real, sets: dict[str, list[str]], tok: Any) -> dict[str, Units]:
-    ids = real.source_ids
-    where = {s: i for i, s in enumerate(ids)}
+    # Where each set's ids are in the store: Arrow finds the few listed ids among all of them.
+    ids = real.arrow_column("source_id")
+    listed = {str(s) for members in sets.values() for s in members}
+    at = np.flatnonzero(member_mask(ids, listed))
+    where = dict(zip(ids.take(at).to_pylist(), at.tolist()))
     out: dict[str, Units] = {}
     for name, members in sets.items():
         docs = np.array([where[s] for s in members if s in where], dtype=np.int64)

@@ -658,10 +658,11 @@ def real_fraction_excluded(real, heldout: Iterable[str], fraction: float, seed: 
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"data.real_fraction must be in (0, 1], got {fraction}")
-    _, ids, _ = _train_sources(real, set(heldout))
-    keep = math.ceil(Fraction(str(fraction)) * len(ids))
-    if keep >= len(ids):
+    docs, _ = _train_docs(real, set(heldout))
+    keep = math.ceil(Fraction(str(fraction)) * len(docs))
+    if keep >= len(docs):
         return set()
+    ids = real.source_ids[docs]
     rank = np.argsort([stable_hash(f"megadoc_pl/real_fraction/{seed}/{i}") for i in ids], kind="stable")
     return {str(i) for i in ids[rank[keep:]]}
 
