@@ -181,8 +181,12 @@ def heldout_duplicates(ids: Any, hashes: np.ndarray, heldout: set[str]) -> set[s
     document's (``ids``: an Arrow string column or an array of str)."""
     import pyarrow as pa
 
+    import pyarrow.compute as pc
+
     held = member_mask(ids, heldout)
-    dup = ~held & np.isin(hashes, hashes[held])
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    # a hash set of the held-out texts (a few thousand), probed by every document's hash
+    dup = ~held & pc.is_in(pa.array(hashes), value_set=pa.array(hashes[held])).to_numpy(zero_copy_only=False)
     return set(arrow_strings(ids).filter(pa.array(dup)).to_pylist()) if dup.any() else set()
 
 
