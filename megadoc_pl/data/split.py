@@ -49,10 +49,20 @@ def _val_get(val: Any, key: str, default: Any = None) -> Any:
 _CHUNK = 1 << 20  # ids turned into Python strings at a time (a 100M-document corpus stays in Arrow)
 
 
+_LARGE_BYTES = 1 << 31  # ids past this many bytes in one array need 64-bit offsets (large_string)
+
+
 def _as_arrow(ids: Any):
-    """Document ids as one Arrow string array (Arrow input is used as it is)."""
+    """Document ids as one Arrow string array (Arrow input is used as it is; a column of more
+    than 2 GB of ids becomes one large_string array)."""
     arr = arrow_strings(ids)
-    return arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr
+    if not hasattr(arr, "combine_chunks"):
+        return arr
+    if arr.nbytes >= _LARGE_BYTES:
+        import pyarrow as pa
+
+        arr = arr.cast(pa.large_string())
+    return arr.combine_chunks()
 
 
 def _chunks(arr) -> Iterable[list[str]]:
