@@ -215,6 +215,8 @@ class StreamWindows:
         self._cache_size = cache_passes
         self.shared = shared  # pass orders and window tables shared by a loader's processes (files)
         self._order_name: Optional[str] = None
+        if shared is not None:
+            self.order_name  # hashed here, once, before loader workers fork
 
     @property
     def num_windows(self) -> int:
