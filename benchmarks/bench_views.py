@@ -227,7 +227,7 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
 
     steps = [list(range(s * batch, (s + 1) * batch)) for s in range(first_step, first_step + batches + 1)]
     kids0 = cpu(resource.RUSAGE_CHILDREN)
-    loader = SlotLoader(PackedWindows(windows, workers), batch_size=None, sampler=steps, **loader_kwargs(workers))
+    loader = SlotLoader(PackedWindows(windows), batch_size=None, sampler=steps, **loader_kwargs(workers))
     it = iter(loader)
     packed = next(it)
     t, c = time.perf_counter(), cpu(resource.RUSAGE_SELF)

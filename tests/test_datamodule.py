@@ -145,7 +145,7 @@ def test_slot_buffers_travel_once_and_again_when_regrown(corpus):
             b["brought"] = b[SLOT][2] is not None
             return b
 
-    ds = Counting(w, num_workers=1)
+    ds = Counting(w)
     for got, i in zip(SlotLoader(ds, batch_size=None, sampler=index, num_workers=1), index):
         assert got["buffer"].numel() == packed_bytes(got) and len(got[SLOT]) == 2
         x, y = unpack(got), w.batch(i)
@@ -157,6 +157,30 @@ def test_slot_buffers_travel_once_and_again_when_regrown(corpus):
         # in flight are regrown, batches carry only their slot's number
         assert travelled[phase] and not any(travelled[phase + 6:phase + 12])
     assert min(t.numel() for t in ds.pool.received.values()) >= packed_bytes(w.packed(index[-1]))
+
+
+def test_two_loaders_of_one_dataset_never_share_slots(corpus):
+    """Each SlotLoader gives the workers it starts a pool of their own: two loaders of the same
+    PackedWindows, iterated in step (their workers have the same ids), both give the in-process
+    batches; a plain DataLoader with workers gets whole batches too (a fresh buffer each)."""
+    from torch.utils.data import DataLoader
+
+    from megadoc_pl.data.datamodule import SLOT, PackedWindows, SlotLoader, release_slot
+
+    w = make_dm(corpus).train_windows
+    index = [list(range(k, k + 4)) for k in range(0, 96, 4)]
+    ds = PackedWindows(w)
+    a, b = (SlotLoader(ds, batch_size=None, sampler=index, num_workers=2) for _ in range(2))
+    pools = set()
+    for x, y, i in zip(a, b, index):
+        want = w.batch(i)
+        for got in (x, y):
+            pools.add(got[SLOT][0])
+            assert all(torch.equal(unpack(got)[k], want[k]) for k in ("input_ids", "targets", "position_ids"))
+            release_slot(got)
+    assert len(pools) == 2
+    for got, i in zip(DataLoader(PackedWindows(w), batch_size=None, sampler=index, num_workers=2), index):
+        assert SLOT not in got and torch.equal(unpack(got)["input_ids"], w.batch(i)["input_ids"])
 
 
 def test_a_slot_batch_outside_its_loader_is_one_clear_error():

@@ -232,12 +232,12 @@ def release_slot(batch: Mapping) -> None:
 class PackedWindows(Dataset):
     """Windows fetched a batch of indices at a time as :func:`~megadoc_pl.data.windows.pack`-ed
     batches (the module unpacks them on its device); a :class:`PaddingBatch` comes back marked
-    ``padding=True``. With ``num_workers``, the workers pack into a :class:`SlotPool` and a
-    batch in a slot leaves the worker without its buffer: iterate it with :class:`SlotLoader`."""
+    ``padding=True``. Iterated by a :class:`SlotLoader` with workers, they pack into its
+    :class:`SlotPool`; any other loader gets a fresh buffer per batch."""
 
-    def __init__(self, windows: Windows, num_workers: int = 0):
+    def __init__(self, windows: Windows):
         self.windows = windows
-        self.pool = SlotPool(num_workers) if num_workers > 0 else None
+        self.pool: Optional[SlotPool] = None  # set by the SlotLoader whose workers are forked next
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -263,10 +263,15 @@ class PackedWindows(Dataset):
 
 
 class SlotLoader(DataLoader):
-    """The DataLoader of :class:`PackedWindows`: its batches come out whole (each batch a worker
-    packed into a slot gets its buffer back, see :func:`receive_slot`)."""
+    """The DataLoader of :class:`PackedWindows`: its workers pack into a :class:`SlotPool` of
+    their own (made whenever it starts workers, so two loaders of one dataset never share slots)
+    and its batches come out whole (each batch packed into a slot gets its buffer back, see
+    :func:`receive_slot`)."""
 
     def __iter__(self):
+        starts_workers = self.num_workers and (getattr(self, "_iterator", None) is None or not self.persistent_workers)
+        if starts_workers and isinstance(self.dataset, PackedWindows):
+            self._pool = self.dataset.pool = SlotPool(self.num_workers)  # the workers fork (or pickle) it next
         batches = super().__iter__()
         if not self.num_workers:
             return batches
@@ -377,13 +382,13 @@ class MegadocDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: each sampler item is a list of indices, fetched as one vectorised batch.
-        return _TrainLoader(PackedWindows(self.train_windows, self.num_workers), batch_size=None,
+        return _TrainLoader(PackedWindows(self.train_windows), batch_size=None,
                             sampler=self.train_sampler(), position=self.windows_consumed,
                             **loader_kwargs(self.num_workers))
 
     def val_dataloader(self) -> list[DataLoader]:
         r, w = self._topology()
-        return [self._loader(PackedWindows(ws, self.num_workers), ValBatchSampler(len(ws), self.val_batch_size, r, w))
+        return [self._loader(PackedWindows(ws), ValBatchSampler(len(ws), self.val_batch_size, r, w))
                 for ws in self.val_windows.values()]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
