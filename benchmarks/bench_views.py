@@ -247,15 +247,15 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
 
 
 def worker_private_mb(it) -> Optional[float]:
-    """Mean memory of a DataLoader's iterator's workers that no other process shares (Private_Clean +
-    Private_Dirty of /proc/PID/smaps_rollup, Linux), or None."""
+    """Mean memory a DataLoader's iterator's workers wrote for themselves (Private_Dirty of
+    /proc/PID/smaps_rollup, Linux: their own arrays, not the token files they read), or None."""
     sizes = []
     for w in getattr(it, "_workers", []):
         try:
             text = Path(f"/proc/{w.pid}/smaps_rollup").read_text()
         except OSError:
             return None
-        sizes.append(sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_")) / 1024)
+        sizes.append(sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_Dirty")) / 1024)
     return sum(sizes) / len(sizes) if sizes else None
 
 
@@ -401,7 +401,7 @@ def main() -> None:
         extra = (f"  ({r['rate']:.0f} vs {r['peer']:.0f} batches/s; {r['rate'] / r['slicer']:.2f}x the tight slicer "
                  f"at {r['slicer']:.0f}/s; CPU per batch: main {r['main_ms']:.2f} ms"
                  + (f", workers {r['worker_ms']:.2f} ms" if r.get("worker_ms") else "")
-                 + (f"; {r['worker_private_mb']:.0f} MB private per worker" if r.get("worker_private_mb") else "")
+                 + (f"; {r['worker_private_mb']:.0f} MB written per worker" if r.get("worker_private_mb") else "")
                  + f"; unpack on CPU {r['unpack_ms']:.1f} ms"
                  + (f", to GPU and unpack there {r['gpu_unpack_ms']:.2f} ms" if r.get("gpu_unpack_ms") else "")
                  + ")") if "rate" in r else ""
