@@ -142,7 +142,9 @@ def test_vectorised_split_equals_the_rule_on_python_strings(arrow, monkeypatch):
 
     monkeypatch.setattr(split_mod, "_CHUNK", 7)
     if arrow == "large":  # a column of more than 2 GB of ids: read as one large_string array
-        monkeypatch.setattr(split_mod, "_LARGE_BYTES", 0)
+        from megadoc_pl.data import hygiene
+
+        monkeypatch.setattr(hygiene, "_LARGE_BYTES", 0)
     ids = list(TRICKY_IDS)
     random.Random(0).shuffle(ids)
     lengths = np.arange(len(ids)) * 100

@@ -103,6 +103,22 @@ def arrow_strings(values):
     return pa.array([str(v) for v in np.asarray(values, dtype=object)], pa.string())
 
 
+_LARGE_BYTES = 1 << 31  # strings past this many bytes in one array need 64-bit offsets (large_string)
+
+
+def one_string_array(values):
+    """:func:`arrow_strings` as one contiguous array (value sets and sorts take one); a column of
+    more than 2 GB of strings becomes one large_string array."""
+    arr = arrow_strings(values)
+    if not hasattr(arr, "combine_chunks"):
+        return arr
+    if arr.nbytes >= _LARGE_BYTES:
+        import pyarrow as pa
+
+        arr = arr.cast(pa.large_string())
+    return arr.combine_chunks()
+
+
 def member_mask(values, members: Iterable[str]) -> np.ndarray:
     """Boolean mask of ``values`` (ids: an Arrow string column or an array of str) that are in
     ``members``, computed by Arrow (no Python object per value)."""
@@ -180,7 +196,6 @@ def heldout_duplicates(ids: Any, hashes: np.ndarray, heldout: set[str]) -> set[s
     """Ids of documents that are not held out but whose normalised text equals a held-out
     document's (``ids``: an Arrow string column or an array of str)."""
     import pyarrow as pa
-
     import pyarrow.compute as pc
 
     held = member_mask(ids, heldout)
@@ -196,14 +211,15 @@ def check_content_disjoint(train_ids: np.ndarray, train_hashes: np.ndarray,
     # The first training document of every text, as arrays (a training corpus of 100M documents
     # holds no Python object per document): its hash, sorted, and its position.
     text, first = np.unique(np.asarray(train_hashes, dtype=np.uint64), return_index=True)
+    train_ids = arrow_strings(train_ids)
     overlaps: dict[str, list[str]] = {}
     parts = []
     for name, (ids, hashes) in val_sets.items():
         hashes = np.asarray(hashes, dtype=np.uint64)
         at = np.minimum(np.searchsorted(text, hashes), max(len(text) - 1, 0))
         hit = np.flatnonzero(text[at] == hashes) if len(text) else np.zeros(0, np.int64)
-        firsts = arrow_strings(train_ids).take(first[at[hit]]).to_pylist()
-        pairs = [(str(np.asarray(ids)[k]), t) for k, t in zip(hit.tolist(), firsts)]
+        firsts = train_ids.take(first[at[hit]]).to_pylist()
+        pairs = [(str(v), t) for v, t in zip(np.asarray(ids)[hit], firsts)]
         if pairs:
             overlaps[name] = [v for v, _ in pairs]
             examples = ", ".join(f"{v!r} = training {t!r}" for v, t in pairs[:max_examples])

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from megadoc_pl.data.hygiene import arrow_strings
+from megadoc_pl.data.hygiene import one_string_array
 from megadoc_pl.utils import atomic_write_json, stable_hash
 
 PathLike = Union[str, os.PathLike]
@@ -49,22 +49,6 @@ def _val_get(val: Any, key: str, default: Any = None) -> Any:
 _CHUNK = 1 << 20  # ids turned into Python strings at a time (a 100M-document corpus stays in Arrow)
 
 
-_LARGE_BYTES = 1 << 31  # ids past this many bytes in one array need 64-bit offsets (large_string)
-
-
-def _as_arrow(ids: Any):
-    """Document ids as one Arrow string array (Arrow input is used as it is; a column of more
-    than 2 GB of ids becomes one large_string array)."""
-    arr = arrow_strings(ids)
-    if not hasattr(arr, "combine_chunks"):
-        return arr
-    if arr.nbytes >= _LARGE_BYTES:
-        import pyarrow as pa
-
-        arr = arr.cast(pa.large_string())
-    return arr.combine_chunks()
-
-
 def _chunks(arr) -> Iterable[list[str]]:
     for lo in range(0, len(arr), _CHUNK):
         yield arr.slice(lo, _CHUNK).to_pylist()
@@ -76,7 +60,7 @@ def hash_order(ids: Any, seed: int) -> np.ndarray:
     Vectorised for large corpora: the 64-bit keys are computed a chunk of ids at a time into one
     array and sorted by numpy; only equal keys, if any, are ordered by their ids.
     """
-    arr = _as_arrow(ids)
+    arr = one_string_array(ids)
     keys = np.fromiter((stable_hash(f"{seed}:{i}") for chunk in _chunks(arr) for i in chunk), np.uint64, len(arr))
     order = np.argsort(keys, kind="stable")
     ranked = keys[order]
@@ -118,7 +102,7 @@ def make_split(ids: Any, lengths: Sequence[int], val: Any) -> dict:
     """The split of documents ``ids`` (strings, or an Arrow string array: a 100M-document corpus
     holds no Python object per document) with content token ``lengths`` under ``val``
     (ValConfig-like)."""
-    ids = _as_arrow(ids)
+    ids = one_string_array(ids)
     lengths_np = np.asarray(lengths, dtype=np.int64)
     if len(ids) != len(lengths_np):
         raise ValueError(f"make_split: {len(ids)} ids but {len(lengths_np)} lengths")
@@ -254,7 +238,7 @@ def missing_heldout_ids(path: PathLike, heldout: set[str], ids: Any) -> int:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    ids = _as_arrow(ids)
+    ids = one_string_array(ids)
     found = pc.count_distinct(ids.filter(pc.is_in(ids, value_set=pa.array(sorted(heldout), pa.string())))).as_py()
     if found == 0:
         example = ids[0].as_py() if len(ids) else None

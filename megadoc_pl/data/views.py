@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from megadoc_pl.data.hygiene import arrow_column, member_mask
+from megadoc_pl.data.hygiene import arrow_column, member_mask, one_string_array
 from megadoc_pl.utils import stable_hash
 
 VIEWS = ("real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch", "self_distill")
@@ -298,11 +298,6 @@ class _Pools:
     stats: dict
 
 
-def _combined(column):
-    """One contiguous Arrow array (value sets must not be chunked)."""
-    return column.combine_chunks() if hasattr(column, "combine_chunks") else column
-
-
 def _train_docs(real, heldout: set[str]) -> tuple[np.ndarray, dict]:
     """The real documents that are not held out, and their counts (no Python object per document)."""
     held = member_mask(arrow_column(real, "source_id"), heldout)
@@ -336,7 +331,7 @@ def _pools(real, synth, task: str, heldout: set[str], generations: int, short_po
     # over this task's rows only (a store of several tasks is several times larger).
     sids = arrow_column(synth, "source_id").filter(is_task)
     del is_task
-    src_doc = pc.index_in(sids, value_set=_combined(arrow_column(real, "source_id"))).fill_null(-1)
+    src_doc = pc.index_in(sids, value_set=one_string_array(arrow_column(real, "source_id"))).fill_null(-1)
     src_doc = src_doc.to_numpy(zero_copy_only=False).astype(np.int64)
     unknown = src_doc < 0
     if unknown.any():

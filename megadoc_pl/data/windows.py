@@ -162,7 +162,7 @@ class SharedPasses:
             get_logger("data").warning(f"cannot share pass arrays under {self.root} ({self.failed}); "
                                        "each loader process computes its own (the same values, more CPU and memory)")
             return tuple(compute())
-        return self._load(paths, shapes) or arrays
+        return self._load(paths, shapes) or arrays  # the files just written, mapped: their pages are shared
 
     @staticmethod
     def _load(paths: Sequence[Path], shapes: Sequence[tuple[int, np.dtype]]) -> Optional[tuple[np.ndarray, ...]]:
