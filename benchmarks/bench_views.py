@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -324,8 +325,6 @@ def run_stage(args: argparse.Namespace) -> dict:
         time_view(root, cache, what, args.generations)
     elif kind == "loader":
         order, workers, where = what.split(":")
-        import shutil
-
         shutil.rmtree(cache / "passes", ignore_errors=True)  # every stage computes its passes afresh
         windows, plan, synth = train_windows(root, cache, args.generations, args.seq_len, args.batch, order,
                                              shared=int(workers) > 0 and not args.no_shared_passes,
@@ -372,8 +371,6 @@ def main() -> None:
     if args.stage:
         print(json.dumps(run_stage(args)))
         return
-
-    import shutil
 
     t = time.perf_counter()
     build_stores(Path(args.root), args.sources, args.generations, args.lengths)
