@@ -246,11 +246,14 @@ class _WideStore:
         return self.token_array[self.offsets_full[i]:self.offsets_full[i + 1]]
 
 
+@pytest.mark.parametrize("gather", ["runs", "fancy_index"])
 @pytest.mark.parametrize("dtype, top, width", [(np.uint16, 65535, 2), (np.uint32, 200_000, 4), (np.int64, 65535, 4)])
-def test_packed_tokens_keep_every_id_in_either_width(dtype, top, width):
+def test_packed_tokens_keep_every_id_in_either_width(dtype, top, width, gather, monkeypatch):
     """Tokens travel in 2 bytes when the sources allow it (ids up to 65535, past int16's sign bit)
     and in 4 otherwise; unpack gives back every id, and the byte buffer's fields round-trip."""
     from megadoc_pl.data.views import documents_units
+
+    monkeypatch.setattr(windows_mod, "_LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
     from megadoc_pl.data.windows import packed_fields, token_width, unpack
 
     rng = np.random.default_rng(0)
@@ -273,3 +276,34 @@ def test_packed_tokens_keep_every_id_in_either_width(dtype, top, width):
     assert f["tokens"].dtype == (np.uint16 if width == 2 else np.int32)
     assert f["window_index"].tolist() == list(range(len(w)))
     assert f["cu_seqlens"].tolist() == batch["cu_seqlens"].tolist()
+
+
+@pytest.mark.parametrize("gather", ["runs", "fancy_index"])
+def test_a_batch_from_sources_of_two_widths_reads_each_window_from_its_stream(gather, monkeypatch):
+    """Rows of one batch read a uint16 and a uint32 store (the fancy-index read scatters each
+    source's tokens into its rows): every row equals its stream's tokens, in 2-byte-wide
+    buffers' 4-byte form, for any order of the indices."""
+    from fractions import Fraction
+
+    from megadoc_pl.data.mixture import StreamDrawer
+    from megadoc_pl.data.views import documents_units
+    from megadoc_pl.data.windows import unpack
+
+    monkeypatch.setattr(windows_mod, "_LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
+    rng = np.random.default_rng(3)
+    T, flats, streams = 11, [], []
+    for name, dtype, top, lengths in (("a", np.uint16, 65535, [5, 17, 3, 40, 9]), ("b", np.uint32, 300_000, [23, 2, 31])):
+        ids = rng.integers(0, top + 1, sum(lengths)).astype(dtype)
+        flats.append(np.tile(ids.astype(np.int64), 40))  # the stream repeats its documents pass after pass
+        streams.append(StreamWindows(documents_units(_WideStore(ids, lengths)), T, name=name, shuffle=False,
+                                     window_order="sequential"))
+    w = Windows(streams, StreamDrawer(["a", "b"], [Fraction(1, 3), Fraction(2, 3)]), T, "document", None)
+    idx = rng.permutation(60)
+    stream, local = w.drawer.locate(idx)
+    assert set(stream.tolist()) == {0, 1}
+    batch = unpack(w.packed(idx))
+    for row, (s, j) in enumerate(zip(stream.tolist(), local.tolist())):
+        expect = flats[s][j * T:j * T + T + 1]
+        assert batch["input_ids"][row].tolist() == expect[:T].tolist()
+        assert batch["targets"][row].tolist() == expect[1:].tolist()
+
