@@ -14,11 +14,22 @@ process, printing its wall, CPU and peak RSS:
 - ``batch``: the stream's windows (``StreamWindows``, shuffled) and a batch of 64 x 4096
   windows at the end of the first pass (``Windows.batch``).
 
+``--from-files`` starts from input files instead, as a user does: dolma-style JSONL shards
+(``{"id": "d17", "text": "doc 17 of the bench"}``, unique texts), then
+
+- ``tokenize``: the real-document store built from them by the recipe's own code
+  (``prepare._build_store``: the tokenizer, the index, the duplicate checks);
+- ``prepare``: ``prepare_corpus`` of ``baseline_real`` on that store (split, hygiene, units,
+  validation sets, plan), as a first launch does once the store is built;
+- ``first batch``: a relaunch (everything cached) up to the first training micro-batch from the
+  datamodule's loader (paper_300m: 8 x 4096 windows a micro-batch).
+
 Between two sizes it prints the growth exponent of each step's time and memory, and the memory
 per document at the larger size. No peer: the point is that nothing holds a Python object per
 document (a per-document design needs ~300 bytes a document in the split alone; 30 GB at 100M).
 
     python benchmarks/bench_many_documents.py --documents 10000000 100000000
+    python benchmarks/bench_many_documents.py --from-files --documents 10000000 100000000
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +50,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 STAGES = ("split", "units", "batch")
+FILE_STAGES = ("tokenize", "prepare", "first batch")
+SHARED_TOKENIZER = ROOT.parent / "shared" / "data" / "llama-test-tokenizer.json"
 BLOCK = 1 << 23  # documents written at a time
 
 
@@ -78,6 +92,59 @@ def write_store(out: Path, n: int) -> None:
                     "num_documents": n, "add_bos": True, "add_eos": True, "bos_id": 0, "eos_id": 1, "inputs": [],
                     "text_field": "text", "id_field": "id", "tokenizer_fingerprint": "bench"}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
+
+
+def write_inputs(out: Path, n: int) -> None:
+    """``n`` documents as dolma-style JSONL shards of ``BLOCK`` lines, written by Arrow (no Python
+    string a document): ``{"id": "d<i>", "text": "doc <i> of the bench"}``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from megadoc_pl.utils import atomic_dir
+
+    if (out / "done").exists():
+        return
+    with atomic_dir(out) as tmp:
+        for k, lo in enumerate(range(0, n, BLOCK)):
+            num = pc.cast(pa.array(np.arange(lo, min(lo + BLOCK, n))), pa.string())
+            lines = pc.binary_join_element_wise('{"id": "d', num, '", "text": "doc ', num, ' of the bench"}\n', "")
+            offsets, data = lines.buffers()[1], lines.buffers()[2]
+            lo_byte, hi_byte = np.frombuffer(offsets, np.int32)[[lines.offset, lines.offset + len(lines)]].tolist()
+            with open(tmp / f"part-{k:04d}.jsonl", "wb") as f:
+                f.write(memoryview(data)[lo_byte:hi_byte])
+        (tmp / "done").write_text(str(n))
+
+
+def file_config(inputs: Path, tokenizer: str, cache: Path):
+    from megadoc_pl.recipes import compose_recipe
+
+    return compose_recipe("baseline_real", ["scale=paper_300m", f"data.real={inputs}", f"data.tokenizer={tokenizer}",
+                                            f"data.cache_dir={cache}", "data.num_workers=0"])
+
+
+def run_file_stage(stage: str, inputs: Path, tokenizer: str) -> dict:
+    from megadoc_pl.data import prepare
+
+    cfg = file_config(inputs, tokenizer, inputs.parent / f"{inputs.name}-cache")
+    out: dict = {}
+    if stage == "tokenize":
+        from megadoc_pl.data.tokenizer import load_tokenizer
+
+        store = prepare._build_store(cfg, [str(inputs)], load_tokenizer(cfg.data.tokenizer), "documents", "real documents")
+        out.update(documents=store.num_documents, tokens=store.num_tokens)
+    else:
+        prepared = prepare.prepare_corpus(cfg)
+        out.update(units=prepared.real_units.num_units, steps=prepared.plan.steps)
+        if stage == "first batch":
+            from megadoc_pl.data.windows import packed_fields
+
+            dm = prepared.datamodule()
+            dm.setup("fit")
+            t = time.perf_counter()
+            batch = next(iter(dm.train_dataloader()))
+            out["batch_s"] = time.perf_counter() - t
+            out["batch"] = "x".join(map(str, packed_fields(batch)["tokens"].shape))
+    return out
 
 
 def run_stage(stage: str, store: Path) -> dict:
@@ -129,47 +196,70 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--documents", type=int, nargs="+", default=[10_000_000, 100_000_000])
     ap.add_argument("--root", default=str(ROOT / ".cache" / "bench_many_documents"))
+    ap.add_argument("--from-files", action="store_true", help="start from JSONL inputs and tokenize them")
+    ap.add_argument("--tokenizer", default=str(SHARED_TOKENIZER) if SHARED_TOKENIZER.exists() else None,
+                    help="tokenizer.json for --from-files (default: the shared 32k Llama tokenizer)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
         t0, c0 = time.perf_counter(), time.process_time()
-        out = run_stage(args.stage, Path(args.store))
-        out.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0,
-                   rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        if args.from_files:
+            out = run_file_stage(args.stage, Path(args.store), args.tokenizer)
+        else:
+            out = run_stage(args.stage, Path(args.store))
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out.update(wall=time.perf_counter() - t0, cpu=time.process_time() - c0 + children.ru_utime + children.ru_stime,
+                   rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                   children_rss_gb=children.ru_maxrss / 2**20)
         print(json.dumps(out))
         return
+    if args.from_files and args.tokenizer is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import build_tiny_tokenizer
+
+        args.tokenizer = str(build_tiny_tokenizer(Path(args.root) / "tok"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    stages = FILE_STAGES if args.from_files else STAGES
     results: dict[int, dict] = {}
-    print(f"{'step':8} {'documents':>12} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'bytes/doc':>10}  notes")
+    print(f"{'step':12} {'documents':>12} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'bytes/doc':>10}  notes")
     for n in args.documents:
-        store = Path(args.root) / f"real-{n}"
         t = time.perf_counter()
-        write_store(store, n)
-        print(f"{'write':8} {n:>12,} {time.perf_counter() - t:8.1f}   (the store: {store})", flush=True)
-        (store.parent / f"{store.name}-split.json").unlink(missing_ok=True)
-        for stage in STAGES:
-            proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--store", str(store)],
-                                  capture_output=True, text=True, env=env)
+        if args.from_files:
+            store = Path(args.root) / f"files-{n}"
+            write_inputs(store, n)
+            shutil.rmtree(store.parent / f"{store.name}-cache", ignore_errors=True)  # tokenized afresh
+            what = f"{sum(f.stat().st_size for f in store.glob('*.jsonl')) / 1e9:.2f} GB of JSONL: {store}"
+        else:
+            store = Path(args.root) / f"real-{n}"
+            write_store(store, n)
+            (store.parent / f"{store.name}-split.json").unlink(missing_ok=True)
+            what = f"the store: {store}"
+        print(f"{'write':12} {n:>12,} {time.perf_counter() - t:8.1f}   ({what})", flush=True)
+        for stage in stages:
+            cmd = [sys.executable, __file__, "--stage", stage, "--store", str(store)]
+            if args.from_files:
+                cmd += ["--from-files", "--tokenizer", args.tokenizer]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
-                print(f"{stage:8} {n:>12,} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
+                print(f"{stage:12} {n:>12,} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["rss_gb"] = max(r["rss_gb"], r.pop("children_rss_gb"))  # tokenizer worker processes included
             results.setdefault(n, {})[stage] = r
             notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
                               if k not in ("wall", "cpu", "rss_gb"))
-            print(f"{stage:8} {n:>12,} {r['wall']:8.1f} {r['cpu']:8.1f} {r['rss_gb']:12.2f} "
+            print(f"{stage:12} {n:>12,} {r['wall']:8.1f} {r['cpu']:8.1f} {r['rss_gb']:12.2f} "
                   f"{r['rss_gb'] * 2**30 / n:10.1f}  {notes}", flush=True)
     sizes = sorted(results)
     if len(sizes) >= 2:
         a, b = sizes[0], sizes[-1]
-        for stage in STAGES:
+        for stage in stages:
             if stage in results[a] and stage in results[b]:
                 ra, rb = results[a][stage], results[b][stage]
                 k = math.log(b / a)
                 print(f"growth {stage}: time exponent {math.log(rb['wall'] / ra['wall']) / k:.2f}, "
                       f"peak RSS exponent {math.log(rb['rss_gb'] / ra['rss_gb']) / k:.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -70,3 +70,7 @@ def test_hygiene_on_real_units(store):
     leaky = {"iid": val["iid"], "ood": documents_units(store, np.array([7, 8]), "ood")}
     with pytest.raises(HeldoutOverlapError, match=r"'ood' shares 2 of 2 documents \(e.g. 'doc7', 'doc8'\)"):
         check_units_disjoint([train], leaky)
+    # only the training ids that a set lists are collected, never the whole stream's
+    assert units_source_ids(train, among={"doc7", "doc2", "nowhere"}) == {"doc7"}
+    assert units_source_ids(train, among=set()) == set()
+    assert units_source_ids(train) == set(ids) - heldout
