@@ -112,3 +112,25 @@ def test_generations_of_heldout_documents_are_an_error_unless_dropping_is_asked_
     assert f"dropping {n} generations of held-out documents from data.synthetic" in err
     assert p.synthetic_units.stats["heldout_generations_excluded"] == n
     assert not units_source_ids(p.synthetic_units) & p.heldout
+
+
+def test_real_fraction_leaves_sources_out_of_both_streams(world, tmp_path):
+    # data.real_fraction's left-out ids (an Arrow IdSet) reach the real stream and the view alike
+    import math
+
+    from megadoc_pl.data.view_cache import ids_hash
+
+    gens = _generations(world, tmp_path / "gens.jsonl")
+    sets = [f"data.synthetic={gens}", "data.generations=1", "data.mixture.real_epochs=2",
+            "data.drop_heldout_generations=true"]
+    full = prepare_corpus(_recipe(world, "frac-1", sets, method="rephrase"))
+    half = prepare_corpus(_recipe(world, "frac-half", [*sets, "data.real_fraction=0.5"], method="rephrase"))
+    train = units_source_ids(full.real_units)
+    kept = units_source_ids(half.real_units)
+    assert len(train) == len(world["rows"]) - len(full.heldout)
+    assert kept < train and len(kept) == math.ceil(0.5 * len(train))
+    assert half.real_units.stats["real_fraction_sources_excluded"] == len(train) - len(kept)
+    assert half.real_units.stats["heldout_sources_excluded"] == len(half.heldout)
+    assert units_source_ids(half.synthetic_units) == kept  # generations of left-out sources are dropped
+    assert units_source_ids(full.synthetic_units) == train
+    assert ids_hash(full.heldout | set()) == ids_hash(sorted(full.heldout))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import math
+
 import numpy as np
 import pytest
 
@@ -139,6 +141,60 @@ def test_plan_to_dict_has_per_stream_numbers():
     assert d["streams"]["real"]["passes"] == pytest.approx(15.99, abs=0.01)
     assert d["streams"]["synthetic"]["units_per_pass"] == 5_412_000
     assert d["streams"]["synthetic"]["fraction_of_tokens"] == 0.75
+
+
+@pytest.mark.parametrize("chunk", [3, 1 << 20])
+def test_real_fraction_equals_the_per_id_rule_and_stays_in_arrow(tmp_path, chunk, monkeypatch):
+    """The left-out ids equal the rule on Python strings (rank by stable_hash of the seeded id,
+    ties by store order), for ids with quotes, non-ASCII and NUL, hashed a few at a time."""
+    from megadoc_pl.data import split as split_mod
+    from megadoc_pl.data.hygiene import IdSet
+    from megadoc_pl.data.views import real_fraction_excluded
+    from megadoc_pl.utils import stable_hash
+
+    monkeypatch.setattr(split_mod, "_CHUNK", chunk)
+    ids = [f"d{i}" for i in range(40)] + ['q"1', "é-2", "日本", "nul\x00x", "\u2028line", "Z"]
+    real = _IdStore(ids)
+    heldout = {"d3", "日本"}
+    train = [i for i in ids if i not in heldout]
+    for f, seed in ((0.3, 1), (0.5, 2), (0.77, 2)):
+        keep = math.ceil(Fraction(str(f)) * len(train))
+        rank = np.argsort([stable_hash(f"megadoc_pl/real_fraction/{seed}/{i}") for i in train], kind="stable")
+        expect = {train[r] for r in rank[keep:]}
+        out = real_fraction_excluded(real, heldout, f, seed)
+        assert isinstance(out, IdSet) and set(out) == expect and len(out) == len(expect)
+    assert len(real_fraction_excluded(real, heldout, 1.0, 0)) == 0
+
+
+def test_id_sets_union_and_hash_like_python_sets():
+    import pyarrow as pa
+
+    from megadoc_pl.data.hygiene import IdSet, member_mask
+    from megadoc_pl.data.view_cache import ids_hash
+
+    big = IdSet(pa.array(["b", "é", "a", "b", "日本", "a\x00"]))
+    assert len(big) == 5 and "é" in big and "c" not in big and set(big) == {"a", "b", "é", "日本", "a\x00"}
+    both = {"x", "a"} | big  # a Python set on the left: the union stays an IdSet
+    assert isinstance(both, IdSet) and set(both) == {"x", "a", "b", "é", "日本", "a\x00"}
+    assert set(big | {"y"}) == set(big) | {"y"} and set(IdSet() | IdSet()) == set()
+    for ids in (big, both, IdSet(), IdSet({"z"})):
+        assert ids_hash(ids) == ids_hash(set(ids))  # a view cached under a Python set keeps its key
+    column = pa.array(["a", "zz", "日本", "b"]).cast(pa.large_string())
+    assert member_mask(column, big).tolist() == [True, False, True, True]
+    assert member_mask(["q"], IdSet()).tolist() == [False]
+
+
+class _IdStore:
+    """Just what the real-fraction rule reads of a real store: ids."""
+
+    def __init__(self, ids):
+        import pyarrow as pa
+
+        self.ids = pa.array(ids, pa.string())
+
+    def arrow_column(self, name):
+        assert name == "source_id"
+        return self.ids
 
 
 def test_real_fraction_subsets_are_nested_deterministic_and_exact(tmp_path, tiny_tokenizer_path):

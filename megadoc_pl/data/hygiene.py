@@ -19,7 +19,8 @@ import hashlib
 import io
 import unicodedata
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections import abc
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -123,17 +124,62 @@ def one_string_array(values):
     return arr.combine_chunks()
 
 
+class IdSet(abc.Set):
+    """A set of ids held as one Arrow string array of unique values: the ids ``data.real_fraction``
+    leaves out of a 100M-document corpus are tens of millions (a Python set of them: ~5 GB).
+    Unions with it (``ids | id_set``) stay in Arrow; :func:`member_mask` and
+    :func:`~megadoc_pl.data.view_cache.ids_hash` read the array itself. Iterating yields Python
+    strings, a chunk at a time (tests, small sets)."""
+
+    def __init__(self, ids: Any = ()):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if isinstance(ids, IdSet):
+            self.arrow = ids.arrow
+            return
+        arr = one_string_array(ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else sorted(ids, key=str))
+        self.arrow = pc.unique(arr)
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    def __iter__(self) -> Iterator[str]:
+        for lo in range(0, len(self.arrow), 1 << 20):
+            yield from self.arrow.slice(lo, 1 << 20).to_pylist()
+
+    def __contains__(self, value: object) -> bool:
+        return bool(member_mask([str(value)], self)[0])
+
+    def __or__(self, other: Iterable[str]) -> "IdSet":
+        import pyarrow as pa
+
+        other = other.arrow if isinstance(other, IdSet) else IdSet(other).arrow
+        return IdSet(pa.chunked_array([self.arrow, other.cast(self.arrow.type)]))
+
+    __ror__ = __or__
+
+
+def id_set(ids: Iterable[str]):
+    """``ids`` as a set: an :class:`IdSet` stays one (no Python string per id), anything else
+    becomes a Python set."""
+    return ids if isinstance(ids, IdSet) else set(ids)
+
+
 def member_mask(values, members: Iterable[str]) -> np.ndarray:
     """Boolean mask of ``values`` (ids: an Arrow string column or an array of str) that are in
-    ``members``, computed by Arrow (no Python object per value)."""
+    ``members`` (ids, or an :class:`IdSet`), computed by Arrow (no Python object per value)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     arr = arrow_strings(values)
-    members = list(members)
-    if not members:
+    if isinstance(members, IdSet):
+        value_set = members.arrow
+    else:
+        value_set = pa.array([str(m) for m in members], pa.string())
+    if not len(value_set):
         return np.zeros(len(arr), dtype=bool)
-    return pc.is_in(arr, value_set=pa.array([str(m) for m in members], pa.string())).to_numpy(zero_copy_only=False)
+    return pc.is_in(arr, value_set=value_set).to_numpy(zero_copy_only=False)
 
 
 def check_units_disjoint(train_units, val_units: Mapping[str, object]) -> None:

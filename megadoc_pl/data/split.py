@@ -54,6 +54,12 @@ def _chunks(arr) -> Iterable[list[str]]:
         yield arr.slice(lo, _CHUNK).to_pylist()
 
 
+def hash_keys(ids: Any, prefix: str) -> np.ndarray:
+    """(n,) uint64 ``stable_hash(prefix + id)`` of every id, a chunk of ids at a time."""
+    arr = one_string_array(ids)
+    return np.fromiter((stable_hash(prefix + i) for chunk in _chunks(arr) for i in chunk), np.uint64, len(arr))
+
+
 def hash_order(ids: Any, seed: int) -> np.ndarray:
     """Indices of ``ids`` sorted by their seeded stable hash, ties (impossible in practice) by id.
 
@@ -61,7 +67,7 @@ def hash_order(ids: Any, seed: int) -> np.ndarray:
     array and sorted by numpy; only equal keys, if any, are ordered by their ids.
     """
     arr = one_string_array(ids)
-    keys = np.fromiter((stable_hash(f"{seed}:{i}") for chunk in _chunks(arr) for i in chunk), np.uint64, len(arr))
+    keys = hash_keys(arr, f"{seed}:")
     order = np.argsort(keys, kind="stable")
     ranked = keys[order]
     del keys

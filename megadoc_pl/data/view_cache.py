@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from megadoc_pl.data.hygiene import IdSet, id_set
 from megadoc_pl.data.views import LiteralTokens, Units, ViewOptions, build_view
 from megadoc_pl.utils import atomic_dir, get_logger, json_fingerprint
 
@@ -39,8 +40,18 @@ def store_key(store) -> dict:
 
 
 def ids_hash(ids: Iterable[str]) -> str:
-    """sha256 of a set of ids (order-free)."""
+    """sha256 of a set of ids (order-free): each id and a newline, in sorted order. An
+    :class:`IdSet` is sorted by Arrow (UTF-8 byte order, which is code point order: the same
+    digest) and hashed a chunk at a time."""
     h = hashlib.sha256()
+    if isinstance(ids, IdSet):
+        import pyarrow.compute as pc
+
+        ranked = ids.arrow.take(pc.sort_indices(ids.arrow))
+        for lo in range(0, len(ranked), 1 << 20):
+            chunk = ranked.slice(lo, 1 << 20).to_pylist()
+            h.update(("\n".join(chunk) + "\n").encode("utf-8"))
+        return h.hexdigest()
     for i in sorted(str(i) for i in ids):
         h.update(i.encode("utf-8") + b"\n")
     return h.hexdigest()
@@ -60,7 +71,7 @@ def cached_view(cache_dir: Path, real, synth, opts: ViewOptions, heldout: Iterab
 
     A cache that cannot be written (no room, read-only) costs a warning, not the run.
     """
-    heldout = set(heldout)
+    heldout = id_set(heldout)
     delimiters = None
     if opts.view in ("stretch", "stitch_stretch") and encode is not None:
         delimiters = [list(map(int, encode(opts.stretch_open))), list(map(int, encode(opts.stretch_close)))]

@@ -50,8 +50,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from megadoc_pl.data.hygiene import arrow_column, member_mask, one_string_array
-from megadoc_pl.utils import stable_hash
+from megadoc_pl.data.hygiene import IdSet, arrow_column, id_set, member_mask, one_string_array
 
 VIEWS = ("real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch", "self_distill")
 SYNTHETIC_TASK = {
@@ -644,27 +643,30 @@ class ViewOptions:
             raise ValueError(f"data.view={self.view} needs data.generations >= 1 (G generations per source), got {self.generations}")
 
 
-def real_fraction_excluded(real, heldout: Iterable[str], fraction: float, seed: int) -> set[str]:
+def real_fraction_excluded(real, heldout: Iterable[str], fraction: float, seed: int) -> IdSet:
     """Ids of the training sources that ``data.real_fraction`` leaves out (none at 1).
 
     The training sources (real store minus held out) are ranked by a seeded hash of their id and
     the first ``ceil(fraction * S)`` kept, so a subset is deterministic, does not depend on store
-    order, and a smaller fraction keeps a subset of a larger one (nested, for a D-sweep).
+    order, and a smaller fraction keeps a subset of a larger one (nested, for a D-sweep). The
+    hashes are one numpy array and the ids stay in Arrow (an :class:`IdSet`).
     """
+    from megadoc_pl.data.split import hash_keys
+
     if not 0 < fraction <= 1:
         raise ValueError(f"data.real_fraction must be in (0, 1], got {fraction}")
-    docs, _ = _train_docs(real, set(heldout))
+    docs, _ = _train_docs(real, id_set(heldout))
     keep = math.ceil(Fraction(str(fraction)) * len(docs))
     if keep >= len(docs):
-        return set()
-    ids = real.source_ids[docs]
-    rank = np.argsort([stable_hash(f"megadoc_pl/real_fraction/{seed}/{i}") for i in ids], kind="stable")
-    return {str(i) for i in ids[rank[keep:]]}
+        return IdSet()
+    ids = arrow_column(real, "source_id").take(docs)
+    rank = np.argsort(hash_keys(ids, f"megadoc_pl/real_fraction/{seed}/"), kind="stable")
+    return IdSet(ids.take(rank[keep:]))
 
 
 def real_units(real, heldout: Iterable[str] = ()) -> Units:
     """The real stream: one unit per training source, r(s) (its stored BOS/EOS included)."""
-    docs, stats = _train_docs(real, set(heldout))
+    docs, stats = _train_docs(real, id_set(heldout))
     g = _Groups.single(0, docs, real.lengths[docs])
     return _to_units(g, (real,), "real", stats)
 
@@ -694,7 +696,7 @@ def build_view(real, synth, opts: ViewOptions, heldout: Iterable[str] = (),
 def _build_view(real, synth, opts: ViewOptions, heldout: Iterable[str],
                 encode: Optional[Callable[[str], list[int]]]) -> Units:
     opts.validate()
-    heldout = set(heldout)
+    heldout = id_set(heldout)
     if opts.view == "real":
         return real_units(real, heldout)
     task = SYNTHETIC_TASK[opts.view]
