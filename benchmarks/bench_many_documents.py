@@ -115,17 +115,18 @@ def write_inputs(out: Path, n: int) -> None:
         (tmp / "done").write_text(str(n))
 
 
-def file_config(inputs: Path, tokenizer: str, cache: Path):
+def file_config(inputs: Path, tokenizer: str, cache: Path, real_fraction: float = 1.0):
     from megadoc_pl.recipes import compose_recipe
 
     return compose_recipe("baseline_real", ["scale=paper_300m", f"data.real={inputs}", f"data.tokenizer={tokenizer}",
-                                            f"data.cache_dir={cache}", "data.num_workers=0"])
+                                            f"data.cache_dir={cache}", "data.num_workers=0",
+                                            f"data.real_fraction={real_fraction}"])
 
 
-def run_file_stage(stage: str, inputs: Path, tokenizer: str) -> dict:
+def run_file_stage(stage: str, inputs: Path, tokenizer: str, real_fraction: float = 1.0) -> dict:
     from megadoc_pl.data import prepare
 
-    cfg = file_config(inputs, tokenizer, inputs.parent / f"{inputs.name}-cache")
+    cfg = file_config(inputs, tokenizer, inputs.parent / f"{inputs.name}-cache", real_fraction)
     out: dict = {}
     if stage == "tokenize":
         from megadoc_pl.data.tokenizer import load_tokenizer
@@ -199,13 +200,16 @@ def main() -> None:
     ap.add_argument("--from-files", action="store_true", help="start from JSONL inputs and tokenize them")
     ap.add_argument("--tokenizer", default=str(SHARED_TOKENIZER) if SHARED_TOKENIZER.exists() else None,
                     help="tokenizer.json for --from-files (default: the shared 32k Llama tokenizer)")
+    ap.add_argument("--real-fraction", type=float, default=1.0,
+                    help="data.real_fraction of the --from-files prepare and first batch (a D-sweep's subset)")
+    ap.add_argument("--stages", nargs="+", help="only these stages (e.g. prepare: a store built before is reused)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
         t0, c0 = time.perf_counter(), time.process_time()
         if args.from_files:
-            out = run_file_stage(args.stage, Path(args.store), args.tokenizer)
+            out = run_file_stage(args.stage, Path(args.store), args.tokenizer, args.real_fraction)
         else:
             out = run_stage(args.stage, Path(args.store))
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -220,7 +224,7 @@ def main() -> None:
 
         args.tokenizer = str(build_tiny_tokenizer(Path(args.root) / "tok"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    stages = FILE_STAGES if args.from_files else STAGES
+    stages = [s for s in (FILE_STAGES if args.from_files else STAGES) if not args.stages or s in args.stages]
     results: dict[int, dict] = {}
     print(f"{'step':12} {'documents':>12} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'bytes/doc':>10}  notes")
     for n in args.documents:
@@ -228,7 +232,8 @@ def main() -> None:
         if args.from_files:
             store = Path(args.root) / f"files-{n}"
             write_inputs(store, n)
-            shutil.rmtree(store.parent / f"{store.name}-cache", ignore_errors=True)  # tokenized afresh
+            if "tokenize" in stages:
+                shutil.rmtree(store.parent / f"{store.name}-cache", ignore_errors=True)  # tokenized afresh
             what = f"{sum(f.stat().st_size for f in store.glob('*.jsonl')) / 1e9:.2f} GB of JSONL: {store}"
         else:
             store = Path(args.root) / f"real-{n}"
@@ -237,9 +242,13 @@ def main() -> None:
             what = f"the store: {store}"
         print(f"{'write':12} {n:>12,} {time.perf_counter() - t:8.1f}   ({what})", flush=True)
         for stage in stages:
+            if stage == "prepare":  # from the built store: the split, hygiene and views made afresh
+                for p in (store.parent / f"{store.name}-cache").glob("*"):
+                    if p.name != "stores" and p.is_dir():
+                        shutil.rmtree(p)
             cmd = [sys.executable, __file__, "--stage", stage, "--store", str(store)]
             if args.from_files:
-                cmd += ["--from-files", "--tokenizer", args.tokenizer]
+                cmd += ["--from-files", "--tokenizer", args.tokenizer, "--real-fraction", str(args.real_fraction)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
                 print(f"{stage:12} {n:>12,} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)

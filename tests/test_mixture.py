@@ -166,6 +166,36 @@ def test_real_fraction_equals_the_per_id_rule_and_stays_in_arrow(tmp_path, chunk
     assert len(real_fraction_excluded(real, heldout, 1.0, 0)) == 0
 
 
+def test_real_fraction_subset_is_cached_and_a_torn_cache_is_computed_again(tmp_path, tiny_tokenizer_path, monkeypatch,
+                                                                          capsys):
+    import json
+
+    from megadoc_pl.data import view_cache
+    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.views import real_fraction_excluded
+
+    rows = "".join(json.dumps({"id": f"d{i}", "text": f"Document {i} of the mill."}) + "\n" for i in range(50))
+    (tmp_path / "real.jsonl").write_text(rows)
+    real = build_store(tmp_path / "real.jsonl", tiny_tokenizer_path, tmp_path / "store", progress=False)
+    heldout, cache = {"d1", "d7"}, tmp_path / "cache"
+    fresh = real_fraction_excluded(real, heldout, 0.4, seed=3)
+    assert set(view_cache.cached_real_fraction(cache, real, heldout, 0.4, 3)) == set(fresh)
+    (saved,) = (cache / "real_fraction").glob("*.npy")
+    calls = []
+    real_rule = view_cache.real_fraction_left_out
+    monkeypatch.setattr(view_cache, "real_fraction_left_out", lambda *a: calls.append(a) or real_rule(*a))
+    assert set(view_cache.cached_real_fraction(cache, real, heldout, 0.4, 3)) == set(fresh) and not calls  # read back
+    other = view_cache.cached_real_fraction(cache, real, heldout, 0.6, 3)  # another fraction: its own file
+    assert len(calls) == 1 and set(other) == set(real_fraction_excluded(real, heldout, 0.6, seed=3))
+    assert len(list((cache / "real_fraction").glob("*.npy"))) == 2
+    saved.write_bytes(saved.read_bytes()[:20])  # torn
+    capsys.readouterr()
+    assert set(view_cache.cached_real_fraction(cache, real, heldout, 0.4, 3)) == set(fresh)
+    assert len(calls) == 2 and "unreadable" in capsys.readouterr().err
+    assert set(view_cache.cached_real_fraction(cache, real, heldout, 0.4, 3)) == set(fresh) and len(calls) == 2
+    assert len(view_cache.cached_real_fraction(cache, real, heldout, 1.0, 3)) == 0
+
+
 def test_id_sets_union_and_hash_like_python_sets():
     import pyarrow as pa
 

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from megadoc_pl.data.hygiene import IdSet, id_set
-from megadoc_pl.data.views import LiteralTokens, Units, ViewOptions, build_view
-from megadoc_pl.utils import atomic_dir, get_logger, json_fingerprint
+from megadoc_pl.data.hygiene import IdSet, arrow_column, id_set
+from megadoc_pl.data.views import LiteralTokens, Units, ViewOptions, build_view, real_fraction_left_out
+from megadoc_pl.utils import atomic_dir, atomic_write_bytes, get_logger, json_fingerprint
 
 CACHE_VERSION = 2  # bump when the meaning or layout of a cached view changes (2: int8/int32 piece columns)
 COLUMNS = ("piece_src", "piece_doc", "piece_start", "piece_len", "piece_newdoc", "piece_docpos", "unit_ptr")
@@ -114,3 +115,31 @@ def load_units(path: Path, real, synth) -> Units:
     cols = {c: np.load(path / f"{c}.npy", mmap_mode="r").view(np.ndarray) for c in COLUMNS}
     return Units(sources, **cols, name=meta["name"], stats=meta["stats"])
 
+
+
+def cached_real_fraction(cache_dir: Path, real, heldout: Iterable[str], fraction: float, seed: int) -> IdSet:
+    """:func:`~megadoc_pl.data.views.real_fraction_excluded`, its documents kept in
+    ``cache_dir/real_fraction`` (named by the store's contents, the excluded ids, the fraction and
+    the seed): ranking 100M ids by their hash takes ~2 minutes, and every launch and rank needs it.
+    A cache that cannot be written costs a warning; one that cannot be read is computed again."""
+    if fraction == 1:
+        return IdSet()
+    key = json_fingerprint({"real": store_key(real), "excluded": ids_hash(id_set(heldout)),
+                            "fraction": str(fraction), "seed": int(seed)})[:16]
+    path = Path(cache_dir) / "real_fraction" / f"{key}.npy"
+    docs = None
+    if path.is_file():
+        try:
+            docs = np.load(path)
+        except (OSError, ValueError) as e:
+            _log.warning(f"{path}: unreadable ({e}): the real_fraction subset is computed again")
+    if docs is None or docs.dtype != np.int64 or docs.ndim != 1 or (len(docs) and int(docs[-1]) >= real.num_documents):
+        docs = real_fraction_left_out(real, heldout, fraction, seed)
+        buf = io.BytesIO()
+        np.save(buf, docs)
+        try:
+            atomic_write_bytes(path, buf.getvalue())
+        except OSError as e:
+            _log.warning(f"could not cache the real_fraction subset in {path} ({e.strerror or e}): "
+                         "it is computed again next launch")
+    return IdSet(arrow_column(real, "source_id").take(docs))

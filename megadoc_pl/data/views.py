@@ -651,6 +651,11 @@ def real_fraction_excluded(real, heldout: Iterable[str], fraction: float, seed: 
     order, and a smaller fraction keeps a subset of a larger one (nested, for a D-sweep). The
     hashes are one numpy array and the ids stay in Arrow (an :class:`IdSet`).
     """
+    return IdSet(arrow_column(real, "source_id").take(real_fraction_left_out(real, heldout, fraction, seed)))
+
+
+def real_fraction_left_out(real, heldout: Iterable[str], fraction: float, seed: int) -> np.ndarray:
+    """The real documents (ascending) whose ids :func:`real_fraction_excluded` leaves out."""
     from megadoc_pl.data.split import hash_keys
 
     if not 0 < fraction <= 1:
@@ -658,10 +663,9 @@ def real_fraction_excluded(real, heldout: Iterable[str], fraction: float, seed: 
     docs, _ = _train_docs(real, id_set(heldout))
     keep = math.ceil(Fraction(str(fraction)) * len(docs))
     if keep >= len(docs):
-        return IdSet()
-    ids = arrow_column(real, "source_id").take(docs)
-    rank = np.argsort(hash_keys(ids, f"megadoc_pl/real_fraction/{seed}/"), kind="stable")
-    return IdSet(ids.take(rank[keep:]))
+        return np.zeros(0, np.int64)
+    keys = hash_keys(arrow_column(real, "source_id").take(docs), f"megadoc_pl/real_fraction/{seed}/")
+    return np.sort(docs[np.argsort(keys, kind="stable")[keep:]])
 
 
 def real_units(real, heldout: Iterable[str] = ()) -> Units:
