@@ -22,7 +22,10 @@ process, printing its wall, CPU and peak RSS:
 - ``prepare``: ``prepare_corpus`` of ``baseline_real`` on that store (split, hygiene, units,
   validation sets, plan), as a first launch does once the store is built;
 - ``first batch``: a relaunch (everything cached) up to the first training micro-batch from the
-  datamodule's loader (paper_300m: 8 x 4096 windows a micro-batch).
+  datamodule's loader (paper_300m: 8 x 4096 windows a micro-batch);
+- ``relaunch``: ``prepare_corpus`` on the prepared cache by ``--ranks`` processes started at once,
+  as the ranks of a node do (wall: until the last is done; before the shared lock they took
+  turns).
 
 Between two sizes it prints the growth exponent of each step's time and memory, and the memory
 per document at the larger size. No peer: the point is that nothing holds a Python object per
@@ -50,7 +53,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 STAGES = ("split", "units", "batch")
-FILE_STAGES = ("tokenize", "prepare", "first batch")
+FILE_STAGES = ("tokenize", "prepare", "first batch", "relaunch")
 SHARED_TOKENIZER = ROOT.parent / "shared" / "data" / "llama-test-tokenizer.json"
 BLOCK = 1 << 23  # documents written at a time
 
@@ -202,6 +205,7 @@ def main() -> None:
                     help="tokenizer.json for --from-files (default: the shared 32k Llama tokenizer)")
     ap.add_argument("--real-fraction", type=float, default=1.0,
                     help="data.real_fraction of the --from-files prepare and first batch (a D-sweep's subset)")
+    ap.add_argument("--ranks", type=int, default=4, help="processes of the relaunch stage, started at once")
     ap.add_argument("--stages", nargs="+", help="only these stages (e.g. prepare: a store built before is reused)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--store", default=None, help=argparse.SUPPRESS)
@@ -249,11 +253,20 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--stage", stage, "--store", str(store)]
             if args.from_files:
                 cmd += ["--from-files", "--tokenizer", args.tokenizer, "--real-fraction", str(args.real_fraction)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode:
-                print(f"{stage:12} {n:>12,} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
+            ranks = args.ranks if stage == "relaunch" else 1
+            t = time.perf_counter()
+            procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                     for _ in range(ranks)]
+            outs = [p.communicate() for p in procs]
+            wall = time.perf_counter() - t
+            failed = [err for p, (_, err) in zip(procs, outs) if p.returncode]
+            if failed:
+                print(f"{stage:12} {n:>12,} failed: {(failed[0].strip().splitlines() or ['?'])[-1]}", flush=True)
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = json.loads(outs[0][0].strip().splitlines()[-1])
+            if ranks > 1:
+                each = [json.loads(o.strip().splitlines()[-1])["wall"] for o, _ in outs]
+                r.update(ranks=ranks, each_s=f"{min(each):.1f}-{max(each):.1f}", wall=wall)
             r["rss_gb"] = max(r["rss_gb"], r.pop("children_rss_gb"))  # tokenizer worker processes included
             results.setdefault(n, {})[stage] = r
             notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()

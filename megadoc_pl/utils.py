@@ -83,25 +83,31 @@ class _ShortName(logging.Filter):
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, waiting: Optional[str] = None) -> Iterator[None]:
-    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing) for the block.
+def file_lock(path: str | os.PathLike, waiting: Optional[str] = None, shared: bool = False) -> Iterator[None]:
+    """Hold an exclusive (or, with ``shared``, a shared) ``fcntl.flock`` on ``path`` (created if
+    missing) for the block: shared holders run together, an exclusive one alone.
 
     ``waiting`` is logged (rank zero) when another process holds the lock and this one has to wait.
     The lock dies with its process, so a killed holder never leaves a stale lock.
     """
     import fcntl
 
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     with open(path, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             if waiting:
                 get_logger("lock").info(waiting)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            fcntl.flock(handle, mode)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class NotCached(Exception):
+    """A preparation asked to read only what is cached met something it would have to build."""
 
 
 def require(module: str, extra: str, what: str = "") -> Any:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from megadoc_pl.utils import atomic_write_bytes, json_fingerprint
+from megadoc_pl.utils import NotCached, atomic_write_bytes, json_fingerprint
 
 
 class HeldoutOverlapError(ValueError):
@@ -217,13 +217,14 @@ def normalised_text_hash(text: str) -> int:
 
 
 def text_hashes(store: Any, decode_batch: Callable[[list[list[int]]], list[str]],
-                cache_dir: Optional[Path] = None, chunk: int = 4096) -> np.ndarray:
+                cache_dir: Optional[Path] = None, chunk: int = 4096, cached_only: bool = False) -> np.ndarray:
     """(num_documents,) uint64 normalised-text hashes of a token store's documents.
 
     A document store records them while it is built (column ``text_hash``, from the source text).
     For a store built before that, the texts are decoded from the stored tokens (``decode_batch``:
     token id lists -> texts); with ``cache_dir`` that result is kept there, named by the store and
-    its content fingerprint.
+    its content fingerprint. ``cached_only`` raises :class:`~megadoc_pl.utils.NotCached` instead
+    of decoding.
     """
     if "text_hash" in getattr(getattr(store, "_index", None), "column_names", ()):
         return store.column("text_hash").astype(np.uint64)
@@ -234,6 +235,8 @@ def text_hashes(store: Any, decode_batch: Callable[[list[list[int]]], list[str]]
         out = np.load(cached)
         if len(out) == store.num_documents:
             return out
+    if cached_only:
+        raise NotCached(f"text hashes of {store.path}")
     out = np.empty(store.num_documents, dtype=np.uint64)
     for lo in range(0, store.num_documents, chunk):
         hi = min(lo + chunk, store.num_documents)

@@ -16,6 +16,7 @@ store itself verifies content fingerprints and refuses a mismatch unless ``data.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import errno
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from megadoc_pl.data.view_cache import cached_real_fraction, cached_view
 from megadoc_pl.data.views import (SYNTHETIC_TASK, Units, ViewOptions, documents_units,
                                    real_units)
 from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows
-from megadoc_pl.utils import file_lock, get_logger, json_fingerprint
+from megadoc_pl.utils import NotCached, file_lock, get_logger, json_fingerprint
 
 if TYPE_CHECKING:  # Lightning is imported only when a datamodule is made (dry runs stay light)
     from megadoc_pl.data.datamodule import MegadocDataModule
@@ -168,7 +169,8 @@ def _build_store(cfg: DictConfig, inputs: Sequence[str], tokenizer: Any, kind: s
     if not (out / "manifest.json").exists():
         _log.info(f"tokenizing {what} ({len(files)} file(s)) -> {out}")
     kw = dict(kind=kind, add_bos=bool(cfg.data.add_bos), add_eos=bool(cfg.data.add_eos),
-              skip_bad_rows=bool(cfg.data.skip_bad_rows), rebuild=bool(cfg.data.rebuild))
+              skip_bad_rows=bool(cfg.data.skip_bad_rows), rebuild=bool(cfg.data.rebuild),
+              cached_only=_CACHED_ONLY.get())
     if kind == "documents":
         kw.update(text_field=str(cfg.data.text_field), id_field=str(cfg.data.id_field))
     try:
@@ -195,6 +197,8 @@ def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]
         for k in ("max_windows", "scope", "interval", "split_file", "extra"):
             key["val"].pop(k, None)
         path = Path(cfg.data.cache_dir) / "splits" / f"split-{json_fingerprint(key)[:16]}.json"
+    if _CACHED_ONLY.get() and not path.exists():
+        raise NotCached(f"split {path}")
     split = split_mod.ensure_split(real, val, path)
     heldout = set(split_mod.load_heldout_ids(path))
     missing = split_mod.missing_heldout_ids(path, heldout, real.arrow_column("source_id"))
@@ -226,18 +230,33 @@ def _synthetic_inputs(cfg: DictConfig, demo: Any, split_file: Path) -> list[str]
 def prepare_corpus(cfg: DictConfig) -> PreparedData:
     """Stores, split, units and the plan of a recipe (tokenizing on first use, cached).
 
-    Safe to call from every rank of a launch at once: preparation holds an exclusive lock on
-    ``data.cache_dir``, so one process (the first to arrive) builds what is missing while the
-    others wait, then find it all cached and only check it (input fingerprints from the stores'
-    stat caches: a relaunch on unchanged inputs reads no input file). A node-local cache gets
-    one preparation per node.
+    Safe to call from every rank of a launch at once. Each process first reads what is cached
+    under a shared lock on ``data.cache_dir`` (so the ranks of a relaunch prepare side by side,
+    not one after the other: input fingerprints come from the stores' stat caches, a relaunch on
+    unchanged inputs reads no input file). One that meets something missing lets go and takes the
+    exclusive lock: the first to get it builds what is missing while the others wait, then find it
+    all cached. A node-local cache gets one preparation per node.
     """
     from megadoc_pl.recipes import validate_recipe
 
     validate_recipe(cfg)
-    with preparation_lock(Path(cfg.data.cache_dir)):
-        remove_leftovers(Path(cfg.data.cache_dir))
+    cache = Path(cfg.data.cache_dir)
+    if not bool(cfg.data.rebuild):
+        token = _CACHED_ONLY.set(True)
+        try:
+            with preparation_lock(cache, shared=True):
+                return _prepare_corpus(cfg)
+        except NotCached as e:
+            _log.debug(f"not cached yet: {e}")
+        finally:
+            _CACHED_ONLY.reset(token)
+    with preparation_lock(cache):
+        remove_leftovers(cache)
         return _prepare_corpus(cfg)
+
+
+# Set while a preparation may only read what is cached (prepare_corpus's shared-lock pass).
+_CACHED_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("megadoc_pl_cached_only", default=False)
 
 
 def remove_leftovers(cache_dir: Path) -> list[Path]:
@@ -257,8 +276,8 @@ def remove_leftovers(cache_dir: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def preparation_lock(cache_dir: Path) -> Iterator[None]:
-    """Exclusive lock on ``cache_dir/.prepare.lock``, saying so when it has to wait."""
+def preparation_lock(cache_dir: Path, shared: bool = False) -> Iterator[None]:
+    """Exclusive (or shared) lock on ``cache_dir/.prepare.lock``, saying so when it has to wait."""
     lock = cache_dir / ".prepare.lock"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +285,7 @@ def preparation_lock(cache_dir: Path) -> Iterator[None]:
     except OSError as e:
         raise ValueError(f"data.cache_dir={cache_dir}: cannot create or write it ({e.strerror}) "
                          "(fix: point data.cache_dir at a writable directory)") from None
-    with file_lock(lock, waiting=f"waiting for another process preparing data in {cache_dir}"):
+    with file_lock(lock, waiting=f"waiting for another process preparing data in {cache_dir}", shared=shared):
         yield
 
 
@@ -313,14 +332,14 @@ def _prepare_corpus(cfg: DictConfig) -> PreparedData:
     excluded = heldout | duplicates
     # data.real_fraction: the sources it leaves out are excluded from every stream, like held-out ones
     left_out = cached_real_fraction(Path(data.cache_dir), real, excluded, float(data.real_fraction),
-                                    int(cfg.train.data_seed))
+                                    int(cfg.train.data_seed), cached_only=_CACHED_ONLY.get())
     ru = real_units(real, excluded | left_out)
     ru.stats.update(heldout_sources_excluded=ru.stats["heldout_sources_excluded"] - len(left_out) - len(duplicates),
                     heldout_duplicates_excluded=len(duplicates), real_fraction_sources_excluded=len(left_out))
     su = None
     if synth is not None:  # built once per inputs and options, then memory-mapped from the cache
         su = cached_view(Path(cfg.data.cache_dir), real, synth, opts, excluded | left_out, encode=tok.encode,
-                         rebuild=bool(data.rebuild))
+                         rebuild=bool(data.rebuild), cached_only=_CACHED_ONLY.get())
     val_units = _val_units(cfg, real, sets, tok)
     # held-out hygiene: no validation document may be a training source (by id), whatever the view
     check_units_disjoint([ru, su], val_units)
@@ -334,7 +353,8 @@ def _prepare_corpus(cfg: DictConfig) -> PreparedData:
 
 
 def _text_hashes(cfg: DictConfig, store: Any, tok: Any) -> np.ndarray:
-    return text_hashes(store, tok.tokenizer.decode_batch, Path(cfg.data.cache_dir) / "hygiene")
+    return text_hashes(store, tok.tokenizer.decode_batch, Path(cfg.data.cache_dir) / "hygiene",
+                       cached_only=_CACHED_ONLY.get())
 
 
 def _check_extra_sets_by_text(cfg: DictConfig, real: Any, hashes: np.ndarray, excluded: set[str], tok: Any) -> None:

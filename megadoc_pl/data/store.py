@@ -68,7 +68,8 @@ from megadoc_pl.data.readers import (
 )
 from megadoc_pl.data.hygiene import member_mask, normalised_text_hash
 from megadoc_pl.data.tokenizer import TokenizerInfo, load_tokenizer
-from megadoc_pl.utils import atomic_dir, atomic_write_json, current_umask, file_fingerprint, stable_hash, stat_cache
+from megadoc_pl.utils import (NotCached, atomic_dir, atomic_write_json, current_umask, file_fingerprint, stable_hash,
+                              stat_cache)
 
 PathLike = Union[str, os.PathLike]
 
@@ -871,6 +872,7 @@ def build_store(
     num_proc: Optional[int] = None,
     parallel: str = "auto",
     progress: bool = True,
+    cached_only: bool = False,
 ) -> TokenStore:
     """Tokenize ``inputs`` (documents or generations) into a token store at ``out_dir``.
 
@@ -879,6 +881,7 @@ def build_store(
     (default: all available); ``parallel`` = threads (one process; the Rust tokenizer uses the
     cores), processes (``num_proc`` forked workers parse and tokenize) or auto (processes for
     inputs of SMALL_INPUT_BYTES or more on 2 cores or more). The result does not depend on either.
+    ``cached_only`` raises :class:`~megadoc_pl.utils.NotCached` instead of building.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown store kind {kind!r} (fix: use one of {', '.join(KINDS)})")
@@ -912,6 +915,8 @@ def build_store(
     existing = _existing_store(out, manifest, rebuild)
     if existing is not None:
         return existing
+    if cached_only:
+        raise NotCached(f"token store {out}")
 
     try:
         with atomic_dir(out, overwrite=rebuild) as tmp:

@@ -23,7 +23,7 @@ import numpy as np
 
 from megadoc_pl.data.hygiene import IdSet, arrow_column, id_set
 from megadoc_pl.data.views import LiteralTokens, Units, ViewOptions, build_view, real_fraction_left_out
-from megadoc_pl.utils import atomic_dir, atomic_write_bytes, get_logger, json_fingerprint
+from megadoc_pl.utils import NotCached, atomic_dir, atomic_write_bytes, get_logger, json_fingerprint
 
 CACHE_VERSION = 2  # bump when the meaning or layout of a cached view changes (2: int8/int32 piece columns)
 COLUMNS = ("piece_src", "piece_doc", "piece_start", "piece_len", "piece_newdoc", "piece_docpos", "unit_ptr")
@@ -67,10 +67,12 @@ def view_key(real, synth, opts: ViewOptions, heldout: Iterable[str], delimiters:
 
 
 def cached_view(cache_dir: Path, real, synth, opts: ViewOptions, heldout: Iterable[str] = (),
-                encode: Optional[Callable[[str], list[int]]] = None, rebuild: bool = False) -> Units:
+                encode: Optional[Callable[[str], list[int]]] = None, rebuild: bool = False,
+                cached_only: bool = False) -> Units:
     """:func:`build_view`, loaded from ``cache_dir/views`` when built before with the same inputs.
 
     A cache that cannot be written (no room, read-only) costs a warning, not the run.
+    ``cached_only`` raises :class:`~megadoc_pl.utils.NotCached` instead of building.
     """
     heldout = id_set(heldout)
     delimiters = None
@@ -79,6 +81,8 @@ def cached_view(cache_dir: Path, real, synth, opts: ViewOptions, heldout: Iterab
     out = Path(cache_dir) / "views" / f"{opts.view}-{view_key(real, synth, opts, heldout, delimiters)[:16]}"
     if not rebuild and (out / "view.json").is_file():
         return load_units(out, real, synth)
+    if cached_only:
+        raise NotCached(f"{opts.view} view {out}")
     units = build_view(real, synth, opts, heldout, encode=encode)
     try:
         save_units(out, units, overwrite=rebuild)
@@ -117,11 +121,13 @@ def load_units(path: Path, real, synth) -> Units:
 
 
 
-def cached_real_fraction(cache_dir: Path, real, heldout: Iterable[str], fraction: float, seed: int) -> IdSet:
+def cached_real_fraction(cache_dir: Path, real, heldout: Iterable[str], fraction: float, seed: int,
+                         cached_only: bool = False) -> IdSet:
     """:func:`~megadoc_pl.data.views.real_fraction_excluded`, its documents kept in
     ``cache_dir/real_fraction`` (named by the store's contents, the excluded ids, the fraction and
     the seed): ranking 100M ids by their hash takes ~2 minutes, and every launch and rank needs it.
-    A cache that cannot be written costs a warning; one that cannot be read is computed again."""
+    A cache that cannot be written costs a warning; one that cannot be read is computed again
+    (``cached_only``: :class:`~megadoc_pl.utils.NotCached` is raised instead)."""
     if fraction == 1:
         return IdSet()
     key = json_fingerprint({"real": store_key(real), "excluded": ids_hash(id_set(heldout)),
@@ -134,6 +140,8 @@ def cached_real_fraction(cache_dir: Path, real, heldout: Iterable[str], fraction
         except (OSError, ValueError) as e:
             _log.warning(f"{path}: unreadable ({e}): the real_fraction subset is computed again")
     if docs is None or docs.dtype != np.int64 or docs.ndim != 1 or (len(docs) and int(docs[-1]) >= real.num_documents):
+        if cached_only:
+            raise NotCached(f"real_fraction subset {path}")
         docs = real_fraction_left_out(real, heldout, fraction, seed)
         buf = io.BytesIO()
         np.save(buf, docs)

@@ -1,0 +1,103 @@
+"""Ranks relaunching on a prepared cache read it side by side (a shared lock); one that finds
+something missing builds it alone (the exclusive lock), and nobody builds under the shared one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from megadoc_pl.data import prepare as prepare_mod
+from megadoc_pl.data.prepare import prepare_corpus
+from megadoc_pl.recipes import load_recipe
+from megadoc_pl.utils import file_lock
+
+from train_helpers import tiny_overrides, write_corpus
+
+
+@pytest.fixture
+def make(tmp_path, tiny_tokenizer_path):
+    """Recipes that use every cached artefact: two stores, the split, a view, a real_fraction
+    subset and an extra validation set (extra overrides appended)."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=60)
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    gens = tmp_path / "gens.jsonl"
+    gens.write_text("".join(json.dumps({"source_id": r["id"], "task": "rephrase", "gen_index": 0,
+                                        "text": "In other words: " + r["text"]}) + "\n" for r in rows))
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(json.dumps({"id": "x-0", "text": "Hana built the tower of Osk in 1850. " * 3}) + "\n")
+    over = tiny_overrides(corpus, tiny_tokenizer_path, tmp_path, "c") + [
+        f"data.synthetic={gens}", "data.generations=1", "data.mixture.real_epochs=2",
+        "data.drop_heldout_generations=true", "data.real_fraction=0.5", f"data.val.extra={{one: {extra}}}"]
+    return lambda *extra_over: load_recipe("rephrase", over + list(extra_over))
+
+
+def _locks(monkeypatch) -> list[bool]:
+    """The preparation locks taken (True: shared), in order."""
+    taken: list[bool] = []
+    real = prepare_mod.preparation_lock
+
+    def spy(cache_dir, shared=False):
+        taken.append(shared)
+        return real(cache_dir, shared)
+
+    monkeypatch.setattr(prepare_mod, "preparation_lock", spy)
+    return taken
+
+
+def test_a_relaunch_reads_everything_under_the_shared_lock(make, monkeypatch):
+    taken = _locks(monkeypatch)
+    cfg = make()
+    first = prepare_corpus(cfg)
+    assert taken == [True, False]  # a cold cache: the shared pass stops at the first missing store
+    again = prepare_corpus(cfg)
+    assert taken == [True, False, True]  # nothing missing: no exclusive lock
+    assert again.fingerprint == first.fingerprint and again.plan == first.plan
+    assert again.real_units.num_units == first.real_units.num_units and set(again.val_units) == set(first.val_units)
+    assert again.synthetic_units.num_units == first.synthetic_units.num_units
+    # each cached artefact gone in turn: the shared pass builds none of them, the exclusive one does
+    cache = Path(cfg.data.cache_dir)
+    for kind in ("splits", "views", "real_fraction"):
+        shutil.rmtree(cache / kind)
+        del taken[:]
+        assert prepare_corpus(cfg).fingerprint == first.fingerprint
+        assert taken == [True, False] and any((cache / kind).iterdir()), kind
+    # data.rebuild asks for building: straight to the exclusive lock
+    del taken[:]
+    prepare_corpus(make("data.rebuild=true"))
+    assert taken == [False]
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list]:
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_readers_run_together_and_a_builder_waits_for_them(make):
+    recipe = make()
+    lock = Path(recipe.data.cache_dir) / ".prepare.lock"
+    # cold cache, another rank reading: building needs the exclusive lock, so it waits
+    Path(recipe.data.cache_dir).mkdir(parents=True)
+    with file_lock(lock, shared=True):
+        t, out = _in_thread(lambda: prepare_corpus(recipe))
+        t.join(3)
+        assert t.is_alive() and not (Path(recipe.data.cache_dir) / "stores").exists()
+    t.join(60)
+    assert not t.is_alive() and out
+    # warm cache, another rank reading: this one reads alongside it, without waiting
+    with file_lock(lock, shared=True):
+        t, out = _in_thread(lambda: prepare_corpus(recipe))
+        t.join(60)
+        assert not t.is_alive() and out
+    # warm cache, a rank building: readers wait for it
+    with file_lock(lock):
+        t, out = _in_thread(lambda: prepare_corpus(recipe))
+        t.join(2)
+        assert t.is_alive()
+    t.join(60)
+    assert not t.is_alive() and out
