@@ -259,9 +259,12 @@ def main() -> None:
                      for _ in range(ranks)]
             outs = [p.communicate() for p in procs]
             wall = time.perf_counter() - t
-            failed = [err for p, (_, err) in zip(procs, outs) if p.returncode]
+            failed = [(p.returncode, err) for p, (_, err) in zip(procs, outs) if p.returncode]
             if failed:
-                print(f"{stage:12} {n:>12,} failed: {(failed[0].strip().splitlines() or ['?'])[-1]}", flush=True)
+                rc, err = failed[0]
+                why = f"killed by signal {-rc}" + (" (out of memory?)" if rc == -9 else "") if rc < 0 else \
+                    (err.strip().splitlines() or [f"exit status {rc}"])[-1]
+                print(f"{stage:12} {n:>12,} {len(failed)} of {ranks} failed: {why}", flush=True)
                 continue
             r = json.loads(outs[0][0].strip().splitlines()[-1])
             if ranks > 1:

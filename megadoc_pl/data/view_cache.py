@@ -150,4 +150,4 @@ def cached_real_fraction(cache_dir: Path, real, heldout: Iterable[str], fraction
         except OSError as e:
             _log.warning(f"could not cache the real_fraction subset in {path} ({e.strerror or e}): "
                          "it is computed again next launch")
-    return IdSet(arrow_column(real, "source_id").take(docs))
+    return IdSet(arrow_column(real, "source_id").take(docs), distinct=True)  # a store's ids are unique

@@ -651,7 +651,8 @@ def real_fraction_excluded(real, heldout: Iterable[str], fraction: float, seed: 
     order, and a smaller fraction keeps a subset of a larger one (nested, for a D-sweep). The
     hashes are one numpy array and the ids stay in Arrow (an :class:`IdSet`).
     """
-    return IdSet(arrow_column(real, "source_id").take(real_fraction_left_out(real, heldout, fraction, seed)))
+    docs = real_fraction_left_out(real, heldout, fraction, seed)
+    return IdSet(arrow_column(real, "source_id").take(docs), distinct=True)  # a store's ids are unique
 
 
 def real_fraction_left_out(real, heldout: Iterable[str], fraction: float, seed: int) -> np.ndarray:
