@@ -101,3 +101,25 @@ def test_readers_run_together_and_a_builder_waits_for_them(make):
         assert t.is_alive()
     t.join(60)
     assert not t.is_alive() and out
+
+
+def test_a_cached_relaunch_removes_a_killed_builds_files_but_not_a_pass_writers(make, capsys):
+    cfg = make()
+    prepare_corpus(cfg)
+    cache = Path(cfg.data.cache_dir)
+    dead_store = cache / "stores" / ".documents-0123456789abcdef.x1y2.partial"  # a killed build, another config
+    dead_store.mkdir()
+    (dead_store / "tokens.bin").write_bytes(b"\0" * 64)
+    dead_split = cache / "splits" / ".split-0123.json.z9.tmp"
+    dead_split.write_text("{")
+    (cache / "passes").mkdir()
+    pass_tmp = cache / "passes" / ".order-abc-p0-0.npy.w1.tmp"  # a training process's, under its own lock
+    pass_tmp.write_bytes(b"half")
+    capsys.readouterr()
+    with file_lock(cache / ".prepare.lock", shared=True):  # another rank reading: nothing is removed now
+        prepare_corpus(cfg)
+    assert dead_store.exists() and dead_split.exists()
+    prepare_corpus(cfg)  # alone: the relaunch (shared lock only) removes them first
+    err = capsys.readouterr().err
+    assert not dead_store.exists() and not dead_split.exists() and pass_tmp.exists()
+    assert f"removed {dead_store}, left by an interrupted preparation" in err

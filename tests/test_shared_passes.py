@@ -71,6 +71,19 @@ def test_only_the_newest_passes_stay_and_a_deleted_one_stays_readable(tmp_path):
     assert first.tolist() == [0, 1, 2, 3]  # its file is gone; the mapping is not
 
 
+def test_a_killed_writers_temporary_file_goes_when_its_pass_is_next_written(tmp_path):
+    from megadoc_pl.utils import file_lock
+
+    dead0 = tmp_path / ".order-x-p0-0.npy.k1ll.tmp"  # what a worker killed mid-write leaves
+    other = tmp_path / ".order-x-p1-0.npy.l1ve.tmp"  # another pass's, its writer alive (holds the lock)
+    for f in (dead0, other):
+        f.write_bytes(b"half")
+    with file_lock(tmp_path / ".order-x-p1.lock"):
+        SharedPasses(tmp_path).arrays("order-x", 0, [(3, np.int64)], lambda: (np.arange(3),))
+    assert not dead0.exists() and other.exists()
+    assert SharedPasses(tmp_path).arrays("order-x", 0, [(3, np.int64)], lambda: 1 / 0)[0].tolist() == [0, 1, 2]
+
+
 def test_a_file_that_is_not_what_its_name_says_is_computed_again(units, tmp_path):
     st_units = units[1]
     mem = StreamWindows(st_units, T, 5, "synthetic")

@@ -241,6 +241,7 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
 
     validate_recipe(cfg)
     cache = Path(cfg.data.cache_dir)
+    _remove_leftovers_if_alone(cache)
     if not bool(cfg.data.rebuild):
         token = _CACHED_ONLY.set(True)
         try:
@@ -255,17 +256,41 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
         return _prepare_corpus(cfg)
 
 
+def _remove_leftovers_if_alone(cache_dir: Path) -> None:
+    """:func:`remove_leftovers` when no other process holds the preparation lock, without waiting
+    for it: a relaunch that finds everything cached never takes the exclusive lock, and would
+    otherwise keep a killed build's files forever."""
+    import fcntl
+
+    lock = cache_dir / ".prepare.lock"
+    if not lock.is_file():
+        return  # a new cache: nothing to remove
+    try:
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                remove_leftovers(cache_dir)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:
+        pass  # another process prepares: the leftovers wait for a start that finds it alone
+    except PermissionError:
+        pass  # a read-only cache (the shared pass reads it; building would say what is wrong)
+
+
 # Set while a preparation may only read what is cached (prepare_corpus's shared-lock pass).
 _CACHED_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("megadoc_pl_cached_only", default=False)
 
 
 def remove_leftovers(cache_dir: Path) -> list[Path]:
     """Delete what a killed preparation left in ``cache_dir`` (half-built ``.*.partial`` stores and
-    views, ``.*.tmp`` files). Called under :func:`preparation_lock`, so no live preparation owns them."""
+    views, ``.*.tmp`` files). Called under the exclusive :func:`preparation_lock`, so no live
+    preparation owns them. ``passes/`` is left alone: training processes write there under locks of
+    their own, and clear their dead writers' files themselves (:class:`SharedPasses`)."""
     import shutil
 
     found = (sorted(cache_dir.glob("stores/.*.partial")) + sorted(cache_dir.glob("views/.*.partial"))
-             + sorted(cache_dir.glob("*/.*.tmp")))
+             + sorted(p for p in cache_dir.glob("*/.*.tmp") if p.parent.name != "passes"))
     for p in found:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

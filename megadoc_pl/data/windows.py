@@ -131,7 +131,8 @@ class SharedPasses:
     name says (wrong shape or type, unreadable) is computed again; where files cannot be written
     (a full or read-only disk) the arrays are computed in memory, the same values, with one
     warning. Only the newest ``keep`` passes of each name stay on disk; a process keeps reading
-    its mapping of a deleted one.
+    its mapping of a deleted one. The temporary files of a writer killed mid-write are removed by
+    the next process to hold that pass's lock (nobody else may: a live writer holds it).
     """
 
     def __init__(self, root: str | os.PathLike, keep: int = 4):
@@ -152,6 +153,8 @@ class SharedPasses:
                 got = self._load(paths, shapes)  # another process may have made it while this one waited
                 if got is not None:
                     return got
+                for stale in self.root.glob(f".{name}-p{p}-*.tmp"):  # a writer killed mid-write (this lock is free)
+                    stale.unlink(missing_ok=True)
                 arrays = tuple(compute())
                 for path, a in zip(paths, arrays):
                     with atomic_open(path) as f:
