@@ -196,6 +196,31 @@ def test_real_fraction_subset_is_cached_and_a_torn_cache_is_computed_again(tmp_p
     assert len(view_cache.cached_real_fraction(cache, real, heldout, 1.0, 3)) == 0
 
 
+def test_the_real_stream_is_cached_and_equals_the_computed_one(tmp_path, tiny_tokenizer_path, monkeypatch):
+    import json
+
+    from megadoc_pl.data import view_cache
+    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.views import real_fraction_excluded, real_units
+
+    rows = "".join(json.dumps({"id": f"d{i}", "text": f"Document {i} of the mill."}) + "\n" for i in range(40))
+    (tmp_path / "real.jsonl").write_text(rows)
+    real = build_store(tmp_path / "real.jsonl", tiny_tokenizer_path, tmp_path / "store", progress=False)
+    heldout, cache = {"d1", "d7"}, tmp_path / "cache"
+    for f in (1.0, 0.5):
+        left = view_cache.cached_real_fraction(cache, real, heldout, f, 3)
+        want = real_units(real, heldout | set(real_fraction_excluded(real, heldout, f, seed=3)))
+        got = view_cache.cached_real_units(cache, real, heldout, f, 3, left)
+        for c in view_cache.COLUMNS:
+            assert np.array_equal(getattr(got, c), getattr(want, c)), (f, c)
+        assert got.stats == want.stats and got.name == "real"
+    monkeypatch.setattr(view_cache, "real_units", lambda *a: 1 / 0)  # read back, not computed
+    again = view_cache.cached_real_units(cache, real, heldout, 0.5, 3, left)
+    assert isinstance(again.piece_doc, np.ndarray) and not again.piece_doc.flags.owndata  # mapped from the file
+    assert np.array_equal(again.piece_doc, got.piece_doc)
+    assert len(list((cache / "views").glob("real-*"))) == 2  # one per fraction
+
+
 def test_id_sets_union_and_hash_like_python_sets():
     import pyarrow as pa
 

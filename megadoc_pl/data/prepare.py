@@ -35,9 +35,8 @@ from megadoc_pl.data.hygiene import (
     text_hashes,
 )
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
-from megadoc_pl.data.view_cache import cached_real_fraction, cached_view
-from megadoc_pl.data.views import (SYNTHETIC_TASK, Units, ViewOptions, documents_units,
-                                   real_units)
+from megadoc_pl.data.view_cache import cached_real_fraction, cached_real_units, cached_view
+from megadoc_pl.data.views import SYNTHETIC_TASK, Units, ViewOptions, documents_units
 from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows
 from megadoc_pl.utils import NotCached, file_lock, get_logger, json_fingerprint
 
@@ -358,7 +357,8 @@ def _prepare_corpus(cfg: DictConfig) -> PreparedData:
     # data.real_fraction: the sources it leaves out are excluded from every stream, like held-out ones
     left_out = cached_real_fraction(Path(data.cache_dir), real, excluded, float(data.real_fraction),
                                     int(cfg.train.data_seed), cached_only=_CACHED_ONLY.get())
-    ru = real_units(real, excluded | left_out)
+    ru = cached_real_units(Path(data.cache_dir), real, excluded, float(data.real_fraction), int(cfg.train.data_seed),
+                           left_out, cached_only=_CACHED_ONLY.get())
     ru.stats.update(heldout_sources_excluded=ru.stats["heldout_sources_excluded"] - len(left_out) - len(duplicates),
                     heldout_duplicates_excluded=len(duplicates), real_fraction_sources_excluded=len(left_out))
     su = None

@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from megadoc_pl.data.hygiene import IdSet, arrow_column, id_set
-from megadoc_pl.data.views import LiteralTokens, Units, ViewOptions, build_view, real_fraction_left_out
+from megadoc_pl.data.views import (LiteralTokens, Units, ViewOptions, build_view, real_fraction_left_out,
+                                  real_units)
 from megadoc_pl.utils import NotCached, atomic_dir, atomic_write_bytes, get_logger, json_fingerprint
 
 CACHE_VERSION = 2  # bump when the meaning or layout of a cached view changes (2: int8/int32 piece columns)
@@ -94,6 +95,32 @@ def cached_view(cache_dir: Path, real, synth, opts: ViewOptions, heldout: Iterab
     # The saved copy, memory-mapped: the first run then holds the view as a relaunch does (pages
     # shared with loader workers, read on use) instead of the freshly built arrays.
     return load_units(out, real, synth)
+
+
+def cached_real_units(cache_dir: Path, real, excluded: Iterable[str], fraction: float, seed: int,
+                      left_out: Iterable[str] = (), cached_only: bool = False) -> Units:
+    """The real stream, :func:`~megadoc_pl.data.views.real_units` of ``real`` without ``excluded``
+    and ``left_out`` (the ``data.real_fraction`` subset of ``fraction`` and ``seed``, see
+    :func:`cached_real_fraction`), cached like a view in ``cache_dir/views/real-<key>``: a relaunch
+    maps its columns instead of computing them, and the ranks of a node share their pages (a
+    100M-document stream is ~2.6 GB). Keyed by the store's contents, the excluded ids, the fraction
+    and the seed, not by the left-out ids themselves (tens of millions to sort and hash)."""
+    key = json_fingerprint({"version": CACHE_VERSION, "real": store_key(real), "excluded": ids_hash(id_set(excluded)),
+                            "fraction": str(fraction), "seed": int(seed)})[:16]
+    out = Path(cache_dir) / "views" / f"real-{key}"
+    if (out / "view.json").is_file():
+        return load_units(out, real, None)
+    if cached_only:
+        raise NotCached(f"real stream {out}")
+    units = real_units(real, id_set(excluded) | IdSet(left_out))
+    try:
+        save_units(out, units)
+    except FileExistsError:
+        pass  # another process saved the same stream first
+    except OSError as e:
+        _log.warning(f"could not cache the real stream in {out} ({e.strerror or e}): it is computed again next launch")
+        return units
+    return load_units(out, real, None)
 
 
 def save_units(out: Path, units: Units, overwrite: bool = False) -> None:
