@@ -85,16 +85,7 @@ def cached_view(cache_dir: Path, real, synth, opts: ViewOptions, heldout: Iterab
     if cached_only:
         raise NotCached(f"{opts.view} view {out}")
     units = build_view(real, synth, opts, heldout, encode=encode)
-    try:
-        save_units(out, units, overwrite=rebuild)
-    except FileExistsError:
-        pass  # another process saved the same view first
-    except OSError as e:
-        _log.warning(f"could not cache the {opts.view} view in {out} ({e.strerror or e}): it is rebuilt next launch")
-        return units
-    # The saved copy, memory-mapped: the first run then holds the view as a relaunch does (pages
-    # shared with loader workers, read on use) instead of the freshly built arrays.
-    return load_units(out, real, synth)
+    return _saved(out, units, real, synth, f"the {opts.view} view", rebuild)
 
 
 def cached_real_units(cache_dir: Path, real, excluded: Iterable[str], fraction: float, seed: int,
@@ -112,15 +103,21 @@ def cached_real_units(cache_dir: Path, real, excluded: Iterable[str], fraction: 
         return load_units(out, real, None)
     if cached_only:
         raise NotCached(f"real stream {out}")
-    units = real_units(real, id_set(excluded) | IdSet(left_out))
+    return _saved(out, real_units(real, id_set(excluded) | IdSet(left_out)), real, None, "the real stream")
+
+
+def _saved(out: Path, units: Units, real, synth, what: str, overwrite: bool = False) -> Units:
+    """``units`` saved at ``out`` and mapped back: the first run then holds them as a relaunch
+    does (pages shared with loader workers and ranks, read on use) instead of the fresh arrays.
+    A cache that cannot be written costs a warning and the fresh arrays."""
     try:
-        save_units(out, units)
+        save_units(out, units, overwrite=overwrite)
     except FileExistsError:
-        pass  # another process saved the same stream first
+        pass  # another process saved the same units first
     except OSError as e:
-        _log.warning(f"could not cache the real stream in {out} ({e.strerror or e}): it is computed again next launch")
+        _log.warning(f"could not cache {what} in {out} ({e.strerror or e}): it is built again next launch")
         return units
-    return load_units(out, real, None)
+    return load_units(out, real, synth)
 
 
 def save_units(out: Path, units: Units, overwrite: bool = False) -> None:
