@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -307,3 +309,28 @@ def test_a_batch_from_sources_of_two_widths_reads_each_window_from_its_stream(ga
         assert batch["input_ids"][row].tolist() == expect[:T].tolist()
         assert batch["targets"][row].tolist() == expect[1:].tolist()
 
+
+
+def test_one_piece_units_share_their_offsets_and_read_the_same_windows(corpus):
+    """A stream of one piece a unit (the real stream) keeps the piece lengths as its unit lengths
+    and one offsets array for units and pieces: the same values as the general case, the same
+    pass-order names, and the windows of the oracle."""
+    from megadoc_pl.data.views import running_offsets
+
+    units = real_units(corpus["real"], HELDOUT)
+    assert units.num_pieces == units.num_units
+    st = StreamWindows(units, 23, data_seed=3, name="real", window_order="sequential")
+    assert st.unit_tokens is units.piece_len and st.piece_key.base is st.canon_start
+    assert np.array_equal(st.unit_tokens, units.unit_tokens)
+    assert np.array_equal(st.canon_start, running_offsets(units.unit_tokens))
+    assert np.array_equal(st.piece_key, running_offsets(units.piece_len)[:-1])
+    wide = np.asarray(units.unit_tokens, np.int64)
+    h = hashlib.blake2b(wide.tobytes(), digest_size=12)
+    h.update(b"3/real/True")
+    assert st.order_name == f"order-{h.hexdigest()}"  # shared pass files keep their names
+    oracle = _oracle_stream(units, 3, "real", 2)[0]
+    n = (len(oracle) - 1) // 23
+    w = Windows([st], _single(st), 23, "window", None)
+    b = w.batch(np.arange(n))
+    for j in range(n):
+        assert b["input_ids"][j].tolist() == oracle[j * 23:j * 23 + 23].tolist()

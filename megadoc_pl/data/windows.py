@@ -208,10 +208,19 @@ class StreamWindows:
         self.units, self.seq_len, self.data_seed = units, int(seq_len), int(data_seed)
         self.name = name or units.name
         self.shuffle, self.repeat, self.window_order = shuffle, repeat, window_order
-        self.unit_tokens = units.unit_tokens
+        ptr = units.unit_ptr
+        if units.num_pieces == units.num_units and bool((ptr[1:] > ptr[:-1]).all()):
+            # One piece a unit (the real stream, rephrases): a unit's tokens are its piece's and the
+            # piece offsets are the unit offsets. 16 bytes a unit less (1.6 GB a rank at 100M
+            # documents), and the lengths stay the cached view's shared pages.
+            self.unit_tokens = units.piece_len
+            self.canon_start = running_offsets(self.unit_tokens)
+            self.piece_key = self.canon_start[:-1]
+        else:
+            self.unit_tokens = units.unit_tokens
+            self.canon_start = running_offsets(self.unit_tokens)
+            self.piece_key = running_offsets(units.piece_len)[:-1]
         self.pass_tokens = int(self.unit_tokens.sum())
-        self.canon_start = running_offsets(self.unit_tokens)
-        self.piece_key = running_offsets(units.piece_len)[:-1]
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
         self._window_cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._window_seen: set[int] = set()  # passes drawn from once: tabulated on the next draw
