@@ -83,12 +83,14 @@ class _ShortName(logging.Filter):
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, waiting: Optional[str] = None, shared: bool = False) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, waiting: Optional[str] = None, shared: bool = False,
+              wait: bool = True) -> Iterator[None]:
     """Hold an exclusive (or, with ``shared``, a shared) ``fcntl.flock`` on ``path`` (created if
     missing) for the block: shared holders run together, an exclusive one alone.
 
-    ``waiting`` is logged (rank zero) when another process holds the lock and this one has to wait.
-    The lock dies with its process, so a killed holder never leaves a stale lock.
+    ``waiting`` is logged (rank zero) when another process holds the lock and this one has to wait;
+    with ``wait=False`` it does not wait but raises ``BlockingIOError``. The lock dies with its
+    process, so a killed holder never leaves a stale lock.
     """
     import fcntl
 
@@ -97,6 +99,8 @@ def file_lock(path: str | os.PathLike, waiting: Optional[str] = None, shared: bo
         try:
             fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise
             if waiting:
                 get_logger("lock").info(waiting)
             fcntl.flock(handle, mode)

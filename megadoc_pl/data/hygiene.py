@@ -139,7 +139,7 @@ class IdSet(abc.Set):
         if isinstance(ids, IdSet):
             self.arrow = ids.arrow
             return
-        arr = one_string_array(ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else sorted(ids, key=str))
+        arr = one_string_array(ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else list(ids))
         self.arrow = arr if distinct else pc.unique(arr)
 
     def __len__(self) -> int:

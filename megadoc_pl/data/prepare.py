@@ -259,18 +259,12 @@ def _remove_leftovers_if_alone(cache_dir: Path) -> None:
     """:func:`remove_leftovers` when no other process holds the preparation lock, without waiting
     for it: a relaunch that finds everything cached never takes the exclusive lock, and would
     otherwise keep a killed build's files forever."""
-    import fcntl
-
     lock = cache_dir / ".prepare.lock"
     if not lock.is_file():
         return  # a new cache: nothing to remove
     try:
-        with open(lock, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            try:
-                remove_leftovers(cache_dir)
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(lock, wait=False):
+            remove_leftovers(cache_dir)
     except BlockingIOError:
         pass  # another process prepares: the leftovers wait for a start that finds it alone
     except PermissionError:

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from megadoc_pl.data.hygiene import IdSet, arrow_column, id_set
-from megadoc_pl.data.views import (LiteralTokens, Units, ViewOptions, build_view, real_fraction_left_out,
-                                  real_units)
-from megadoc_pl.utils import NotCached, atomic_dir, atomic_write_bytes, get_logger, json_fingerprint
+from megadoc_pl.data.hygiene import IdSet, id_set
+from megadoc_pl.data.views import (LiteralTokens, Units, ViewOptions, build_view, document_ids,
+                                  real_fraction_left_out, real_units)
+from megadoc_pl.utils import NotCached, atomic_dir, atomic_open, get_logger, json_fingerprint
 
 CACHE_VERSION = 2  # bump when the meaning or layout of a cached view changes (2: int8/int32 piece columns)
 COLUMNS = ("piece_src", "piece_doc", "piece_start", "piece_len", "piece_newdoc", "piece_docpos", "unit_ptr")
@@ -144,7 +143,6 @@ def load_units(path: Path, real, synth) -> Units:
     return Units(sources, **cols, name=meta["name"], stats=meta["stats"])
 
 
-
 def cached_real_fraction(cache_dir: Path, real, heldout: Iterable[str], fraction: float, seed: int,
                          cached_only: bool = False) -> IdSet:
     """:func:`~megadoc_pl.data.views.real_fraction_excluded`, its documents kept in
@@ -167,11 +165,10 @@ def cached_real_fraction(cache_dir: Path, real, heldout: Iterable[str], fraction
         if cached_only:
             raise NotCached(f"real_fraction subset {path}")
         docs = real_fraction_left_out(real, heldout, fraction, seed)
-        buf = io.BytesIO()
-        np.save(buf, docs)
         try:
-            atomic_write_bytes(path, buf.getvalue())
+            with atomic_open(path) as f:
+                np.save(f, docs, allow_pickle=False)
         except OSError as e:
             _log.warning(f"could not cache the real_fraction subset in {path} ({e.strerror or e}): "
                          "it is computed again next launch")
-    return IdSet(arrow_column(real, "source_id").take(docs), distinct=True)  # a store's ids are unique
+    return document_ids(real, docs)

@@ -651,8 +651,13 @@ def real_fraction_excluded(real, heldout: Iterable[str], fraction: float, seed: 
     order, and a smaller fraction keeps a subset of a larger one (nested, for a D-sweep). The
     hashes are one numpy array and the ids stay in Arrow (an :class:`IdSet`).
     """
-    docs = real_fraction_left_out(real, heldout, fraction, seed)
-    return IdSet(arrow_column(real, "source_id").take(docs), distinct=True)  # a store's ids are unique
+    return document_ids(real, real_fraction_left_out(real, heldout, fraction, seed))
+
+
+def document_ids(store, docs: np.ndarray) -> IdSet:
+    """The ids of documents ``docs`` of a document store, as an :class:`IdSet` (a store's ids are
+    unique: no ``unique`` pass)."""
+    return IdSet(arrow_column(store, "source_id").take(docs), distinct=True)
 
 
 def real_fraction_left_out(real, heldout: Iterable[str], fraction: float, seed: int) -> np.ndarray:
