@@ -114,10 +114,11 @@ def test_generations_of_heldout_documents_are_an_error_unless_dropping_is_asked_
     assert not units_source_ids(p.synthetic_units) & p.heldout
 
 
-def test_real_fraction_leaves_sources_out_of_both_streams(world, tmp_path):
+def test_real_fraction_leaves_sources_out_of_both_streams(world, tmp_path, monkeypatch):
     # data.real_fraction's left-out ids (an Arrow IdSet) reach the real stream and the view alike
     import math
 
+    from megadoc_pl.data import view_cache
     from megadoc_pl.data.view_cache import ids_hash
 
     gens = _generations(world, tmp_path / "gens.jsonl")
@@ -134,3 +135,18 @@ def test_real_fraction_leaves_sources_out_of_both_streams(world, tmp_path):
     assert units_source_ids(half.synthetic_units) == kept  # generations of left-out sources are dropped
     assert units_source_ids(full.synthetic_units) == train
     assert ids_hash(full.heldout | set()) == ids_hash(sorted(full.heldout))
+
+    # The view's cache key names the left-out sources by what determines them (store, excluded ids,
+    # fraction, seed): a relaunch hashes no id set larger than the excluded ids and builds nothing;
+    # another seed leaves out other sources and is another view.
+    hashed, hash_ids, build = [], view_cache.ids_hash, view_cache.build_view
+    monkeypatch.setattr(view_cache, "ids_hash", lambda ids: hashed.append(len(ids)) or hash_ids(ids))
+    monkeypatch.setattr(view_cache, "build_view", lambda *a, **k: 1 / 0)
+    again = prepare_corpus(_recipe(world, "frac-half-again", [*sets, "data.real_fraction=0.5"], method="rephrase"))
+    excluded = len(half.heldout) + half.real_units.stats["heldout_duplicates_excluded"]
+    assert hashed and max(hashed) == excluded < excluded + len(train) - len(kept)
+    assert units_source_ids(again.synthetic_units) == kept
+    monkeypatch.setattr(view_cache, "build_view", build)
+    other = prepare_corpus(_recipe(world, "frac-half-seed", [*sets, "data.real_fraction=0.5", "train.data_seed=1"],
+                                   method="rephrase"))
+    assert units_source_ids(other.synthetic_units) == units_source_ids(other.real_units) != kept

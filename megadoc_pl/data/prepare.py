@@ -35,7 +35,7 @@ from megadoc_pl.data.hygiene import (
     text_hashes,
 )
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
-from megadoc_pl.data.view_cache import cached_real_fraction, cached_real_units, cached_view
+from megadoc_pl.data.view_cache import cached_real_fraction, cached_real_units, cached_view, exclusion_key
 from megadoc_pl.data.views import SYNTHETIC_TASK, Units, ViewOptions, documents_units
 from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows
 from megadoc_pl.utils import NotCached, file_lock, get_logger, json_fingerprint
@@ -349,20 +349,23 @@ def _prepare_corpus(cfg: DictConfig) -> PreparedData:
                          "(data.drop_heldout_generations=true)")
     excluded = heldout | duplicates
     # data.real_fraction: the sources it leaves out are excluded from every stream, like held-out ones
-    left_out = cached_real_fraction(Path(data.cache_dir), real, excluded, float(data.real_fraction),
-                                    int(cfg.train.data_seed), cached_only=_CACHED_ONLY.get())
-    ru = cached_real_units(Path(data.cache_dir), real, excluded, float(data.real_fraction), int(cfg.train.data_seed),
-                           left_out, cached_only=_CACHED_ONLY.get())
+    fraction, seed = float(data.real_fraction), int(cfg.train.data_seed)
+    left_out = cached_real_fraction(Path(data.cache_dir), real, excluded, fraction, seed, cached_only=_CACHED_ONLY.get())
+    ru = cached_real_units(Path(data.cache_dir), real, excluded, fraction, seed, left_out,
+                           cached_only=_CACHED_ONLY.get())
     ru.stats.update(heldout_sources_excluded=ru.stats["heldout_sources_excluded"] - len(left_out) - len(duplicates),
                     heldout_duplicates_excluded=len(duplicates), real_fraction_sources_excluded=len(left_out))
+    not_trained = excluded | left_out
     su = None
     if synth is not None:  # built once per inputs and options, then memory-mapped from the cache
-        su = cached_view(Path(cfg.data.cache_dir), real, synth, opts, excluded | left_out, encode=tok.encode,
-                         rebuild=bool(data.rebuild), cached_only=_CACHED_ONLY.get())
+        # keyed by what determines the left-out sources, not their ids (the key of views without any stays)
+        su = cached_view(Path(cfg.data.cache_dir), real, synth, opts, not_trained, encode=tok.encode,
+                         rebuild=bool(data.rebuild), cached_only=_CACHED_ONLY.get(),
+                         heldout_key=exclusion_key(real, excluded, fraction, seed) if fraction < 1 else None)
     val_units = _val_units(cfg, real, sets, tok)
     # held-out hygiene: no validation document may be a training source (by id), whatever the view
     check_units_disjoint([ru, su], val_units)
-    _check_extra_sets_by_text(cfg, real, hashes, excluded | left_out, tok)
+    _check_extra_sets_by_text(cfg, real, hashes, not_trained, tok)
     plan = make_plan(cfg, ru, su)
     fingerprint = dataset_fingerprint(cfg, [real] + ([synth] if synth is not None else []), split_file)
     paths = {"real": ",".join(real_inputs), "tokenizer": tok.path, "split": split_file, "real_store": real.path}

@@ -58,27 +58,42 @@ def ids_hash(ids: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def view_key(real, synth, opts: ViewOptions, heldout: Iterable[str], delimiters: Optional[list] = None) -> str:
-    """The cache key of a view: everything its units depend on."""
+def exclusion_key(real, excluded: Iterable[str], fraction: float, seed: int) -> dict:
+    """What identifies the real sources a run leaves out of training: the store, the excluded ids
+    (held out, and their text duplicates) and the ``data.real_fraction`` subset's fraction and seed.
+    The subset is a function of these, so its ids (tens of millions at 100M documents: ~20 s to
+    sort and hash) are not hashed themselves."""
+    return {"real": store_key(real), "excluded": ids_hash(id_set(excluded)), "fraction": str(fraction),
+            "seed": int(seed)}
+
+
+def view_key(real, synth, opts: ViewOptions, heldout: Iterable[str], delimiters: Optional[list] = None,
+             heldout_key: Optional[dict] = None) -> str:
+    """The cache key of a view: everything its units depend on (``heldout`` by ``heldout_key``
+    when given, see :func:`cached_view`)."""
     return json_fingerprint({"version": CACHE_VERSION, "real": store_key(real),
                              "synthetic": store_key(synth) if synth is not None else None,
-                             "options": dataclasses.asdict(opts), "excluded": ids_hash(heldout),
+                             "options": dataclasses.asdict(opts),
+                             "excluded": ids_hash(heldout) if heldout_key is None else heldout_key,
                              "delimiters": delimiters})
 
 
 def cached_view(cache_dir: Path, real, synth, opts: ViewOptions, heldout: Iterable[str] = (),
                 encode: Optional[Callable[[str], list[int]]] = None, rebuild: bool = False,
-                cached_only: bool = False) -> Units:
+                cached_only: bool = False, heldout_key: Optional[dict] = None) -> Units:
     """:func:`build_view`, loaded from ``cache_dir/views`` when built before with the same inputs.
 
-    A cache that cannot be written (no room, read-only) costs a warning, not the run.
-    ``cached_only`` raises :class:`~megadoc_pl.utils.NotCached` instead of building.
+    ``heldout_key`` names ``heldout`` in the cache key instead of a hash of its ids (an
+    :func:`exclusion_key` for a ``data.real_fraction`` below 1); it must determine them. A cache
+    that cannot be written (no room, read-only) costs a warning, not the run. ``cached_only``
+    raises :class:`~megadoc_pl.utils.NotCached` instead of building.
     """
     heldout = id_set(heldout)
     delimiters = None
     if opts.view in ("stretch", "stitch_stretch") and encode is not None:
         delimiters = [list(map(int, encode(opts.stretch_open))), list(map(int, encode(opts.stretch_close)))]
-    out = Path(cache_dir) / "views" / f"{opts.view}-{view_key(real, synth, opts, heldout, delimiters)[:16]}"
+    key = view_key(real, synth, opts, heldout, delimiters, heldout_key)
+    out = Path(cache_dir) / "views" / f"{opts.view}-{key[:16]}"
     if not rebuild and (out / "view.json").is_file():
         return load_units(out, real, synth)
     if cached_only:
@@ -93,10 +108,9 @@ def cached_real_units(cache_dir: Path, real, excluded: Iterable[str], fraction: 
     and ``left_out`` (the ``data.real_fraction`` subset of ``fraction`` and ``seed``, see
     :func:`cached_real_fraction`), cached like a view in ``cache_dir/views/real-<key>``: a relaunch
     maps its columns instead of computing them, and the ranks of a node share their pages (a
-    100M-document stream is ~2.6 GB). Keyed by the store's contents, the excluded ids, the fraction
-    and the seed, not by the left-out ids themselves (tens of millions to sort and hash)."""
-    key = json_fingerprint({"version": CACHE_VERSION, "real": store_key(real), "excluded": ids_hash(id_set(excluded)),
-                            "fraction": str(fraction), "seed": int(seed)})[:16]
+    100M-document stream is ~2.6 GB). Keyed by :func:`exclusion_key`, not by the left-out ids
+    themselves."""
+    key = json_fingerprint({"version": CACHE_VERSION, **exclusion_key(real, excluded, fraction, seed)})[:16]
     out = Path(cache_dir) / "views" / f"real-{key}"
     if (out / "view.json").is_file():
         return load_units(out, real, None)
@@ -152,8 +166,7 @@ def cached_real_fraction(cache_dir: Path, real, heldout: Iterable[str], fraction
     (``cached_only``: :class:`~megadoc_pl.utils.NotCached` is raised instead)."""
     if fraction == 1:
         return IdSet()
-    key = json_fingerprint({"real": store_key(real), "excluded": ids_hash(id_set(heldout)),
-                            "fraction": str(fraction), "seed": int(seed)})[:16]
+    key = json_fingerprint(exclusion_key(real, heldout, fraction, seed))[:16]
     path = Path(cache_dir) / "real_fraction" / f"{key}.npy"
     docs = None
     if path.is_file():
