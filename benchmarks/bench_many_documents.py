@@ -27,6 +27,10 @@ process, printing its wall, CPU and peak RSS:
   as the ranks of a node do (wall: until the last is done; before the shared lock they took
   turns).
 
+After the last three, ``private_gb`` is the memory the process wrote for itself at the end
+(Private_Dirty): the part of its peak RSS that each rank of a node adds, where the memory-mapped
+stores and caches are one copy in the page cache for all of them.
+
 Between two sizes it prints the growth exponent of each step's time and memory, and the memory
 per document at the larger size. No peer: the point is that nothing holds a Python object per
 document (a per-document design needs ~300 bytes a document in the split alone; 30 GB at 100M).
@@ -148,6 +152,11 @@ def run_file_stage(stage: str, inputs: Path, tokenizer: str, real_fraction: floa
             batch = next(iter(dm.train_dataloader()))
             out["batch_s"] = time.perf_counter() - t
             out["batch"] = "x".join(map(str, packed_fields(batch)["tokens"].shape))
+        from bench_views import private_mb
+
+        mb = private_mb()  # what this rank holds for itself; the mapped stores and caches are shared
+        if mb is not None:
+            out["private_gb"] = round(mb / 1024, 2)
     return out
 
 

@@ -247,17 +247,20 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
     return out
 
 
+def private_mb(pid: int | str = "self") -> Optional[float]:
+    """MB a process wrote for itself (Private_Dirty of /proc/PID/smaps_rollup, Linux: its own
+    arrays, not the files it maps, whose pages the processes of a node share), or None."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    return sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_Dirty")) / 1024
+
+
 def worker_private_mb(it) -> Optional[float]:
-    """Mean memory a DataLoader's iterator's workers wrote for themselves (Private_Dirty of
-    /proc/PID/smaps_rollup, Linux: their own arrays, not the token files they read), or None."""
-    sizes = []
-    for w in getattr(it, "_workers", []):
-        try:
-            text = Path(f"/proc/{w.pid}/smaps_rollup").read_text()
-        except OSError:
-            return None
-        sizes.append(sum(int(line.split()[1]) for line in text.splitlines() if line.startswith("Private_Dirty")) / 1024)
-    return sum(sizes) / len(sizes) if sizes else None
+    """Mean :func:`private_mb` of a DataLoader iterator's workers, or None."""
+    sizes = [private_mb(w.pid) for w in getattr(it, "_workers", [])]
+    return sum(sizes) / len(sizes) if sizes and None not in sizes else None
 
 
 def gpu_unpack_ms(windows, batch: int) -> Optional[float]:

@@ -39,6 +39,13 @@ def _same_clips(a: StreamWindows, b: StreamWindows, j: np.ndarray) -> None:
             assert np.array_equal(getattr(x, k), getattr(y, k)), k
 
 
+def _mapped(a: np.ndarray) -> bool:
+    """Whether ``a`` is (a view of) a memory-mapped file."""
+    while a is not None and not isinstance(a, np.memmap):
+        a = getattr(a, "base", None)
+    return a is not None
+
+
 def test_shared_passes_give_the_windows_computed_in_memory(units, tmp_path):
     for st_units, name in ((units[0], "real"), (units[1], "synthetic")):
         shared = SharedPasses(tmp_path / "passes", keep=2)
@@ -50,14 +57,22 @@ def test_shared_passes_give_the_windows_computed_in_memory(units, tmp_path):
         again = StreamWindows(st_units, T, 5, name, shared=SharedPasses(tmp_path / "passes", keep=2))
         _same_clips(mem, again, j[-len(j) // 5:])
         perm, starts = again.pass_order(4)
-        assert isinstance(perm, np.memmap) and isinstance(starts, np.memmap)
+        assert _mapped(perm) and _mapped(starts)
         assert np.array_equal(perm, mem.pass_order(4)[0]) and np.array_equal(starts, mem.pass_order(4)[1])
+        # the offsets too are mapped from the first one's files (8 bytes a unit and a piece)
+        for k in ("canon_start", "piece_key"):
+            assert _mapped(getattr(again, k)) and np.array_equal(getattr(again, k), getattr(mem, k))
     kept: dict[str, set[int]] = {}
     for f in (tmp_path / "passes").glob("*.npy"):
         name, rest = f.name.rsplit("-p", 1)
         kept.setdefault(name, set()).add(int(rest.split("-")[0]))
+    offsets = {n: v for n, v in kept.items() if n.startswith(("units-", "pieces-"))}
+    # real: one piece a unit, so its piece offsets are its unit offsets; stitch: both
+    assert sorted(n.split("-")[0] for n in offsets) == ["pieces", "units", "units"] and \
+        all(v == {0} for v in offsets.values()), offsets
     # 2 streams x (orders, window tables); old passes were deleted as new ones were written
-    assert len(kept) == 4 and all(min(v) >= 3 for v in kept.values()), kept
+    passes = {n: v for n, v in kept.items() if n not in offsets}
+    assert len(passes) == 4 and all(min(v) >= 3 for v in passes.values()), kept
 
 
 def test_only_the_newest_passes_stay_and_a_deleted_one_stays_readable(tmp_path):

@@ -157,7 +157,8 @@ class TokenStore:
             tokens = np.zeros(0, dtype=dtype)
         _check_blocks(path, manifest, only_touched=True, names=("tokens.bin", "offsets.npy"))
         try:
-            offsets = np.load(path / "offsets.npy")
+            # mapped, not read: the ranks and loader workers of a node share one copy (0.8 GB at 100M documents)
+            offsets = np.load(path / "offsets.npy", mmap_mode="r").view(np.ndarray)
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"{path / 'offsets.npy'}: missing or unreadable ({_reason(e)}) {_REBUILD}") from None
         if offsets.shape != (manifest["num_documents"] + 1,) or offsets[-1] != num_tokens:

@@ -95,6 +95,11 @@ def feistel_permute(r: np.ndarray, n: np.ndarray, key: np.ndarray) -> np.ndarray
     return x.astype(np.int64)
 
 
+def _lengths_hash(lengths: np.ndarray):
+    """blake2b of an array of lengths as int64 (names its arrays among shared files)."""
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(lengths, np.int64)), digest_size=12)
+
+
 @dataclass
 class Clips:
     """Parts of pieces inside a batch of windows, sorted by (row, offset in window)."""
@@ -121,8 +126,9 @@ class Clips:
 
 
 class SharedPasses:
-    """Per-pass arrays (a stream's unit order, its window table) computed once and memory-mapped
-    by every process that needs them, through ``.npy`` files in ``root``.
+    """Per-pass arrays (a stream's unit order, its window table; and, as pass 0, its offsets)
+    computed once and memory-mapped by every process that needs them, through ``.npy`` files in
+    ``root``.
 
     Without it each DataLoader worker (and each rank of a node) computes and holds its own copy of
     every pass: ~0.4 s and ~66 MB for a pass of 5.2M units. The first process to need a pass
@@ -177,7 +183,7 @@ class SharedPasses:
                 return None
             if a.shape != (n,) or a.dtype != np.dtype(dtype):
                 return None
-            out.append(a)
+            out.append(a.view(np.ndarray))  # a plain view of the map: np.memmap pays a hook on every operation
         return tuple(out)
 
     def _evict(self, name: str, p: int) -> None:
@@ -208,27 +214,33 @@ class StreamWindows:
         self.units, self.seq_len, self.data_seed = units, int(seq_len), int(data_seed)
         self.name = name or units.name
         self.shuffle, self.repeat, self.window_order = shuffle, repeat, window_order
+        self.shared = shared  # pass orders and window tables shared by a loader's processes (files)
+        self._order_name: Optional[str] = None
+        self._units_hash: Any = None  # the unit lengths hashed once (before loader workers fork, when shared)
         ptr = units.unit_ptr
-        if units.num_pieces == units.num_units and bool((ptr[1:] > ptr[:-1]).all()):
-            # One piece a unit (the real stream, rephrases): a unit's tokens are its piece's and the
-            # piece offsets are the unit offsets. 16 bytes a unit less (1.6 GB a rank at 100M
-            # documents), and the lengths stay the cached view's shared pages.
-            self.unit_tokens = units.piece_len
-            self.canon_start = running_offsets(self.unit_tokens)
-            self.piece_key = self.canon_start[:-1]
-        else:
-            self.unit_tokens = units.unit_tokens
-            self.canon_start = running_offsets(self.unit_tokens)
-            self.piece_key = running_offsets(units.piece_len)[:-1]
+        one_piece = units.num_pieces == units.num_units and bool((ptr[1:] > ptr[:-1]).all())
+        # One piece a unit (the real stream, rephrases): a unit's tokens are its piece's and the
+        # piece offsets are the unit offsets. 16 bytes a unit less (1.6 GB a rank at 100M
+        # documents), and the lengths stay the cached view's shared pages.
+        self.unit_tokens = units.piece_len if one_piece else units.unit_tokens
+        self.canon_start = self._offsets("units", self.unit_tokens)
+        self.piece_key = self.canon_start[:-1] if one_piece else self._offsets("pieces", units.piece_len)[:-1]
         self.pass_tokens = int(self.unit_tokens.sum())
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
         self._window_cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._window_seen: set[int] = set()  # passes drawn from once: tabulated on the next draw
         self._cache_size = cache_passes
-        self.shared = shared  # pass orders and window tables shared by a loader's processes (files)
-        self._order_name: Optional[str] = None
-        if shared is not None:
-            self.order_name  # hashed here, once, before loader workers fork
+
+    def _offsets(self, what: str, lengths: np.ndarray) -> np.ndarray:
+        """Running offsets of the units' or pieces' ``lengths`` in view order; with ``shared``
+        computed once a node and mapped (8 bytes a unit: 0.8 GB a process at 100M documents)."""
+        if self.shared is None:
+            return running_offsets(lengths)
+        h = _lengths_hash(lengths)
+        if what == "units":
+            self._units_hash = h
+        return self.shared.arrays(f"{what}-{h.hexdigest()}", 0, [(len(lengths) + 1, np.int64)],
+                                  lambda: (running_offsets(lengths),))[0]
 
     @property
     def num_windows(self) -> int:
@@ -296,7 +308,7 @@ class StreamWindows:
         """The name of this stream's pass orders among shared files: they depend on the seed, the
         stream's name, whether it shuffles, and its units' lengths (hashed once, when first needed)."""
         if self._order_name is None:
-            h = hashlib.blake2b(np.ascontiguousarray(self.unit_tokens, np.int64).tobytes(), digest_size=12)
+            h = (self._units_hash or _lengths_hash(self.unit_tokens)).copy()
             h.update(f"{self.data_seed}/{self.name}/{self.shuffle}".encode())
             self._order_name = f"order-{h.hexdigest()}"
         return self._order_name
