@@ -123,3 +123,26 @@ def test_a_cached_relaunch_removes_a_killed_builds_files_but_not_a_pass_writers(
     err = capsys.readouterr().err
     assert not dead_store.exists() and not dead_split.exists() and pass_tmp.exists()
     assert f"removed {dead_store}, left by an interrupted preparation" in err
+
+
+def test_a_rank_maps_what_the_ranks_of_a_node_share(make):
+    """Without loader workers too, a prepared run's streams map their offsets and pass orders
+    from data.cache_dir/passes (the first rank of a node computes them), the stores map their
+    offsets, and the index columns read for the hygiene checks are released: what a rank holds
+    for itself no longer grows by ~50 bytes a document. Another rank reads the same windows."""
+    import numpy as np
+
+    from test_shared_passes import _mapped
+
+    cfg = make()
+    p = prepare_corpus(cfg)
+    for store in (p.real, p.synthetic):
+        assert _mapped(store.offsets_full) and not store._index._columns
+    w = p.train_windows()
+    assert len(w.streams) == 2
+    for st in w.streams:
+        assert _mapped(st.canon_start) and _mapped(st.piece_key) and _mapped(st.pass_order(0)[0])
+    other = prepare_corpus(cfg).train_windows()
+    assert np.array_equal(w.tokens(range(8)), other.tokens(range(8)))
+    assert sorted({f.name.split("-")[0] for f in (Path(cfg.data.cache_dir) / "passes").glob("*.npy")}) == \
+        ["order", "units"]  # rephrase and the real stream: one piece a unit, so no piece offsets
