@@ -130,6 +130,8 @@ def test_a_rank_maps_what_the_ranks_of_a_node_share(make):
     from data.cache_dir/passes (the first rank of a node computes them), the stores map their
     offsets, and the index columns read for the hygiene checks are released: what a rank holds
     for itself no longer grows by ~50 bytes a document. Another rank reads the same windows."""
+    import pickle
+
     import numpy as np
 
     from test_shared_passes import _mapped
@@ -146,3 +148,6 @@ def test_a_rank_maps_what_the_ranks_of_a_node_share(make):
     assert np.array_equal(w.tokens(range(8)), other.tokens(range(8)))
     assert sorted({f.name.split("-")[0] for f in (Path(cfg.data.cache_dir) / "passes").glob("*.npy")}) == \
         ["order", "units"]  # rephrase and the real stream: one piece a unit, so no piece offsets
+    spawned = pickle.loads(pickle.dumps(w))  # as a spawned loader worker gets them: names made, files mapped
+    assert [st.order_name for st in spawned.streams] == [st.order_name for st in w.streams]
+    assert np.array_equal(spawned.tokens(range(8, 16)), w.tokens(range(8, 16)))

@@ -216,7 +216,6 @@ class StreamWindows:
         self.shuffle, self.repeat, self.window_order = shuffle, repeat, window_order
         self.shared = shared  # pass orders and window tables shared by a loader's processes (files)
         self._order_name: Optional[str] = None
-        self._units_hash: Any = None  # the unit lengths hashed once (before loader workers fork, when shared)
         ptr = units.unit_ptr
         one_piece = units.num_pieces == units.num_units and bool((ptr[1:] > ptr[:-1]).all())
         # One piece a unit (the real stream, rephrases): a unit's tokens are its piece's and the
@@ -237,8 +236,8 @@ class StreamWindows:
         if self.shared is None:
             return running_offsets(lengths)
         h = _lengths_hash(lengths)
-        if what == "units":
-            self._units_hash = h
+        if what == "units":  # the pass orders' name hashes the same lengths: named here, before workers fork
+            self._order_name = self._name_orders(h)
         return self.shared.arrays(f"{what}-{h.hexdigest()}", 0, [(len(lengths) + 1, np.int64)],
                                   lambda: (running_offsets(lengths),))[0]
 
@@ -308,10 +307,13 @@ class StreamWindows:
         """The name of this stream's pass orders among shared files: they depend on the seed, the
         stream's name, whether it shuffles, and its units' lengths (hashed once, when first needed)."""
         if self._order_name is None:
-            h = (self._units_hash or _lengths_hash(self.unit_tokens)).copy()
-            h.update(f"{self.data_seed}/{self.name}/{self.shuffle}".encode())
-            self._order_name = f"order-{h.hexdigest()}"
+            self._order_name = self._name_orders(_lengths_hash(self.unit_tokens))
         return self._order_name
+
+    def _name_orders(self, units_hash) -> str:
+        h = units_hash.copy()
+        h.update(f"{self.data_seed}/{self.name}/{self.shuffle}".encode())
+        return f"order-{h.hexdigest()}"
 
     def pass_order(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         """(unit permutation, cumulative token starts) of pass p, cached (LRU; a batch touches at
