@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import io
 import unicodedata
-from pathlib import Path
 from collections import abc
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np

@@ -222,7 +222,10 @@ class StreamWindows:
         # piece offsets are the unit offsets. 16 bytes a unit less (1.6 GB a rank at 100M
         # documents), and the lengths stay the cached view's shared pages.
         self.unit_tokens = units.piece_len if one_piece else units.unit_tokens
-        self.canon_start = self._offsets("units", self.unit_tokens)
+        units_hash = _lengths_hash(self.unit_tokens) if shared is not None else None
+        if units_hash is not None:  # the pass orders are named now, before loader workers fork
+            self._order_name = self._name_orders(units_hash)
+        self.canon_start = self._offsets("units", self.unit_tokens, units_hash)
         self.piece_key = self.canon_start[:-1] if one_piece else self._offsets("pieces", units.piece_len)[:-1]
         self.pass_tokens = int(self.unit_tokens.sum())
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
@@ -230,16 +233,14 @@ class StreamWindows:
         self._window_seen: set[int] = set()  # passes drawn from once: tabulated on the next draw
         self._cache_size = cache_passes
 
-    def _offsets(self, what: str, lengths: np.ndarray) -> np.ndarray:
+    def _offsets(self, what: str, lengths: np.ndarray, lengths_hash: Any = None) -> np.ndarray:
         """Running offsets of the units' or pieces' ``lengths`` in view order; with ``shared``
-        computed once a node and mapped (8 bytes a unit: 0.8 GB a process at 100M documents)."""
+        computed once a node and mapped (8 bytes a unit: 0.8 GB a process at 100M documents),
+        named by the hash of the lengths (``lengths_hash`` when already made)."""
         if self.shared is None:
             return running_offsets(lengths)
-        h = _lengths_hash(lengths)
-        if what == "units":  # the pass orders' name hashes the same lengths: named here, before workers fork
-            self._order_name = self._name_orders(h)
-        return self.shared.arrays(f"{what}-{h.hexdigest()}", 0, [(len(lengths) + 1, np.int64)],
-                                  lambda: (running_offsets(lengths),))[0]
+        name = f"{what}-{(lengths_hash or _lengths_hash(lengths)).hexdigest()}"
+        return self.shared.arrays(name, 0, [(len(lengths) + 1, np.int64)], lambda: (running_offsets(lengths),))[0]
 
     @property
     def num_windows(self) -> int:
