@@ -131,3 +131,27 @@ def test_sharded_checkpoints_resume_exactly_and_consolidate_to_the_same_weights(
     assert cfg["train"]["sharded_checkpoints"] is True
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_validate_under_the_trainers_inference_mode(tmp_path, tiny_tokenizer_path, monkeypatch):
+    """On NCCL Lightning evaluates ModelParallelStrategy under ``torch.inference_mode`` (gloo gets
+    ``no_grad``); FSDP2's first unshard there raised "Inference tensors do not track version
+    counter". The gloo exemption is switched off here so the CPU run takes the GPU's path."""
+    import lightning.pytorch.loops.utilities as loop_utils
+    import torch.distributed as dist
+
+    from megadoc_pl.train.run import setup_run
+    from train_helpers import QUIET, tiny_recipe
+
+    monkeypatch.setattr(loop_utils, "_distributed_is_initialized", lambda: False)
+    monkeypatch.setenv("MASTER_PORT", str(23000 + os.getpid() % 20000))
+    corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=60)
+    cfg = tiny_recipe(corpus, tiny_tokenizer_path, tmp_path, "fsdp2_validate", steps=2, extra=["train.strategy=fsdp2"])
+    run = setup_run(cfg, QUIET)
+    assert run.trainer.strategy.__class__.__name__ == "Fsdp2Strategy"
+    try:
+        losses = run.validate()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert losses and all(v == v for v in losses.values())  # finite validation losses, no crash

@@ -255,6 +255,10 @@ def trainer_kwargs(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str,
         # the datamodule shards windows by rank itself (window order is a pure function of the index)
         "use_distributed_sampler": False,
     }
+    if str(t.strategy) == "fsdp2":
+        # Lightning evaluates ModelParallelStrategy under torch.inference_mode on NCCL; FSDP2's first
+        # unshard there fails ("Inference tensors do not track version counter"). no_grad instead.
+        kw["inference_mode"] = False
     if run_dir is not None:
         kw["default_root_dir"] = str(run_dir)
     return kw
