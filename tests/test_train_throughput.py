@@ -78,3 +78,51 @@ def test_training_restart_forgets_the_old_clock():
         trainer.global_step = step
         monitor.on_train_batch_end(trainer, module, None, None, 0)
     assert monitor.last == pytest.approx({"train/tokens_per_s": 1000 / 3, "train/step_time_s": 3.0})
+
+
+def test_attention_stats_and_window_numbers_come_from_the_packed_batch_on_the_cpu():
+    """Loaders ship packed batches: the module reads their segment offsets and window numbers
+    before the batch moves, so FLOPs per token charge short documents only the keys they attend
+    (the formula over the batch's true segment lengths) and no step syncs on ``window_index``."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    from megadoc_pl.data.mixture import StreamDrawer
+    from megadoc_pl.data.views import LiteralTokens, documents_units
+    from megadoc_pl.data.windows import StreamWindows, Windows, unpack
+    from megadoc_pl.model.config import LlamaConfig
+    from megadoc_pl.model.flops import flops_per_token, mean_attended_keys
+    from megadoc_pl.recipes import load_recipe
+    from megadoc_pl.train.module import MegadocLM
+
+    T = 32
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 12, 60).tolist()  # documents much shorter than the window
+    src = LiteralTokens([rng.integers(3, 200, n).tolist() for n in lengths], [f"d{i}" for i in range(len(lengths))])
+    st = StreamWindows(documents_units(src), T, name="d", shuffle=False, repeat=False, window_order="sequential")
+    w = Windows([st], StreamDrawer([st.name], [Fraction(1)]), T, "document", st.num_windows)
+    packed = w.packed(np.arange(4))
+    want = unpack(packed)
+    cu = want["cu_seqlens"].numpy()
+    assert len(cu) > 4 + 1  # several documents per row
+
+    cfg = load_recipe("baseline_real", ["model.size=nano", "model.vocab_size=256", f"data.seq_len={T}",
+                                        "train.max_steps=1"])
+    module = MegadocLM(cfg)
+    module._trainer = SimpleNamespace(training=True)
+    assert module.on_before_batch_transfer(packed, 0) is packed
+    assert module._pending_windows.tolist() == want["window_index"].tolist()
+    pairs, tokens = module.take_attention_stats()
+    seg_lengths = np.diff(cu)
+    assert tokens == 4 * T and pairs == sum(n * (n + 1) // 2 for n in seg_lengths.tolist())
+    model_cfg = LlamaConfig.from_recipe(cfg)
+    keys = mean_attended_keys(seg_lengths)
+    assert flops_per_token(model_cfg, T, pairs / tokens) == flops_per_token(model_cfg, T, keys)
+    assert keys < mean_attended_keys([T])  # what the monitor charged before: whole-window keys
+    packed["buffer"][:] = 0  # a worker reusing its slot does not change what was read
+    assert module._pending_windows.tolist() == want["window_index"].tolist()
+    # a batch already on a device is not read (that would be a sync); evaluation batches are not counted
+    module._trainer = SimpleNamespace(training=False)
+    module.on_before_batch_transfer(w.packed(np.arange(4)), 0)
+    assert module.take_attention_stats() == (0, 0)

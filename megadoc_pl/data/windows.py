@@ -548,6 +548,22 @@ def packed_fields(batch: dict) -> dict:
             "clip_start": buf[b:c].view(i32), "clip_docpos": buf[c:d].view(i32), "tokens": tokens}
 
 
+def packed_counts(batch: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(window_index int64 (B,), cu_seqlens int32 (S + 1,))`` of a :func:`pack`-ed batch whose
+    buffer is still on the CPU, as fresh numpy arrays (a worker may reuse the buffer's slot); no
+    token is read. None for a batch that is not packed or already on a device: what the training
+    step's bookkeeping reads before the batch moves, so it never waits for the device."""
+    if not batch.get(PACKED):
+        return None
+    B, _, S1, _, _ = batch[PACKED]
+    buf = batch["buffer"]
+    if not isinstance(buf, np.ndarray):
+        if buf.device.type != "cpu":
+            return None
+        buf = buf.numpy()
+    return buf[:8 * B].view(np.int64).copy(), buf[8 * B:8 * B + 4 * S1].view(np.int32).copy()
+
+
 def unpack(batch: dict) -> dict:
     """The whole batch contract from a :func:`pack`-ed batch, computed with torch on the batch's
     device (a batch that is not packed comes back as it is)::

@@ -4,8 +4,9 @@ Contract with the rest of the package (docs/ARCHITECTURE.md):
 
 - ``hparams['cfg']`` is the resolved recipe as a plain dict and the model is ``self.model``
   (``megadoc_pl.model.hf.load_model_from_checkpoint`` relies on both).
-- Training batches follow the batch contract; ``window_index`` is read on the CPU before the
-  batch moves to the device, so counting tokens per stream never waits for the GPU.
+- Training batches follow the batch contract, packed by the loader; ``window_index`` and the
+  segment offsets are read from the packed header on the CPU before the batch moves to the
+  device, so counting tokens per stream and attention pairs (MFU) never waits for the GPU.
 - Validation loaders come in the order of ``datamodule.val_set_names``; per-token losses go to
   :class:`megadoc_pl.eval.validation.ValidationMetrics`.
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from megadoc_pl.data.windows import packed_counts
 from megadoc_pl.eval.scoring import hidden_states
 from megadoc_pl.model.hf import load_hf_weights
 from megadoc_pl.model.llama import Llama, LlamaConfig
@@ -126,12 +128,18 @@ class MegadocLM(pl.LightningModule):
         return hidden_states(self.model, batch)  # the mask is built here, outside the compiled model
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # still on the CPU: read what the step bookkeeping needs without a device sync
-        if self.trainer.training and isinstance(batch, Mapping) and "window_index" in batch:
-            self._pending_windows = np.asarray(batch["window_index"], dtype=np.int64)
-            cu = batch.get("cu_seqlens")
+        # Still on the CPU: read what the step bookkeeping needs (window numbers for the stream
+        # counts, segment lengths for MFU) from the packed header, so no step waits for the device.
+        if not (self.trainer.training and isinstance(batch, Mapping)):
+            return batch
+        counts = packed_counts(batch)
+        if counts is None and "window_index" in batch:  # an unpacked contract batch
+            counts = (np.asarray(batch["window_index"], dtype=np.int64),
+                      np.asarray(batch["cu_seqlens"]) if batch.get("cu_seqlens") is not None else None)
+        if counts is not None:
+            self._pending_windows, cu = counts
             if cu is not None:
-                lengths = np.diff(np.asarray(cu, dtype=np.int64))
+                lengths = np.diff(cu.astype(np.int64))
                 self._attn_pairs += int((lengths * (lengths + 1) // 2).sum())
                 self._attn_tokens += int(lengths.sum())
         return batch
