@@ -116,3 +116,23 @@ def test_lambda_lr_applies_schedule_per_step_and_round_trips():
     fresh = build_scheduler(opt, LRSchedule("cosine", 1, 0))
     fresh.load_state_dict(state)
     assert fresh.lr_lambdas[0] == LRSchedule("cosine", 20, 2)
+
+
+def test_adamw_is_fused_on_cuda_only():
+    """CPU runs keep the for-each AdamW (the golden curves' numbers); CUDA runs get the fused kernel, as benchmarked."""
+    model = torch.nn.Linear(4, 4)
+    opt = build_adamw(model.named_parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, no_decay=())
+    assert not opt.defaults["fused"]
+    forced = build_adamw(model.named_parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8,
+                         no_decay=(), fused=True)
+    assert forced.defaults["fused"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adamw_fused_on_the_gpu():
+    model = torch.nn.Linear(4, 4).cuda()
+    opt = build_adamw(model.named_parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, no_decay=())
+    assert opt.defaults["fused"]
+    model(torch.ones(2, 4, device="cuda")).sum().backward()
+    opt.step()
