@@ -154,6 +154,81 @@ def test_auto_is_sdpa_on_cpu_and_errors_are_clear():
 
 
 # ---------------------------------------------------------------------------------------------
+# no host sync per micro-batch: on the meta device nothing can be read back (.item(), bool() raise),
+# as on a GPU nothing should be; the real check, with CUDA's sync debug mode, is gpu-marked below
+
+
+@pytest.fixture
+def any_backend_on_meta(monkeypatch):
+    """Let every backend build its mask on the meta device (resolution would ask for CUDA)."""
+    monkeypatch.setattr(A, "resolve_backend", lambda backend, device, dtype: backend)
+    monkeypatch.setattr(A, "torch_varlen_keywords", lambda: {"is_causal": True})
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "flash_attn", "torch_varlen"])
+def test_masks_from_the_batch_offsets_read_nothing_back(any_backend_on_meta, backend):
+    meta = torch.device("meta")
+    rows_cu = torch.arange(0, B * T + 1, T, dtype=torch.int32)
+    for seg, cu, single in ((SEG, CU, False), (torch.zeros(B, T, dtype=torch.int32), rows_cu, True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mask = A.segment_mask(backend, seg.to(meta), torch.bfloat16, cu.to(meta), 25)
+            no_max = A.segment_mask(backend, seg.to(meta), torch.bfloat16, cu.to(meta))
+        assert mask.single_segment_rows == no_max.single_segment_rows == single  # from the offsets' length
+        if backend in ("flash_attn", "torch_varlen"):
+            assert mask.max_seqlen == 25 and no_max.max_seqlen == T  # the row length bounds it unread
+    # what does read back: deriving the segmentation from the ids, and validate=True
+    with pytest.raises(RuntimeError, match="meta"):
+        A.segment_mask(backend, SEG.to(meta), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="meta"):
+        A.segment_mask(backend, SEG.to(meta), torch.bfloat16, CU.to(meta), 25, validate=True)
+
+
+def test_offsets_are_checked_where_that_is_free():
+    bad = torch.tensor([0, 30, 80], dtype=torch.int32)
+    for backend in ("sdpa", "flex"):  # on the CPU the batch's offsets are checked, whatever the backend
+        with pytest.raises(ValueError, match="row boundary"):
+            A.segment_mask(backend, SEG, torch.float32, bad)
+    # the shape is checked everywhere: too few offsets for the rows, or not 1-D
+    with pytest.raises(ValueError, match="2 segments for 3 rows"):
+        A.varlen_offsets(torch.zeros(3, T, dtype=torch.int32), CU[:3])
+    with pytest.raises(ValueError, match="1-D tensor"):
+        A.varlen_offsets(SEG, CU[None])
+    # max_seqlen from CPU offsets is exact
+    assert A.varlen_offsets(SEG, CU)[1] == 25
+
+
+def test_flex_block_masks_are_built_without_the_deprecated_flag(monkeypatch):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    assert A._compiled_create_block_mask() is A._compiled_create_block_mask()  # one compiled builder
+    assert A._compiled_create_block_mask()._torchdynamo_orig_callable is create_block_mask
+    calls = []
+    monkeypatch.setattr(A, "_compiled_create_block_mask", lambda: lambda *a, **kw: calls.append((a, kw)) or "built")
+    assert A._flex_block_mask(SEG, B, T, torch.device("cuda")) == "built"  # CUDA: the compiled builder
+    [(args, kw)] = calls
+    # five positional arguments and device=: create_block_mask takes them in every torch since 2.5
+    # (2.11 and 2.13 included), and nothing else is passed (no _compile)
+    assert len(args) == 5 and set(kw) == {"device"}
+    inspect.signature(create_block_mask).bind(*args, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert A._flex_block_mask(SEG, B, T, torch.device("cpu")) is not None  # CPU: eager
+    assert calls == [(args, kw)]
+
+
+def test_causal_block_mask_is_built_once_and_serves_training_after_inference():
+    A._causal_block_mask.cache_clear()
+    with torch.inference_mode():  # Lightning validates in inference mode, possibly before the first step
+        first = _mask("flex").block_mask
+    assert _mask("flex").block_mask is first and A.segment_mask("flex", torch.zeros(B, T), torch.float32,
+                                                                  torch.tensor([0, T, 2 * T])).block_mask is first
+    # inference tensors could not be saved for a training step's backward (flex has none on CPU to run)
+    tensors = [t for t in first.as_tuple() if isinstance(t, torch.Tensor)]
+    assert tensors and not any(t.is_inference() for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
 # varlen kernels: the real ones need CUDA (below). On CPU, the flash_attn wrapper is checked against
 # a stand-in, and torch_varlen's keywords against the installed torch's own signature.
 
@@ -222,9 +297,9 @@ def test_torch_varlen_gate_follows_the_signature(monkeypatch, params, expected):
 # GPU: the real kernels in bf16 against the fp32 dense oracle, forward and backward
 
 
-def _gpu_check(backend: str):
+def _gpu_check(backend: str, kv: int = KV):
     dev = "cuda"
-    q, k, v = (x.requires_grad_() for x in _qkv(dtype=torch.bfloat16, device=dev, d=64))  # kernel-friendly head dim
+    q, k, v = (x.requires_grad_() for x in _qkv(kv, dtype=torch.bfloat16, device=dev, d=64))  # kernel-friendly head dim
     seg = SEG.to(dev)
     out = A.attention(q, k, v, A.segment_mask(backend, seg, torch.bfloat16, CU.to(dev), 25))
     q2, k2, v2 = (x.detach().float().requires_grad_() for x in (q, k, v))
@@ -246,13 +321,46 @@ def test_flash_attn_matches_sdpa_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_torch_varlen_matches_sdpa_gpu():
+@pytest.mark.parametrize("kv", [H, KV], ids=["mha", "gqa"])
+def test_torch_varlen_matches_sdpa_gpu(kv):
     if not A.has_torch_varlen():
         pytest.skip("torch has no varlen_attn")
-    _gpu_check("torch_varlen")
+    if kv != H and "enable_gqa" not in A.torch_varlen_keywords():
+        pytest.skip(f"this torch's ({torch.__version__}) varlen_attn takes no enable_gqa (added after torch 2.11)")
+    _gpu_check("torch_varlen", kv)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_flex_matches_sdpa_gpu():
     _gpu_check("flex")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "flash_attn", "torch_varlen"])
+def test_masks_from_the_batch_offsets_do_not_sync_gpu(backend):
+    if backend == "flash_attn":
+        pytest.importorskip("flash_attn")
+    if backend == "torch_varlen":
+        try:
+            A.torch_varlen_keywords()
+        except ValueError as e:
+            pytest.skip(str(e))
+    dev = torch.device("cuda")
+    batches = [(SEG.to(dev), CU.to(dev), 25),
+               (torch.zeros(B, T, dtype=torch.int32, device=dev), torch.arange(0, B * T + 1, T, dtype=torch.int32, device=dev), T)]
+
+    def build():
+        for seg, cu, max_len in batches:
+            A.segment_mask(backend, seg, torch.bfloat16, cu, max_len)
+        A.causal_mask(backend, B, T, dev, torch.bfloat16)
+
+    build()  # the first batch compiles the flex builder and caches the causal mask: syncs allowed once
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        build()  # every later micro-batch
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

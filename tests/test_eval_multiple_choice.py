@@ -14,11 +14,14 @@ from megadoc_pl.eval.multiple_choice import (
     MCExample,
     MultipleChoiceScorer,
     average_error,
+    bucket_length,
+    bucket_lengths,
     evaluate_tasks,
     load_task,
     parse_row,
     parse_task_specs,
 )
+from megadoc_pl.eval.scoring import token_losses
 from megadoc_pl.model.llama import Llama, LlamaConfig
 
 
@@ -172,6 +175,58 @@ def test_left_truncation_keeps_the_continuation(tok):
     assert ll == pytest.approx([-len(tok.encode(" fox")) * math.log(tok.vocab_size)], rel=1e-5)
     with pytest.raises(ValueError, match="does not fit max_length"):
         scorer.loglikelihoods(model, [("ctx", " " + "the quick brown fox jumps " * 2)])
+
+
+# ---------------------------------------------------------------------------------- padded shapes
+
+
+class ShapeRecorder:
+    """Scores with ``model`` (or zeros) and records the (B, T) of every batch it is given."""
+
+    def __init__(self, model=None):
+        self.model, self.shapes = model, []
+
+    def token_losses(self, batch):
+        self.shapes.append(tuple(batch["input_ids"].shape))
+        return token_losses(self.model, batch) if self.model is not None else torch.zeros(batch["targets"].shape)
+
+
+def test_bucket_lengths_are_powers_of_two_capped_at_the_context():
+    assert bucket_lengths(2048) == (128, 256, 512, 1024, 2048)
+    assert bucket_lengths(300) == (128, 256, 300) and bucket_lengths(64) == (64,)
+    assert [bucket_length(n, 2048) for n in (1, 128, 129, 1000, 2048)] == [128, 128, 256, 1024, 2048]
+    assert bucket_length(299, 300) == 300 and bucket_length(5, 64) == 64
+
+
+def test_bucket_padding_keeps_the_loglikelihoods(tok):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=tok.vocab_size,
+                      attention_backend="sdpa")
+    model = Llama(cfg).eval()
+    pairs = [(f"Question {i}: " + "why the quick brown fox " * (i % 5), " " + "jumps " * (1 + i % 3)) for i in range(7)]
+    padded, tight = ShapeRecorder(model), ShapeRecorder(model)
+    ll_padded = MultipleChoiceScorer(tok, max_length=256, batch_size=3).loglikelihoods(padded, pairs)
+    ll_tight = MultipleChoiceScorer(tok, max_length=256, batch_size=3, pad_to_buckets=False).loglikelihoods(tight, pairs)
+    assert set(padded.shapes) == {(3, 128)} and tight.shapes[-1][0] == 1  # 7 pairs: the last batch is one row
+    assert len(set(tight.shapes)) > 1
+    torch.testing.assert_close(torch.tensor(ll_padded), torch.tensor(ll_tight), rtol=1e-6, atol=1e-5)
+
+
+def test_padded_shapes_over_a_realistic_spread_are_few(tok):
+    # ARC/PIQA/SciQ-like: ~20 to ~600 tokens of context (short questions to SciQ's support
+    # paragraphs; the tiny tokenizer spends ~3-4 tokens a word), choices of a few words
+    g = torch.Generator().manual_seed(0)
+    words = "the a plant cell energy water light heat gas animal moves grows because which what".split()
+    say = lambda n: " ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=g))
+    pairs = []
+    for n_ctx in torch.randint(4, 150, (120,), generator=g).tolist():
+        context = f"{say(n_ctx)}\nQuestion: {say(12)}?\nAnswer:"
+        pairs += [(context, " " + say(int(n))) for n in torch.randint(1, 12, (4,), generator=g)]
+    recorder = ShapeRecorder()
+    MultipleChoiceScorer(tok, max_length=2048, batch_size=16).loglikelihoods(recorder, pairs)
+    rows, lengths = {b for b, _ in recorder.shapes}, {t for _, t in recorder.shapes}
+    assert rows == {16} and lengths <= set(bucket_lengths(2048)) and 1 < len(lengths) <= 4
+    assert len(recorder.shapes) == 30  # every pair scored once, in full batches
 
 
 # ---------------------------------------------------------------------------------- HF export parity

@@ -158,8 +158,30 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
+MIN_BUCKET = 128  # flex attention's block size: a shorter row costs a whole block anyway
+
+
+def bucket_lengths(max_length: int) -> tuple[int, ...]:
+    """The padded lengths a scorer's batches take: powers of two from MIN_BUCKET, then ``max_length``."""
+    out, n = [], MIN_BUCKET
+    while n < max_length:
+        out.append(n)
+        n *= 2
+    return (*out, max_length)
+
+
+def bucket_length(n: int, max_length: int) -> int:
+    """The smallest of :func:`bucket_lengths` that holds ``n <= max_length`` inputs."""
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_length)
+
+
 class MultipleChoiceScorer:
     """Tokenises (context, choice) pairs as lm-eval-harness does and scores them in batches.
+
+    Every batch is padded to ``batch_size`` rows of one of a few lengths (:func:`bucket_lengths`):
+    a model compiled for static shapes (compiled flex attention) then compiles once per length
+    instead of once per batch, and never exhausts its recompilation limit. Padding comes after
+    every real token with ``IGNORE`` targets, so causal attention keeps the scores unchanged.
 
     Args:
         tokenizer: ``megadoc_pl.data.tokenizer.TokenizerInfo`` (or anything with
@@ -168,15 +190,19 @@ class MultipleChoiceScorer:
         max_length: longest input the model sees (its trained ``seq_len``); longer sequences
             lose tokens at the left, as in lm-eval.
         batch_size: sequences per forward pass.
+        pad_to_buckets: pad batches to the bucket shapes; False pads each batch only to its
+            longest row (fewer tokens, a new shape for almost every batch).
     """
 
-    def __init__(self, tokenizer: Any, add_bos: bool = True, max_length: int = 4096, batch_size: int = 16) -> None:
+    def __init__(self, tokenizer: Any, add_bos: bool = True, max_length: int = 4096, batch_size: int = 16,
+                 pad_to_buckets: bool = True) -> None:
         self.tokenizer = tokenizer
         self.add_bos = add_bos
         if add_bos and getattr(tokenizer, "bos_id", None) is None:
             raise ValueError("multiple-choice scoring with add_bos=True needs a tokenizer with a BOS token (fix: add_bos=False)")
         self.max_length = max_length
         self.batch_size = max(1, batch_size)
+        self.pad_to_buckets = pad_to_buckets
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids), splitting the joint encoding at the context's length."""
@@ -212,8 +238,11 @@ class MultipleChoiceScorer:
         for b0 in tqdm(batches, desc=progress, disable=progress is None, leave=False):
             chunk = requests[b0:b0 + self.batch_size]
             T = max(len(tokens) for _, tokens, _ in chunk) - 1
-            inp = torch.zeros(len(chunk), T, dtype=torch.long)
-            tgt = torch.full((len(chunk), T), IGNORE, dtype=torch.long)
+            rows = len(chunk)
+            if self.pad_to_buckets:
+                T, rows = bucket_length(T, self.max_length), self.batch_size
+            inp = torch.zeros(rows, T, dtype=torch.long)
+            tgt = torch.full((rows, T), IGNORE, dtype=torch.long)
             for row, (_, tokens, n_cont) in enumerate(chunk):
                 L = len(tokens) - 1
                 inp[row, :L] = torch.tensor(tokens[:-1])

@@ -21,6 +21,10 @@ Building it resolves the backend and prepares what that backend needs:
 - ``auto``         CUDA + bf16/fp16: flash_attn > torch_varlen > flex > sdpa; otherwise sdpa.
 
 A backend that cannot honour the segmentation raises; none silently drops the mask.
+
+Per micro-batch no host sync: with the batch's ``cu_seqlens`` and ``max_seqlen`` (made on the CPU
+by the loader) every backend's mask is built from shapes and device-side ops only; see
+:func:`segment_mask` for what is checked where.
 """
 
 from __future__ import annotations
@@ -72,14 +76,26 @@ def positions_from_segment_ids(segment_ids_BT: torch.Tensor) -> torch.Tensor:
     return t_BT - start_BT
 
 
-def _check_cu_seqlens(cu: torch.Tensor, B: int, T: int) -> None:
+def _check_cu_seqlens(cu: torch.Tensor, B: int, T: int, validate: bool) -> None:
+    """Raise unless ``cu`` are the offsets of a (B, T) batch cut at every row boundary.
+
+    The shape is always checked (free). The values are read only where that costs no device
+    sync: always for offsets on the CPU, and for offsets on a device only when ``validate``
+    (one host sync). Offsets made by :func:`megadoc_pl.data.windows.pack` are correct by
+    construction and reach the device that way, so they are trusted per micro-batch.
+    """
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"cu_seqlens must be a 1-D tensor of S + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
+    if cu.numel() < B + 1:
+        raise ValueError(f"cu_seqlens must cut at every row boundary (a segment cannot span two rows): "
+                         f"{cu.numel() - 1} segments for {B} rows")
+    if cu.device.type != "cpu" and not validate:
+        return
     row_ends = torch.arange(0, B * T + 1, T, device=cu.device, dtype=cu.dtype)
     ends_ok = (cu[0] == 0) & (cu[-1] == B * T)
     increasing = (cu[1:] > cu[:-1]).all()
     rows_cut = torch.isin(row_ends, cu).all()
-    if bool(ends_ok & increasing & rows_cut):  # one host sync when the batch is well formed
+    if bool(ends_ok & increasing & rows_cut):  # on a device: the one host sync of validate=True
         return
     if not bool(ends_ok):
         raise ValueError(f"cu_seqlens must start at 0 and end at B*T = {B * T}, got {int(cu[0])}..{int(cu[-1])}")
@@ -206,7 +222,7 @@ def causal_mask(backend: str, B: int, T: int, device: torch.device, dtype: torch
     if backend in ("flash_attn", "torch_varlen"):
         cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
         return _varlen_mask(backend, positions_BT, True, None, cu, T)
-    block_mask = _flex_block_mask(None, B, T, device) if backend == "flex" else None
+    block_mask = _causal_block_mask(T, device) if backend == "flex" else None
     return AttentionMask(backend, positions_BT, single_segment_rows=True, block_mask=block_mask)
 
 
@@ -217,12 +233,18 @@ def segment_mask(
     dtype: torch.dtype,
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
+    validate: bool = False,
 ) -> AttentionMask:
     """The mask of a batch cut into segments, on ``segment_ids_BT``'s device, for activations of ``dtype``.
 
     ``segment_ids_BT`` is the segmentation; ``cu_seqlens``/``max_seqlen``, when the batch has
-    them, must describe the same segments (the batch contract guarantees it) and spare the varlen
-    backends deriving them (a host sync).
+    them, must describe the same segments (the batch contract guarantees it). With them the mask
+    is built without a host sync: whether every row is one segment follows from the number of
+    offsets alone (S == B, as the offsets cut every row), and nothing is read back from the
+    device. Offsets on the CPU are checked there (free); offsets on a device are trusted, as the
+    loader's are (:func:`megadoc_pl.data.windows.pack` makes them on the CPU, correct by
+    construction), unless ``validate`` asks for the check (one host sync). Without
+    ``cu_seqlens`` the segmentation must be read from the ids: a host sync on a device.
     """
     if segment_ids_BT.dim() != 2:
         raise ValueError(f"segment_ids must be (B, T), got shape {tuple(segment_ids_BT.shape)}")
@@ -231,9 +253,13 @@ def segment_mask(
     backend = resolve_backend(backend, device, dtype)
     positions_BT = positions_from_segment_ids(segment_ids_BT)
     if backend in ("flash_attn", "torch_varlen"):
-        cu, max_len = varlen_offsets(segment_ids_BT, cu_seqlens, max_seqlen)
+        cu, max_len = varlen_offsets(segment_ids_BT, cu_seqlens, max_seqlen, validate)
         return _varlen_mask(backend, positions_BT, cu.numel() == B + 1, segment_ids_BT, cu, max_len)
-    single = bool((segment_ids_BT == segment_ids_BT[:, :1]).all())
+    if cu_seqlens is None:
+        single = bool((segment_ids_BT == segment_ids_BT[:, :1]).all())  # reads the ids back
+    else:
+        _check_cu_seqlens(cu_seqlens, B, T, validate)
+        single = cu_seqlens.numel() == B + 1
     if backend == "flex":
         block_mask = _flex_block_mask(None if single else segment_ids_BT, B, T, device)
         return AttentionMask(backend, positions_BT, single, segment_ids_BT, block_mask=block_mask)
@@ -256,32 +282,71 @@ def varlen_offsets(
     segment_ids_BT: torch.Tensor,
     cu_seqlens: Optional[torch.Tensor] = None,
     max_seqlen: Optional[int] = None,
+    validate: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """(cu_seqlens int32, max_seqlen) for the varlen kernels: the batch's, checked, or derived."""
+    """(cu_seqlens int32 on the ids' device, max_seqlen) for the varlen kernels: the batch's, or derived.
+
+    Deriving them from the ids reads the segmentation back (host syncs). The batch's are checked
+    as :func:`segment_mask` says (on the CPU always, on a device when ``validate``). A missing
+    ``max_seqlen`` is computed on the CPU for offsets there; for offsets on a device it is the
+    row length T, a valid upper bound (it only sizes the kernels' grid) that needs no read-back.
+    """
     if cu_seqlens is None:
         return cu_seqlens_from_segment_ids(segment_ids_BT)
     B, T = segment_ids_BT.shape
-    cu_seqlens = cu_seqlens.to(device=segment_ids_BT.device, dtype=torch.int32)
-    _check_cu_seqlens(cu_seqlens, B, T)
+    _check_cu_seqlens(cu_seqlens, B, T, validate)
     if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
-    return cu_seqlens, int(max_seqlen)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.device.type == "cpu" else T
+    # non_blocking: a pageable CPU source is staged before the call returns, without waiting for the stream
+    cu = cu_seqlens.to(device=segment_ids_BT.device, dtype=torch.int32, non_blocking=True)
+    return cu, int(max_seqlen)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # torch's recommended way to build a block mask without evaluating all B * T * T pairs (the
+    # older create_block_mask(..., _compile=True) is deprecated). Cached, like _compiled_flex, so
+    # every batch reuses one compiled builder; static shapes, as the batches' are.
+    return torch.compile(create_block_mask, dynamic=False)
 
 
 def _flex_block_mask(segment_ids: Optional[torch.Tensor], B: int, T: int, device: torch.device) -> Any:
-    from torch.nn.attention.flex_attention import create_block_mask
+    """The flex BlockMask of causal rows (``segment_ids`` None) or of causal segments.
 
+    Segment masks change every batch: built by the compiled builder on CUDA, eagerly on CPU
+    (where flex runs eagerly too). Causal masks depend on (T, device) only: cached.
+    """
     if segment_ids is None:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return q_idx >= kv_idx
-
-        return create_block_mask(mask_mod, None, None, T, T, device=device, _compile=device.type == "cuda")
+        return _causal_block_mask(T, device)
 
     def doc_mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (segment_ids[b, q_idx] == segment_ids[b, kv_idx])
 
-    # Compiled on CUDA: eager construction evaluates the mask over all B * T * T pairs.
-    return create_block_mask(doc_mask_mod, B, None, T, T, device=device, _compile=device.type == "cuda")
+    if device.type == "cuda":
+        return _compiled_create_block_mask()(doc_mask_mod, B, None, T, T, device=device)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(doc_mask_mod, B, None, T, T, device=device)
+
+
+def _causal_mask_mod(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_block_mask(T: int, device: torch.device) -> Any:
+    """The BlockMask of causal rows of length T (shared by the batch: B = None), built once.
+
+    Eager even on CUDA: it evaluates T * T pairs once per length, and leaves the compiled
+    builder's recompilations to the masks that change every batch. Built outside inference
+    mode, so a mask first made during validation can serve a training step's backward.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    with torch.inference_mode(False):
+        return create_block_mask(_causal_mask_mod, None, None, T, T, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
