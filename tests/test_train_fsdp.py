@@ -90,12 +90,17 @@ def runs(tmp_path_factory, tiny_tokenizer_path) -> dict:
     (root / "helpers").mkdir()
     (root / "helpers" / "fsdp_probes.py").write_text(_PROBES)
     world = {"root": root, "tok": tiny_tokenizer_path, "corpus": write_corpus(root / "corpus.jsonl")}
+    # downstream multiple choice at the end: under FSDP1 it calls the inner model outside the root's forward
+    task = root / "toy.jsonl"
+    task.write_text("".join(json.dumps({"question": f"Who built the mill of Osk in {1800 + i}?",
+                                        "choices": ["Alice", "Bob", "Carol"], "label": i % 3}) + "\n" for i in range(6)))
+    tasks = [f"eval.tasks.toy={task}"]
     with one_thread():
-        one = train(tiny_recipe(world["corpus"], world["tok"], root, "one", STEPS, EXTRA), QUIET)
-    nan_proc = launch_fsdp(world, "fsdp_nan", [], ["--trainer.callbacks+=fsdp_probes.NanOnRank1"], 0)
+        one = train(tiny_recipe(world["corpus"], world["tok"], root, "one", STEPS, EXTRA + tasks), QUIET)
+    nan_proc = launch_fsdp(world, "fsdp_nan", tasks, ["--trainer.callbacks+=fsdp_probes.NanOnRank1"], 0)
     step2 = root / "runs" / "fsdp_nan" / "checkpoints" / "step-000002.ckpt"
     probe = root / "fsdp_logits.pt"
-    proc = launch_fsdp(world, "fsdp", [f"run.resume={step2}"], [
+    proc = launch_fsdp(world, "fsdp", [f"run.resume={step2}"] + tasks, [
         "--trainer.callbacks+=fsdp_probes.FinalLogits", f"--trainer.callbacks.out_file={probe}"], 1)
     return {"world": world, "one": one, "nan": root / "runs" / "fsdp_nan", "nan_proc": nan_proc, "step2": step2,
             "fsdp": root / "runs" / "fsdp", "proc": proc, "probe": probe}
@@ -192,6 +197,10 @@ def test_losses_grad_norms_and_validation_match_one_process(runs):
     for name in ("iid", "long", "short"):
         assert m2[f"val/{name}/loss"] == pytest.approx(m1[f"val/{name}/loss"], rel=1e-5)
         assert m2[f"val/{name}/loss_best"] == pytest.approx(m1[f"val/{name}/loss_best"], rel=1e-5)
+    # downstream scoring gathers the root unit's embeddings and head ("'weight' must be 2-D" before)
+    downstream = {k: v for k, v in m1.items() if k.startswith("downstream/")}
+    assert set(downstream) == {"downstream/toy/acc", "downstream/toy/acc_norm", "downstream/avg_error"}
+    assert {k: m2[k] for k in downstream} == downstream
 
 
 def test_checkpoint_is_a_plain_llama_computing_what_fsdp_computed(runs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Mapping, Optional
 
@@ -97,7 +98,7 @@ class DownstreamEvalCallback(Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), trainer.strategy.precision_plugin.forward_context():
+            with torch.no_grad(), _root_unit_gathered(trainer), trainer.strategy.precision_plugin.forward_context():
                 metrics, _ = evaluate_tasks(
                     model, self.tasks, self.scorer,
                     rank=trainer.global_rank, world_size=trainer.world_size,
@@ -142,3 +143,16 @@ class DownstreamEvalCallback(Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.at_end and trainer.global_step != self.last_step:
             self._publish(trainer, self.evaluate(trainer, pl_module))
+
+
+def _root_unit_gathered(trainer: Any) -> Any:
+    """Under FSDP1 (``train.strategy=fsdp``) the root unit's own parameters (embeddings, final
+    norm, LM head) stay flat shards outside the root's forward, and scoring calls the inner model
+    ("'weight' must be 2-D" on >= 2 ranks). Gather them for the duration, on every rank; the
+    blocks are units of their own and gather themselves when called."""
+    root = getattr(trainer.strategy, "model", None)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(root, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False)
+    return contextlib.nullcontext()
