@@ -249,3 +249,24 @@ def test_mean_attended_keys_and_peaks():
     assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_bf16_flops("NVIDIA L40S") == 362.05e12 and peak_bf16_flops("NVIDIA L4") == 121e12
     assert peak_bf16_flops("Some Future Accelerator") is None
+
+
+def test_residual_stream_is_fp32_under_autocast_even_with_bf16_parameters():
+    """FSDP2 gathers bf16 parameters (its embedding output is bf16); DDP and FSDP1 keep fp32 ones
+    under autocast. Either way the blocks add into an fp32 residual stream, so a run's numbers do
+    not depend on the strategy beyond the parameters' own rounding (docs/training.md)."""
+    model = Llama(LlamaConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_mlp=64, vocab_size=50,
+                              attention_backend="sdpa"))
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    ids = torch.arange(16).reshape(2, 8) % 50
+    for params in (torch.float32, torch.bfloat16):
+        model.to(params)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids)
+        assert seen == [torch.float32] * 2, params
+    seen.clear()
+    model(ids)  # bf16-true (no autocast): everything in the parameters' dtype
+    assert seen == [torch.bfloat16] * 2

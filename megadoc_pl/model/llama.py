@@ -99,6 +99,8 @@ class Llama(nn.Module):
         B, T = input_ids.shape[:2]
         x_BTD = self.embed(input_ids)
         act_dtype = self._activation_dtype(x_BTD)
+        if torch.is_autocast_enabled(x_BTD.device.type):  # the residual stream is fp32 under autocast, even
+            x_BTD = x_BTD.float()  # where the parameters are bf16 (FSDP2's bf16 gather): as under DDP
         if mask is None:
             mask = causal_mask(self.cfg.attention_backend, B, T, x_BTD.device, act_dtype)
         elif mask.shape != (B, T):

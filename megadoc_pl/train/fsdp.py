@@ -160,8 +160,11 @@ def shard_and_materialise(model: torch.nn.Module, mesh: Any, device: torch.devic
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_params \
-        else MixedPrecisionPolicy()
+    # bf16 parameters, fp32 gradient reduction; block inputs are NOT cast to bf16 (FSDP2's default,
+    # torchtitan's choice): the residual stream stays fp32 under autocast, as under DDP and FSDP1,
+    # so a run's numbers do not depend on the strategy (docs/training.md, "Precision and strategies").
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if bf16_params else MixedPrecisionPolicy()
     for block in model.layers:
         block.checkpoint = activation_checkpointing
         fully_shard(block, mesh=mesh, mp_policy=policy)
