@@ -22,6 +22,7 @@ Order = Literal["generation", "shuffled"]
 ShortPool = Literal["error", "drop"]
 MixtureMode = Literal["paper", "budget"]
 AttentionBackend = Literal["auto", "flash_attn", "torch_varlen", "flex", "sdpa"]
+LossImpl = Literal["auto", "chunked", "compiled", "liger"]
 Schedule = Literal["cosine", "wsd"]
 SynthBackend = Literal["template", "transformers", "vllm", "openai"]
 MagaVariant = Literal["base", "strict", "relaxed"]
@@ -199,6 +200,9 @@ class ModelConfigSection:
 
     loss_chunk_size: int = 1024
     """Tokens per chunk of the chunked cross-entropy."""
+
+    loss_impl: LossImpl = "auto"
+    """LM-head loss: auto (compiled on CUDA, else chunked) | chunked | compiled | liger (CUDA, extra liger)."""
 
     overrides: dict[str, Any] = field(default_factory=dict)
     """LlamaConfig fields to override (d_model, n_layers, ...)."""

@@ -27,6 +27,7 @@ class LlamaConfig:
     max_seq_len: int = 4096  # longest context trained on (recorded in exports; RoPE has no table)
     attention_backend: str = "auto"  # auto | flash_attn | torch_varlen | flex | sdpa (config.AttentionBackend)
     loss_chunk_size: int = 1024  # tokens per chunk of the chunked cross-entropy
+    loss_impl: str = "auto"  # auto | chunked | compiled | liger: how the LM-head loss runs (config.LossImpl)
     name: str = "custom"  # named size this config came from
 
     def __post_init__(self) -> None:
@@ -60,14 +61,14 @@ class LlamaConfig:
     def from_recipe(cls, recipe: Mapping[str, Any], vocab_size: Optional[int] = None) -> "LlamaConfig":
         """The model of a resolved recipe (a ``config.RecipeConfig`` as a mapping): the named size
         ``model.size``, then ``model.vocab_size`` (else ``vocab_size``, else the size's), the
-        recipe's RoPE base when set, the attention backend and loss chunking, then
+        recipe's RoPE base when set, the attention backend, loss chunking and loss implementation, then
         ``model.overrides``. ``max_seq_len`` is the context trained on, ``data.seq_len``, unless an
         override sets it (it may not be shorter than ``data.seq_len``).
         """
         model = recipe.get("model") or {}
         seq_len = (recipe.get("data") or {}).get("seq_len")
         vocab = model.get("vocab_size") or vocab_size
-        extra = {k: model[k] for k in ("attention_backend", "loss_chunk_size") if model.get(k) is not None}
+        extra = {k: model[k] for k in ("attention_backend", "loss_chunk_size", "loss_impl") if model.get(k) is not None}
         if model.get("rope_theta") is not None:
             extra["rope_theta"] = float(model["rope_theta"])
         if seq_len is not None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from megadoc_pl.model.config import SIZES, LlamaConfig  # noqa: F401  (re-exported: the model's public names)
 from megadoc_pl.model.attention import AttentionMask, attention, causal_mask, segment_mask
-from megadoc_pl.model.loss import chunked_cross_entropy
+from megadoc_pl.model.loss import cross_entropy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +133,10 @@ class Llama(nn.Module):
 
     def loss(self, hidden_BTD: torch.Tensor, targets_BT: torch.Tensor, reduction: str = "mean",
              ignore_index: int = -100) -> torch.Tensor:
-        """Cross-entropy of the LM head over ``hidden``, computed in chunks of tokens."""
-        return chunked_cross_entropy(
-            hidden_BTD, self.lm_head.weight, targets_BT, reduction=reduction,
-            ignore_index=ignore_index, chunk_size=self.cfg.loss_chunk_size,
+        """Cross-entropy of the LM head over ``hidden`` without full logits, by ``cfg.loss_impl`` (model/loss.py)."""
+        return cross_entropy(
+            hidden_BTD, self.lm_head.weight, targets_BT, reduction=reduction, ignore_index=ignore_index,
+            chunk_size=self.cfg.loss_chunk_size, impl=self.cfg.loss_impl,
         )
 
 
