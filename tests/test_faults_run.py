@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from megadoc_pl.errors import BadInput
 from megadoc_pl.train import rundir
 from megadoc_pl.train.callbacks import NonFiniteLossError
 from megadoc_pl.train.checkpoint import AtomicCheckpointIO, TMP_SUFFIX, write_checkpoint
@@ -162,10 +163,10 @@ def test_a_run_directory_in_use_is_refused_and_a_killed_holder_leaves_no_stale_l
                               text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "claimed"
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(BadInput) as e:
             rundir.claim_run_dir(run_dir, unique=False)
-        assert str(e.value.code) == (f"error: {run_dir} is in use by another run (pid {holder.pid}); wait for it "
-                                     "to end, or pick another run.name")
+        assert str(e.value) == (f"{run_dir} is in use by another run (pid {holder.pid}) (fix: wait for it "
+                                "to end, or pick another run.name)")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

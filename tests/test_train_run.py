@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from megadoc_pl.errors import BadInput
 from megadoc_pl.config import RecipeConfig
 from megadoc_pl.model.hf import load_model_from_checkpoint
 from megadoc_pl.train.callbacks import NonFiniteLossError
@@ -78,7 +79,7 @@ def test_loss_goes_down_and_run_directory(world):
     assert ckpt_cfg == OmegaConf.to_container(again, resolve=True)
 
     # a second run into the same directory without resume is refused
-    with pytest.raises(SystemExit, match="already holds a trained run"):
+    with pytest.raises(BadInput, match="already holds a trained run"):
         train(cfg, QUIET)
 
 

@@ -9,6 +9,7 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
+from megadoc_pl.errors import BadInput
 from megadoc_pl.config import RecipeConfig
 from megadoc_pl.train import rundir
 from megadoc_pl.train.run import resolve_precision
@@ -51,7 +52,7 @@ def test_default_name_is_recipe_scale_timestamp_and_never_reused(tmp_path):
 
 def test_multi_process_launches_share_a_name(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "16")
-    with pytest.raises(SystemExit, match="set run.name=NAME"):
+    with pytest.raises(BadInput, match="set run.name=NAME"):
         rundir.resolve_run_dir(_cfg(tmp_path))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc-1")
     assert rundir.resolve_run_dir(_cfg(tmp_path)).name == "megadoc_stitch-demo-rdzvabc-1"
@@ -74,14 +75,14 @@ def test_resume_last_finds_the_newest_matching_run(tmp_path):
 
 
 def test_resume_errors_and_auto(tmp_path):
-    with pytest.raises(SystemExit, match="no run 'megadoc_stitch-demo-\\*'"):
+    with pytest.raises(BadInput, match="no run 'megadoc_stitch-demo-\\*'"):
         rundir.resolve_run_dir(_cfg(tmp_path, resume="last"))
     fresh = rundir.resolve_run_dir(_cfg(tmp_path, resume="auto"))  # nothing to resume: a new run
     assert fresh.name.startswith("megadoc_stitch-demo-")
     assert rundir.resume_checkpoint(_cfg(tmp_path, resume="auto"), fresh) is None
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(BadInput, match="does not exist"):
         rundir.resume_checkpoint(_cfg(tmp_path, name="x", resume="last"), tmp_path / "x")
-    with pytest.raises(SystemExit, match="no such checkpoint file"):
+    with pytest.raises(BadInput, match="no such checkpoint file"):
         rundir.resume_checkpoint(_cfg(tmp_path, resume=str(tmp_path / "nope.ckpt")), tmp_path / "x")
     assert rundir.resume_checkpoint(_cfg(tmp_path), tmp_path / "x") is None
 

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megadoc_pl.analysis.tuner import GRIDS, load_spec, run_tuner
+from megadoc_pl.analysis.tuner import GRIDS, RunFailed, load_spec, run_tuner
 
 
 def _parse_centre(items: list[str]) -> dict | None:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         state_path = Path(args.state) if args.state else Path(spec.root) / "tune_state.json"
         run_tuner(spec, state_path, do_launch=args.launch)
-    except ValueError as e:
+    except (ValueError, RunFailed) as e:
         raise SystemExit(f"error: {e}") from None
     return 0
 

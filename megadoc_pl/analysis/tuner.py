@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from megadoc_pl.errors import BadInput
 from megadoc_pl.utils import atomic_write_json, atomic_write_text, json_fingerprint
 
 # Grids of the megadocs code (research/megadocs.md 1.6), axis order = the run-name order.
@@ -193,18 +194,12 @@ def _recipe_values(recipe: str, overrides: list) -> dict:
     Loading it here also checks the recipe name and the fixed overrides before any run is
     written: a typo fails now with the loader's one-line message, not in every launched run.
     """
-    try:
-        from megadoc_pl.recipes import load_recipe
-    except ImportError:
-        return {}
     from omegaconf import OmegaConf
 
     from megadoc_pl.analysis.runs import flatten
+    from megadoc_pl.recipes import load_recipe
 
-    try:
-        cfg = load_recipe(recipe, overrides=[o for o in overrides if not str(o).startswith("run.")])
-    except SystemExit as e:
-        raise ValueError(str(e).removeprefix("error: ")) from None
+    cfg = load_recipe(recipe, overrides=[o for o in overrides if not str(o).startswith("run.")])
     return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -424,21 +419,25 @@ def find_train_script(path: str = "recipes/train.py") -> str:
     alt = Path(__file__).resolve().parents[2] / script
     if not script.is_absolute() and alt.exists():
         return str(alt)
-    raise SystemExit(f"error: training script {script} not found; run from the repository root or set train_script")
+    raise BadInput(f"training script {script} not found (fix: run from the repository root or set train_script)")
+
+
+class RunFailed(RuntimeError):
+    """A training run launched by the tuner exited non-zero or wrote no metrics.json."""
 
 
 def launch(spec: TuneSpec, idx: tuple, python: str = sys.executable) -> None:
-    """Train one point in this process's environment; SystemExit naming the run on failure."""
+    """Train one point in this process's environment; :class:`RunFailed` naming the run on failure."""
     cmd = [python, _train_script(spec), *spec.command(idx)[2:]]
     print("launch:", shlex.join(cmd), flush=True)
     rc = subprocess.run(cmd).returncode
     name = spec.run_name(idx)
     metrics = Path(spec.root) / name / "metrics.json"
     if rc != 0 or not metrics.exists():
-        raise SystemExit(
-            f"error: run {name} failed (exit code {rc}"
+        raise RunFailed(
+            f"run {name} failed (exit code {rc}"
             + ("" if metrics.exists() else f", no {metrics}")
-            + "); fix the cause, then rerun tune.py to resume (finished runs are kept)"
+            + ") (fix: remove the cause, then rerun tune.py to resume; finished runs are kept)"
         )
 
 

@@ -265,11 +265,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:  # bad recipe, arguments, data or mixture: one line, no trace
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except SystemExit as e:  # refusals raised as SystemExit('error: ...') (run directory, resume)
-        if isinstance(e.code, str) and e.code.startswith("error:"):
-            print(e.code, file=sys.stderr)
-            return EXIT_BAD_INPUT
-        raise
     except Exception as e:
         from megadoc_pl.train.callbacks import NonFiniteLossError
 

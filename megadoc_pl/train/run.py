@@ -23,6 +23,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from megadoc_pl.data.datamodule import accumulation_steps
+from megadoc_pl.errors import BadInput
 from megadoc_pl.train import rundir
 from megadoc_pl.train.callbacks import NonFiniteLossError, ThroughputMonitor
 from megadoc_pl.train.checkpoint import NO_ROOM, AtomicCheckpointIO, CheckpointError, check_compatible, resume_from
@@ -374,9 +375,9 @@ def setup_run(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = 
     run_dir = rundir.resolve_run_dir(cfg)
     ckpt = rundir.resume_checkpoint(cfg, run_dir) if stage == "fit" else None
     if stage == "fit" and ckpt is None and (run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT).exists():
-        raise SystemExit(
-            f"error: {run_dir} already holds a trained run; continue it with run.resume=last (--resume), "
-            "or pick a new run.name"
+        raise BadInput(
+            f"{run_dir} already holds a trained run (fix: continue it with run.resume=last (--resume), "
+            "or pick a new run.name)"
         )
     claim = None
     if stage == "fit" and global_rank() == 0:

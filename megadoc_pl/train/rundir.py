@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig
 
+from megadoc_pl.errors import BadInput
 from megadoc_pl.train.checkpoint import remove_leftovers
 from megadoc_pl.utils import atomic_write_json, atomic_write_text, current_umask, get_logger
 
@@ -71,9 +72,9 @@ def _launch_id() -> Optional[str]:
     rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if rdzv and rdzv != "none":
         return f"rdzv{re.sub(r'[^A-Za-z0-9_.-]', '', rdzv)[:24]}"
-    raise SystemExit(
-        "error: this is a multi-process launch without a shared run id; set run.name=NAME "
-        "(or export MEGADOC_RUN_DIR, or launch torchrun with --rdzv-id) so all ranks use one run directory"
+    raise BadInput(
+        "this is a multi-process launch without a shared run id (fix: set run.name=NAME, or export "
+        "MEGADOC_RUN_DIR, or launch torchrun with --rdzv-id, so all ranks use one run directory)"
     )
 
 
@@ -99,9 +100,9 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         if found is not None:
             return found
         if cfg.run.resume == "last":
-            raise SystemExit(
-                f"error: run.resume=last but no run '{cfg.recipe}-{cfg.scale}-*' under {root}/ has "
-                f"{CKPT_DIR}/{LAST_CKPT}; give run.name=NAME of the run to resume, or use run.resume=auto"
+            raise BadInput(
+                f"run.resume=last but no run '{cfg.recipe}-{cfg.scale}-*' under {root}/ has "
+                f"{CKPT_DIR}/{LAST_CKPT} (fix: give run.name=NAME of the run to resume, or use run.resume=auto)"
             )
     return root / default_run_name(cfg.recipe, cfg.scale, _launch_id())
 
@@ -157,15 +158,15 @@ def claim_run_dir(path: Path, unique: bool) -> RunClaim:
                 path, n = base.with_name(f"{base.name}-{n}"), n + 1
         fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
     except OSError as e:
-        raise SystemExit(f"error: cannot create the run directory {path}: {e.strerror or e} "
-                         "(fix: make run.root writable, free space on it, or set run.root=DIR)") from None
+        raise BadInput(f"cannot create the run directory {path}: {e.strerror or e} "
+                       "(fix: make run.root writable, free space on it, or set run.root=DIR)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise SystemExit(f"error: {path} is in use by another run (pid {holder}); wait for it to end, "
-                         "or pick another run.name") from None
+        raise BadInput(f"{path} is in use by another run (pid {holder}) (fix: wait for it to end, "
+                       "or pick another run.name)") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     for leftover in remove_leftovers(path / CKPT_DIR) + remove_leftovers(path):
@@ -196,13 +197,13 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
             return last
         if resume == "auto":
             return None
-        raise SystemExit(
-            f"error: run.resume=last but {last} does not exist; check run.name/run.root, or use run.resume=auto "
-            "to start fresh when there is nothing to resume"
+        raise BadInput(
+            f"run.resume=last but {last} does not exist (fix: check run.name/run.root, or use run.resume=auto "
+            "to start fresh when there is nothing to resume)"
         )
     path = Path(str(resume))
     if not path.exists():
-        raise SystemExit(f"error: run.resume={resume}: no such checkpoint file (give 'last', 'auto' or a .ckpt path)")
+        raise BadInput(f"run.resume={resume}: no such checkpoint file (fix: give 'last', 'auto' or a .ckpt path)")
     return path
 
 
