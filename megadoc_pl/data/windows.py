@@ -29,18 +29,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, get_args
 
 import numpy as np
 
+from megadoc_pl.config import Scope, WindowOrder
 from megadoc_pl.data.mixture import MixturePlan, StreamDrawer
 from megadoc_pl.data.views import Units, _ranges, running_offsets
 from megadoc_pl.utils import atomic_open, file_lock, get_logger, stable_hash
 
-SCOPES = ("window", "document", "megadoc")
+SCOPES = get_args(Scope)
 PACKED = "packed"  # marks a batch from :func:`pack`; :func:`unpack` turns it into the contract
 SLOT = "slot"  # a packed batch in a loader worker's reused buffer: (pool, slot) to release once unpacked
-WINDOW_ORDERS = ("shuffled", "sequential")
+WINDOW_ORDERS = get_args(WindowOrder)
 _FEISTEL_ROUNDS = 4  # Luby-Rackoff: four rounds of a pseudo-random function give a strong permutation
 # A pass of at most this many windows has its window permutation tabulated on its second use
 # (int32, 16 MB at most, LRU like the unit order): a batch's draws are then a lookup instead of a

@@ -48,6 +48,7 @@ from megadoc_pl.demo.world import (
     world_for_meta,
 )
 from megadoc_pl.synth import Request, Response, register_backend
+from megadoc_pl.synth.tasks import MAGA_VARIANTS
 
 # Bump when the generated text changes: it is part of the demo's generation cache key and of the
 # model name recorded in every row.
@@ -530,8 +531,8 @@ def _audience_level(audience: str) -> str:
 
 def maga_reformulate(src: Source, genre: str, audience: str, variant: str, rng: random.Random) -> str:
     """The source's statements laid out as ``genre`` for ``audience`` (Base / Strict / Relaxed)."""
-    if variant not in ("base", "strict", "relaxed"):
-        raise ValueError(f"unknown maga variant '{variant}' (known: base, strict, relaxed)")
+    if variant not in MAGA_VARIANTS:
+        raise ValueError(f"unknown maga variant '{variant}' (known: {', '.join(MAGA_VARIANTS)})")
     name = src.name
     level = _audience_level(audience)
     if variant == "strict":

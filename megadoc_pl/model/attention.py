@@ -33,12 +33,14 @@ import functools
 import importlib.util
 import inspect
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "flash_attn", "torch_varlen", "flex", "sdpa")
+from megadoc_pl.config import AttentionBackend
+
+BACKENDS = get_args(AttentionBackend)
 _HALF = (torch.bfloat16, torch.float16)
 
 

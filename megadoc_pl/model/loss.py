@@ -32,13 +32,15 @@ Implementations (``LOSS_IMPLS``, the recipe's ``model.loss_impl``), all with the
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
 import torch.nn.functional as F
 
+from megadoc_pl.config import LossImpl
+
 REDUCTIONS = ("mean", "sum", "none")
-LOSS_IMPLS = ("auto", "chunked", "compiled", "liger")
+LOSS_IMPLS = get_args(LossImpl)
 
 
 def cross_entropy(

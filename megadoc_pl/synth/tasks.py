@@ -32,8 +32,9 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
+from megadoc_pl.config import MagaVariant
 from megadoc_pl.data.segments import equal_token_split
 from megadoc_pl.synth import maga
 from megadoc_pl.synth.backends.base import Request, Response
@@ -42,7 +43,7 @@ from megadoc_pl.utils import stable_hash
 
 TASKS = ("rephrase", "rationale", "maga", "self_distill")
 STYLES = ("wikipedia", "qa", "easy", "hard")
-MAGA_VARIANTS = ("base", "strict", "relaxed")
+MAGA_VARIANTS = get_args(MagaVariant)
 LONG_SOURCES = ("truncate", "chunk")
 DEFAULT_MAX_NEW_TOKENS = {"rephrase": 1024, "rationale": 512, "maga": 4096, "self_distill": 1024}
 SELF_DISTILL_PROMPT_VERSION = "raw-prefix/v1"  # BOS + the document's first tokens, no template

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, get_args
 
 import torch
 from torch import nn
 
-SCHEDULES = ("cosine", "wsd")
+from megadoc_pl.config import Schedule
+
+SCHEDULES = get_args(Schedule)
 
 
 def split_no_decay(
