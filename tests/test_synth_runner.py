@@ -19,7 +19,8 @@ from megadoc_pl.data.tokenizer import load_tokenizer
 from megadoc_pl.synth import Response, register_backend
 from megadoc_pl.synth.cli import main as cli_main
 from megadoc_pl.synth.outdir import ShardLock
-from megadoc_pl.synth.runner import RunConfig, ShardFiles, resolve_shard, shard_of, synthesize
+from megadoc_pl.synth.runner import RunConfig, synthesize
+from megadoc_pl.synth.sharding import ShardFiles, resolve_shard, shard_of
 from megadoc_pl.synth.tasks import TaskConfig
 from megadoc_pl.synth.tiny import build_tiny_chat_model
 

@@ -21,7 +21,9 @@ from megadoc_pl.data.views import ViewOptions, build_view
 from megadoc_pl.synth import register_backend
 from megadoc_pl.synth.cli import main as cli_main
 from megadoc_pl.synth.outdir import ShardLock
-from megadoc_pl.synth.runner import CircuitOpen, RunConfig, Runner, ShardFiles, synthesize
+from megadoc_pl.synth.breaker import CircuitOpen
+from megadoc_pl.synth.runner import RunConfig, Runner, synthesize
+from megadoc_pl.synth.sharding import ShardFiles
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, chunk_ranges
 
 from test_synth_backends import _Server

@@ -7,7 +7,9 @@ import json
 import sys
 
 from megadoc_pl.synth.backends.base import available_backends
-from megadoc_pl.synth.runner import EXECUTORS, RunConfig, aggregate_stats, open_out_dir, synthesize
+from megadoc_pl.synth.outdir import open_out_dir
+from megadoc_pl.synth.runner import EXECUTORS, RunConfig, synthesize
+from megadoc_pl.synth.stats import aggregate_stats
 from megadoc_pl.synth.tasks import LONG_SOURCES, MAGA_VARIANTS, STYLES, TASKS, TaskConfig
 
 

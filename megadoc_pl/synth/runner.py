@@ -34,8 +34,6 @@ recounted from the files on every start, so they are exact after kills; the spen
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
 import tempfile
@@ -44,18 +42,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from megadoc_pl.synth.backends.base import Backend, Request, Response, backend_factory, error_line, get_backend
-from megadoc_pl.synth.outdir import LocalDir, ObjectDir, open_out_dir, stage_inputs
+from megadoc_pl.synth.backends.base import Backend, backend_factory, get_backend
+from megadoc_pl.synth.breaker import CircuitBreaker, CircuitOpen
+from megadoc_pl.synth.context import BatchContext
+from megadoc_pl.synth.outdir import open_out_dir, stage_inputs
+from megadoc_pl.synth.sharding import ShardFiles, resolve_shard, shard_name, shard_of
+from megadoc_pl.synth.stats import COUNTERS, FILE_COUNTERS, aggregate_stats, visible_gpus
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
-from megadoc_pl.utils import stable_hash
 
 RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max_source_tokens",
             "min_chunk_tokens", "judge", "num_shards", "model", "budget_unit", "prefix_tokens", "teacher_sha256")
 EXECUTORS = ("local", "ray")
-
-
-class CircuitOpen(ValueError):
-    """Too many consecutive requests failed the same way: the run stops instead of walking the shard."""
 
 
 @dataclass
@@ -89,255 +86,6 @@ class RunConfig:
     progress: bool = True
     teacher: dict | None = None  # self_distill: the teacher's provenance, filled by the runner from
     # --model (synth/teacher.py); cited by every row, kept whole in run.json
-
-
-# ----------------------------------------------------------------------------- sharding
-
-
-def resolve_shard(shard: int | None, num_shards: int | None, env: dict | None = None) -> tuple[int, int, str]:
-    """(shard, num_shards, where it came from): flags, else a SLURM job array, else torchrun's
-    RANK/WORLD_SIZE, else (0, 1)."""
-    env = os.environ if env is None else env
-    if shard is not None or num_shards is not None:
-        if shard is None or num_shards is None:
-            raise ValueError("--shard and --num-shards go together (fix: give both)")
-        i, n, source = int(shard), int(num_shards), "flags"
-    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        # Array ids may start anywhere (--array=1-8): count from the first one.
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        i, n, source = int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"]), "slurm"
-    elif "RANK" in env and "WORLD_SIZE" in env:
-        i, n, source = int(env["RANK"]), int(env["WORLD_SIZE"]), "torchrun"
-    else:
-        i, n, source = 0, 1, "default"
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {i} of {n} ({source}) is out of range (fix: 0 <= shard < num_shards)")
-    return i, n, source
-
-
-def shard_of(source_id: str, num_shards: int) -> int:
-    """The shard a source document belongs to: the same on every node, no coordination."""
-    return stable_hash(source_id) % num_shards
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def shard_name(i: int, n: int) -> str:
-    return f"shard-{i:05d}-of-{n:05d}"
-
-
-@dataclass
-class ShardFiles:
-    """A shard's files (Paths in a LocalDir, fsspec paths in an ObjectDir)."""
-
-    rows: Any
-    errors: Any
-    dropped: Any
-    state: Any
-    judged: Any
-    stats: Any
-    lock: Any
-    run: Any
-
-    @classmethod
-    def of(cls, out: "LocalDir | ObjectDir | str | Path", i: int, n: int) -> "ShardFiles":
-        out = open_out_dir(str(out)) if isinstance(out, (str, Path)) else out
-        name = shard_name(i, n)
-        return cls(out.join(f"{name}.jsonl"), out.join(".synth", "errors", f"{name}.jsonl"),
-                   out.join(".synth", "dropped", f"{name}.jsonl"), out.join(".synth", "state", f"{name}.jsonl"),
-                   out.join(".synth", "judged", f"{name}.jsonl"), out.join(".synth", "stats", f"{name}.json"),
-                   out.join(".synth", "locks", f"{name}.lock"), out.join(".synth", "run.json"))
-
-
-# ----------------------------------------------------------------------------- stats
-
-
-def visible_gpus() -> int:
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None:
-        return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no torch / no driver: no GPUs
-        return 0
-
-
-COUNTERS = ("requests", "completions", "failures", "prompt_tokens", "completion_tokens",
-            "rows_written", "rows_dropped", "units_done", "heldout_skipped", "wall_s", "gpu_hours")
-# Totals recounted from the shard's files on every start (exact after kills); the other
-# counters are summed over runs.
-FILE_COUNTERS = ("rows_written", "rows_dropped", "failures")
-
-
-def failure_kind(error: str) -> str:
-    """What the circuit breaker compares: the error with numbers masked, cut short (HTTP 404 and
-    HTTP 400 from one server, or 'prompt of 5000 tokens' and 'of 6000 tokens', are one kind)."""
-    return re.sub(r"\d+", "#", error)[:60]
-
-
-def aggregate_stats(out: "LocalDir | ObjectDir | str | Path") -> dict:
-    """Sum the per-shard stats files into DIR/stats.json (each shard does this when it ends or
-    checkpoints; the last writer sees every shard that wrote before it)."""
-    out = open_out_dir(str(out)) if isinstance(out, (str, Path)) else out
-    shards = {}
-    for p in out.glob(out.join(".synth", "stats"), "shard-*.json"):
-        try:
-            shards[str(p).rsplit("/", 1)[-1][: -len(".json")]] = out.read_json(p)
-        except (OSError, json.JSONDecodeError):
-            continue  # a shard writing right now; its next checkpoint is counted
-    totals: dict[str, float] = {}
-    for s in shards.values():
-        for k, v in s.get("totals", {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                totals[k] = totals.get(k, 0) + v
-    summary = {
-        "shards": len(shards),
-        "shards_complete": sum(1 for s in shards.values() if s.get("complete")),
-        "totals": totals,
-        "per_shard": {k: s.get("totals", {}) for k, s in shards.items()},
-    }
-    out.write_json(out.join("stats.json"), summary)
-    return summary
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-CALL_COUNTERS = ("requests", "completions", "failures", "prompt_tokens", "completion_tokens")
-
-
-class BatchContext:
-    """What a task sees for one batch (tasks.Context): backend calls with bookkeeping.
-
-    Self-contained: it reads the slices of resume state the batch needs (stage-1 state, failed
-    attempts, rows waiting for their judge) and collects everything the batch produced in plain
-    lists, which the runner applies after the batch (``Runner._apply``) whether the batch ran in
-    this process or on a Ray actor (``result`` is what travels back).
-    """
-
-    def __init__(self, backend: Backend, judge_backend: Backend, model: str, judge_model: str, task_name: str,
-                 state: dict[str, dict], attempts: dict[str, int], judge_pending: dict[str, list[dict]],
-                 teacher: dict | None = None) -> None:
-        self.backend, self.judge_backend = backend, judge_backend
-        self.model, self.judge_model, self.task_name = model, judge_model, task_name
-        self.teacher = teacher
-        self._state, self._attempts, self._pending = state, attempts, judge_pending
-        self.new_state: dict[str, dict] = {}
-        self.new_attempts: dict[str, int] = {}
-        self.rows: list[dict] = []
-        self.dropped: list[dict] = []
-        self.errors: list[dict] = []
-        self.judged: list[dict] = []  # judge results of rows kept earlier with judge_pending
-        self.stats: dict[str, int] = {k: 0 for k in CALL_COUNTERS}
-        self.by_stage: dict[str, int] = {}
-        self.counters: dict[str, int] = {}
-        self.outcomes: list[str | None] = []  # per request, in order: its error or None (circuit breaker)
-
-    @property
-    def state(self) -> dict[str, dict]:
-        return {**self._state, **self.new_state} if self.new_state else self._state
-
-    def result(self) -> dict:
-        return {k: getattr(self, k) for k in ("new_state", "new_attempts", "rows", "dropped", "errors", "judged",
-                                              "stats", "by_stage", "counters", "outcomes")}
-
-    def call(self, requests: list[Request], judge: bool = False) -> list[Response]:
-        if not requests:
-            return []
-        backend = self.judge_backend if judge else self.backend
-        try:
-            responses = backend.generate(requests)
-        except Exception as e:  # noqa: BLE001 - a broken backend call fails its requests, not the run
-            responses = [Response(r.id, [], 0, [], error_line(e)) for r in requests]
-        if len(responses) != len(requests):
-            responses = [Response(r.id, [], 0, [], f"backend returned {len(responses)} responses for "
-                                  f"{len(requests)} requests") for r in requests]
-        stats = self.stats
-        for req, resp in zip(requests, responses):
-            stats["requests"] += 1
-            self.by_stage[req.task] = self.by_stage.get(req.task, 0) + 1
-            ok = resp.error is None and resp.request_id == req.id and len(resp.texts) == req.n
-            if resp.error is None and not ok:
-                resp.error = (f"backend answered request {resp.request_id!r} with {len(resp.texts)} "
-                              f"texts for {req.id!r} with n={req.n}")
-            stats["prompt_tokens"] += resp.prompt_tokens
-            stats["completion_tokens"] += sum(resp.completion_tokens)
-            if resp.error is not None:
-                stats["failures"] += 1
-                self.errors.append(self._error(req.id, req.payload.get("source_id"), req.task, resp.error,
-                                               seed=req.seed))
-            else:
-                stats["completions"] += req.n
-            self.outcomes.append(resp.error)
-        return responses
-
-    def _error(self, request_id: str, source_id: str | None, stage: str, error: str,
-               raw: str | None = None, seed: int | None = None) -> dict:
-        self.new_attempts[request_id] = self.new_attempts.get(request_id, 0) + 1
-        e = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "request_id": request_id,
-             "source_id": source_id, "task": self.task_name, "stage": stage, "error": error,
-             "attempt": self.attempt(request_id), "seed": seed}
-        if raw is not None:
-            e["raw"] = raw[:2000]
-        return e
-
-    def attempt(self, request_id: str) -> int:
-        return self._attempts.get(request_id, 0) + self.new_attempts.get(request_id, 0)
-
-    def save_state(self, entries: list[dict]) -> None:
-        for e in entries:
-            self.new_state[e["key"]] = e
-
-    def emit(self, row: dict) -> None:
-        self.rows.append(row)
-
-    def drop(self, row: dict, reason: str) -> None:
-        self.dropped.append({**row, "drop_reason": reason})
-
-    def fail(self, unit: Unit, stage: str, request_id: str, gen_indices: list[int], error: str,
-             raw: str | None = None, seed: int | None = None) -> None:
-        self.stats["failures"] += 1
-        self.errors.append(self._error(request_id, unit.doc.id, stage, error, raw, seed))
-
-    def count(self, name: str, k: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + k
-
-    def judge_pending(self, unit: Unit) -> list[dict]:
-        """Rows of this unit written earlier with ``judge_pending`` (their judge call failed)."""
-        return self._pending.get(unit.key, [])
-
-    def rejudged(self, row: dict, fields: dict) -> None:
-        self.judged.append({"source_id": row["source_id"], "gen_index": row["gen_index"], **fields})
-
-
-class CircuitBreaker:
-    """Counts consecutive failed requests of one kind (``failure_kind``); ``check`` raises
-    CircuitOpen once there are ``limit`` of them (0: never)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = int(limit)
-        self.kind: str | None = None
-        self.count = 0
-        self.last = ""
-
-    def record(self, error: str | None) -> None:
-        if error is None:
-            self.kind, self.count = None, 0
-            return
-        kind = failure_kind(error)
-        self.count = self.count + 1 if kind == self.kind else 1
-        self.kind, self.last = kind, error
-
-    def check(self) -> None:
-        if self.limit and self.count >= self.limit:
-            raise CircuitOpen(
-                f"stopped after {self.count} consecutive failed requests: {self.last} (fix: check the "
-                "server, --model and --base-url, then rerun: failed requests are retried; "
-                "--max-consecutive-failures 0 never stops)"
-            )
 
 
 @dataclass

@@ -66,7 +66,7 @@ def pairs_json(pairs: list[list[str]] | list[tuple[str, str]]) -> str:
 def read_generation_dir(gen_dir: str) -> tuple[dict, list[dict], list[dict]]:
     """(run.json, generation rows, stage-1 state entries) of a maga output directory."""
     from megadoc_pl.synth.outdir import open_out_dir
-    from megadoc_pl.synth.runner import ShardFiles
+    from megadoc_pl.synth.sharding import ShardFiles
 
     out = open_out_dir(gen_dir)
     run_file = out.join(".synth", "run.json")
