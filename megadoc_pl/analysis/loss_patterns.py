@@ -431,6 +431,6 @@ def write_outputs(
     top = sorted(range(len(docs)), key=lambda j: -docs[j]["mean_diff"])[: min(3, max_examples)]
     for rank, j in enumerate(top):
         p = out / f"example_{rank}.png"
-        plots.plot_loss_diff(diffs[j], docs[j], p)
+        plots.plot_loss_diff(diffs[j], windowed_means(diffs[j], int(docs[j]["window"])), docs[j], p)
         paths.append(p)
     return paths

@@ -158,13 +158,12 @@ def plot_anomaly_histogram(hist: Mapping, path: str | Path, title: str = "first 
     return _save(fig, path)
 
 
-def plot_loss_diff(diff: Sequence[float], doc: Mapping, path: str | Path) -> Path:
-    """One document: per-token diff, windowed mean, thresholds per k and the first anomalies."""
-    from megadoc_pl.analysis.loss_patterns import windowed_means
-
+def plot_loss_diff(diff: Sequence[float], window_means: Sequence[float], doc: Mapping, path: str | Path) -> Path:
+    """One document: per-token diff, its windowed mean (``m[p]`` over ``diff[p : p + w]``, w =
+    ``doc["window"]``), thresholds per k and the first anomalies (``analysis.loss_patterns``)."""
     d = np.asarray(diff, dtype=float)
     w = int(doc["window"])
-    m = windowed_means(d, w)
+    m = np.asarray(window_means, dtype=float)
     fig = _figure(8.0, 3.4)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(np.arange(d.size), d, lw=0.5, color="0.6", label="per-token diff")
