@@ -30,7 +30,7 @@ def teacher(tmp_path_factory):
 
     The validation split is fixed first (data.val.split_file) and shared by teacher, generation
     and student, as for every generation task: held-out documents never seed a continuation."""
-    from megadoc_pl.synth.runner import RunConfig, synthesize
+    from megadoc_pl.synth.runner import SynthRunConfig, synthesize
     from megadoc_pl.synth.tasks import TaskConfig
     from megadoc_pl.train.run import train
 
@@ -43,7 +43,7 @@ def teacher(tmp_path_factory):
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         out = root / "gen"
         stats = synthesize(TaskConfig(task="self_distill", generations=G, prefix_tokens=PREFIX, max_new_tokens=NEW),
-                           RunConfig(inputs=[str(corpus)], out=str(out), backend="transformers",
+                           SynthRunConfig(inputs=[str(corpus)], out=str(out), backend="transformers",
                                      backend_kwargs={"model": str(ckpt), "raw": True, "device": "cpu"},
                                      model=str(ckpt), split_file=str(split), progress=False))
     return {"root": root, "corpus": corpus, "tok": tok, "ckpt": ckpt, "out": out, "stats": stats, "split": split}

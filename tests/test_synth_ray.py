@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from megadoc_pl.synth.cli import main as cli_main
-from megadoc_pl.synth.runner import RunConfig, Runner, synthesize
+from megadoc_pl.synth.runner import SynthRunConfig, Runner, synthesize
 from megadoc_pl.synth.tasks import TaskConfig
 from megadoc_pl.synth.tiny import build_tiny_chat_model
 
@@ -44,8 +44,8 @@ def tiny_model(tmp_path_factory):
     return str(build_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat")))
 
 
-def _config(docs, out, **kw) -> RunConfig:
-    return RunConfig(inputs=[str(docs)], out=str(out), progress=False, **kw)
+def _config(docs, out, **kw) -> SynthRunConfig:
+    return SynthRunConfig(inputs=[str(docs)], out=str(out), progress=False, **kw)
 
 
 def _by_key(rows: list[dict]) -> list[dict]:

@@ -19,7 +19,7 @@ from megadoc_pl.data.tokenizer import load_tokenizer
 from megadoc_pl.synth import Response, register_backend
 from megadoc_pl.synth.cli import main as cli_main
 from megadoc_pl.synth.outdir import ShardLock
-from megadoc_pl.synth.runner import RunConfig, synthesize
+from megadoc_pl.synth.runner import SynthRunConfig, synthesize
 from megadoc_pl.synth.sharding import ShardFiles, resolve_shard, shard_of
 from megadoc_pl.synth.tasks import TaskConfig
 from megadoc_pl.synth.tiny import build_tiny_chat_model
@@ -71,7 +71,7 @@ def _one_torch_thread():
 
 
 def run(out, inputs, task_kw, backend="transformers", backend_kwargs=None, **run_kw):
-    cfg = RunConfig(inputs=[str(p) for p in inputs], out=str(out), backend=backend,
+    cfg = SynthRunConfig(inputs=[str(p) for p in inputs], out=str(out), backend=backend,
                     backend_kwargs=backend_kwargs or {}, progress=False, **run_kw)
     return synthesize(TaskConfig(**task_kw), cfg)
 
@@ -331,6 +331,13 @@ def test_another_shard_count_is_refused_by_its_files_and_locks_without_run_json(
         run(out, [tmp_path / "docs.jsonl"], dict(task="rephrase"), backend="fixed_test")
     run(out, [tmp_path / "docs.jsonl"], dict(task="rephrase"), backend="fixed_test", shard=1, num_shards=2)
     assert sorted(keys(read_rows(out))) == [(d["id"], 0) for d in docs]  # nothing twice, nothing lost
+
+
+def test_the_old_config_name_still_works_and_warns():
+    from megadoc_pl.synth import runner
+
+    with pytest.warns(DeprecationWarning, match="use SynthRunConfig"):
+        assert runner.RunConfig is SynthRunConfig
 
 
 def test_shard_resolution_from_flags_and_environment():

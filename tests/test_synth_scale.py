@@ -22,7 +22,7 @@ from megadoc_pl.synth import register_backend
 from megadoc_pl.synth.cli import main as cli_main
 from megadoc_pl.synth.outdir import ShardLock
 from megadoc_pl.synth.breaker import CircuitOpen
-from megadoc_pl.synth.runner import RunConfig, Runner, synthesize
+from megadoc_pl.synth.runner import SynthRunConfig, Runner, synthesize
 from megadoc_pl.synth.sharding import ShardFiles
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, chunk_ranges
 
@@ -242,7 +242,7 @@ def test_finish_reason_and_token_counts_per_completion(tmp_path):
 
 
 def _openai_run(out, docs, base_url, model="tiny", **run_kw):
-    cfg = RunConfig(inputs=[str(docs)], out=str(out), backend="openai", progress=False,
+    cfg = SynthRunConfig(inputs=[str(docs)], out=str(out), backend="openai", progress=False,
                     backend_kwargs=dict(base_url=base_url, model=model, max_retries=1, backoff=0.01,
                                         concurrency=2, timeout=5), **run_kw)
     return synthesize(TaskConfig(task="rephrase"), cfg)
@@ -292,7 +292,7 @@ def test_circuit_breaker_stops_on_a_dead_server_and_ignores_scattered_failures(t
 
 
 def _maga(out, docs, judge_backend, max_consecutive_failures=8, **task_kw):
-    cfg = RunConfig(inputs=[str(docs)], out=str(out), backend="fixed_test", progress=False,
+    cfg = SynthRunConfig(inputs=[str(docs)], out=str(out), backend="fixed_test", progress=False,
                     max_consecutive_failures=max_consecutive_failures)
     return synthesize(TaskConfig(task="maga", judge=True, min_keyword_coverage=0.0, **task_kw), cfg,
                       judge_backend=judge_backend)
@@ -429,7 +429,7 @@ def test_object_storage_round_trip_with_kills_failures_and_judge(tmp_path, monke
     # judge results are folded into the parts that hold the rows
     maga_url = f"memory://bucket/maga-{tmp_path.name}"
     fs.put(str(tmp_path / "docs.jsonl"), f"/bucket/in-{tmp_path.name}/docs/part-0.jsonl")  # inputs too
-    cfg = RunConfig(inputs=[f"memory://bucket/in-{tmp_path.name}/docs"], out=maga_url, backend="fixed_test", progress=False,
+    cfg = SynthRunConfig(inputs=[f"memory://bucket/in-{tmp_path.name}/docs"], out=maga_url, backend="fixed_test", progress=False,
                     max_consecutive_failures=0)
     maga_task = TaskConfig(task="maga", judge=True, min_keyword_coverage=0.0)
     synthesize(maga_task, cfg, judge_backend=FixedBackend(fail={"maga_judge": 10**6}))

@@ -17,7 +17,7 @@ from megadoc_pl.demo.template_backend import TEMPLATE_VERSION
 from megadoc_pl.demo.world import write_world
 from megadoc_pl.synth import maga
 from megadoc_pl.synth.cli import main as synthesize_main
-from megadoc_pl.synth.runner import RunConfig, synthesize
+from megadoc_pl.synth.runner import SynthRunConfig, synthesize
 from megadoc_pl.synth.tasks import TaskConfig
 from megadoc_pl.synth.tiny import build_tiny_chat_model
 from megadoc_pl.synth.toolmodel import quantize as tq
@@ -55,7 +55,7 @@ def world(tmp_path_factory):
     (tmp / "split.json").write_text(json.dumps({"seed": 0, "heldout": ids[:2], "sets": {"iid": ids[:2]}}))
     for variant in ("base", "relaxed"):
         synthesize(TaskConfig(task="maga", judge=True, generations=G, maga_variant=variant),
-                   RunConfig(inputs=[str(docs_path)], out=str(tmp / variant), backend="template", progress=False))
+                   SynthRunConfig(inputs=[str(docs_path)], out=str(tmp / variant), backend="template", progress=False))
     _edit_rows(tmp / "base", {(ids[2], 1): {"judge_score": 2}, (ids[3], 0): {"judge_score": None}})
     return {"tmp": tmp, "docs": docs_path, "ids": ids, "split": str(tmp / "split.json")}
 

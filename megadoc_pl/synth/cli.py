@@ -1,4 +1,4 @@
-"""Command line of ``tools/synthesize.py``: flags -> TaskConfig + RunConfig -> runner."""
+"""Command line of ``tools/synthesize.py``: flags -> TaskConfig + SynthRunConfig -> runner."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 from megadoc_pl.synth.backends.base import available_backends
 from megadoc_pl.synth.outdir import open_out_dir
-from megadoc_pl.synth.runner import EXECUTORS, RunConfig, synthesize
+from megadoc_pl.synth.runner import EXECUTORS, SynthRunConfig, synthesize
 from megadoc_pl.synth.stats import aggregate_stats
 from megadoc_pl.synth.tasks import LONG_SOURCES, MAGA_VARIANTS, STYLES, TASKS, TaskConfig
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.judge_backend is not None:
             judge_kwargs = backend_kwargs(a.judge_backend, a, a.judge_model or a.model,
                                           a.judge_base_url or a.base_url)
-        cfg = RunConfig(
+        cfg = SynthRunConfig(
             inputs=a.input, out=a.out, backend=a.backend, backend_kwargs=kwargs,
             judge_backend=a.judge_backend, judge_backend_kwargs=judge_kwargs, model=a.model,
             split_file=a.split_file, shard=a.shard, num_shards=a.num_shards, batch_size=a.batch_size,

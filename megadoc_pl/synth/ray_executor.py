@@ -39,7 +39,7 @@ import socket
 import warnings
 from typing import Callable, Iterable, Iterator
 
-from megadoc_pl.synth.runner import Backends, RunConfig, Runner
+from megadoc_pl.synth.runner import Backends, SynthRunConfig, Runner
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, make_task
 from megadoc_pl.utils import require
 
@@ -51,7 +51,7 @@ class GenerationWorker:
     """Ray Data's callable class: one instance per actor holds the backend (and judge) and the task;
     each call runs the runner batches packed in its rows and returns their results."""
 
-    def __init__(self, task_cfg: TaskConfig, cfg: RunConfig) -> None:
+    def __init__(self, task_cfg: TaskConfig, cfg: SynthRunConfig) -> None:
         counter = TokenCounter(Runner._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
         self.task = make_task(task_cfg, counter)
         self.backends = Backends.load(task_cfg, cfg)
@@ -73,7 +73,7 @@ class GenerationWorker:
 class RayExecutor:
     """Feeds the runner's batches through a Ray Data pipeline of ``GenerationWorker`` actors."""
 
-    def __init__(self, task_cfg: TaskConfig, cfg: RunConfig) -> None:
+    def __init__(self, task_cfg: TaskConfig, cfg: SynthRunConfig) -> None:
         self.ray = require("ray", "ray", "--executor ray")
         if cfg.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {cfg.workers}")

@@ -38,7 +38,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,6 +46,7 @@ from megadoc_pl.synth.backends.base import Backend, backend_factory, get_backend
 from megadoc_pl.synth.breaker import CircuitBreaker, CircuitOpen
 from megadoc_pl.synth.context import BatchContext
 from megadoc_pl.synth.outdir import open_out_dir, stage_inputs
+from megadoc_pl.synth.run_config import SynthRunConfig
 from megadoc_pl.synth.sharding import ShardFiles, resolve_shard, shard_name, shard_of
 from megadoc_pl.synth.stats import COUNTERS, FILE_COUNTERS, aggregate_stats, visible_gpus
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
@@ -53,39 +54,6 @@ from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
 RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max_source_tokens",
             "min_chunk_tokens", "judge", "num_shards", "model", "budget_unit", "prefix_tokens", "teacher_sha256")
 EXECUTORS = ("local", "ray")
-
-
-@dataclass
-class RunConfig:
-    """Where documents come from, where rows go, and how the work is split (not what is asked)."""
-
-    inputs: list[str]
-    out: str
-    backend: str = "transformers"
-    backend_kwargs: dict = field(default_factory=dict)
-    judge_backend: str | None = None  # None: the generator also judges
-    judge_backend_kwargs: dict = field(default_factory=dict)
-    model: str | None = None  # recorded in rows when the backend does not name its model
-    split_file: str | None = None  # split.json: its held-out documents are never used as seeds
-    shard: int | None = None  # None: from SLURM / torchrun environment, else 0
-    num_shards: int | None = None
-    batch_size: int = 64  # units (documents or chunks) per backend round
-    text_field: str = "text"
-    id_field: str = "id"
-    skip_bad_rows: bool = False
-    tokenizer: str | None = None  # training tokenizer: budgets and rationale split points
-    gpus: int | None = None  # GPUs billed for GPU-hours (None: visible GPUs if the backend uses them)
-    limit: int | None = None  # at most this many pending units in this run (smoke tests)
-    max_consecutive_failures: int = 8  # stop after this many failed requests in a row with the
-    # same error (0: never stop; failures are still recorded and retried by the next run)
-    executor: str = "local"  # local: batches run in this process | ray: on Ray actors (ray_executor)
-    ray_address: str | None = None  # ray: cluster to join ("auto", "ray://host:10001"); None: start one here
-    workers: int = 1  # ray: actors, each holding one backend (one per GPU or tensor-parallel group)
-    worker_gpus: float = 0.0  # ray: GPUs per actor (vLLM: its tensor_parallel_size)
-    worker_cpus: float = 1.0  # ray: CPUs per actor
-    progress: bool = True
-    teacher: dict | None = None  # self_distill: the teacher's provenance, filled by the runner from
-    # --model (synth/teacher.py); cited by every row, kept whole in run.json
 
 
 @dataclass
@@ -101,7 +69,7 @@ class Backends:
     teacher: dict | None = None  # self_distill: what rows cite (teacher.row_teacher)
 
     @classmethod
-    def load(cls, task_cfg: TaskConfig, cfg: RunConfig, backend: Backend | None = None,
+    def load(cls, task_cfg: TaskConfig, cfg: SynthRunConfig, backend: Backend | None = None,
              judge_backend: Backend | None = None) -> "Backends":
         gen = backend if backend is not None else get_backend(cfg.backend, **cfg.backend_kwargs)
         if judge_backend is not None:
@@ -139,7 +107,7 @@ def _require_raw(backend: Any, name: str) -> None:
 
 
 class Runner:
-    def __init__(self, task_cfg: TaskConfig, cfg: RunConfig, backend: Backend | None = None,
+    def __init__(self, task_cfg: TaskConfig, cfg: SynthRunConfig, backend: Backend | None = None,
                  judge_backend: Backend | None = None) -> None:
         from megadoc_pl.data.readers import expand_inputs
 
@@ -182,7 +150,7 @@ class Runner:
     # -- setup
 
     @staticmethod
-    def _with_teacher(cfg: RunConfig, scratch: Path) -> RunConfig:
+    def _with_teacher(cfg: SynthRunConfig, scratch: Path) -> SynthRunConfig:
         """self_distill: the backend loads the teacher's HF directory (a checkpoint is exported to
         ``scratch``) and the run records its provenance. The template backend has no teacher."""
         from dataclasses import replace
@@ -208,7 +176,7 @@ class Runner:
         return set(load_heldout_ids(split_file))
 
     @staticmethod
-    def _load_tokenizer(path: str | None, cfg: RunConfig, task: str):
+    def _load_tokenizer(path: str | None, cfg: SynthRunConfig, task: str):
         """The budget tokenizer: --tokenizer, else the generator's own tokenizer.json when the
         model is a local directory (budgets only; rationales require --tokenizer)."""
         from megadoc_pl.data.tokenizer import load_tokenizer
@@ -572,7 +540,19 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="unit", dynamic_ncols=True, smoothing=0.05)
 
 
-def synthesize(task_cfg: TaskConfig, cfg: RunConfig, backend: Backend | None = None,
+def __getattr__(name: str):
+    """``RunConfig``: the old name of SynthRunConfig, kept for code outside the package's synth part
+    (megadoc_pl/demo, benchmarks/bench_generate.py) until it moves to the new name."""
+    if name == "RunConfig":
+        import warnings
+
+        warnings.warn("megadoc_pl.synth.runner.RunConfig is deprecated: use SynthRunConfig",
+                      DeprecationWarning, stacklevel=2)
+        return SynthRunConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def synthesize(task_cfg: TaskConfig, cfg: SynthRunConfig, backend: Backend | None = None,
                judge_backend: Backend | None = None) -> dict:
     """Run (or resume) one shard of a generation job; returns this shard's stats."""
     return Runner(task_cfg, cfg, backend, judge_backend).run()

@@ -19,7 +19,7 @@ from pathlib import Path
 from megadoc_pl.data.segments import equal_token_split
 from megadoc_pl.data.tokenizer import load_tokenizer
 from megadoc_pl.synth.backends.base import Backend
-from megadoc_pl.synth.runner import RunConfig, synthesize
+from megadoc_pl.synth.runner import SynthRunConfig, synthesize
 from megadoc_pl.synth.tasks import TaskConfig
 
 _SENTENCES = [
@@ -68,7 +68,7 @@ def run_selfcheck(backend: Backend, workdir: str | Path, tokenizer: str | Path, 
         t = time.perf_counter()
         stats = synthesize(
             TaskConfig(**task_kw),
-            RunConfig(inputs=[str(work / "docs.jsonl")], out=str(work / name), model=model_name,
+            SynthRunConfig(inputs=[str(work / "docs.jsonl")], out=str(work / name), model=model_name,
                       tokenizer=str(tokenizer), batch_size=8, progress=progress),
             backend=backend,
         )
