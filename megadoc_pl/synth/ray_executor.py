@@ -39,8 +39,9 @@ import socket
 import warnings
 from typing import Callable, Iterable, Iterator
 
-from megadoc_pl.synth.runner import Backends, SynthRunConfig, Runner
-from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, make_task
+from megadoc_pl.synth.run_config import SynthRunConfig
+from megadoc_pl.synth.tasks import TaskConfig
+from megadoc_pl.synth.worker import Backends, load_task
 from megadoc_pl.utils import require
 
 RESTARTS = 3  # a batch whose actor dies is run again (on the restarted actor) this many times
@@ -52,8 +53,7 @@ class GenerationWorker:
     each call runs the runner batches packed in its rows and returns their results."""
 
     def __init__(self, task_cfg: TaskConfig, cfg: SynthRunConfig) -> None:
-        counter = TokenCounter(Runner._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
-        self.task = make_task(task_cfg, counter)
+        self.task = load_task(task_cfg, cfg)
         self.backends = Backends.load(task_cfg, cfg)
         b = self.backends
         self.info = {"model": b.model, "judge_model": b.judge_model, "worker": f"{socket.gethostname()}:{os.getpid()}"}

@@ -42,68 +42,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from megadoc_pl.synth.backends.base import Backend, backend_factory, get_backend
+from megadoc_pl.synth.backends.base import Backend, backend_factory
 from megadoc_pl.synth.breaker import CircuitBreaker, CircuitOpen
-from megadoc_pl.synth.context import BatchContext
 from megadoc_pl.synth.outdir import open_out_dir, stage_inputs
 from megadoc_pl.synth.run_config import SynthRunConfig
 from megadoc_pl.synth.sharding import ShardFiles, resolve_shard, shard_name, shard_of
-from megadoc_pl.synth.stats import COUNTERS, FILE_COUNTERS, aggregate_stats, visible_gpus
-from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit, make_task
+from megadoc_pl.synth.stats import COUNTERS, FILE_COUNTERS, aggregate_stats
+from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit
+from megadoc_pl.synth.worker import Backends, load_task, require_raw
 
 RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max_source_tokens",
             "min_chunk_tokens", "judge", "num_shards", "model", "budget_unit", "prefix_tokens", "teacher_sha256")
 EXECUTORS = ("local", "ray")
-
-
-@dataclass
-class Backends:
-    """The generator and judge backends of a run and the model names recorded in rows."""
-
-    generator: Any
-    judge: Any
-    model: str
-    judge_model: str
-    name: str
-    uses_gpu: bool = False
-    teacher: dict | None = None  # self_distill: what rows cite (teacher.row_teacher)
-
-    @classmethod
-    def load(cls, task_cfg: TaskConfig, cfg: SynthRunConfig, backend: Backend | None = None,
-             judge_backend: Backend | None = None) -> "Backends":
-        gen = backend if backend is not None else get_backend(cfg.backend, **cfg.backend_kwargs)
-        if judge_backend is not None:
-            judge = judge_backend
-        elif cfg.judge_backend is not None and task_cfg.judge:
-            judge = get_backend(cfg.judge_backend, **cfg.judge_backend_kwargs)
-        else:
-            judge = gen
-        if task_cfg.task == "self_distill":
-            _require_raw(gen, gen.name)
-        teacher = None
-        if cfg.teacher is not None:
-            from megadoc_pl.synth.teacher import row_teacher
-
-            teacher = row_teacher(cfg.teacher)
-        # A checkpoint teacher is loaded from its export in a scratch directory: rows name the checkpoint.
-        model = (teacher or {}).get("path") or getattr(gen, "model_name", None) or cfg.model or gen.name
-        judge_model = getattr(judge, "model_name", None) or cfg.judge_backend_kwargs.get("model") or model
-        return cls(gen, judge, model, judge_model, gen.name, bool(getattr(gen, "uses_gpu", False)), teacher)
-
-    def context(self, task_name: str, state: dict, attempts: dict, pending: dict) -> "BatchContext":
-        return BatchContext(self.generator, self.judge, self.model, self.judge_model, task_name,
-                            state, attempts, pending, self.teacher)
-
-    def gpus(self) -> int:
-        """GPUs billed when --gpus is not given: the visible ones if the backend uses them."""
-        return visible_gpus() if self.uses_gpu else 0
-
-
-def _require_raw(backend: Any, name: str) -> None:
-    """self_distill sends token ids to continue (Request.prompt_ids): the backend must take them."""
-    if not getattr(backend, "raw_completion", False):
-        raise ValueError(f"--task self_distill needs a backend that continues raw token ids (transformers, vllm or "
-                         f"template), not '{name}'")
 
 
 class Runner:
@@ -127,9 +77,8 @@ class Runner:
             self.cfg = cfg = self._with_teacher(cfg, Path(self._staged.name))
         self.files = ShardFiles.of(self.out, self.shard, self.num_shards)
         self.heldout = self._load_heldout(cfg.split_file)
-        counter = TokenCounter(self._load_tokenizer(cfg.tokenizer, cfg, task_cfg.task))
-        self.task = make_task(task_cfg, counter)
-        self.run_record = self._check_run_file(counter)  # before loading a model for minutes
+        self.task = load_task(task_cfg, cfg)
+        self.run_record = self._check_run_file(self.task.counter)  # before loading a model for minutes
         self.lock = self.out.lock(self.files.lock, f"shard {self.shard} of {self.num_shards} in {self.out}")
         self.lock.acquire()  # a second writer is refused before it loads a model
         try:
@@ -157,7 +106,7 @@ class Runner:
 
         from megadoc_pl.synth.teacher import is_lightning_checkpoint, resolve_teacher
 
-        _require_raw(backend_factory(cfg.backend), cfg.backend)  # before exporting a checkpoint for it
+        require_raw(backend_factory(cfg.backend), cfg.backend)  # before exporting a checkpoint for it
         model = cfg.model or cfg.backend_kwargs.get("model")
         if cfg.backend == "template" or not model:
             return cfg
@@ -174,19 +123,6 @@ class Runner:
         from megadoc_pl.data.split import load_heldout_ids
 
         return set(load_heldout_ids(split_file))
-
-    @staticmethod
-    def _load_tokenizer(path: str | None, cfg: SynthRunConfig, task: str):
-        """The budget tokenizer: --tokenizer, else the generator's own tokenizer.json when the
-        model is a local directory (budgets only; rationales require --tokenizer)."""
-        from megadoc_pl.data.tokenizer import load_tokenizer
-
-        if path is not None:
-            return load_tokenizer(path)
-        model = cfg.backend_kwargs.get("model") or cfg.model  # self_distill: the teacher's export
-        if task != "rationale" and model and (Path(model) / "tokenizer.json").is_file():
-            return load_tokenizer(Path(model) / "tokenizer.json")
-        return None
 
     def _teacher_sha256(self) -> str | None:
         """The checkpoint's sha256 (the same for the checkpoint and its export), else the weights'."""

@@ -85,15 +85,12 @@ class UnitIndex:
     """The units (prompt texts) of a generation run, rebuilt from its inputs and settings."""
 
     def __init__(self, run: dict, cfg: DatasetConfig, gen_dir: str) -> None:
-        from megadoc_pl.data.tokenizer import load_tokenizer
         from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, make_task
+        from megadoc_pl.synth.worker import budget_tokenizer
 
         self.task_cfg = TaskConfig(**run["task_config"])
-        tokenizer = cfg.tokenizer
-        model = run.get("model")
-        if tokenizer is None and model and (Path(model) / "tokenizer.json").is_file():
-            tokenizer = str(Path(model) / "tokenizer.json")  # what the runner used (Runner._load_tokenizer)
-        counter = TokenCounter(load_tokenizer(tokenizer) if tokenizer else None)
+        # what the runner counted in: --tokenizer, else the generator's own tokenizer.json
+        counter = TokenCounter(budget_tokenizer(cfg.tokenizer or None, run.get("model"), self.task_cfg.task))
         if counter.unit != run.get("budget_unit"):
             raise ValueError(f"{gen_dir}: its prompt budget was counted in {run.get('budget_unit')}, here in "
                              f"{counter.unit} (fix: --tokenizer with the run's --tokenizer)")
