@@ -4,6 +4,7 @@ Layout of ``<run.root>/<run.name>/``::
 
     config.yaml          the resolved recipe (OmegaConf), enough to rerun the run
     provenance.json      git revision, library versions, host, launch command, seeds
+    tokenizer/           a copy of the tokenizer the run trains with (what export and evaluation read)
     events.out.tfevents.*  TensorBoard scalars/images (TensorBoardLogger, no version folders)
     checkpoints/
       last.ckpt          the newest checkpoint with finite weights (what ``run.resume=last`` picks up)
@@ -26,6 +27,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,11 +39,12 @@ from omegaconf import DictConfig
 
 from megadoc_pl.errors import BadInput
 from megadoc_pl.train.checkpoint import remove_leftovers
-from megadoc_pl.utils import atomic_write_json, atomic_write_text, current_umask, get_logger
+from megadoc_pl.utils import atomic_dir, atomic_write_json, atomic_write_text, current_umask, get_logger
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 PROVENANCE_FILE = "provenance.json"
+TOKENIZER_DIR = "tokenizer"
 CKPT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 LOCK_FILE = ".lock"
@@ -253,6 +256,23 @@ def provenance(cfg: DictConfig) -> dict[str, Any]:
 
 def save_provenance(run_dir: Path, info: Mapping[str, Any]) -> None:
     atomic_write_json(run_dir / PROVENANCE_FILE, dict(info))
+
+
+def save_tokenizer(run_dir: Path, tokenizer: str | os.PathLike) -> Path:
+    """Copy the tokenizer the run trains with (the resolved one: ``data.tokenizer`` or the demo's)
+    into ``run_dir/tokenizer/``: its ``tokenizer.json`` and the files beside it that name the
+    special tokens, so it loads with the same BOS/EOS. Export and evaluation read it from there."""
+    from megadoc_pl.data.tokenizer import load_tokenizer
+
+    src = Path(tokenizer)
+    info = load_tokenizer(src)  # a transformers directory without tokenizer.json gets one here
+    beside = src if src.is_dir() else src.parent
+    with atomic_dir(run_dir / TOKENIZER_DIR, overwrite=True) as tmp:
+        (tmp / "tokenizer.json").write_text(info.json_str, encoding="utf-8")
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (beside / name).is_file():
+                shutil.copyfile(beside / name, tmp / name)
+    return run_dir / TOKENIZER_DIR
 
 
 def save_metrics(run_dir: Path, metrics: Mapping[str, Any]) -> Path:
