@@ -18,7 +18,6 @@ from megadoc_pl.data.prepare import PreparedData, plan_from_sizes, run_steps
 from megadoc_pl.data.windows import packed_fields
 from megadoc_pl.model.config import LlamaConfig
 from megadoc_pl.model.flops import flops_per_token, peak_bf16_flops
-from megadoc_pl.recipes import validate_recipe
 
 ASSUMED_MFU = 0.40  # SPEC 11 target, used for the time estimate of a dry run
 
@@ -70,13 +69,13 @@ def dry_run_report(prepared: PreparedData, sample_windows: int = 64) -> dict:
 
 
 def assumed_dry_run_report(cfg: DictConfig, stream_tokens: Mapping[str, int]) -> dict:
-    """The dry-run report from assumed stream sizes (unique tokens per pass), reading no data.
+    """The dry-run report of a validated recipe from assumed stream sizes (unique tokens per
+    pass), reading no data.
 
     Nothing is prepared (no demo world, no tokenizer, no store): the vocabulary is
     ``model.vocab_size`` or the default of ``model.size``, and attention is costed over whole
     windows (exact for scope ``window``, an upper bound for ``document`` / ``megadoc``).
     """
-    validate_recipe(cfg)
     view = str(cfg.data.view)
     streams = [REAL, SYNTHETIC] if view != "real" else [REAL]
     unknown = sorted(set(stream_tokens) - {REAL, SYNTHETIC})

@@ -114,11 +114,17 @@ def test_bad_arguments_are_one_line(capsys):
     assert "no_such_flag" in err and "--help" in err and len(err.strip().splitlines()) == 1
 
 
-def test_fit_then_validate_last_checkpoint(tmp_path, tiny_tokenizer_path, capsys):
+def test_fit_then_validate_last_checkpoint(tmp_path, tiny_tokenizer_path, capsys, monkeypatch):
+    from megadoc_pl import recipes
+
+    validated = []  # the front door checks each recipe once; the library takes it as checked
+    real_validate = recipes.validate_recipe
+    monkeypatch.setattr(recipes, "validate_recipe", lambda cfg: (validated.append(cfg.run.name), real_validate(cfg)))
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     sets = _sets(tiny_overrides(corpus, tiny_tokenizer_path, tmp_path, "cli", steps=3))
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     main(["fit", "--recipe", "baseline_real", *sets, *quiet, "--trainer.max_steps", "2"])
+    assert validated == ["cli"]
     run_dir = tmp_path / "runs" / "cli"
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["status"] == "finished" and m["steps"] == 2 and m["max_steps"] == 2
@@ -126,8 +132,10 @@ def test_fit_then_validate_last_checkpoint(tmp_path, tiny_tokenizer_path, capsys
     # a printed config, given back with --set after it, trains at the --set value
     cfg_file = tmp_path / "cli.yaml"
     cfg_file.write_text(yaml.safe_dump(_print_config(["fit", "--recipe", "baseline_real", *sets], capsys)))
+    validated.clear()
     assert main(["fit", "--config", str(cfg_file), "--set", "run.name=cli-lr", "--set", "train.lr=0.5",
                  "--set", "train.max_steps=1", *quiet]) == 0
+    assert validated == ["cli-lr"]  # a --config recipe: checked once parsed, not before
     lr = _scalars(tmp_path / "runs" / "cli-lr", "train/lr")
     assert max(lr) == pytest.approx(0.5) and "lr: 0.5" in (tmp_path / "runs" / "cli-lr" / "config.yaml").read_text()
     capsys.readouterr()

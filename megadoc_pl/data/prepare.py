@@ -230,6 +230,9 @@ def _synthetic_inputs(cfg: DictConfig, demo: Any, split_file: Path) -> list[str]
 def prepare_corpus(cfg: DictConfig) -> PreparedData:
     """Stores, split, units and the plan of a recipe (tokenizing on first use, cached).
 
+    ``cfg`` is a validated recipe (``megadoc_pl.recipes.validate_recipe``, which the entry points
+    run once); it is not checked again here.
+
     Safe to call from every rank of a launch at once. Each process first reads what is cached
     under a shared lock on ``data.cache_dir`` (so the ranks of a relaunch prepare side by side,
     not one after the other: input fingerprints come from the stores' stat caches, a relaunch on
@@ -237,9 +240,6 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
     exclusive lock: the first to get it builds what is missing while the others wait, then find it
     all cached. A node-local cache gets one preparation per node.
     """
-    from megadoc_pl.recipes import validate_recipe
-
-    validate_recipe(cfg)
     cache = Path(cfg.data.cache_dir)
     _remove_leftovers_if_alone(cache)
     if not bool(cfg.data.rebuild):
@@ -400,7 +400,7 @@ def _check_extra_sets_by_text(cfg: DictConfig, real: Any, hashes: np.ndarray, ex
 
 
 def prepare_data(cfg: DictConfig) -> "MegadocDataModule":
-    """The LightningDataModule of a recipe (``dm.prepared``: stores, split, units, plan)."""
+    """The LightningDataModule of a validated recipe (``dm.prepared``: stores, split, units, plan)."""
     return prepare_corpus(cfg).datamodule()
 
 

@@ -202,7 +202,11 @@ def _build_cli_class():
             defaults = {k: p.default for k, p in inspect.signature(Trainer.__init__).parameters.items()}
             overrides = {k: v for k, v in dict(section["trainer"]).items()
                          if k not in TRAINER_LINKS and k in defaults and v != defaults[k]}
-            self.run = run_mod.setup_run(cfg, overrides, stage=self.subcommand or "fit")  # validates the recipe first
+            if not self.command_line.complete:  # else main() validated it, before Lightning was imported
+                from megadoc_pl.recipes import validate_recipe
+
+                validate_recipe(cfg)
+            self.run = run_mod.setup_run(cfg, overrides, stage=self.subcommand or "fit")
             self.model, self.datamodule, self.trainer = self.run.module, self.run.datamodule, self.run.trainer
 
         # --------------------------------------------------------------------- subcommands

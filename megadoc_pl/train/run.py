@@ -361,15 +361,14 @@ def setup_run(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = 
     """Resolve the run directory, data, module and Trainer of a recipe (nothing trained yet).
 
     ``stage='validate'`` looks at an existing run: no new directory check, config.yaml untouched.
-    The recipe is validated first (no data is read and no directory made for a bad one). For
-    ``fit``, global rank 0 then claims the run directory (created and locked before any data
-    work, :func:`rundir.claim_run_dir`); nothing is written into it until :meth:`TrainingRun.fit`
-    has accepted the checkpoint to resume from.
+    ``cfg`` is a validated recipe: the front doors run ``megadoc_pl.recipes.validate_recipe`` once,
+    before this (no data is read and no directory made for a bad one). For ``fit``, global rank 0
+    then claims the run directory (created and locked before any data work,
+    :func:`rundir.claim_run_dir`); nothing is written into it until :meth:`TrainingRun.fit` has
+    accepted the checkpoint to resume from.
     """
-    from megadoc_pl.recipes import validate_recipe
     from megadoc_pl.utils import global_rank
 
-    validate_recipe(cfg)
     if cfg.train.num_threads is not None:
         torch.set_num_threads(int(cfg.train.num_threads))
     run_dir = rundir.resolve_run_dir(cfg)
@@ -409,7 +408,8 @@ def _build_run(cfg: DictConfig, run_dir: Path, ckpt: Optional[Path], claim: Opti
 
 
 def train(cfg: DictConfig, trainer_overrides: Optional[Mapping[str, Any]] = None) -> Path:
-    """Train a resolved recipe; returns the run directory (config.yaml, events, checkpoints, metrics.json).
+    """Train a resolved, validated recipe; returns the run directory (config.yaml, events, checkpoints,
+    metrics.json).
 
     ``trainer_overrides`` are extra ``lightning.Trainer`` arguments (e.g. ``enable_progress_bar``).
     """
