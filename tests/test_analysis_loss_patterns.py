@@ -129,7 +129,7 @@ def test_cli_scores_documents_with_a_checkpoint_and_an_export(tmp_path, tiny_tok
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
-    from megadoc_pl.model.hf import export_hf
+    from megadoc_pl.checkpoints import export_hf
     from megadoc_pl.model.llama import Llama, LlamaConfig
 
     vocab = Tokenizer.from_file(str(tiny_tokenizer_path)).get_vocab_size()

@@ -164,7 +164,7 @@ def test_one_line_errors(world, tmp_path):
 
 def test_hf_export_embeds_like_its_checkpoint(world, tmp_path):
     """The AutoModel path (a tools/export_hf.py directory) gives the checkpoint path's embeddings."""
-    from megadoc_pl.model.hf import export_checkpoint
+    from megadoc_pl.checkpoints import export_checkpoint
 
     hf_dir = export_checkpoint(world["ckpt"], tmp_path / "hf")
     with one_thread():

@@ -74,3 +74,29 @@ def test_hygiene_on_real_units(store):
     assert units_source_ids(train, among={"doc7", "doc2", "nowhere"}) == {"doc7"}
     assert units_source_ids(train, among=set()) == set()
     assert units_source_ids(train) == set(ids) - heldout
+
+
+def test_tasks_only_score_with_the_tokenizer_the_run_kept(tmp_path, tiny_tokenizer_path):
+    """A run directory as --checkpoint: its last checkpoint and the tokenizer it kept; scoring tasks
+    alone prepares no corpus (the recipe here has none to prepare)."""
+    from omegaconf import OmegaConf
+
+    from megadoc_pl.config import RecipeConfig
+    from megadoc_pl.eval.runner import EvalSpec, run_evaluation
+    from megadoc_pl.train import rundir
+
+    recipe = OmegaConf.structured(RecipeConfig)
+    recipe.data.seq_len, recipe.data.cache_dir = T, str(tmp_path / "cache")  # where preparing would write
+    recipe.model.size, recipe.model.attention_backend = "nano", "sdpa"
+    recipe.model.overrides = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 2, "d_mlp": 64}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in tiny_llama(300, 2).state_dict().items()},
+                "hyper_parameters": {"cfg": OmegaConf.to_container(recipe)}}, run / "checkpoints" / "last.ckpt")
+    task = tmp_path / "toy.jsonl"
+    task.write_text(json.dumps({"question": "Who founded the town?", "choices": ["a fox", "Alice"], "label": 1}) + "\n")
+    rundir.save_tokenizer(run, tiny_tokenizer_path)
+    result = run_evaluation(EvalSpec(checkpoints=[str(run)], validation=False, tasks={"toy": str(task)}, device="cpu",
+                                     progress=False))
+    assert result["tasks"]["toy"]["n"] == 1 and result["members"] == 1
+    assert not (tmp_path / "cache").exists()

@@ -1,4 +1,5 @@
-"""Hugging Face export/import: logits parity with transformers, round trips, checkpoint loading."""
+"""Hugging Face export/import: logits parity with transformers, round trips; loading every kind of
+model path (megadoc_pl.checkpoints) and exporting a run with the tokenizer it kept."""
 
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from megadoc_pl.model.hf import (
-    export_hf,
-    load_hf_weights,
-    load_model_from_checkpoint,
-    to_hf_config,
-)
+from megadoc_pl.checkpoints import export_checkpoint, export_hf, load_model
+from megadoc_pl.errors import BadInput
+from megadoc_pl.model.hf import llama_from_hf, load_hf_weights, to_hf_config
 from megadoc_pl.model.llama import Llama, LlamaConfig
+from megadoc_pl.train import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300
@@ -77,7 +76,7 @@ def test_export_refuses_to_overwrite_and_bf16(tmp_path):
 def test_round_trip_export_import(tmp_path):
     model = _model()
     export_hf(model, tmp_path / "hf")
-    back = Llama.from_hf(tmp_path / "hf")
+    back = llama_from_hf(tmp_path / "hf")
     assert back.cfg.rope_theta == 500.0 and back.cfg.n_kv_heads == 2
     for k, v in model.state_dict().items():
         torch.testing.assert_close(back.state_dict()[k], v, atol=0, rtol=0)
@@ -100,7 +99,7 @@ def test_import_transformers_model(tmp_path, tied):
                       rope_parameters={"rope_type": "default", "rope_theta": 20000.0})
     hf = LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(str(tmp_path / "src"))
-    ours = Llama.from_hf(tmp_path / "src").eval()
+    ours = llama_from_hf(tmp_path / "src").eval()
     assert (ours.cfg.n_kv_heads, ours.cfg.rope_theta, ours.cfg.d_mlp) == (1, 20000.0, 160)
     ids = _ids()
     with torch.no_grad():
@@ -114,9 +113,9 @@ def test_import_rejects_unsupported_configs(tmp_path):
     cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="RoPE scaling"):
-        Llama.from_hf(tmp_path / "hf")
-    with pytest.raises(ValueError, match="no config.json"):
-        Llama.from_hf(tmp_path)
+        llama_from_hf(tmp_path / "hf")
+    with pytest.raises(BadInput, match="no config.json"):
+        llama_from_hf(tmp_path)
 
 
 def test_hf_config_fields():
@@ -145,15 +144,81 @@ def _save_ckpt(path: Path, model: Llama, tokenizer, compiled: bool = False) -> d
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_load_model_from_checkpoint(tmp_path, compiled):
+def test_load_model_from_a_checkpoint(tmp_path, compiled):
     model = _model()
     cfg = _save_ckpt(tmp_path / "last.ckpt", model, None, compiled)
-    loaded, got_cfg = load_model_from_checkpoint(tmp_path / "last.ckpt")
-    assert got_cfg == cfg
-    assert loaded.cfg.vocab_size == VOCAB and loaded.cfg.loss_chunk_size == 64 and loaded.cfg.rope_theta == 500.0
+    loaded = load_model(tmp_path / "last.ckpt")
+    assert loaded.recipe == cfg and loaded.step == 3 and loaded.tokenizer is None
+    m = loaded.model
+    assert m.cfg.vocab_size == VOCAB and m.cfg.loss_chunk_size == 64 and m.cfg.rope_theta == 500.0
     ids = _ids()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids), model(ids), atol=0, rtol=0)
+        torch.testing.assert_close(m(ids), model(ids), atol=0, rtol=0)
+
+
+def _save_sharded(path: Path, model: Llama, cfg: dict) -> None:
+    """What train.sharded_checkpoints writes, in one process: torch.distributed.checkpoint shards of
+    the state dict beside Lightning's meta.pt (everything else)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized, assuming ... a single process"
+        dcp.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint_id=str(path))
+    torch.save({"hyper_parameters": {"cfg": cfg}, "global_step": 3}, path / "meta.pt")
+
+
+def test_every_kind_of_model_path_loads_the_same_weights(tmp_path, tiny_tokenizer_path):
+    """A .ckpt, a sharded checkpoint directory, a run directory and an HF export of one model."""
+    model = _model()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = _save_ckpt(run / "checkpoints" / "last.ckpt", model, tiny_tokenizer_path)
+    _save_sharded(tmp_path / "sharded.ckpt", model, cfg)
+    export_hf(model, tmp_path / "hf", tokenizer=tiny_tokenizer_path)
+    paths = {"ckpt": run / "checkpoints" / "last.ckpt", "sharded": tmp_path / "sharded.ckpt", "run": run,
+             "hf": tmp_path / "hf"}
+    loaded = {kind: load_model(p) for kind, p in paths.items()}
+    for kind, x in loaded.items():
+        assert not x.model.training, kind
+        for name, v in model.state_dict().items():
+            assert torch.equal(x.model.state_dict()[name], v), (kind, name)
+    assert loaded["run"].path == paths["ckpt"]
+    assert [loaded[k].recipe == cfg and loaded[k].step == 3 for k in ("ckpt", "sharded", "run")] == [True] * 3
+    assert loaded["hf"].recipe is None and loaded["hf"].tokenizer == tmp_path / "hf"
+    # no tokenizer/ in the run (written before runs kept one): the recipe's data.tokenizer
+    assert loaded["run"].tokenizer == tiny_tokenizer_path
+    rundir.save_tokenizer(run, tiny_tokenizer_path)
+    assert load_model(run).tokenizer == run / "tokenizer"
+    half = load_model(run, dtype=torch.bfloat16).model
+    assert half.lm_head.weight.dtype == torch.bfloat16
+    for bad, problem in ((tmp_path / "none", "no such model checkpoint"), (tmp_path, "neither a checkpoint")):
+        with pytest.raises(BadInput, match=problem):
+            load_model(bad)
+
+
+def test_the_three_loaders_of_a_trained_model_are_load_model(tmp_path, tiny_tokenizer_path, monkeypatch):
+    """Evaluation, loss patterns and the embedding map read checkpoints through load_model."""
+    import megadoc_pl.checkpoints as checkpoints
+    from megadoc_pl.analysis import embed_map, loss_patterns
+    from megadoc_pl.eval import runner
+
+    ckpt = tmp_path / "last.ckpt"
+    _save_ckpt(ckpt, _model(), tiny_tokenizer_path)
+    calls = []
+
+    def spy(path, **kw):
+        calls.append(Path(path))
+        return load(path, **kw)
+
+    load = checkpoints.load_model
+    monkeypatch.setattr(checkpoints, "load_model", spy)
+    (loaded,) = runner.load_models([str(ckpt)])
+    assert loaded.recipe["data"]["tokenizer"] == str(tiny_tokenizer_path)
+    assert len(loss_patterns.load_scoring_model(ckpt)([0, 5, 7, 9])) == 3
+    assert embed_map.load_embedder(str(ckpt)).fingerprint  # the tokenizer found beside the model
+    assert calls == [ckpt] * 3
 
 
 def test_export_tool_end_to_end(tmp_path, tiny_tokenizer_path):
@@ -168,6 +233,53 @@ def test_export_tool_end_to_end(tmp_path, tiny_tokenizer_path):
     again = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), "--checkpoint", str(tmp_path / "last.ckpt"),
                             "--out", str(tmp_path / "hf")], capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
+
+
+def test_export_of_a_demo_run_reads_the_tokenizer_it_kept(tmp_path, monkeypatch):
+    """A demo recipe names no data.tokenizer: its run keeps a copy of the demo's (train/rundir.py)
+    and the export reads that. Exported from a directory where the demo was never built, nothing
+    is built there (the demo's data.cache_dir is relative to the current directory)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from megadoc_pl.config import RecipeConfig
+    from megadoc_pl.demo import ensure_world
+
+    cfg = OmegaConf.structured(RecipeConfig)
+    cfg.demo.num_documents, cfg.demo.vocab_size = 20, VOCAB
+    cfg.model.size, cfg.model.rope_theta, cfg.model.attention_backend = "nano", 500.0, "sdpa"
+    trained_in, elsewhere = tmp_path / "trained_in", tmp_path / "elsewhere"
+    trained_in.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(trained_in)
+    demo_tokenizer = trained_in / ensure_world(cfg)[1]  # what training builds (under the relative cache_dir)
+    run = trained_in / "runs" / "demo"
+    (run / "checkpoints").mkdir(parents=True)
+    rundir.save_tokenizer(run, demo_tokenizer)  # what the run keeps
+    model = _model()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"cfg": OmegaConf.to_container(cfg, resolve=True)}, "global_step": 1},
+               run / "checkpoints" / "last.ckpt")
+
+    monkeypatch.chdir(elsewhere)
+    out = export_checkpoint(run, tmp_path / "hf")
+    assert list(elsewhere.iterdir()) == []  # no demo world, no BPE trained here
+    text = "The town was founded by a miller."
+    theirs = AutoTokenizer.from_pretrained(str(out))
+    assert theirs(text, add_special_tokens=False)["input_ids"] == \
+        Tokenizer.from_file(str(demo_tokenizer / "tokenizer.json")).encode(text).ids
+    assert json.loads((out / "megadoc_export.json").read_text())["step"] == 1
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(_hf_logits(out, ids), model.logits(model(ids)), atol=1e-4, rtol=1e-4)
+
+    shutil.rmtree(run / "tokenizer")  # a run from before runs kept their tokenizer: one line with the fix
+    with pytest.raises(BadInput, match=r"trained with is unknown: .* no data.tokenizer .*\(fix: pass --tokenizer PATH"):
+        export_checkpoint(run, tmp_path / "hf2")
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_init_from_refuses_another_rope_base_or_norm_epsilon_up_front(tmp_path):

@@ -21,8 +21,10 @@ from megadoc_pl.analysis import embed_map as em
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="Lightning checkpoint (.ckpt file or sharded dir) or local HF model dir")
-    ap.add_argument("--tokenizer", help="tokenizer (default: the recipe's data.tokenizer / the HF dir's own)")
+    ap.add_argument("--model", required=True,
+                    help="Lightning checkpoint (.ckpt file or sharded dir), run directory or local HF model dir")
+    ap.add_argument("--tokenizer", help="tokenizer (default: the one the run kept, else the recipe's data.tokenizer; "
+                    "an HF dir's own)")
     ap.add_argument("--real", required=True, nargs="+", help="real documents: JSONL/Parquet files, dirs, or one token store")
     ap.add_argument("--synthetic", required=True, action="append", metavar="NAME=PATH",
                     help="a labelled generation file, dir or token store (repeat for more sets; a repeated NAME adds paths)")

@@ -21,7 +21,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", nargs="+", metavar="CKPT", help="Lightning checkpoint(s); K > 1 is an ensemble")
+    src.add_argument("--checkpoint", nargs="+", metavar="CKPT",
+                     help="Lightning checkpoint(s) or run directories (their last.ckpt); K > 1 is an ensemble")
     src.add_argument("--hf", metavar="DIR", help="a Hugging Face Llama directory (e.g. from tools/export_hf.py)")
     ap.add_argument("--ensemble", choices=["logit", "prob"], default="logit",
                     help="how K checkpoints are combined: average logits (default) or probabilities")
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", default=[], metavar="NAME=PATH", help="multiple-choice JSONL files")
     ap.add_argument("--sets", nargs="*", default=None, metavar="NAME", help="only these validation sets")
     ap.add_argument("--no-val", action="store_true", help="skip the validation sets (tasks only)")
-    ap.add_argument("--tokenizer", help="tokenizer for the tasks (default: the recipe's, or the --hf directory's)")
+    ap.add_argument("--tokenizer", help="tokenizer for the tasks (default: the recipe's, else the one the run "
+                    "kept or the --hf directory's)")
     bos = ap.add_mutually_exclusive_group()
     bos.add_argument("--bos", dest="add_bos", action="store_true", default=None, help="prefix BOS to task sequences")
     bos.add_argument("--no-bos", dest="add_bos", action="store_false", help="do not prefix BOS")

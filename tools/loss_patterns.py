@@ -24,7 +24,7 @@ from megadoc_pl.analysis import loss_patterns as lp
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-a", help="reference model (checkpoint or HF dir), e.g. trained on real data")
+    ap.add_argument("--model-a", help="reference model (checkpoint, run dir or HF dir), e.g. trained on real data")
     ap.add_argument("--model-b", help="compared model, e.g. trained with synthetic data")
     ap.add_argument("--documents", help="JSONL/Parquet documents to score")
     ap.add_argument("--tokenizer", help="tokenizer.json or tokenizer directory")

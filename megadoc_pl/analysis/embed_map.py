@@ -2,8 +2,9 @@
 
 Every document of every set is embedded by one model: the mean of its final hidden states over
 its non-pad tokens, L2-normalised. The model is this project's Llama from a Lightning checkpoint
-(``hf.load_model_from_checkpoint``) or any local Hugging Face model directory (``AutoModel``, e.g.
-a bge or e5 encoder, or a ``tools/export_hf.py`` export, which embeds exactly as its checkpoint).
+or run directory (``megadoc_pl.checkpoints.load_model``, with the tokenizer the run kept) or any
+local Hugging Face model directory (``AutoModel``, e.g. a bge or e5 encoder, or a
+``tools/export_hf.py`` export, which embeds exactly as its checkpoint).
 A causal LM's prepended BOS is left out of the mean: its state is the same for every document. All embeddings are projected together: PCA to at
 most 50 dimensions, then scikit-learn's t-SNE (PCA init, fixed seed).
 
@@ -35,6 +36,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from megadoc_pl.errors import BadInput
 from megadoc_pl.utils import atomic_write_json, atomic_write_text, require, stable_hash
 
 REAL = "real"
@@ -162,19 +164,6 @@ class Embedder:
         return self.wrap([int(t) for t in content[:room]])
 
 
-def _checkpoint_tokenizer(cfg: dict, ckpt: Path) -> str:
-    data = cfg.get("data") or {}
-    if data.get("tokenizer"):
-        return str(data["tokenizer"])
-    if data.get("real") is None and cfg.get("demo"):
-        from omegaconf import OmegaConf
-
-        from megadoc_pl.demo import ensure_world
-
-        return str(ensure_world(OmegaConf.create(cfg))[1])
-    raise ValueError(f"{ckpt}: the recipe names no data.tokenizer (fix: pass --tokenizer PATH, the tokenizer used for training)")
-
-
 def _special_affixes(hf_tok) -> tuple[list[int], list[int]]:
     """The ids a HF tokenizer puts before and after one sequence ([CLS] ... [SEP], <s> ...)."""
     plain = hf_tok.encode("a", add_special_tokens=False)
@@ -186,26 +175,25 @@ def _special_affixes(hf_tok) -> tuple[list[int], list[int]]:
 
 
 def load_embedder(model: str, tokenizer: Optional[str] = None, device: str = "cpu") -> Embedder:
-    """A Lightning checkpoint (file or sharded dir) of this project, or a local HF model directory."""
+    """A local HF model directory (``AutoModel``), or what ``megadoc_pl.checkpoints.load_model``
+    takes: a checkpoint of this project (file or sharded directory) or its run directory."""
     p = Path(model)
-    if not p.exists():
-        raise ValueError(f"{p}: no such model checkpoint or directory (fix: pass a .ckpt file or a local HF model dir)")
-    if p.is_file() or (p / ".metadata").is_file():
-        from megadoc_pl.data.tokenizer import load_tokenizer
-        from megadoc_pl.model.hf import load_model_from_checkpoint
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        import torch
 
-        llama, cfg = load_model_from_checkpoint(p)
-        llama = llama.to(device).float().eval()
-        tok = load_tokenizer(tokenizer or _checkpoint_tokenizer(cfg, p))
+        from megadoc_pl.checkpoints import load_model
+        from megadoc_pl.data.tokenizer import load_tokenizer
+
+        loaded = load_model(p, device=device, dtype=torch.float32)
+        llama = loaded.model
+        tok = load_tokenizer(tokenizer or loaded.require_tokenizer())
         tok.require_special(True, False)
         if tok.vocab_size > llama.cfg.vocab_size:
-            raise ValueError(f"{tok.path}: tokenizer has {tok.vocab_size} ids but the model only {llama.cfg.vocab_size} "
-                             f"(fix: pass the tokenizer the model was trained with)")
+            raise BadInput(f"{tok.path}: tokenizer has {tok.vocab_size} ids but the model only {llama.cfg.vocab_size} "
+                           f"(fix: pass the tokenizer the model was trained with)")
         # Right padding under a causal mask: no real token ever attends to a pad.
         return Embedder(p.name, hidden=lambda ids, mask: llama(ids), encode=tok.encode,
                         wrap=lambda ids: [tok.bos_id] + ids, skip_first=True, fingerprint=tok.fingerprint, device=device)
-    if not (p / "config.json").is_file():
-        raise ValueError(f"{p}: neither a checkpoint file nor a Hugging Face model directory with config.json")
     from transformers import AutoModel, AutoTokenizer
 
     from megadoc_pl.data.tokenizer import fingerprint_json
@@ -214,7 +202,8 @@ def load_embedder(model: str, tokenizer: Optional[str] = None, device: str = "cp
         net = AutoModel.from_pretrained(str(p), local_files_only=True).to(device).float().eval()
         hf_tok = AutoTokenizer.from_pretrained(str(tokenizer or p), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{p}: transformers cannot load it ({str(e).splitlines()[0]})") from None
+        raise BadInput(f"{p}: transformers cannot load it ({str(e).splitlines()[0]}) "
+                       "(fix: pass a model directory that AutoModel loads, or a megadoc_pl checkpoint)") from None
 
     def hidden(ids, mask):
         return net(input_ids=ids, attention_mask=mask).last_hidden_state

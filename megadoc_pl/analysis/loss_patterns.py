@@ -266,27 +266,17 @@ def write_losses_jsonl(path: str | Path, ids: Sequence[str], losses: Sequence[np
 
 
 def load_scoring_model(path: str | Path, device: str = "cpu"):
-    """A callable ``ids -> per-token losses of ids[1:]`` with the project's Llama.
+    """A callable ``ids -> per-token losses of ids[1:]`` with the project's Llama, in fp32.
 
-    ``.ckpt`` files load through ``megadoc_pl.model.hf.load_model_from_checkpoint``, directories
-    (Hugging Face exports) through ``Llama.from_hf``; both are imported here, not at module
-    import, so the analysis package needs no torch until a model is scored.
+    ``path`` is whatever ``megadoc_pl.checkpoints.load_model`` takes (a checkpoint, a run
+    directory, a Hugging Face export), imported here, not at module import, so the analysis
+    package needs no torch until a model is scored.
     """
     import torch
 
-    from megadoc_pl.model import hf
-    from megadoc_pl.model.llama import Llama
+    from megadoc_pl.checkpoints import load_model
 
-    p = Path(path)
-    if p.is_file():
-        model = hf.load_model_from_checkpoint(p, map_location="cpu")
-    elif (p / "config.json").exists():
-        model = Llama.from_hf(p)
-    else:
-        raise ValueError(f"{p}: not a checkpoint file or a Hugging Face directory with config.json")
-    if isinstance(model, tuple):  # load_model_from_checkpoint returns (model, recipe)
-        model = model[0]
-    model = model.to(device).float().eval()
+    model = load_model(path, device=device, dtype=torch.float32).model
 
     @torch.no_grad()
     def score(ids: Sequence[int]) -> np.ndarray:

@@ -12,18 +12,22 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from megadoc_pl.data.windows import unpack
+from megadoc_pl.errors import BadInput
 from megadoc_pl.eval.ensemble import Ensemble
 from megadoc_pl.eval.multiple_choice import MultipleChoiceScorer, evaluate_tasks, load_task
 from megadoc_pl.eval.position import write_curves_csv
 from megadoc_pl.eval.scoring import token_losses
 from megadoc_pl.eval.validation import ValidationMetrics, loss_key
+
+if TYPE_CHECKING:
+    from megadoc_pl.checkpoints import LoadedModel
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -38,31 +42,25 @@ def recipe_from_dict(cfg: Mapping[str, Any], overrides: Sequence[str] = (), wher
         if overrides:
             out = OmegaConf.merge(out, OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:  # OmegaConf's validation errors: keep the first line
-        raise ValueError(f"{where}: {str(e).splitlines()[0]}") from None
+        raise BadInput(f"{where}: {str(e).splitlines()[0]} (fix: correct or remove that key)") from None
     return out
 
 
 def load_recipe_file(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such config file (fix: pass the run's config.yaml)")
+        raise BadInput(f"{path}: no such config file (fix: pass the run's config.yaml)")
     return recipe_from_dict(OmegaConf.load(path), overrides, str(path))
 
 
-def load_models(checkpoints: Sequence[str] = (), hf: Optional[str] = None) -> tuple[list[torch.nn.Module], Optional[dict]]:
-    """The Llamas to evaluate and the recipe dict of the first checkpoint (None for --hf)."""
-    from megadoc_pl.model.hf import load_hf, load_model_from_checkpoint
+def load_models(checkpoints: Sequence[str] = (), hf: Optional[str] = None, device: Any = "cpu") -> list[LoadedModel]:
+    """The models to evaluate (checkpoints or run directories, or one HF directory), each with
+    its recipe and tokenizer (``megadoc_pl.checkpoints.load_model``)."""
+    from megadoc_pl.checkpoints import load_model
 
     if bool(checkpoints) == bool(hf):
-        raise ValueError("give either checkpoints or an HF directory (fix: --checkpoint CKPT [CKPT ...] or --hf DIR)")
-    if hf:
-        return [load_hf(hf)], None
-    models, first_cfg = [], None
-    for ckpt in checkpoints:
-        model, cfg = load_model_from_checkpoint(ckpt)
-        models.append(model)
-        first_cfg = first_cfg if first_cfg is not None else cfg
-    return models, first_cfg
+        raise BadInput("give either checkpoints or an HF directory (fix: --checkpoint CKPT [CKPT ...] or --hf DIR)")
+    return [load_model(path, device=device) for path in (checkpoints or [hf])]
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -143,7 +141,7 @@ class EvalSpec:
 
 def _resolve_recipe(spec: EvalSpec, ckpt_cfg: Optional[dict]) -> Optional[DictConfig]:
     if spec.config and spec.recipe:
-        raise ValueError("give --recipe or --config, not both")
+        raise BadInput("give --recipe or --config, not both (fix: drop one of them)")
     if spec.config:
         return load_recipe_file(spec.config, spec.overrides)
     if spec.recipe:
@@ -159,12 +157,12 @@ def run_evaluation(spec: EvalSpec) -> dict[str, Any]:
     """Load models, rebuild the validation sets, check hygiene, score sets and tasks."""
     from megadoc_pl.data.hygiene import check_units_disjoint
 
-    models, ckpt_cfg = load_models(spec.checkpoints, spec.hf)
-    cfg = _resolve_recipe(spec, ckpt_cfg)
     device = torch.device("cuda" if spec.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if spec.device == "auto" else spec.device))
-    for m in models:
-        m.to(device).eval()
+    loaded = load_models(spec.checkpoints, spec.hf, device)
+    models = [m.model for m in loaded]
+    cfg = _resolve_recipe(spec, loaded[0].recipe)
+    tokenizer = spec.tokenizer or loaded[0].tokenizer  # for the tasks: given, else the model's own
     model: Any = models[0] if len(models) == 1 else Ensemble(models, mode=spec.ensemble).to(device).eval()
 
     result: dict[str, Any] = {
@@ -175,21 +173,21 @@ def run_evaluation(spec: EvalSpec) -> dict[str, Any]:
         "metrics": {},
     }
     prepared = None
-    if cfg is not None and (spec.validation or (spec.tasks and spec.tokenizer is None)):
+    if cfg is not None and (spec.validation or (spec.tasks and tokenizer is None)):
         from megadoc_pl.data.prepare import prepare_corpus
 
         prepared = prepare_corpus(cfg)
 
     if spec.validation:
         if prepared is None:
-            raise ValueError("validation sets need the run's recipe (fix: --config RUN/config.yaml or --recipe NAME, "
-                             "or --no-val to score tasks only)")
+            raise BadInput("validation sets need the run's recipe (fix: --config RUN/config.yaml or --recipe NAME, "
+                           "or --no-val to score tasks only)")
         val_units = dict(prepared.val_units)
         windows = prepared.val_windows()
         if spec.sets is not None:
             unknown = sorted(set(spec.sets) - set(windows))
             if unknown:
-                raise ValueError(f"unknown validation set(s) {unknown}; this recipe has {sorted(windows)}")
+                raise BadInput(f"unknown validation set(s) {unknown} (fix: --sets takes some of {sorted(windows)})")
             windows = {k: v for k, v in windows.items() if k in spec.sets}
         check_units_disjoint([prepared.real_units, prepared.synthetic_units],
                              {k: v for k, v in val_units.items() if k in windows})
@@ -204,14 +202,12 @@ def run_evaluation(spec: EvalSpec) -> dict[str, Any]:
     if spec.tasks:
         from megadoc_pl.data.tokenizer import load_tokenizer
 
-        if spec.tokenizer is not None:
-            tok = load_tokenizer(spec.tokenizer)
-        elif prepared is not None:
+        if spec.tokenizer is None and prepared is not None:
             tok = prepared.tokenizer
-        elif spec.hf is not None:
-            tok = load_tokenizer(spec.hf)
+        elif tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
         else:
-            raise ValueError("multiple-choice tasks need the training tokenizer (fix: --tokenizer PATH)")
+            raise BadInput("multiple-choice tasks need the training tokenizer (fix: --tokenizer PATH)")
         add_bos = spec.add_bos if spec.add_bos is not None else (bool(cfg.data.add_bos) if cfg is not None else True)
         max_length = int(cfg.data.seq_len) if cfg is not None else int(models[0].cfg.max_seq_len)
         scorer = MultipleChoiceScorer(tok, add_bos=add_bos, max_length=max_length, batch_size=spec.batch_size)

@@ -73,13 +73,6 @@ class Llama(nn.Module):
                 local.copy_(block)
         self.rope.reset_parameters(self.embed.weight.device if self.embed.weight.device.type != "meta" else None)
 
-    @classmethod
-    def from_hf(cls, hf_dir, **overrides) -> "Llama":
-        """Architecture and weights from a Hugging Face Llama directory (see model/hf.py)."""
-        from megadoc_pl.model.hf import load_hf
-
-        return load_hf(hf_dir, **overrides)
-
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.embed.weight.numel() - self.lm_head.weight.numel()
