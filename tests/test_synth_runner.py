@@ -240,6 +240,28 @@ def test_maga_stage2_judge_and_cleaning_with_fixed_backend(tmp_path):
     assert FixedBackend.instances[-1].requests == []
 
 
+class _InterruptedAtStage2(FixedBackend):
+    """Ctrl-C while stage 2 runs: stage 1 of the batch is done, its pairs are in the batch's output."""
+
+    def generate(self, requests):
+        if any(r.task == "maga_reformulate" for r in requests):
+            raise KeyboardInterrupt
+        return super().generate(requests)
+
+
+def test_a_batch_stopped_midway_keeps_what_it_did(tmp_path):
+    docs = make_docs(tmp_path / "docs.jsonl", 3)
+    out = tmp_path / "out"
+    task = TaskConfig(task="maga", generations=3)
+    cfg = SynthRunConfig(inputs=[str(tmp_path / "docs.jsonl")], out=str(out), backend="fixed_test", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(task, cfg, backend=_InterruptedAtStage2())
+    assert len((out / ".synth/state/shard-00000-of-00001.jsonl").read_text().splitlines()) == 3  # stage-1 pairs
+    stats = synthesize(task, cfg, backend=FixedBackend())
+    assert "maga_pairs" not in stats["run"]["by_stage"]  # the pairs are not asked for again
+    assert sorted(keys(read_rows(out))) == [(d["id"], g) for d in docs for g in range(3)]
+
+
 def test_maga_unparseable_judge_keeps_row_without_score(tmp_path):
     make_docs(tmp_path / "docs.jsonl", 2)
     out = tmp_path / "out"

@@ -7,8 +7,9 @@ import json
 import sys
 
 from megadoc_pl.synth.backends.base import available_backends
+from megadoc_pl.synth.executors import EXECUTORS
 from megadoc_pl.synth.outdir import open_out_dir
-from megadoc_pl.synth.runner import EXECUTORS, SynthRunConfig, synthesize
+from megadoc_pl.synth.runner import SynthRunConfig, synthesize
 from megadoc_pl.synth.stats import aggregate_stats
 from megadoc_pl.synth.tasks import LONG_SOURCES, MAGA_VARIANTS, STYLES, TASKS, TaskConfig
 

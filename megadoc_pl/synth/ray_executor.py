@@ -1,17 +1,18 @@
 """``--executor ray``: the runner's batches stream through Ray Data to actors that hold a backend.
 
-The driver (the runner, one process) stays the only reader of the inputs and the only writer of
-the output directory. It works out the pending units exactly as the local runner does (documents
-still missing some (source_id, gen_index)), cuts them into batches, and packs each batch with the
-slice of resume state it reads (``Runner.batch_inputs``) into one row of a Ray Dataset. The
-Dataset goes through ``map_batches`` to ``GenerationWorker``, a callable class: Ray Data starts
-``--workers`` actors of it (``--worker-gpus`` GPUs each: vLLM gets one actor per GPU, or per
-tensor-parallel group), each loading the backend (and judge) once, and hands every actor the
-next row as soon as it has room (two in flight: one running, one queued), so a slow node takes
-fewer batches. The driver reads the results with ``iter_batches`` in completion order and applies
-them as the local runner applies its own (``Runner._apply``): the output layout, provenance,
-stats, resume and the exactly-once guarantee keyed by (source_id, gen_index) are the local
-runner's, because rows are written only by the driver and only for a batch that came back whole.
+An ``executors.Executor``. The driver (the runner, one process) stays the only reader of the
+inputs and the only writer of the output directory. It works out the pending units exactly as
+with the local executor (documents still missing some (source_id, gen_index)) and cuts them into
+``worker.Batch``es, each with the slice of resume state it reads; ``RayExecutor.map`` packs each
+into one row of a Ray Dataset. The Dataset goes through ``map_batches`` to ``GenerationWorker``, a
+callable class: Ray Data starts ``--workers`` actors of it (``--worker-gpus`` GPUs each: vLLM gets
+one actor per GPU, or per tensor-parallel group), each loading the backend (and judge) once
+(``worker.BatchWorker``), and hands every actor the next row as soon as it has room (two in
+flight: one running, one queued), so a slow node takes fewer batches. The driver reads the
+results with ``iter_batches`` in completion order and writes them as it writes the local
+executor's: the output layout, provenance, stats, resume and the exactly-once guarantee keyed by
+(source_id, gen_index) are the same, because rows are written only by the driver and only for a
+batch that came back whole.
 
 Failures: an actor whose process dies is restarted by Ray (its backend reloaded) and the batch
 it held is run again, up to ``RESTARTS`` times per batch; a batch that kills its actor more often
@@ -36,12 +37,14 @@ import os
 import pickle
 import re
 import socket
+import time
 import warnings
-from typing import Callable, Iterable, Iterator
+from typing import Generator, Iterable
 
+from megadoc_pl.synth.backends.base import Backend
 from megadoc_pl.synth.run_config import SynthRunConfig
-from megadoc_pl.synth.tasks import TaskConfig
-from megadoc_pl.synth.worker import Backends, load_task
+from megadoc_pl.synth.tasks import Task, TaskConfig
+from megadoc_pl.synth.worker import Backends, Batch, BatchResult, BatchWorker
 from megadoc_pl.utils import require
 
 RESTARTS = 3  # a batch whose actor dies is run again (on the restarted actor) this many times
@@ -49,13 +52,12 @@ IN_FLIGHT = 2  # batches per actor at once: one running, one queued so it never 
 
 
 class GenerationWorker:
-    """Ray Data's callable class: one instance per actor holds the backend (and judge) and the task;
-    each call runs the runner batches packed in its rows and returns their results."""
+    """Ray Data's callable class: one instance per actor holds a ``BatchWorker`` (the task, the
+    backend and judge); each call runs the batches packed in its rows and returns their results."""
 
     def __init__(self, task_cfg: TaskConfig, cfg: SynthRunConfig) -> None:
-        self.task = load_task(task_cfg, cfg)
-        self.backends = Backends.load(task_cfg, cfg)
-        b = self.backends
+        self.worker = BatchWorker.load(task_cfg, cfg)
+        b = self.worker.backends
         self.info = {"model": b.model, "judge_model": b.judge_model, "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
     def __call__(self, rows: dict) -> dict:
@@ -63,17 +65,21 @@ class GenerationWorker:
 
         out = []
         for item in rows["batch"]:
-            batch, state, attempts, pending = pickle.loads(item)
-            ctx = self.backends.context(self.task.name, state, attempts, pending)
-            self.task.run(batch, ctx)
-            out.append(pickle.dumps((batch, ctx.result(), self.info)))
+            result = self.worker.run(pickle.loads(item))
+            if result.error is not None:
+                raise result.error
+            out.append(pickle.dumps((result, self.info)))
         return {"result": np.array(out, dtype=object)}
 
 
 class RayExecutor:
     """Feeds the runner's batches through a Ray Data pipeline of ``GenerationWorker`` actors."""
 
-    def __init__(self, task_cfg: TaskConfig, cfg: SynthRunConfig) -> None:
+    remote = True
+
+    def __init__(self, task_cfg: TaskConfig, cfg: SynthRunConfig, task: Task | None = None,
+                 backend: Backend | None = None, judge_backend: Backend | None = None) -> None:
+        # task, backend, judge_backend: objects of this process; each actor builds its own from the configs
         self.ray = require("ray", "ray", "--executor ray")
         if cfg.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {cfg.workers}")
@@ -88,12 +94,28 @@ class RayExecutor:
                                         cfg.backend, cfg.worker_gpus > 0)
         self.backends.worker_gpus = cfg.workers * cfg.worker_gpus
         self.batches_by_worker: dict[str, int] = {}
+        self.first_result_at: float | None = None
 
-    def map(self, batches: Iterable[list], inputs: Callable[[list], tuple]) -> Iterator[tuple[list, dict]]:
-        """(batch, result) for every batch, in the order the actors finish them; ``inputs(batch)``
-        is the resume state packed with it. The batches are packed before the pipeline starts
-        (their units are disjoint, so the state a batch reads cannot change meanwhile)."""
-        items = [{"batch": pickle.dumps((batch, *inputs(batch)))} for batch in batches]
+    def map(self, batches: Iterable[Batch]) -> Generator[BatchResult, None, None]:
+        """A result for every batch, in the order the actors finish them. The batches are packed
+        before the pipeline starts (their units are disjoint, so the state a batch reads cannot
+        change meanwhile), and the first result is awaited here: the actors have started and
+        loaded the backend, or the start fails in one line before the runner writes anything."""
+        results = self._results([{"batch": pickle.dumps(batch)} for batch in batches])
+        first = next(results, None)
+        self.first_result_at = time.perf_counter()
+
+        def all_results():
+            try:
+                if first is not None:
+                    yield first
+                    yield from results
+            finally:
+                results.close()
+
+        return all_results()
+
+    def _results(self, items: list[dict]) -> Generator[BatchResult, None, None]:
         if not items:
             return
         ray, cfg = self.ray, self.cfg
@@ -114,18 +136,24 @@ class RayExecutor:
         first = True
         try:
             for out in results:
-                batch, result, info = pickle.loads(out["result"][0])
+                result, info = pickle.loads(out["result"][0])
                 if first:  # the model names the backend itself reports
                     self.backends.model, self.backends.judge_model = info["model"], info["judge_model"]
                     first = False
                 self.batches_by_worker[info["worker"]] = self.batches_by_worker.get(info["worker"], 0) + 1
-                yield batch, result
+                yield result
         except Exception as e:  # noqa: BLE001 - a worker that cannot load or keeps dying: one line
             raise ValueError(_one_line(e, first)) from None
         finally:
             close = getattr(results, "close", None)
             if close is not None:
                 close()
+
+    def stats(self, start: float) -> dict:
+        """How the batches spread over the actors (dynamic balancing), and the seconds until the
+        first result (actors started, backend loaded, one batch)."""
+        first = 0.0 if self.first_result_at is None else self.first_result_at - start
+        return {"batches_by_worker": dict(self.batches_by_worker), "first_result_s": round(first, 3)}
 
     def close(self) -> None:
         if self.started_ray and self.ray.is_initialized():

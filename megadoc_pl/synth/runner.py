@@ -44,19 +44,22 @@ from typing import Any, Iterator
 
 from megadoc_pl.synth.backends.base import Backend, backend_factory
 from megadoc_pl.synth.breaker import CircuitBreaker, CircuitOpen
+from megadoc_pl.synth.executors import executor_class, make_executor
 from megadoc_pl.synth.outdir import open_out_dir, stage_inputs
 from megadoc_pl.synth.run_config import SynthRunConfig
 from megadoc_pl.synth.sharding import ShardFiles, resolve_shard, shard_name, shard_of
 from megadoc_pl.synth.stats import COUNTERS, FILE_COUNTERS, aggregate_stats
 from megadoc_pl.synth.tasks import TaskConfig, TokenCounter, Unit
-from megadoc_pl.synth.worker import Backends, load_task, require_raw
+from megadoc_pl.synth.worker import Batch, load_task, require_raw
 
 RUN_KEYS = ("task", "generations", "style", "maga_variant", "long_sources", "max_source_tokens",
             "min_chunk_tokens", "judge", "num_shards", "model", "budget_unit", "prefix_tokens", "teacher_sha256")
-EXECUTORS = ("local", "ray")
 
 
 class Runner:
+    """One shard of a generation run: works out the pending units, hands them in batches to the
+    executor that ``cfg.executor`` names (``executors.py``), and writes what comes back."""
+
     def __init__(self, task_cfg: TaskConfig, cfg: SynthRunConfig, backend: Backend | None = None,
                  judge_backend: Backend | None = None) -> None:
         from megadoc_pl.data.readers import expand_inputs
@@ -66,8 +69,7 @@ class Runner:
         self.cfg = cfg
         self.task_cfg = task_cfg
         self.out = open_out_dir(cfg.out)
-        if cfg.executor not in EXECUTORS:
-            raise ValueError(f"unknown executor '{cfg.executor}' (choose from {', '.join(EXECUTORS)})")
+        executor_class(cfg.executor)  # an unknown name is refused before anything else
         self.shard, self.num_shards, self.shard_source = resolve_shard(cfg.shard, cfg.num_shards)
         self._staged = tempfile.TemporaryDirectory(prefix="megadoc_inputs_")  # fsspec URL inputs, copied
         local = stage_inputs(list(cfg.inputs), Path(self._staged.name))
@@ -83,17 +85,11 @@ class Runner:
         self.lock.acquire()  # a second writer is refused before it loads a model
         try:
             self._check_shard_count()  # after the lock: a concurrent start with another count shows its lock
-            if cfg.executor == "ray":  # the backends live in the Ray actors, not in this process
-                from megadoc_pl.synth.ray_executor import RayExecutor
-
-                self.executor = RayExecutor(task_cfg, cfg)
-                self.backends = self.executor.backends
-            else:
-                self.backends = Backends.load(task_cfg, cfg, backend, judge_backend)
+            self.executor = make_executor(cfg.executor, task_cfg, cfg, self.task, backend, judge_backend)
+            self.backends = self.executor.backends  # ray: the driver's view; the actors hold the backends
         except BaseException:
             self._failed_start()
             raise
-        self.model_name, self.judge_model_name = self.backends.model, self.backends.judge_model
         self.breaker = CircuitBreaker(cfg.max_consecutive_failures)
 
     # -- setup
@@ -110,9 +106,10 @@ class Runner:
         model = cfg.model or cfg.backend_kwargs.get("model")
         if cfg.backend == "template" or not model:
             return cfg
-        if cfg.executor == "ray" and is_lightning_checkpoint(Path(model)):
-            raise ValueError(f"--executor ray loads the teacher on every node: pass its Hugging Face export, not the "
-                             f"checkpoint {model} (fix: python tools/export_hf.py --checkpoint {model} --out DIR)")
+        if executor_class(cfg.executor).remote and is_lightning_checkpoint(Path(model)):
+            raise ValueError(f"--executor {cfg.executor} loads the teacher on every node: pass its Hugging Face "
+                             f"export, not the checkpoint {model} (fix: python tools/export_hf.py --checkpoint {model} "
+                             "--out DIR)")
         hf_dir, teacher = resolve_teacher(model, scratch)
         return replace(cfg, model=model, backend_kwargs={**cfg.backend_kwargs, "model": hf_dir}, teacher=teacher)
 
@@ -268,7 +265,8 @@ class Runner:
                 pending_all = sum(1 for _ in self._pending_units(counts))
                 self._validate_start(counts)
                 pending = pending_all if self.cfg.limit is None else min(pending_all, self.cfg.limit)
-                results = self._results(pending)  # ray: the workers have loaded and sent a first result
+                results = self.executor.map(self._batches(pending))  # ray: the workers have loaded and sent
+                # a first result, so a backend that cannot load fails the start (nothing written yet)
             except BaseException:
                 self._failed_start()
                 raise
@@ -296,25 +294,6 @@ class Runner:
         if not counts.get("usable", 0):
             raise ValueError("the inputs hold no documents (fix: check --input and --text-field)")
 
-    def _results(self, pending: int) -> Iterator[tuple[list, dict]] | None:
-        """ray: (batch, result) as the workers return them, started here so that a backend that
-        cannot load fails the start (nothing written yet); local: None (batches run in _generate)."""
-        if self.cfg.executor != "ray":
-            return None
-        results = self.executor.map(self._batches(pending), self.batch_inputs)
-        first = next(results, None)
-        self.first_result_s = time.perf_counter() - self.t_start  # workers started, backend loaded, one batch
-
-        def all_results():
-            try:
-                if first is not None:
-                    yield first
-                    yield from results
-            finally:
-                results.close()
-
-        return all_results()
-
     def _generate(self, pending_all: int, pending: int, counts: dict, results) -> dict:
         self.run_stats: dict[str, Any] = {k: 0 for k in COUNTERS}
         self.run_stats.update(by_stage={}, counters={}, heldout_skipped=counts.get("heldout", 0))
@@ -329,20 +308,17 @@ class Runner:
         finished = 0
         bar = _progress(pending, self.cfg.progress, f"{self.task.name} {shard_name(self.shard, self.num_shards)}")
         try:
-            if results is not None:
-                for batch, result in results:
-                    self._apply(result, outputs)
-                    finished += self._batch_done(batch, start, bar)
-            else:
-                for batch in self._batches(pending):
-                    finished += self._run_batch(batch, outputs, start, bar)
+            for result in results:
+                self._apply(result.output, outputs)
+                if result.error is not None:  # the batch was stopped midway: what it did is written
+                    raise result.error
+                finished += self._batch_done(result.units, start, bar)
         except CircuitOpen:
             self._write_stats(start, complete=False)
             raise
         finally:
             bar.close()
-            if results is not None:
-                results.close()  # stops the Ray pipeline when the circuit breaker ends the run early
+            results.close()  # stops the work in flight (a Ray pipeline) when the run ends early
             for a in outputs.values():
                 a.close()
             self.state_file.close()
@@ -353,40 +329,33 @@ class Runner:
         stats["run"]["units_not_started"] = pending_all - pending  # left out by --limit
         return stats
 
-    def _batches(self, pending: int) -> Iterator[list[tuple[Unit, list[int] | None]]]:
-        """The first ``pending`` unfinished units, in batches of ``batch_size``."""
-        batch: list[tuple[Unit, list[int] | None]] = []
+    def _batches(self, pending: int) -> Iterator[Batch]:
+        """The first ``pending`` unfinished units, in batches of ``batch_size`` (made as the
+        executor asks for them)."""
+        units: list[tuple[Unit, list[int] | None]] = []
         for taken, item in enumerate(self._pending_units({})):
             if taken == pending:
                 break
-            batch.append(item)
-            if len(batch) == self.cfg.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+            units.append(item)
+            if len(units) == self.cfg.batch_size:
+                yield self._batch(units)
+                units = []
+        if units:
+            yield self._batch(units)
 
-    def batch_inputs(self, batch) -> tuple[dict, dict, dict]:
-        """The resume state a batch reads: stage-1 state, failed attempts and rows waiting for their
-        judge, of the batch's units only (what a Ray actor is sent)."""
-        keys = {unit.key for unit, _ in batch}
+    def _batch(self, units: list[tuple[Unit, list[int] | None]]) -> Batch:
+        """Units with the resume state they read: stage-1 state, failed attempts and rows waiting
+        for their judge, of these units only (what a Ray actor is sent)."""
+        keys = {unit.key for unit, _ in units}
         state = {k: self.state[k] for k in keys if k in self.state}
         attempts = {rid: n for k in keys for rid, n in self.attempts_by_unit.get(k, {}).items()}
         pending = {}
-        for unit, _ in batch:
+        for unit, _ in units:
             rows = [self.judge_pending[(unit.doc.id, g)] for g in self.task.expected(unit, self.state) or []
                     if (unit.doc.id, g) in self.judge_pending]
             if rows:
                 pending[unit.key] = rows
-        return state, attempts, pending
-
-    def _run_batch(self, batch, outputs, start: float, bar) -> int:
-        ctx = self.backends.context(self.task.name, *self.batch_inputs(batch))
-        try:
-            self.task.run(batch, ctx)
-        finally:  # a kill of the task still records what the batch did
-            self._apply(ctx.result(), outputs)
-        return self._batch_done(batch, start, bar)
+        return Batch(units, state, attempts, pending)
 
     def _apply(self, result: dict, outputs) -> None:
         """Write what one batch produced and account for it (rows, state, attempts, stats)."""
@@ -416,14 +385,14 @@ class Runner:
         for error in result["outcomes"]:
             self.breaker.record(error)
 
-    def _batch_done(self, batch, start: float, bar) -> int:
+    def _batch_done(self, units, start: float, bar) -> int:
         s = self.run_stats
         self.breaker.check()  # after the batch's rows are safe (a down judge keeps them)
-        finished = sum(1 for unit, _ in batch if self._finished(unit))
+        finished = sum(1 for unit, _ in units if self._finished(unit))
         self.remaining_all -= finished
         s["units_done"] += finished
         elapsed = time.perf_counter() - start
-        bar.update(len(batch))
+        bar.update(len(units))
         bar.set_postfix(tok_s=f"{s['completion_tokens'] / max(elapsed, 1e-9):.0f}", fail=s["failures"])
         self._write_stats(start, complete=False)
         return finished
@@ -446,12 +415,9 @@ class Runner:
         totals.update({k: self.file_counts[k] + s[k] for k in FILE_COUNTERS})
         totals["units_done"] = self.units_total - self.remaining_all
         totals["heldout_skipped"] = s["heldout_skipped"]
-        if self.cfg.executor == "ray":  # how the batches spread over the actors (dynamic balancing)
-            s["batches_by_worker"] = dict(self.executor.batches_by_worker)
-            s["first_result_s"] = round(getattr(self, "first_result_s", 0.0), 3)
-            self.model_name = self.backends.model  # as the workers report it
+        s.update(self.executor.stats(start))
         run = {**s, "gpus": self.gpus, "backend": self.backends.name, "executor": self.cfg.executor,
-               "model": self.model_name,
+               "model": self.backends.model,  # ray: as the workers report it
                "shard_source": self.shard_source, "started": self.started}
         stats = {"shard": self.shard, "num_shards": self.num_shards, "task": self.task.name,
                  "complete": complete, "totals": totals, "units": self.units_total,

@@ -1,22 +1,23 @@
 """What runs a batch, in this process or in a Ray actor, built from the run's configs alone: the
-task (with its budget tokenizer) and the backends (generator and judge).
+task (with its budget tokenizer), the backends (generator and judge), and ``BatchWorker``, which
+runs a ``Batch`` and returns its ``BatchResult``.
 
-Both executors build these through the functions here (``executors.LocalExecutor`` in the
-runner's process, ``ray_executor.GenerationWorker`` once per actor), so a Ray actor needs nothing
-from the runner but the pickled ``TaskConfig`` and ``SynthRunConfig``.
+Both executors build a ``BatchWorker`` here (``executors.LocalExecutor`` in the runner's process,
+``ray_executor.GenerationWorker`` once per actor), so a Ray actor needs nothing from the runner
+but the pickled ``TaskConfig`` and ``SynthRunConfig``, then one ``Batch`` at a time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from megadoc_pl.synth.backends.base import Backend, get_backend
 from megadoc_pl.synth.context import BatchContext
 from megadoc_pl.synth.run_config import SynthRunConfig
 from megadoc_pl.synth.stats import visible_gpus
-from megadoc_pl.synth.tasks import Task, TaskConfig, TokenCounter, make_task
+from megadoc_pl.synth.tasks import Task, TaskConfig, TokenCounter, Unit, make_task
 
 
 def budget_tokenizer(path: str | None, model: str | None, task: str):
@@ -86,3 +87,43 @@ def require_raw(backend: Any, name: str) -> None:
     if not getattr(backend, "raw_completion", False):
         raise ValueError(f"--task self_distill needs a backend that continues raw token ids (transformers, vllm or "
                          f"template), not '{name}'")
+
+
+class Batch(NamedTuple):
+    """Units that run together and the slices of resume state they read (what a Ray actor is sent)."""
+
+    units: list[tuple[Unit, list[int] | None]]  # each with the gen indices it misses (None: stage 1 first)
+    state: dict[str, dict]  # stage-1 state of these units, by unit key
+    attempts: dict[str, int]  # failed attempts of their requests, by request id
+    judge_pending: dict[str, list[dict]]  # rows kept earlier with judge_pending, by unit key
+
+
+class BatchResult(NamedTuple):
+    """What a batch produced (``BatchContext.result``), with its units: executors may return batches
+    in any order."""
+
+    units: list[tuple[Unit, list[int] | None]]
+    output: dict
+    error: BaseException | None = None  # what stopped the batch midway; its output is still written
+
+
+class BatchWorker:
+    """Runs batches with one task and one pair of backends (in the runner's process, or in a Ray actor)."""
+
+    def __init__(self, task: Task, backends: Backends) -> None:
+        self.task, self.backends = task, backends
+
+    @classmethod
+    def load(cls, task_cfg: TaskConfig, cfg: SynthRunConfig, task: Task | None = None,
+             backend: Backend | None = None, judge_backend: Backend | None = None) -> "BatchWorker":
+        """The task (unless given) and the backends (those given, else loaded) of a run."""
+        return cls(task if task is not None else load_task(task_cfg, cfg),
+                   Backends.load(task_cfg, cfg, backend, judge_backend))
+
+    def run(self, batch: Batch) -> BatchResult:
+        ctx = self.backends.context(self.task.name, batch.state, batch.attempts, batch.judge_pending)
+        try:
+            self.task.run(batch.units, ctx)
+        except BaseException as e:  # noqa: BLE001 - a kill of the task still records what the batch did
+            return BatchResult(batch.units, ctx.result(), e)
+        return BatchResult(batch.units, ctx.result())
