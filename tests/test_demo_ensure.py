@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from megadoc_pl.config import RecipeConfig
 from megadoc_pl.data.segments import equal_token_split
+from megadoc_pl.data.views import VIEW_TASKS
 from megadoc_pl.demo import ensure_demo, ensure_generations, ensure_world, generation_plan
 from megadoc_pl.demo.template_backend import TEMPLATE_VERSION
 
@@ -135,3 +136,12 @@ def test_real_view_needs_no_generations_and_bad_settings_are_one_line_errors(cac
         generation_plan(_cfg(cache, view="stitch", generations=0))
     with pytest.raises(ValueError, match="data.view"):
         generation_plan(_cfg(cache, view="mystery"))
+
+
+def test_stitch_stretch_gets_the_rephrases_of_stitch_and_the_rationales_of_stretch(cache):
+    cfg = _cfg(cache, view="stitch_stretch", generations=2)
+    files = [ensure_generations(cfg, None, task) for task in VIEW_TASKS["stitch_stretch"]]
+    assert files == [ensure_demo(_cfg(cache, view=v, generations=2))["synthetic"] for v in ("stitch", "stretch")]
+    assert [_rows(f)[0]["task"] for f in files] == ["rephrase", "rationale"]
+    with pytest.raises(ValueError, match="name one"):
+        ensure_generations(cfg)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
 import errno
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from megadoc_pl.data.hygiene import (
 )
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
 from megadoc_pl.data.view_cache import cached_real_fraction, cached_real_units, cached_view, exclusion_key
-from megadoc_pl.data.views import SYNTHETIC_TASK, Units, ViewOptions, documents_units
+from megadoc_pl.data.views import VIEW_TASKS, Units, ViewOptions, documents_units
 from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows
 from megadoc_pl.utils import NotCached, file_lock, get_logger, json_fingerprint
 
@@ -212,19 +211,14 @@ def _synthetic_inputs(cfg: DictConfig, demo: Any, split_file: Path) -> list[str]
     """data.synthetic, or demo generations for every task the view needs."""
     if cfg.data.synthetic is not None:
         return _as_list(cfg.data.synthetic)
+    view = str(cfg.data.view)
+    tasks = VIEW_TASKS[view]
     if demo is None:
-        view = str(cfg.data.view)
-        raise ValueError(
-            f"data.view={view} needs generations of task '{SYNTHETIC_TASK[view]}' but data.synthetic is not set "
-            f"(fix: generate them with tools/synthesize.py --task {SYNTHETIC_TASK[view]} and set data.synthetic)"
-        )
-    views = ["stitch", "stretch"] if str(cfg.data.view) == "stitch_stretch" else [str(cfg.data.view)]
-    out = []
-    for v in views:
-        sub = copy.deepcopy(cfg)
-        sub.data.view = v
-        out.append(str(demo.ensure_generations(sub, split_file)))
-    return out
+        names = " and ".join(f"'{t}'" for t in tasks)
+        flags = " and ".join(f"--task {t}" for t in tasks)
+        raise ValueError(f"data.view={view} needs generations of task {names} but data.synthetic is not set "
+                         f"(fix: generate them with tools/synthesize.py {flags} and set data.synthetic)")
+    return [str(demo.ensure_generations(cfg, split_file, task)) for task in tasks]
 
 
 def prepare_corpus(cfg: DictConfig) -> PreparedData:

@@ -22,7 +22,7 @@ import numpy as np
 
 from megadoc_pl.data.hygiene import IdSet, id_set
 from megadoc_pl.data.views import (LiteralTokens, Units, ViewOptions, build_view, document_ids,
-                                  real_fraction_left_out, real_units)
+                                  real_fraction_left_out, real_units, uses_delimiters)
 from megadoc_pl.utils import NotCached, atomic_dir, atomic_open, get_logger, json_fingerprint
 
 CACHE_VERSION = 2  # bump when the meaning or layout of a cached view changes (2: int8/int32 piece columns)
@@ -90,7 +90,7 @@ def cached_view(cache_dir: Path, real, synth, opts: ViewOptions, heldout: Iterab
     """
     heldout = id_set(heldout)
     delimiters = None
-    if opts.view in ("stretch", "stitch_stretch") and encode is not None:
+    if uses_delimiters(opts.view) and encode is not None:
         delimiters = [list(map(int, encode(opts.stretch_open))), list(map(int, encode(opts.stretch_close)))]
     key = view_key(real, synth, opts, heldout, delimiters, heldout_key)
     out = Path(cache_dir) / "views" / f"{opts.view}-{key[:16]}"

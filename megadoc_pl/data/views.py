@@ -46,29 +46,39 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, get_args
 
 import numpy as np
 
+from megadoc_pl.config import Order, RealPosition, ShortPool, View
 from megadoc_pl.data.hygiene import IdSet, arrow_column, id_set, member_mask, one_string_array
 
-VIEWS = ("real", "rephrase", "stitch", "stretch", "stitch_stretch", "maga", "maga_stitch", "self_distill")
-SYNTHETIC_TASK = {
-    "rephrase": "rephrase",
-    "stitch": "rephrase",
-    "stretch": "rationale",
-    "stitch_stretch": "rephrase",
-    "maga": "maga",
-    "maga_stitch": "maga",
-    "self_distill": "self_distill",
+VIEWS = get_args(View)
+# The generation tasks each view reads (the table above), its megadocs' pool first; a view's
+# generation files are tokenized in this order. Rationales are wrapped in the stretch delimiters.
+VIEW_TASKS: dict[str, tuple[str, ...]] = {
+    "real": (),
+    "rephrase": ("rephrase",),
+    "stitch": ("rephrase",),
+    "stretch": ("rationale",),
+    "stitch_stretch": ("rephrase", "rationale"),
+    "maga": ("maga",),
+    "maga_stitch": ("maga",),
+    "self_distill": ("self_distill",),
 }
-REAL_POSITIONS = ("last", "first", "none")
-ORDERS = ("generation", "shuffled")
-SHORT_POOL = ("error", "drop")
+assert tuple(VIEW_TASKS) == VIEWS, "one row per view of config.View"
+REAL_POSITIONS = get_args(RealPosition)
+ORDERS = get_args(Order)
+SHORT_POOL = get_args(ShortPool)
 # Piece columns: the token source as int8 (a view has at most three), documents, offsets and
 # lengths inside a document as int32 (a store's documents and a document's tokens stay below
 # 2^31, checked when units are made): 18 bytes a piece instead of 41 (paper-scale stretch: 21M pieces).
 SRC_DTYPE, POS_DTYPE = np.int8, np.int32
+
+
+def uses_delimiters(view: str) -> bool:
+    """Whether ``view`` wraps rationales in ``data.stretch_open`` / ``stretch_close`` tokens."""
+    return "rationale" in VIEW_TASKS.get(view, ())
 
 
 class LiteralTokens:
@@ -556,9 +566,6 @@ def _raise_stretch_pool(source: str, split_indices: np.ndarray, cuts: int, gener
     )
 
 
-_SPLIT_KEYS = ("split_tokenizer", "split_token_offset")
-
-
 def _split_ok(meta: dict, cut: int, ours: str) -> bool:
     made_for, offset = meta.get("split_tokenizer"), meta.get("split_token_offset")
     return (made_for is None or made_for == ours) and (offset is None or int(offset) == int(cut))
@@ -709,7 +716,7 @@ def _build_view(real, synth, opts: ViewOptions, heldout: Iterable[str],
     heldout = id_set(heldout)
     if opts.view == "real":
         return real_units(real, heldout)
-    task = SYNTHETIC_TASK[opts.view]
+    task = VIEW_TASKS[opts.view][0]
     judge = opts.judge_min_score if opts.view in ("maga", "maga_stitch") else None
     name = opts.view
     if opts.view == "stretch":
@@ -722,7 +729,7 @@ def _build_view(real, synth, opts: ViewOptions, heldout: Iterable[str],
         gens = _shuffle_within(gens, opts.seed)
 
     lit = None
-    if opts.view in ("stretch", "stitch_stretch"):
+    if uses_delimiters(opts.view):
         if encode is None:
             raise ValueError("stretch views need the tokenizer to encode data.stretch_open/stretch_close")
         lit = LiteralTokens([encode(opts.stretch_open), encode(opts.stretch_close)],

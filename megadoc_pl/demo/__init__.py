@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
+from megadoc_pl.data.views import VIEW_TASKS
+from megadoc_pl.errors import BadInput
 from megadoc_pl.utils import atomic_write_json, file_fingerprint, file_lock, get_logger, json_fingerprint
 
 # Bump when the tokenizer training changes: it is part of the tokenizer's cache path.
 TOKENIZER_VERSION = 1
-
-# Which generation task each corpus view needs.
-VIEW_TASKS = {"real": None, "rephrase": "rephrase", "stitch": "rephrase", "stretch": "rationale",
-              "maga": "maga", "maga_stitch": "maga", "self_distill": "self_distill"}
 MAGA_PAIRS = 5  # MAGA asks for 5 (genre, audience) pairs per document
 
 
@@ -69,18 +67,23 @@ def ensure_world(cfg: Any) -> tuple[Path, Path]:
     return docs, tok_dir
 
 
-def generation_plan(cfg: Any) -> dict | None:
-    """What the view needs generated (task and settings), or None for the real-only view."""
+def generation_plan(cfg: Any, task: Optional[str] = None) -> dict | None:
+    """What to generate for ``task`` (task and settings; default: the one task ``data.view``
+    reads, see ``VIEW_TASKS``), or None for the real-only view."""
     view = str(cfg.data.view)
     if view not in VIEW_TASKS:
-        raise ValueError(f"data.view={view!r} is not a view the demo can generate for "
-                         f"(choose from {', '.join(VIEW_TASKS)})")
-    task = VIEW_TASKS[view]
+        raise BadInput(f"data.view={view!r} is not a view the demo can generate for "
+                       f"(fix: choose one of {', '.join(VIEW_TASKS)})")
     if task is None:
-        return None
+        tasks = VIEW_TASKS[view]
+        if not tasks:
+            return None
+        if len(tasks) > 1:
+            raise ValueError(f"data.view={view} reads generations of the tasks {', '.join(tasks)}: name one")
+        task = tasks[0]
     g = int(cfg.data.generations)
     if g < 1:
-        raise ValueError(f"data.view={view} needs data.generations >= 1 (got {g}) (fix: set data.generations=G)")
+        raise BadInput(f"data.view={view} needs data.generations >= 1 (got {g}) (fix: set data.generations=G)")
     plan: dict[str, Any] = {"task": task, "generations": g, "backend": str(cfg.synth.backend),
                             "model": cfg.synth.model}
     if task == "rephrase":
@@ -92,17 +95,18 @@ def generation_plan(cfg: Any) -> dict | None:
     return plan
 
 
-def ensure_generations(cfg: Any, split_file: str | Path | None = None) -> Path | None:
-    """Generations for ``cfg.data.view`` from the demo world, via the synth runner; returns the
-    generation rows file, or None when the view needs none.
+def ensure_generations(cfg: Any, split_file: str | Path | None = None, task: Optional[str] = None) -> Path | None:
+    """Generations of ``task`` (default: the one task ``cfg.data.view`` needs) from the demo world,
+    via the synth runner; returns the generation rows file, or None when the view needs none.
 
     Documents held out in ``split_file`` are never used as seeds (the runner refuses them).
     """
-    plan = generation_plan(cfg)
+    plan = generation_plan(cfg, task)
     if plan is None:
         return None
     from megadoc_pl.demo.template_backend import TEMPLATE_VERSION
-    from megadoc_pl.synth.runner import RunConfig, synthesize
+    from megadoc_pl.synth.run_config import SynthRunConfig
+    from megadoc_pl.synth.runner import synthesize
     from megadoc_pl.synth.tasks import TaskConfig
 
     real, tokenizer = ensure_world(cfg)
@@ -123,10 +127,10 @@ def ensure_generations(cfg: Any, split_file: str | Path | None = None) -> Path |
                                   seed=int(cfg.demo.seed))
             backend_kwargs = {"model": plan["model"]} if plan["model"] else {}
             # One shard whatever the environment says (torchrun/SLURM variables would shard it).
-            run_cfg = RunConfig(inputs=[str(real)], out=str(out), backend=plan["backend"],
-                                backend_kwargs=backend_kwargs, model=plan["model"],
-                                split_file=str(split_file) if split_file else None,
-                                shard=0, num_shards=1, batch_size=256, tokenizer=str(tokenizer))
+            run_cfg = SynthRunConfig(inputs=[str(real)], out=str(out), backend=plan["backend"],
+                                     backend_kwargs=backend_kwargs, model=plan["model"],
+                                     split_file=str(split_file) if split_file else None,
+                                     shard=0, num_shards=1, batch_size=256, tokenizer=str(tokenizer))
             stats = synthesize(task_cfg, run_cfg)
             remaining = stats["run"].get("remaining_units", 0)
             failures = stats["run"].get("failures", 0)
@@ -147,4 +151,4 @@ def ensure_demo(cfg: Any, split_file: str | Path | None = None) -> dict:
     return {"real": real, "synthetic": synthetic, "tokenizer": tokenizer}
 
 
-__all__ = ["ensure_demo", "ensure_world", "ensure_generations", "generation_plan", "VIEW_TASKS"]
+__all__ = ["ensure_demo", "ensure_world", "ensure_generations", "generation_plan"]
