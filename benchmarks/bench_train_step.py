@@ -8,15 +8,19 @@ times and ours / HF (target <= 1.0).
     python benchmarks/bench_train_step.py                 # tiny, B=8, T=256
     python benchmarks/bench_train_step.py --size small --batch 4 --seq 512
 
-GPU (``--gpu``): tokens/s and MFU of ``300m`` at 4096 context in bf16 autocast with document
-segments (attention scope ``document``), fused AdamW, optional torch.compile.
+GPU (``--gpu``): tokens/s, MFU and peak memory of ``300m`` at 4096 context in bf16 autocast with
+document segments (attention scope ``document``), fused AdamW, optional torch.compile. The last
+line starts with ``SUMMARY:`` and a JSON object (parsed by benchmarks/gpu_check.py).
 
     python benchmarks/bench_train_step.py --gpu [--compile] [--batch 8] [--backend auto]
+    python benchmarks/bench_train_step.py --gpu --device cpu --gpu-size nano --gpu-seq 128 --batch 2 \
+        --backend sdpa --compile --compile-backend eager      # the same code path on the CPU, in seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -139,7 +143,7 @@ def bench_gpu(args) -> None:
         "segment_ids": seg.to(dev), "position_ids": positions_from_segment_ids(seg).to(dev),
         "cu_seqlens": cu.to(dev), "max_seqlen": max_len,
     }
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(model, backend=args.compile_backend) if args.compile else model
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16):
@@ -171,11 +175,18 @@ def bench_gpu(args) -> None:
     backend = resolve_backend(cfg.attention_backend, dev, torch.bfloat16)
     print(f"{name}: {args.gpu_size} B={B} T={T} document scope ({len(lengths)} segments, mean {B * T / len(lengths):.0f} "
           f"tokens), backend {backend}, compile={args.compile}, loss {loss.item():.3f}")
-    mem = f"  peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    mem = f"  peak mem {peak_gib:.1f} GiB" if cuda else ""
     print(f"  {dt * 1e3:.1f} ms/step  {tok_s:,.0f} tokens/s{mem}")
-    if cuda and peak:
-        print(f"  MFU {tok_s * fpt / peak:.1%} (attention counted over the documents' causal pairs); "
+    mfu = tok_s * fpt / peak if cuda and peak else None
+    if mfu is not None:
+        print(f"  MFU {mfu:.1%} (attention counted over the documents' causal pairs); "
               f"{tok_s * fpt_window / peak:.1%} counting whole-window causal attention (target >= 40%)")
+    summary = {"device": name, "size": args.gpu_size, "batch": B, "seq": T, "backend": backend,
+               "compile": args.compile, "ms_per_step": dt * 1e3, "tokens_per_s": tok_s, "mfu": mfu,
+               "mfu_window": tok_s * fpt_window / peak if mfu is not None else None,
+               "peak_mem_gib": peak_gib, "loss": loss.item()}
+    print("SUMMARY: " + json.dumps(summary))
 
 
 def main() -> None:
@@ -193,6 +204,8 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", help="GPU: attention backend")
     ap.add_argument("--loss-chunk", type=int, default=4096, help="GPU: tokens per loss chunk")
     ap.add_argument("--compile", action="store_true", help="GPU: torch.compile the model")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="GPU: torch.compile backend ('eager' only to smoke-test the compiled path on the CPU)")
     ap.add_argument("--device", default="cuda", help="GPU mode's device ('cpu' only to smoke-test the code path)")
     args = ap.parse_args()
     bench_gpu(args) if args.gpu else bench_cpu(args)

@@ -29,7 +29,8 @@ and window tables are shared through files as in training (``--no-shared-passes`
 computes its own), and each worker's private memory is printed.
 
 Targets (SPEC 11): every view builds in <= 30 s, relaunches in <= 5 s, peak RSS <= 1.5 GB;
-the loader >= 0.8x the peer from one process.
+the loader >= 0.8x the peer from one process. The last line starts with ``SUMMARY:`` and a JSON
+list of the loader stages (parsed by benchmarks/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -364,6 +365,8 @@ def main() -> None:
                     help="the synthetic stream of the loader stages (rephrase: one unit per generation, 5.2M a pass)")
     ap.add_argument("--lengths", default="short", choices=tuple(LENGTHS),
                     help="document lengths: short (small stores) or paper (the papers' mean lengths)")
+    ap.add_argument("--positions", default="early,late",
+                    help="loader stages' window indices: early (step 1), late (the plan's last steps) or both")
     ap.add_argument("--no-shared-passes", action="store_true",
                     help="workers compute pass orders and window tables each (as before they were shared)")
     ap.add_argument("--root", default=None, help="store and cache directory (default .cache/bench_views/s<S>-g<G>)")
@@ -383,9 +386,13 @@ def main() -> None:
     size = f"{args.sources // 1000}k x {args.generations}"
     views = [v for v in args.views.split(",") if v]
     stages = [f"build:{v}" for v in views] + [f"relaunch:{v}" for v in views]
-    stages += [f"loader:shuffled:{w}:{where}" for w in map(int, args.workers.split(",")) for where in ("early", "late")]
+    positions = [p for p in args.positions.split(",") if p]
+    stages += [f"loader:shuffled:{w}:{where}" for w in map(int, args.workers.split(",")) for where in positions]
     print(f"{'stage':34} {'size':>10} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12} {'ratio vs peer':>14}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # the checkout first, then whatever the caller's path holds (wheels installed with --target)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    loaders = []
     for stage in stages:
         proc = subprocess.run([sys.executable, __file__, "--stage", stage, "--root", args.root,
                                "--generations", str(args.generations), "--seq-len", str(args.seq_len),
@@ -397,6 +404,9 @@ def main() -> None:
             print(f"{stage:34} failed: {proc.stderr.strip().splitlines()[-1]}")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if "rate" in r:
+            _, _, workers, where = stage.split(":")
+            loaders.append({"stage": stage, "workers": int(workers), "where": where, **r})
         ratio = f"{r['rate'] / r['peer']:.2f}x" if "rate" in r else ""
         extra = (f"  ({r['rate']:.0f} vs {r['peer']:.0f} batches/s; {r['rate'] / r['slicer']:.2f}x the tight slicer "
                  f"at {r['slicer']:.0f}/s; CPU per batch: main {r['main_ms']:.2f} ms"
@@ -407,6 +417,7 @@ def main() -> None:
                  + ")") if "rate" in r else ""
         print(f"{stage:34} {size:>10} {r['wall']:8.1f} {r['cpu']:8.1f} {r['rss_gb']:12.2f} {ratio:>14}{extra}",
               flush=True)
+    print("SUMMARY: " + json.dumps(loaders))
 
 
 if __name__ == "__main__":
