@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 import threading
 import time
 import types
@@ -12,12 +13,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from megadoc_pl.errors import BadInput, MissingDependency
 from megadoc_pl.synth import Request, Response, get_backend, register_backend
 from megadoc_pl.synth.backends import openai_http, vllm_backend
 from megadoc_pl.synth.backends.openai_http import OpenAIBackend, split_tokens
+from megadoc_pl.synth.cli import main as cli_main
 from megadoc_pl.synth.tiny import build_tiny_chat_model
 
 from conftest import one_thread
+
+# utils.require raises MissingDependency (SystemExit until that change lands everywhere)
+_MISSING = (MissingDependency, SystemExit)
 
 
 def req(rid: str, content: str, n: int = 1, max_new: int = 8, temperature: float = 1.0, seed: int | None = 0):
@@ -107,6 +113,23 @@ def test_transformers_batch_failure_becomes_per_request_error(hf_backend, monkey
     out = hf_backend.generate([req("ok1", "a"), req("bad", "b"), req("ok2", "c")])
     assert [o.error is None for o in out] == [True, False, True]
     assert out[1].error == "RuntimeError: simulated out of memory"
+
+
+def test_a_tokenizer_without_chat_template_is_one_line(tiny_model, tmp_path, capsys):
+    model = tmp_path / "no_template"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match=r"has no chat template \(fix: use an instruct model"):
+        get_backend("transformers", model=str(model), device="cpu")
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"id": "a", "text": "Some text."}) + "\n")
+    argv = ["--task", "rephrase", "--backend", "transformers", "--model", str(model), "--device", "cpu",
+            "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: the tokenizer of {model} has no chat template (fix: ")
 
 
 # ----------------------------------------------------------------------------- OpenAI HTTP
@@ -253,7 +276,7 @@ def test_httpx_missing_gives_install_hint(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "httpx", None)
-    with pytest.raises(SystemExit, match=r"pip install 'megadoc_pl\[openai\]'"):
+    with pytest.raises(_MISSING, match=r"pip install 'megadoc_pl\[openai\]'"):
         OpenAIBackend(model="m")
 
 
@@ -368,7 +391,7 @@ def test_vllm_missing_gives_install_hint(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, installed or not
-    with pytest.raises(SystemExit, match=r"pip install 'megadoc_pl\[generation\]'"):
+    with pytest.raises(_MISSING, match=r"pip install 'megadoc_pl\[generation\]'"):
         vllm_backend.VLLMBackend("m")
 
 

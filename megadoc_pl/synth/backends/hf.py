@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from megadoc_pl.errors import BadInput
 from megadoc_pl.synth.backends.base import Request, Response, check_model_path, error_line, register_backend
 
 
@@ -53,8 +54,8 @@ class TransformersBackend:
             p = Path(chat_template)
             self.tokenizer.chat_template = p.read_text() if p.is_file() else chat_template
         if not raw and not getattr(self.tokenizer, "chat_template", None):
-            raise SystemExit(
-                f"error: the tokenizer of {model} has no chat template "
+            raise BadInput(
+                f"the tokenizer of {model} has no chat template "
                 "(fix: use an instruct model, or pass --chat-template FILE)"
             )
         self.tokenizer.padding_side = "left"
