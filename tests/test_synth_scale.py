@@ -378,8 +378,15 @@ def test_sampling_is_validated_before_any_request(tmp_path, capsys, flags, messa
 
 
 def test_greedy_is_fine_where_each_prompt_wants_one_sample(tmp_path):
-    TaskConfig(task="rephrase", temperature=0, generations=1)
-    TaskConfig(task="maga", temperature=0, generations=5)  # one completion per request
+    docs = make_docs(tmp_path / "docs.jsonl", 2)
+    FixedBackend.instances.clear()
+    assert cli_main(_argv(tmp_path / "docs.jsonl", tmp_path / "rephrase", "--temperature", "0", "-G", "1")) == 0
+    maga = run(tmp_path / "maga", [tmp_path / "docs.jsonl"], dict(task="maga", temperature=0, generations=5),
+               backend="fixed_test")  # G pairs, one completion per request
+    assert sorted(keys(read_rows(tmp_path / "rephrase"))) == [(d["id"], 0) for d in docs]
+    assert maga["run"]["remaining_units"] == 0 and maga["run"]["by_stage"] == {"maga_pairs": 2, "maga_reformulate": 10}
+    requests = [r for b in FixedBackend.instances for r in b.requests]
+    assert {(r.n, r.temperature) for r in requests} == {(1, 0.0)}
 
 
 def test_object_storage_out_without_its_fsspec_package_is_one_line(tmp_path, capsys, monkeypatch):
