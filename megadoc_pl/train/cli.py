@@ -242,12 +242,13 @@ def _checkpoint(run: Any, ckpt_path: str) -> Path:
 
     if ckpt_path in ("last", "auto"):
         path = run.run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT
-        if not path.is_file():
-            raise ValueError(f"--ckpt_path {ckpt_path}: {path} does not exist (give run.name of a trained run)")
+        if not path.exists():  # a file, or a directory of shards (train.sharded_checkpoints)
+            raise ValueError(f"--ckpt_path {ckpt_path}: {path} does not exist (fix: give run.name of a trained run)")
         return path
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
+    if not path.exists():
+        raise ValueError(f"--ckpt_path {ckpt_path}: no such checkpoint file or sharded checkpoint directory "
+                         "(fix: give 'last' or an existing path)")
     return path
 
 
