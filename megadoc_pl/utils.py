@@ -115,14 +115,17 @@ class NotCached(Exception):
 
 
 def require(module: str, extra: str, what: str = "") -> Any:
-    """Import an optional heavy dependency, or exit with an install hint naming the extra."""
+    """Import an optional heavy dependency, or raise :class:`~megadoc_pl.errors.MissingDependency`
+    with an install hint naming the extra (a front door prints it as one line)."""
+    from megadoc_pl.errors import MissingDependency
+
     try:
         return importlib.import_module(module)
     except ImportError as e:
         need = f" for {what}" if what else ""
-        raise SystemExit(
-            f"error: the optional package '{module}' is needed{need} but is not installed ({e}). "
-            f"Install it with: pip install 'megadoc_pl[{extra}]'"
+        raise MissingDependency(
+            f"the optional package '{module}' is needed{need} but is not installed ({e}) "
+            f"(fix: pip install 'megadoc_pl[{extra}]')"
         ) from None
 
 

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import load_script, one_thread, tiny_llama
+from megadoc_pl.errors import MissingDependency
 from megadoc_pl.analysis import embed_map as em
 
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
@@ -69,7 +70,7 @@ def test_tsne_reduces_with_pca_first_and_is_deterministic():
 
 def test_missing_scikit_learn_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.decomposition", None)  # import fails as if not installed
-    with pytest.raises(SystemExit, match=r"pip install 'megadoc_pl\[analysis\]'"):
+    with pytest.raises(MissingDependency, match=r"pip install 'megadoc_pl\[analysis\]'"):
         em.tsne_2d(np.zeros((10, 3)))
 
 

@@ -100,7 +100,7 @@ def test_export_of_a_demo_run_finds_the_demo_tokenizer(run_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megadoc_pl.model.hf import export_checkpoint, load_model_from_checkpoint
+    from megadoc_pl.checkpoints import export_checkpoint, load_model_from_checkpoint
 
     out = export_checkpoint(run_dir / "checkpoints" / "last.ckpt", tmp_path / "hf")
     tok = AutoTokenizer.from_pretrained(out)

@@ -233,7 +233,7 @@ def test_padded_shapes_over_a_realistic_spread_are_few(tok):
 
 
 def _hf_export(tmp_path, tiny_tokenizer_path, tok):
-    from megadoc_pl.model.hf import export_hf
+    from megadoc_pl.checkpoints import export_hf
 
     torch.manual_seed(0)
     cfg = LlamaConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=64, vocab_size=tok.vocab_size,

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megadoc_pl.model.hf import load_model_from_checkpoint
+from megadoc_pl.checkpoints import load_model_from_checkpoint
 from megadoc_pl.train.fsdp import MegadocFSDPStrategy
 from megadoc_pl.train.run import build_strategy, train
 

@@ -107,7 +107,7 @@ def test_sharded_checkpoints_resume_exactly_and_consolidate_to_the_same_weights(
     same run saved as a full state dict."""
     import torch
 
-    from megadoc_pl.model.hf import load_model_from_checkpoint
+    from megadoc_pl.checkpoints import load_model_from_checkpoint
 
     corpus = write_corpus(tmp_path / "corpus.jsonl")
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from megadoc_pl.errors import BadInput
 from megadoc_pl.config import RecipeConfig
-from megadoc_pl.model.hf import load_model_from_checkpoint
+from megadoc_pl.checkpoints import load_model_from_checkpoint
 from megadoc_pl.train.callbacks import NonFiniteLossError
 from megadoc_pl.train.run import train
 

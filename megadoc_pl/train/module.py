@@ -3,7 +3,7 @@
 Contract with the rest of the package (docs/ARCHITECTURE.md):
 
 - ``hparams['cfg']`` is the resolved recipe as a plain dict and the model is ``self.model``
-  (``megadoc_pl.model.hf.load_model_from_checkpoint`` relies on both).
+  (``megadoc_pl.checkpoints.load_model`` relies on both).
 - Training batches follow the batch contract, packed by the loader; ``window_index`` and the
   segment offsets are read from the packed header on the CPU before the batch moves to the
   device, so counting tokens per stream and attention pairs (MFU) never waits for the GPU.
