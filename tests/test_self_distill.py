@@ -90,8 +90,8 @@ def test_greedy_continuation_equals_our_model_and_export_cites_the_checkpoint(te
     decode of BOS + the prefix tokens (no chat template), and the export names the checkpoint."""
     from transformers import AutoTokenizer
 
+    from megadoc_pl.checkpoints import load_model
     from megadoc_pl.data.tokenizer import load_tokenizer
-    from megadoc_pl.model.hf import load_model_from_checkpoint
     from megadoc_pl.synth.cli import main
 
     export = tmp_path / "hf"
@@ -105,8 +105,7 @@ def test_greedy_continuation_equals_our_model_and_export_cites_the_checkpoint(te
         assert main(argv) == 0
         rows = _rows(out)
         assert len(rows) == 3
-        model, _ = load_model_from_checkpoint(teacher["ckpt"])
-        model.eval()
+        model = load_model(teacher["ckpt"]).model  # in eval mode
         info, hf_tok = load_tokenizer(teacher["tok"]), AutoTokenizer.from_pretrained(export)
         prompt_tokens = 0
         for r in rows:

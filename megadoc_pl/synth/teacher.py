@@ -4,7 +4,7 @@
 provenance, which every ``self_distill`` row and ``.synth/run.json`` record:
 
 - a Lightning checkpoint (``runs/NAME/checkpoints/last.ckpt``, or a sharded checkpoint
-  directory) is exported with ``model/hf.py`` into a scratch directory for the run;
+  directory) is exported with ``megadoc_pl/checkpoints.py`` into a scratch directory for the run;
 - an export (``tools/export_hf.py``) is loaded as it is; its ``megadoc_export.json`` names the
   checkpoint it came from (path, sha256, step, recipe);
 - any other Hugging Face directory is accepted with what it has: the weights' fingerprint, no
@@ -25,7 +25,7 @@ def is_lightning_checkpoint(path: Path) -> bool:
 
 def export_provenance(hf_dir: Path) -> dict:
     """What a HF directory's weights are: their sha256 and, for our exports, the checkpoint's record."""
-    from megadoc_pl.model.hf import EXPORT_PROVENANCE
+    from megadoc_pl.checkpoints import EXPORT_PROVENANCE
 
     weights = sorted(hf_dir.glob("*.safetensors"))
     if not weights:
@@ -40,7 +40,7 @@ def resolve_teacher(model: str, scratch: Path) -> tuple[str, dict]:
     """(directory to load, provenance) of ``--model``; a checkpoint is exported under ``scratch``."""
     path = Path(model).expanduser()
     if is_lightning_checkpoint(path):
-        from megadoc_pl.model.hf import export_checkpoint
+        from megadoc_pl.checkpoints import export_checkpoint
 
         hf_dir = export_checkpoint(path, scratch / "teacher")
         return str(hf_dir), {"path": str(path.resolve()), **export_provenance(hf_dir)}
