@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             report = dryrun.assumed_dry_run_report(cfg, args.assume_tokens)
         else:
             from megadoc_pl.data.prepare import prepare_corpus
+            from megadoc_pl.demo import corpus_inputs
 
-            report = dryrun.dry_run_report(prepare_corpus(cfg))
+            report = dryrun.dry_run_report(prepare_corpus(cfg, corpus_inputs(cfg)))
         print(json.dumps(report, indent=2, default=str))
         return 0
     except ValueError as e:  # bad recipe, bad data, impossible mixture: one line, no trace

@@ -1,5 +1,5 @@
-"""ensure_demo end to end on a small world: cached world and tokenizer, generations through the
-synth runner with full provenance, held-out documents never used as seeds."""
+"""The demo's corpus inputs end to end on a small world: cached world and tokenizer, generations
+through the synth runner with full provenance, held-out documents never used as seeds."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from omegaconf import OmegaConf
 from megadoc_pl.config import RecipeConfig
 from megadoc_pl.data.segments import equal_token_split
 from megadoc_pl.data.views import VIEW_TASKS
-from megadoc_pl.demo import ensure_demo, ensure_generations, ensure_world, generation_plan
+from megadoc_pl.demo import corpus_inputs, ensure_generations, ensure_world, generation_plan
 from megadoc_pl.demo.template_backend import TEMPLATE_VERSION
+from megadoc_pl.errors import BadInput
 
 N_DOCS = 60
 
@@ -35,13 +36,23 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _demo_inputs(cfg, split_file=None) -> dict:
+    """What preparation gets for a demo recipe: the world, its tokenizer and, asked from the
+    provider as preparation asks, the generations of the view's one task (None for ``real``)."""
+    inputs = corpus_inputs(cfg)
+    (real,) = inputs.real
+    files = [inputs.generate(task, split_file) for task in VIEW_TASKS[str(cfg.data.view)]]
+    assert len(files) <= 1 and not inputs.synthetic
+    return {"real": Path(real), "tokenizer": Path(inputs.tokenizer), "synthetic": files[0] if files else None}
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
 def test_stitch_g2_generations_with_provenance(cache):
-    out = ensure_demo(_cfg(cache))
+    out = _demo_inputs(_cfg(cache))
     real = _rows(out["real"])
     assert len(real) == N_DOCS
     assert (out["tokenizer"] / "tokenizer.json").exists()
@@ -61,9 +72,9 @@ def test_stitch_g2_generations_with_provenance(cache):
 
 
 def test_cached_and_keyed_by_settings(cache):
-    first = ensure_demo(_cfg(cache))
+    first = _demo_inputs(_cfg(cache))
     mtime = first["synthetic"].stat().st_mtime_ns
-    again = ensure_demo(_cfg(cache))
+    again = _demo_inputs(_cfg(cache))
     assert again == first and again["synthetic"].stat().st_mtime_ns == mtime  # reused, not regenerated
     other = ensure_generations(_cfg(cache, generations=3))
     assert other != first["synthetic"]
@@ -86,7 +97,7 @@ def test_heldout_documents_are_never_seeds(cache, tmp_path):
     split_file = write_split(tmp_path / "split.json", split)
     heldout = set(split["heldout"])
     assert len(heldout) == 6
-    rows = _rows(ensure_demo(cfg, split_file=split_file)["synthetic"])
+    rows = _rows(_demo_inputs(cfg, split_file=split_file)["synthetic"])
     sources = {r["source_id"] for r in rows}
     assert not sources & heldout
     assert sources == {d["id"] for d in docs} - heldout
@@ -99,7 +110,7 @@ def test_heldout_documents_are_never_seeds(cache, tmp_path):
     held_docs = [d for d in docs if d["id"] in heldout]
     own = {f for d in held_docs for f in d["meta"]["own_facts"]}
     assert own and not own & {f for d in docs if d["id"] not in heldout for f in d["meta"]["facts"]}
-    rationales = _rows(ensure_demo(_cfg(cache, view="stretch", generations=2), split_file=split_file)["synthetic"])
+    rationales = _rows(_demo_inputs(_cfg(cache, view="stretch", generations=2), split_file=split_file)["synthetic"])
     for d in held_docs:
         probe = Source(d["text"], world, None, tuple(world.facts[f] for f in d["meta"]["own_facts"]))
         for r in rows + rationales:
@@ -110,7 +121,7 @@ def test_stretch_rationales_at_the_equal_token_split(cache):
     from megadoc_pl.data.tokenizer import load_tokenizer
 
     cfg = _cfg(cache, view="stretch", generations=3)
-    out = ensure_demo(cfg)
+    out = _demo_inputs(cfg)
     tok = load_tokenizer(out["tokenizer"])
     texts = {d["id"]: d["text"] for d in _rows(out["real"])}
     rows = _rows(out["synthetic"])
@@ -122,7 +133,7 @@ def test_stretch_rationales_at_the_equal_token_split(cache):
 
 
 def test_maga_with_judge(cache):
-    out = ensure_demo(_cfg(cache, view="maga_stitch", generations=5, judge=True))
+    out = _demo_inputs(_cfg(cache, view="maga_stitch", generations=5, judge=True))
     rows = _rows(out["synthetic"])
     assert Counter(r["gen_index"] for r in rows) == {g: N_DOCS for g in range(5)}
     for r in rows:
@@ -131,7 +142,7 @@ def test_maga_with_judge(cache):
 
 
 def test_real_view_needs_no_generations_and_bad_settings_are_one_line_errors(cache):
-    assert ensure_demo(_cfg(cache, view="real", generations=0))["synthetic"] is None
+    assert _demo_inputs(_cfg(cache, view="real", generations=0))["synthetic"] is None
     with pytest.raises(ValueError, match="data.generations"):
         generation_plan(_cfg(cache, view="stitch", generations=0))
     with pytest.raises(ValueError, match="data.view"):
@@ -139,9 +150,22 @@ def test_real_view_needs_no_generations_and_bad_settings_are_one_line_errors(cac
 
 
 def test_stitch_stretch_gets_the_rephrases_of_stitch_and_the_rationales_of_stretch(cache):
-    cfg = _cfg(cache, view="stitch_stretch", generations=2)
-    files = [ensure_generations(cfg, None, task) for task in VIEW_TASKS["stitch_stretch"]]
-    assert files == [ensure_demo(_cfg(cache, view=v, generations=2))["synthetic"] for v in ("stitch", "stretch")]
+    inputs = corpus_inputs(_cfg(cache, view="stitch_stretch", generations=2))
+    files = [inputs.generate(task, None) for task in VIEW_TASKS["stitch_stretch"]]
+    assert files == [_demo_inputs(_cfg(cache, view=v, generations=2))["synthetic"] for v in ("stitch", "stretch")]
     assert [_rows(f)[0]["task"] for f in files] == ["rephrase", "rationale"]
     with pytest.raises(ValueError, match="name one"):
-        ensure_generations(cfg)
+        ensure_generations(_cfg(cache, view="stitch_stretch", generations=2))
+
+
+def test_preparation_reads_the_demo_only_when_given_it(cache, tmp_path):
+    from megadoc_pl.data.prepare import CorpusInputs, prepare_corpus
+
+    cfg = _cfg(cache, view="real", generations=0)
+    with pytest.raises(BadInput, match=r"^data.real is not set .*\(fix: .*corpus_inputs\(cfg\)"):
+        prepare_corpus(cfg)  # data/ knows nothing of the demo: the entry points hand it over
+    cfg.data.synthetic = str(tmp_path / "gens.jsonl")
+    with pytest.raises(BadInput, match="data.synthetic is set but data.real is not"):
+        corpus_inputs(cfg)
+    cfg.data.real, cfg.data.tokenizer = "docs.jsonl", "tok.json"
+    assert corpus_inputs(cfg) == CorpusInputs(("docs.jsonl",), "tok.json", (str(tmp_path / "gens.jsonl"),))

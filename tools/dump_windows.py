@@ -27,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from megadoc_pl.data.prepare import prepare_corpus
     from megadoc_pl.data.windows import window_rows
+    from megadoc_pl.demo import corpus_inputs
     from megadoc_pl.recipes import compose_recipe
     from megadoc_pl.utils import atomic_write_text
 
     try:
-        prepared = prepare_corpus(compose_recipe(args.recipe, args.overrides))
+        cfg = compose_recipe(args.recipe, args.overrides)
+        prepared = prepare_corpus(cfg, corpus_inputs(cfg))
         windows = prepared.windows(args.split)
         total = len(windows)
         if not 0 <= args.start < total:

@@ -1,16 +1,19 @@
 """Data preparation, from a recipe to training data: paths -> split -> token stores -> views -> plan.
 
-``prepare_corpus(cfg)`` does the work and returns a :class:`PreparedData` (stores, split,
+``prepare_corpus(cfg, inputs)`` does the work and returns a :class:`PreparedData` (stores, split,
 units of every stream and validation set, the plan, the dataset fingerprint) with a
-``datamodule()`` factory; ``prepare_data(cfg)`` is the datamodule itself (what training uses;
-``dm.prepared`` holds the rest). The dry-run report built on top of this lives in
+``datamodule()`` factory; ``prepare_data(cfg, inputs)`` is the datamodule itself (what training
+uses; ``dm.prepared`` holds the rest). The dry-run report built on top of this lives in
 :mod:`megadoc_pl.dryrun`.
 
-Without ``data.real`` the built-in demo provides the world, its tokenizer and the generations
-the view needs (``megadoc_pl.demo``), with the validation split decided before generation so
-held-out documents are never seeds. Token stores are cached under ``data.cache_dir/stores``
-in directories named by what decides their content (input files, tokenizer, options); the
-store itself verifies content fingerprints and refuses a mismatch unless ``data.rebuild``.
+What is read comes in a :class:`CorpusInputs`: the real corpus and tokenizer paths, and the
+generations as paths or as a provider called once the validation split is decided (so held-out
+documents are never seeds). Without one, the recipe's ``data.real`` / ``data.tokenizer`` /
+``data.synthetic`` are read. This layer imports nothing above it: the built-in demo plugs in
+from the entry points (``megadoc_pl.demo.corpus_inputs``). Token stores are cached under
+``data.cache_dir/stores`` in directories named by what decides their content (input files,
+tokenizer, options); the store itself verifies content fingerprints and refuses a mismatch
+unless ``data.rebuild``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import contextvars
 import errno
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -37,6 +40,7 @@ from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, p
 from megadoc_pl.data.view_cache import cached_real_fraction, cached_real_units, cached_view, exclusion_key
 from megadoc_pl.data.views import VIEW_TASKS, Units, ViewOptions, documents_units
 from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows
+from megadoc_pl.errors import BadInput
 from megadoc_pl.utils import NotCached, file_lock, get_logger, json_fingerprint
 
 if TYPE_CHECKING:  # Lightning is imported only when a datamodule is made (dry runs stay light)
@@ -55,6 +59,35 @@ def _as_list(value: Any) -> list[str]:
     if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):
         return [str(v) for v in value]
     return [str(value)]
+
+
+class GenerationProvider(Protocol):
+    """Generations made on demand: the rows file of ``task`` for the real corpus, with no document
+    held out in ``split_file`` used as a seed (built on first use, then cached by the provider)."""
+
+    def __call__(self, task: str, split_file: Path) -> Path: ...
+
+
+@dataclass(frozen=True)
+class CorpusInputs:
+    """What preparation reads: the real corpus, its tokenizer and the generations the view needs,
+    as files (``synthetic``) or from ``generate``, asked once per task of the view after the split."""
+
+    real: tuple[str, ...]  # JSONL / Parquet files or directories of the real documents
+    tokenizer: str  # tokenizer.json or a tokenizer directory
+    synthetic: tuple[str, ...] = ()  # generation files or directories (data.synthetic)
+    generate: Optional[GenerationProvider] = None  # used when ``synthetic`` is empty
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "CorpusInputs":
+        """The recipe's own paths: ``data.real``, ``data.tokenizer`` and ``data.synthetic``."""
+        data = cfg.data
+        if data.real is None:
+            raise BadInput("data.real is not set and no corpus inputs were given (fix: set data.real and "
+                           "data.tokenizer, or pass megadoc_pl.demo.corpus_inputs(cfg) for the built-in demo)")
+        if data.tokenizer is None:
+            raise BadInput("data.real is set but data.tokenizer is not (fix: data.tokenizer=path/to/tokenizer.json)")
+        return cls(tuple(_as_list(data.real)), str(data.tokenizer), tuple(_as_list(data.synthetic)))
 
 
 @dataclass
@@ -141,15 +174,6 @@ def _needs_synthetic(cfg: DictConfig) -> bool:
     return str(cfg.data.view) != "real"
 
 
-def _demo_paths(cfg: DictConfig) -> tuple[Any, Any]:
-    try:
-        from megadoc_pl import demo
-    except ImportError as e:  # pragma: no cover - the demo ships with the package
-        raise SystemExit(f"error: no data.real given and the built-in demo is unavailable ({e}); "
-                         "set data.real, data.tokenizer (and data.synthetic)") from None
-    return demo
-
-
 def _store_dir(cfg: DictConfig, kind: str, files: Sequence[Path], tokenizer: Any, extra: dict) -> Path:
     # Named by cheap facts (path, size, mtime); the store checks content fingerprints itself.
     key = {"kind": kind, "tokenizer": tokenizer.fingerprint, "add_bos": bool(cfg.data.add_bos),
@@ -178,9 +202,9 @@ def _build_store(cfg: DictConfig, inputs: Sequence[str], tokenizer: Any, kind: s
         if e.errno is not None and e.errno not in _NO_ROOM:
             raise
         reason = e.strerror or f"a short write, {e}: the filesystem is full"  # numpy's tofile sets no errno
-        raise ValueError(f"data.cache_dir={cfg.data.cache_dir}: cannot write the token store {out.name} "
-                         f"({reason}) (fix: free space there, or point data.cache_dir at a writable "
-                         "filesystem with room)") from None
+        raise BadInput(f"data.cache_dir={cfg.data.cache_dir}: cannot write the token store {out.name} "
+                       f"({reason}) (fix: free space there, or point data.cache_dir at a writable "
+                       "filesystem with room)") from None
 
 
 def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]:
@@ -207,25 +231,26 @@ def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]
     return path, heldout, sets
 
 
-def _synthetic_inputs(cfg: DictConfig, demo: Any, split_file: Path) -> list[str]:
-    """data.synthetic, or demo generations for every task the view needs."""
-    if cfg.data.synthetic is not None:
-        return _as_list(cfg.data.synthetic)
+def _synthetic_inputs(cfg: DictConfig, inputs: CorpusInputs, split_file: Path) -> list[str]:
+    """The generation files: the given ones, or the provider's for every task the view needs."""
+    if inputs.synthetic:
+        return list(inputs.synthetic)
     view = str(cfg.data.view)
     tasks = VIEW_TASKS[view]
-    if demo is None:
+    if inputs.generate is None:
         names = " and ".join(f"'{t}'" for t in tasks)
         flags = " and ".join(f"--task {t}" for t in tasks)
-        raise ValueError(f"data.view={view} needs generations of task {names} but data.synthetic is not set "
-                         f"(fix: generate them with tools/synthesize.py {flags} and set data.synthetic)")
-    return [str(demo.ensure_generations(cfg, split_file, task)) for task in tasks]
+        raise BadInput(f"data.view={view} needs generations of task {names} but data.synthetic is not set "
+                       f"(fix: generate them with tools/synthesize.py {flags} and set data.synthetic)")
+    return [str(inputs.generate(task, split_file)) for task in tasks]
 
 
-def prepare_corpus(cfg: DictConfig) -> PreparedData:
+def prepare_corpus(cfg: DictConfig, inputs: Optional[CorpusInputs] = None) -> PreparedData:
     """Stores, split, units and the plan of a recipe (tokenizing on first use, cached).
 
     ``cfg`` is a validated recipe (``megadoc_pl.recipes.validate_recipe``, which the entry points
-    run once); it is not checked again here.
+    run once); it is not checked again here. ``inputs`` names what to read (default: the
+    recipe's ``data.real``, ``data.tokenizer`` and ``data.synthetic``).
 
     Safe to call from every rank of a launch at once. Each process first reads what is cached
     under a shared lock on ``data.cache_dir`` (so the ranks of a relaunch prepare side by side,
@@ -234,20 +259,22 @@ def prepare_corpus(cfg: DictConfig) -> PreparedData:
     exclusive lock: the first to get it builds what is missing while the others wait, then find it
     all cached. A node-local cache gets one preparation per node.
     """
+    if inputs is None:
+        inputs = CorpusInputs.from_config(cfg)
     cache = Path(cfg.data.cache_dir)
     _remove_leftovers_if_alone(cache)
     if not bool(cfg.data.rebuild):
         token = _CACHED_ONLY.set(True)
         try:
             with preparation_lock(cache, shared=True):
-                return _prepare_corpus(cfg)
+                return _prepare_corpus(cfg, inputs)
         except NotCached as e:
             _log.debug(f"not cached yet: {e}")
         finally:
             _CACHED_ONLY.reset(token)
     with preparation_lock(cache):
         remove_leftovers(cache)
-        return _prepare_corpus(cfg)
+        return _prepare_corpus(cfg, inputs)
 
 
 def _remove_leftovers_if_alone(cache_dir: Path) -> None:
@@ -296,40 +323,29 @@ def preparation_lock(cache_dir: Path, shared: bool = False) -> Iterator[None]:
         cache_dir.mkdir(parents=True, exist_ok=True)
         lock.touch()
     except OSError as e:
-        raise ValueError(f"data.cache_dir={cache_dir}: cannot create or write it ({e.strerror}) "
-                         "(fix: point data.cache_dir at a writable directory)") from None
+        raise BadInput(f"data.cache_dir={cache_dir}: cannot create or write it ({e.strerror}) "
+                       "(fix: point data.cache_dir at a writable directory)") from None
     with file_lock(lock, waiting=f"waiting for another process preparing data in {cache_dir}", shared=shared):
         yield
 
 
-def _prepare_corpus(cfg: DictConfig) -> PreparedData:
+def _prepare_corpus(cfg: DictConfig, inputs: CorpusInputs) -> PreparedData:
     from megadoc_pl.data.tokenizer import load_tokenizer
 
     data = cfg.data
     opts = ViewOptions.from_config(cfg.data, int(cfg.train.data_seed))
-    demo = None
-    if data.real is None:
-        if data.synthetic is not None:
-            raise ValueError("data.synthetic is set but data.real is not (fix: set data.real to the corpus the "
-                             "generations were made from)")
-        demo = _demo_paths(cfg)
-        real_path, tok_path = demo.ensure_world(cfg)
-        real_inputs = [str(real_path)]
-    else:
-        if data.tokenizer is None:
-            raise ValueError("data.real is set but data.tokenizer is not (fix: data.tokenizer=path/to/tokenizer.json)")
-        real_inputs, tok_path = _as_list(data.real), str(data.tokenizer)
-    tok = load_tokenizer(data.tokenizer if data.tokenizer is not None else tok_path)
+    real_inputs = list(inputs.real)
+    tok = load_tokenizer(inputs.tokenizer)
     real = _build_store(cfg, real_inputs, tok, "documents", "real documents")
     split_file, heldout, sets = _split(cfg, real)
 
     synth = None
     syn_inputs: list[str] = []
     if _needs_synthetic(cfg):
-        syn_inputs = _synthetic_inputs(cfg, demo, split_file)
+        syn_inputs = _synthetic_inputs(cfg, inputs, split_file)
         synth = _build_store(cfg, syn_inputs, tok, "generations", "generations")
         if synth.manifest.get("tokenizer_fingerprint") != real.manifest.get("tokenizer_fingerprint"):
-            raise ValueError("the real and synthetic stores were tokenized with different tokenizers (fix: data.rebuild=true)")
+            raise BadInput("the real and synthetic stores were tokenized with different tokenizers (fix: data.rebuild=true)")
 
     # held-out hygiene by text: a training document repeating a held-out text is excluded like it
     hashes = _text_hashes(cfg, real, tok)
@@ -393,9 +409,10 @@ def _check_extra_sets_by_text(cfg: DictConfig, real: Any, hashes: np.ndarray, ex
     check_content_disjoint(ids.filter(pa.array(train)), hashes[train], sets)
 
 
-def prepare_data(cfg: DictConfig) -> "MegadocDataModule":
-    """The LightningDataModule of a validated recipe (``dm.prepared``: stores, split, units, plan)."""
-    return prepare_corpus(cfg).datamodule()
+def prepare_data(cfg: DictConfig, inputs: Optional[CorpusInputs] = None) -> "MegadocDataModule":
+    """The LightningDataModule of a validated recipe (``dm.prepared``: stores, split, units, plan);
+    ``inputs`` as for :func:`prepare_corpus`."""
+    return prepare_corpus(cfg, inputs).datamodule()
 
 
 def _val_units(cfg: DictConfig, real, sets: dict[str, list[str]], tok: Any) -> dict[str, Units]:

@@ -1,12 +1,14 @@
 """The built-in demo: a procedural world, its tokenizer, and template generations, all cached.
 
-``ensure_demo(cfg)`` is what the pipeline calls when a recipe names no data paths. It is split
-in two so that the validation split can be decided between them (held-out documents are never
-generation seeds):
+A recipe without ``data.real`` trains on the demo. The entry points (training, dry runs,
+tools) resolve what data preparation reads with :func:`corpus_inputs` and hand it over; data
+preparation itself knows nothing of the demo. The world and tokenizer are built at once, the
+generations only when preparation asks for them, after it has decided the validation split
+(held-out documents are never generation seeds):
 
-    real, tokenizer = ensure_world(cfg)            # documents.jsonl + tokenizer directory
-    split_file = ...                               # the pipeline decides the split
-    synthetic = ensure_generations(cfg, split_file)  # what cfg.data.view needs (or None)
+    inputs = corpus_inputs(cfg)                    # the demo's documents.jsonl + tokenizer directory
+    prepare_corpus(cfg, inputs)                    # decides the split, then asks
+    inputs.generate(task, split_file)              #   for each task of data.view (VIEW_TASKS)
 
 Everything lands under ``cfg.data.cache_dir/demo`` keyed by what decides its content, is
 written atomically (generations: resumably, by the synth runner) and is reused when present.
@@ -16,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from megadoc_pl.data.views import VIEW_TASKS
 from megadoc_pl.errors import BadInput
 from megadoc_pl.utils import atomic_write_json, file_fingerprint, file_lock, get_logger, json_fingerprint
+
+if TYPE_CHECKING:
+    from megadoc_pl.data.prepare import CorpusInputs
 
 # Bump when the tokenizer training changes: it is part of the tokenizer's cache path.
 TOKENIZER_VERSION = 1
@@ -65,6 +70,27 @@ def ensure_world(cfg: Any) -> tuple[Path, Path]:
             _log.info(f"training the demo tokenizer: byte-level BPE, vocab {vocab} -> {tok_dir}")
             build_demo_tokenizer(docs, tok_dir, vocab)
     return docs, tok_dir
+
+
+def corpus_inputs(cfg: Any) -> "CorpusInputs":
+    """What data preparation reads for a recipe: its own paths, or, without ``data.real``, the
+    demo's world, its tokenizer (unless ``data.tokenizer`` names one) and a provider of the
+    generations ``data.view`` needs (:func:`ensure_generations`, asked after the split)."""
+    from megadoc_pl.data.prepare import CorpusInputs
+
+    data = cfg.data
+    if data.real is not None:
+        return CorpusInputs.from_config(cfg)
+    if data.synthetic is not None:
+        raise BadInput("data.synthetic is set but data.real is not (fix: set data.real to the corpus the "
+                       "generations were made from)")
+    real, tokenizer = ensure_world(cfg)
+
+    def generate(task: str, split_file: Optional[Path]) -> Path:
+        return ensure_generations(cfg, split_file, task)
+
+    return CorpusInputs(real=(str(real),), tokenizer=str(data.tokenizer if data.tokenizer is not None else tokenizer),
+                        generate=generate)
 
 
 def generation_plan(cfg: Any, task: Optional[str] = None) -> dict | None:
@@ -144,11 +170,4 @@ def ensure_generations(cfg: Any, split_file: str | Path | None = None, task: Opt
     return rows[0]
 
 
-def ensure_demo(cfg: Any, split_file: str | Path | None = None) -> dict:
-    """World, tokenizer and the generations the view needs: ``{real, synthetic, tokenizer}``."""
-    real, tokenizer = ensure_world(cfg)
-    synthetic = ensure_generations(cfg, split_file)
-    return {"real": real, "synthetic": synthetic, "tokenizer": tokenizer}
-
-
-__all__ = ["ensure_demo", "ensure_world", "ensure_generations", "generation_plan"]
+__all__ = ["corpus_inputs", "ensure_world", "ensure_generations", "generation_plan"]

@@ -337,10 +337,12 @@ def _eval_callbacks(cfg: DictConfig, datamodule: Any) -> list:
 
 
 def prepare(cfg: DictConfig) -> tuple[DictConfig, pl.LightningDataModule]:
-    """Data for a recipe and the config completed from it (vocab size, max steps)."""
+    """Data for a recipe (the built-in demo's without ``data.real``) and the config completed from
+    it (vocab size, max steps)."""
     from megadoc_pl.data.prepare import prepare_data
+    from megadoc_pl.demo import corpus_inputs
 
-    dm = prepare_data(cfg)
+    dm = prepare_data(cfg, corpus_inputs(cfg))
     cfg = cfg.copy()
     if cfg.model.vocab_size is None:
         vocab = getattr(dm, "vocab_size", None)
