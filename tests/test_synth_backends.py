@@ -22,8 +22,6 @@ from megadoc_pl.synth.tiny import build_tiny_chat_model
 
 from conftest import one_thread
 
-_MISSING = MissingDependency  # what utils.require raises
-
 
 def req(rid: str, content: str, n: int = 1, max_new: int = 8, temperature: float = 1.0, seed: int | None = 0):
     return Request(rid, [{"role": "user", "content": content}], n, max_new, temperature, 1.0, seed, "rephrase",
@@ -275,7 +273,7 @@ def test_httpx_missing_gives_install_hint(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "httpx", None)
-    with pytest.raises(_MISSING, match=r"pip install 'megadoc_pl\[openai\]'"):
+    with pytest.raises(MissingDependency, match=r"pip install 'megadoc_pl\[openai\]'"):
         OpenAIBackend(model="m")
 
 
@@ -390,7 +388,7 @@ def test_vllm_missing_gives_install_hint(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, installed or not
-    with pytest.raises(_MISSING, match=r"pip install 'megadoc_pl\[generation\]'"):
+    with pytest.raises(MissingDependency, match=r"pip install 'megadoc_pl\[generation\]'"):
         vllm_backend.VLLMBackend("m")
 
 

@@ -27,8 +27,6 @@ from megadoc_pl.synth.toolmodel.dataset import DatasetConfig, build_dataset, loa
 from megadoc_pl.synth.toolmodel.report import compare, format_table, seed_pairs
 from megadoc_pl.synth.toolmodel.sft import IGNORE_INDEX, SFTConfig, collate, encode_example, train_tool_model
 
-_MISSING = MissingDependency  # what utils.require raises
-
 torch.set_num_threads(1)
 G = 2  # pairs per document
 
@@ -189,7 +187,7 @@ def test_quantize_errors_and_install_hint(monkeypatch, base_model):
     with pytest.raises(ValueError, match="quantize='int4'"):
         tq.quantize_linears(model, "int4")
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
-    with pytest.raises(_MISSING, match=r"pip install 'megadoc_pl\[toolmodel\]'"):
+    with pytest.raises(MissingDependency, match=r"pip install 'megadoc_pl\[toolmodel\]'"):
         tq.quantize_linears(model, "int8")
 
 

@@ -443,8 +443,7 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 def __getattr__(name: str):
-    """``RunConfig``: the old name of SynthRunConfig, kept for code outside the package's synth part
-    (megadoc_pl/demo, benchmarks/bench_generate.py) until it moves to the new name."""
+    """``RunConfig``: the old name of SynthRunConfig, kept while benchmarks/bench_generate.py uses it."""
     if name == "RunConfig":
         import warnings
 
