@@ -15,25 +15,152 @@ from megadoc_pl.model.config import LlamaConfig
 PACKAGE = Path(__file__).resolve().parents[1] / "megadoc_pl"
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (function-level imports included)."""
-    out = set()
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(name: str) -> set[str]:
+    """The package's modules that module ``name`` imports, at any depth (function-level imports
+    included), resolved: ``from megadoc_pl import demo`` is ``megadoc_pl.demo``, ``from . import x``
+    and ``from .x import y`` are resolved against the importing module, ``from a.b import c`` is
+    ``a.b.c`` when that is a module, else ``a.b``."""
+    path = MODULES[name]
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            out.add(node.module)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names)
+    out = set()
+    for module in found:
+        while module not in MODULES and "." in module:
+            module = module.rsplit(".", 1)[0]
+        if module in MODULES and module != name:
+            out.add(module)
     return out
 
 
-def test_data_never_imports_upward():
-    bad = {}
-    for path in sorted((PACKAGE / "data").glob("*.py")):
-        up = sorted(m for m in _imports(path)
-                    if m.startswith(("megadoc_pl.train", "megadoc_pl.eval", "megadoc_pl.analysis")))
-        if up:
-            bad[path.name] = up
-    assert not bad, f"data/ imports from train/, eval/ or analysis/: {bad}"
+GRAPH = {name: _imports(name) for name in MODULES}
+
+
+def _layer(module: str) -> str:
+    """The package a module belongs to: ``megadoc_pl.data.views`` -> ``data``; top-level modules by name."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "megadoc_pl"
+
+
+def package_graph() -> str:
+    """``layer -> layers it imports``, one line each: printed when a layering test fails."""
+    edges: dict[str, set[str]] = {}
+    for module, targets in GRAPH.items():
+        edges.setdefault(_layer(module), set()).update(_layer(t) for t in targets if _layer(t) != _layer(module))
+    return "\n".join(f"  {a} -> {', '.join(sorted(b)) or '(nothing)'}" for a, b in sorted(edges.items()))
+
+
+# what a layer must never import (docs/ARCHITECTURE.md, "Layers")
+FORBIDDEN = {
+    "model": {"data", "demo", "synth", "train", "eval", "analysis", "recipes", "checkpoints"},
+    "data": {"demo", "synth", "recipes", "train", "eval", "analysis", "checkpoints"},
+}
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layers_never_import_upward(layer):
+    bad = {m: sorted(t for t in targets if _layer(t) in FORBIDDEN[layer])
+           for m, targets in GRAPH.items() if _layer(m) == layer}
+    bad = {m: t for m, t in bad.items() if t}
+    assert not bad, f"{layer}/ imports from {sorted(FORBIDDEN[layer])}: {bad}\npackage graph:\n{package_graph()}"
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_no_import_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the detector works
+    cycles = _cycles(GRAPH)
+    assert not cycles, f"import cycles between modules: {cycles}\npackage graph:\n{package_graph()}"
+
+
+def test_the_resolver_sees_package_level_imports():
+    """``from megadoc_pl import demo`` (the form the old test missed) resolves to the demo package."""
+    import textwrap
+
+    probe = PACKAGE / "data" / "_probe_tmp.py"
+    probe.write_text(textwrap.dedent('''
+        from megadoc_pl import demo
+        from . import views
+        from .windows import pack
+    '''))
+    try:
+        MODULES["megadoc_pl.data._probe_tmp"] = probe
+        assert _imports("megadoc_pl.data._probe_tmp") == {"megadoc_pl.demo", "megadoc_pl.data.views",
+                                                          "megadoc_pl.data.windows"}
+    finally:
+        MODULES.pop("megadoc_pl.data._probe_tmp", None)
+        probe.unlink()
+
+
+COMMAND_LINE = {"megadoc_pl.train.cli"}  # front doors: the only package modules that may exit
+
+
+def test_no_system_exit_in_library_code():
+    bad = []
+    for name, path in MODULES.items():
+        if name in COMMAND_LINE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                if isinstance(exc, ast.Name) and exc.id == "SystemExit":
+                    bad.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert not bad, f"library code raises SystemExit (raise megadoc_pl.errors.BadInput instead): {bad}"
 
 
 def test_model_config_and_recipe_schema_import_no_torch():

@@ -350,7 +350,7 @@ def test_pipeline_errors_are_one_line(corpus, tmp_path):
         prepare_corpus(_user_recipe(corpus, tmp_path, extra=["data.tokenizer=null"]))
     with pytest.raises(ValueError, match="needs a synthetic stream"):
         prepare_corpus(_user_recipe(corpus, tmp_path, view="real"))
-    with pytest.raises(ValueError, match=r"synthetic_fraction=1.0: must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"synthetic_fraction must be in \[0, 1\)"):
         prepare_corpus(_user_recipe(corpus, tmp_path, extra=["data.mixture.synthetic_fraction=1.0"]))
     with pytest.raises(ValueError, match="data.synthetic is not set"):
         prepare_corpus(_user_recipe(corpus, tmp_path, extra=["data.synthetic=null"]))

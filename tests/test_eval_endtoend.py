@@ -83,11 +83,13 @@ def test_evaluate_reproduces_the_run_and_ensembles_copies(run_dir, tmp_path, cap
 
 
 def test_evaluate_refuses_a_validation_set_overlapping_training(run_dir, capsys):
-    from megadoc_pl.eval.runner import load_recipe_file
     from megadoc_pl.data.prepare import prepare_corpus
+    from megadoc_pl.demo import corpus_inputs
+    from megadoc_pl.eval.runner import load_recipe_file
 
     # the demo world's documents file: training documents and held-out ones, same ids
-    world = prepare_corpus(load_recipe_file(run_dir / "config.yaml")).paths["real"]
+    cfg = load_recipe_file(run_dir / "config.yaml")
+    world = prepare_corpus(cfg, corpus_inputs(cfg)).paths["real"]
     rc, _, err = _evaluate(["--checkpoint", str(run_dir / "checkpoints" / "last.ckpt"),
                             "--set", f"data.val.extra.dup={world}", "--sets", "dup"], capsys)
     assert rc == 2

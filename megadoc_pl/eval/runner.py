@@ -140,6 +140,17 @@ class EvalSpec:
 
 
 def _resolve_recipe(spec: EvalSpec, ckpt_cfg: Optional[dict]) -> Optional[DictConfig]:
+    """The recipe evaluation rebuilds the validation sets from, validated here (the front door for
+    tools/evaluate.py: preparation takes a validated recipe)."""
+    cfg = _recipe_of(spec, ckpt_cfg)
+    if cfg is not None:
+        from megadoc_pl.recipes import validate_recipe
+
+        validate_recipe(cfg)
+    return cfg
+
+
+def _recipe_of(spec: EvalSpec, ckpt_cfg: Optional[dict]) -> Optional[DictConfig]:
     if spec.config and spec.recipe:
         raise BadInput("give --recipe or --config, not both (fix: drop one of them)")
     if spec.config:
@@ -175,8 +186,9 @@ def run_evaluation(spec: EvalSpec) -> dict[str, Any]:
     prepared = None
     if cfg is not None and (spec.validation or (spec.tasks and tokenizer is None)):
         from megadoc_pl.data.prepare import prepare_corpus
+        from megadoc_pl.demo import corpus_inputs
 
-        prepared = prepare_corpus(cfg)
+        prepared = prepare_corpus(cfg, corpus_inputs(cfg))  # the demo's world for a recipe without data.real
 
     if spec.validation:
         if prepared is None:

@@ -188,6 +188,9 @@ class _RunFiles(pl.Callback):
         if trainer.is_global_zero:
             rundir.save_config(self.run.run_dir, self.run.cfg)
             rundir.save_provenance(self.run.run_dir, self.run.provenance)
+            prepared = getattr(self.run.datamodule, "prepared", None)
+            if prepared is not None:  # the resolved tokenizer, for export and evaluation (no demo rebuilt)
+                rundir.save_tokenizer(self.run.run_dir, prepared.tokenizer.path)
         self.written = True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
