@@ -224,6 +224,12 @@ def _build_cli_class():
                 self.run.ckpt_path = _checkpoint(self.run, ckpt_path)
             run_dir = self.run.fit()
             if self.trainer.is_global_zero:
+                from megadoc_pl.train import rundir
+                from megadoc_pl.train.console import metrics_table
+
+                metrics = run_dir / rundir.METRICS_FILE
+                if metrics.is_file():
+                    print(metrics_table(json.loads(metrics.read_text())))
                 print(f"run directory: {run_dir}")
 
         def validate(self, model: Any = None, datamodule: Any = None, ckpt_path: Optional[str] = None,

@@ -17,14 +17,14 @@ from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from megadoc_pl.data.datamodule import accumulation_steps
 from megadoc_pl.errors import BadInput
-from megadoc_pl.train import rundir
+from megadoc_pl.train import console, rundir
 from megadoc_pl.train.callbacks import NonFiniteLossError, ThroughputMonitor
 from megadoc_pl.train.checkpoint import NO_ROOM, AtomicCheckpointIO, CheckpointError, check_compatible, resume_from
 from megadoc_pl.train.metrics import run_metrics
@@ -71,6 +71,8 @@ class TrainingRun:
         thread_hook = threading.excepthook
         threading.excepthook = _main_thread_reports_full_disks(thread_hook)
         try:
+            if self.trainer.is_global_zero:
+                _log.info(_model_line(self.module.model.cfg, int(self.cfg.data.seq_len)))
             if self.ckpt_path is None:
                 files.write(self.trainer)
             else:
@@ -85,7 +87,7 @@ class TrainingRun:
                           "(raise train.max_steps to extend it)")
             else:
                 self._final_validation()
-                self.trainer.save_checkpoint(self.run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT)
+                self.trainer.save_checkpoint(self.run_dir / rundir.CKPT_DIR / rundir.LAST_CKPT, weights_only=False)
                 status = "finished"
         except NonFiniteLossError as e:
             status, error = "nonfinite_loss", str(e)
@@ -162,6 +164,13 @@ class TrainingRun:
 
 # ---------------------------------------------------------------------------------------------
 # building a run
+
+
+def _model_line(model_cfg: Any, seq_len: int) -> str:
+    from megadoc_pl.model.flops import flops_per_token
+
+    return console.model_line(model_cfg.num_params(), model_cfg.num_params(embeddings=False),
+                              flops_per_token(model_cfg, seq_len))
 
 
 def _main_thread_reports_full_disks(hook: Any) -> Any:
@@ -258,6 +267,9 @@ def trainer_kwargs(cfg: DictConfig, run_dir: Optional[Path] = None) -> dict[str,
         "num_sanity_val_steps": 0,
         # the datamodule shards windows by rank itself (window order is a pure function of the index)
         "use_distributed_sampler": False,
+        # Lightning's table cannot trace a forward taking a batch dict (a FLOPs column of zeros);
+        # TrainingRun.fit logs parameters and FLOPs per token in one line instead
+        "enable_model_summary": False,
     }
     if str(t.strategy) == "fsdp2":
         # Lightning evaluates ModelParallelStrategy under torch.inference_mode on NCCL; FSDP2's first
@@ -284,6 +296,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: Any, overrides: Op
     kw["logger"] = logger
 
     callbacks = list(extra_callbacks or []) + list(overrides.get("callbacks") or [])
+    console.quiet_third_party()
+    if kw.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        bar = console.step_progress_bar()
+        if bar is not None:
+            callbacks.append(bar)
     if int(cfg.train.ckpt_every) > 0:
         callbacks.append(ModelCheckpoint(
             dirpath=str(run_dir / rundir.CKPT_DIR), filename="step-{step:06d}", auto_insert_metric_name=False,
