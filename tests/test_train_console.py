@@ -12,13 +12,14 @@ from megadoc_pl.train import console
 
 def test_metrics_table_shows_the_headline_and_leaves_the_rest_to_the_file():
     metrics = {"val/iid/loss": 3.1549, "val/long/loss": 2.9331, "downstream/arc/acc": 0.25, "steps": 300,
-               "tokens_seen": 614400, "train/loss": 1.777, "train/lr": 2.8e-08, "status": "finished",
+               "tokens_seen": 614400, "train/loss": 1.777, "train/lr": 2.8e-08, "train/tokens_per_s": 10061.4, "status": "finished",
                "version/torch": "2.13.0", "total_time_s": 63.93}
     lines = console.metrics_table(metrics).splitlines()
     assert lines[0].split() == ["metric", "value"]
     rows = dict(line.split() for line in lines[2:])
     assert rows == {"downstream/arc/acc": "0.25", "val/iid/loss": "3.155", "val/long/loss": "2.933",
-                    "steps": "300", "tokens_seen": "614,400", "train/loss": "1.777", "total_time_s": "63.93"}
+                    "steps": "300", "tokens_seen": "614,400", "train/loss": "1.777", "train/tokens_per_s": "10,061",
+                    "total_time_s": "63.93"}
     assert console.metrics_table({"status": "failed"}) == ""
 
 

@@ -77,10 +77,12 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
 
 
 def _value(v: float) -> str:
-    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1000):
-        return f"{int(v):,}"
+    if isinstance(v, int):
+        return f"{v:,}"
     if not math.isfinite(v):
         return str(v)
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
     return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
 
 
