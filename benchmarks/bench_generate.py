@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generation pipeline overhead: the runner vs the backend's bare generate calls (SPEC 11).
+"""Generation pipeline overhead: the runner vs the backend's bare generate calls (target in BENCHMARKS.md).
 
 Peer: the same transformers backend (tiny local Llama, CPU) called directly on exactly the
 requests the runner sent, in the same batches. The runner additionally reads and shards the

@@ -3,7 +3,7 @@
 
 Writes a synthetic corpus in the project's formats (no LLM needed): S real documents (dolma
 rows) and, per source, G rephrases, G rationales (split_index 0..G-1) and 5 MAGA
-reformulations (SPEC 3.2 generation rows). Then each stage runs in a process of its own, so its
+reformulations (generation rows). Then each stage runs in a process of its own, so its
 wall time, CPU time and peak RSS are its own (os.wait4):
 
 - tokenize real / tokenize generations: the stores a recipe prepares (data.cache_dir), built

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenization throughput: end-to-end build_store vs raw `tokenizers` vs `datasets.map` (SPEC 11).
+"""Tokenization throughput: end-to-end build_store vs raw `tokenizers` vs `datasets.map` (targets in BENCHMARKS.md).
 
 All three tokenize the same documents with the same tokenizer on the same cores:
 

@@ -28,7 +28,7 @@ stages read the stitch view's synthetic stream, or ``--loader-view``'s; with wor
 and window tables are shared through files as in training (``--no-shared-passes``: each worker
 computes its own), and each worker's private memory is printed.
 
-Targets (SPEC 11): every view builds in <= 30 s, relaunches in <= 5 s, peak RSS <= 1.5 GB;
+Targets (BENCHMARKS.md): every view builds in <= 30 s, relaunches in <= 5 s, peak RSS <= 1.5 GB;
 the loader >= 0.8x the peer from one process. The last line starts with ``SUMMARY:`` and a JSON
 list of the loader stages (parsed by benchmarks/gpu_check.py).
 """

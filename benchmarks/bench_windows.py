@@ -13,8 +13,8 @@ the full batch contract) of the stitch mixture (E=16, w=0.75):
   list, a map-style Dataset slicing windows and finding document starts in Python, default
   collate (the usual hand-rolled packing loader). Same windows as ours in sequential order; its output is checked equal.
 
-Reference consumer: 300m at 4096 on one H200 at the SPEC 11 target, ~250k tokens/s.
-Target (SPEC 11): ours >= 10x that, from a single worker.
+Reference consumer: 300m at 4096 on one H200 at the 40% MFU target, ~250k tokens/s.
+Target (BENCHMARKS.md): ours >= 10x that, from a single worker.
 
     python benchmarks/bench_windows.py [--batches 40] [--batch-size 16]
 """
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-GPU_TOKENS_PER_S = 250_000  # 300m, 4096 context, one H200 at 40% MFU (SPEC 11)
+GPU_TOKENS_PER_S = 250_000  # 300m, 4096 context, one H200 at 40% MFU
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 

@@ -31,7 +31,7 @@ WindowOrder = Literal["shuffled", "sequential"]
 
 @dataclass
 class MixtureConfig:
-    """How the streams are mixed (SPEC 4)."""
+    """How the streams are mixed (docs/data-corpus.md)."""
 
     mode: MixtureMode = "paper"
     """'paper' (real_epochs + synthetic_fraction) or 'budget' (token budget + per-stream epochs/weights)."""
@@ -54,7 +54,7 @@ class MixtureConfig:
 
 @dataclass
 class ValConfig:
-    """Named validation sets (SPEC 6) and the held-out split decided before generation."""
+    """Named validation sets (docs/evaluation.md) and the held-out split decided before generation."""
 
     num_iid: int = 1000
     """Held-out real documents in the `iid` set."""
@@ -98,7 +98,7 @@ class ValConfig:
 
 @dataclass
 class DataConfig:
-    """Where the corpus comes from and which corpus view / mixture to build (SPEC 3, 4)."""
+    """Where the corpus comes from and which corpus view / mixture to build (docs/data-ingest.md, docs/data-corpus.md)."""
 
     real: Optional[Any] = None
     """Real corpus: file, directory or list of them (None: the built-in demo world)."""
@@ -190,7 +190,7 @@ class ModelConfigSection:
     """Auto | flash_attn | torch_varlen | flex | sdpa."""
 
     attention_scope: Scope = "window"
-    """Window | document | megadoc (SPEC 3.4)."""
+    """Window | document | megadoc (docs/data-corpus.md)."""
 
     rope_theta: Optional[float] = None
     """RoPE base (None: the named size's)."""
@@ -210,7 +210,7 @@ class ModelConfigSection:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and the Lightning Trainer (SPEC 5)."""
+    """Optimisation and the Lightning Trainer (docs/training.md)."""
 
     global_batch_size: int = 64
     """Sequences per optimizer step, summed over ranks and accumulation."""
@@ -290,7 +290,7 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Where the run directory goes (SPEC 3.5)."""
+    """Where the run directory goes (docs/training.md, "Run directory")."""
 
     root: str = "runs"
     """Parent of run directories."""
@@ -324,7 +324,7 @@ class SynthConfig:
 
 @dataclass
 class EvalConfig:
-    """Downstream evaluation during/after training (SPEC 6)."""
+    """Downstream evaluation during/after training (docs/evaluation.md)."""
 
     tasks: dict[str, str] = field(default_factory=dict)
     """Name -> JSONL multiple-choice file."""
@@ -347,7 +347,7 @@ class EvalConfig:
 
 @dataclass
 class DemoConfig:
-    """The built-in procedural demo world (SPEC 9)."""
+    """The built-in procedural demo world (docs/demo.md)."""
 
     num_documents: int = 3000
     """Documents in the demo world."""

@@ -19,7 +19,7 @@ from megadoc_pl.data.windows import packed_fields
 from megadoc_pl.model.config import LlamaConfig
 from megadoc_pl.model.flops import flops_per_token, peak_bf16_flops
 
-ASSUMED_MFU = 0.40  # SPEC 11 target, used for the time estimate of a dry run
+ASSUMED_MFU = 0.40  # the MFU target (BENCHMARKS.md), used for the time estimate of a dry run
 
 
 def plan_summary(cfg: DictConfig, plan: MixturePlan, vocab_size: int) -> dict:

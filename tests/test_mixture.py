@@ -1,4 +1,4 @@
-"""Mixture plans (paper / budget) and per-sequence drawing: exact token accounting (SPEC 4)."""
+"""Mixture plans (paper / budget) and per-sequence drawing: exact token accounting (docs/data-corpus.md)."""
 
 from __future__ import annotations
 

@@ -239,15 +239,15 @@ def test_spec_generation_rows(tmp_path):
     "row, expected",
     [
         ({"source_id": "s", "task": "rephrase", "gen_index": -1, "text": "t"},
-         "gen_index is -1, not an integer >= 0 (fix: write SPEC 3.2 rows (source_id, task, gen_index, text) or pass --skip-bad-rows)"),
+         "gen_index is -1, not an integer >= 0 (fix: write generation rows (source_id, task, gen_index, text) or pass --skip-bad-rows)"),
         ({"source_id": "", "task": "rephrase", "gen_index": 0, "text": "t"},
-         "source_id is '', not a non-empty string (fix: write SPEC 3.2 rows (source_id, task, gen_index, text) or pass --skip-bad-rows)"),
+         "source_id is '', not a non-empty string (fix: write generation rows (source_id, task, gen_index, text) or pass --skip-bad-rows)"),
         ({"source_id": "s", "task": "rephrase", "gen_index": 0, "text": 3},
          "text field 'text' is a int, not a string (fix: store the text as a string or pass --skip-bad-rows)"),
         ({"source_id": "s1", "task": "rephrase", "gen_index": 0, "text": "again"},
          "duplicate generation (source_id='s1', task='rephrase', gen_index=0) (first at FILE:1) (fix: remove the duplicate row or pass --skip-bad-rows)"),
         ({"foo": 1},
-         "row is neither a generation (source_id, task, gen_index, text) nor a MAGACorpus row (meta.docid, content_split) (fix: write SPEC 3.2 generation rows or pass --skip-bad-rows)"),
+         "row is neither a generation (source_id, task, gen_index, text) nor a MAGACorpus row (meta.docid, content_split) (fix: write generation rows (docs/data-ingest.md) or pass --skip-bad-rows)"),
     ],
 )
 def test_bad_generation_rows(tmp_path, row, expected):

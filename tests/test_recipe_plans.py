@@ -2,7 +2,7 @@
 
 Stream sizes are assumed (``--assume-tokens``: nothing is prepared), so the paper's own numbers
 can be checked exactly: parameter counts (research/megadocs.md 1.3), steps, tokens and passes per
-stream (megadocs.md 1.5, SPEC 4) and MAGA's budget mode (maga.md 12.2). One real dry run on a
+stream (the megadocs paper's table; docs/data-corpus.md) and MAGA's budget mode (maga.md 12.2). One real dry run on a
 small demo world checks that the real stream's size is what the store holds for training.
 """
 

@@ -53,7 +53,7 @@ def test_every_recipe_composes_with_every_scale(method):
 
 
 def test_paper_defaults_of_the_main_recipes():
-    expect = {  # SPEC 10 table
+    expect = {  # the README's method-recipe table
         "baseline_real": (0, 16, 0.0, 3e-3, 1.6), "rephrase": (32, 16, 0.75, 3e-3, 0.4),
         "megadoc_stitch": (32, 32, 0.9, 1e-3, 0.4), "megadoc_stretch": (32, 32, 0.9, 1e-3, 0.4),
     }

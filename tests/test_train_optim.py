@@ -1,4 +1,4 @@
-"""AdamW groups and the per-step schedules (SPEC 5, research/megadocs.md 1.4)."""
+"""AdamW groups and the per-step schedules (docs/training.md, "Optimizer and schedule")."""
 
 from __future__ import annotations
 

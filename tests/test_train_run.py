@@ -45,7 +45,7 @@ def test_loss_goes_down_and_run_directory(world):
     first, last = sum(losses[s] for s in range(3)) / 3, sum(losses[s] for s in range(21, 24)) / 3
     assert last < first - 0.5, (first, last)
 
-    # layout (SPEC 3.5)
+    # layout (docs/training.md, "Run directory")
     for rel in ("config.yaml", "metrics.json", "provenance.json", "checkpoints/last.ckpt",
                 "checkpoints/step-000010.ckpt", "checkpoints/step-000020.ckpt"):
         assert (run_dir / rel).is_file(), rel

@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", metavar="DIR", help="token store directory to write")
     p.add_argument("--text-field", default="text", help="text field of a document row (dotted for nested, e.g. meta.raw_text)")
     p.add_argument("--id-field", default="id", help="id field of a document row (missing ids are derived from the text)")
-    p.add_argument("--generations", action="store_true", help="inputs are generations (SPEC 3.2 rows or MAGACorpus rows)")
+    p.add_argument("--generations", action="store_true", help="inputs are generations (generation rows or MAGACorpus rows; docs/data-ingest.md)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to each document")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to each document")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")

@@ -1,4 +1,4 @@
-"""Mixture plans and per-sequence stream drawing (SPEC 4, research/megadocs.md 1.5).
+"""Mixture plans and per-sequence stream drawing (docs/data-corpus.md; the megadocs paper's mixing rule).
 
 Counting conventions, used everywhere in the package:
 

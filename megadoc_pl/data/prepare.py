@@ -433,7 +433,7 @@ def _val_units(cfg: DictConfig, real, sets: dict[str, list[str]], tok: Any) -> d
 
 
 def make_plan(cfg: DictConfig, real: Units, synthetic: Optional[Units]) -> MixturePlan:
-    """The mixture plan of a recipe from its streams' units (SPEC 4)."""
+    """The mixture plan of a recipe from its streams' units (docs/data-corpus.md)."""
     tokens, units = {REAL: real.num_tokens}, {REAL: real.num_units}
     if synthetic is not None:
         tokens[SYNTHETIC], units[SYNTHETIC] = synthetic.num_tokens, synthetic.num_units

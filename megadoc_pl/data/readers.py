@@ -7,7 +7,7 @@ caller's ``counts`` dict instead, so the token store manifest can record what wa
 
 Two row shapes are generations (:func:`iter_generations`):
 
-- SPEC 3.2 rows: ``source_id``, ``task``, ``gen_index``, ``text`` plus task fields;
+- generation rows (docs/data-ingest.md): ``source_id``, ``task``, ``gen_index``, ``text`` plus task fields;
 - the released MAGACorpus schema: ``meta.docid`` + ``meta.chunk_id`` form the source id,
   ``content_split`` is the text, ``meta.genre`` / ``meta.audience`` are kept, and ``gen_index``
   counts the rows of one source in input order (inputs are read in sorted order, so this is
@@ -69,7 +69,7 @@ class Document:
 
 @dataclass
 class Generation:
-    """One synthetic text (SPEC 3.2 row, or a MAGACorpus row)."""
+    """One synthetic text (a generation row, or a MAGACorpus row)."""
 
     source_id: str
     task: str
@@ -410,7 +410,7 @@ def is_maga_row(row: dict) -> bool:
 
 
 def parse_generation(row: Union[dict, BadRowError], path: PathLike, line: int) -> Union[Generation, BadRowError]:
-    """A SPEC 3.2 row or a MAGACorpus row -> Generation (MAGA rows get gen_index UNASSIGNED)."""
+    """A generation row or a MAGACorpus row -> Generation (MAGA rows get gen_index UNASSIGNED)."""
     if isinstance(row, BadRowError):
         return row
     if is_maga_row(row):
@@ -420,12 +420,12 @@ def parse_generation(row: Union[dict, BadRowError], path: PathLike, line: int) -
     return BadRowError(
         path, line, "missing_text",
         "row is neither a generation (source_id, task, gen_index, text) nor a MAGACorpus row (meta.docid, content_split)",
-        "write SPEC 3.2 generation rows or pass --skip-bad-rows",
+        "write generation rows (docs/data-ingest.md) or pass --skip-bad-rows",
     )
 
 
 def _generation_from_spec_row(row: dict, path: PathLike, line: int) -> Union[Generation, BadRowError]:
-    fix = "write SPEC 3.2 rows (source_id, task, gen_index, text) or pass --skip-bad-rows"
+    fix = "write generation rows (source_id, task, gen_index, text) or pass --skip-bad-rows"
     present, value = _lookup(row, "text")
     text = _check_text(value, path, line, "text", present)
     if isinstance(text, BadRowError):
@@ -557,7 +557,7 @@ def iter_generations(
     skip_bad_rows: bool = False,
     counts: Optional[dict] = None,
 ) -> Iterator[Generation]:
-    """Generations (SPEC 3.2 rows or MAGACorpus rows, mixed freely) in (sorted) file order.
+    """Generations (generation rows or MAGACorpus rows, mixed freely) in (sorted) file order.
 
     ``(source_id, task, gen_index)`` must be unique across all inputs; for MAGACorpus rows the
     gen_index is the row's rank among the rows of its source (``docid#chunk_id``) in input order.

@@ -1,6 +1,6 @@
 """Loss by position: bucketing, curves, CSV files and plots.
 
-Two curves per validation set (SPEC 6, the long-context curve):
+Two curves per validation set (docs/evaluation.md, the long-context curve):
 
 - ``window``: position of the predicting token inside the training window, ``0 .. seq_len-1``,
   cut into ``n`` equal buckets (``bucket = t * n // seq_len``). Shows how much the model gains

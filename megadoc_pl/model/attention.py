@@ -1,6 +1,6 @@
 """Causal self-attention restricted to segments, behind one mask object and four backends.
 
-The data side decides the attention scope (`window`, `document`, `megadoc`; SPEC 3.4) and
+The data side decides the attention scope (`window`, `document`, `megadoc`; docs/data-corpus.md) and
 describes it per batch as ``segment_ids`` (B, T), with ``cu_seqlens`` (S + 1,) over the
 flattened (B * T) tokens and ``max_seqlen`` alongside. The model only has to respect those
 segments: a query attends to keys at or before it *in the same segment*. Segment ids increase

@@ -1,7 +1,7 @@
 """Llama-style decoder, top to bottom: config with named sizes, then the modules.
 
 RMSNorm, RoPE, SwiGLU, grouped-query attention, untied embeddings, no biases, normal(0, 0.02)
-init (SPEC 5). RoPE uses the "rotate half" layout of Hugging Face Llama, so exported q/k weights
+init (docs/model.md). RoPE uses the "rotate half" layout of Hugging Face Llama, so exported q/k weights
 need no permutation. Attention follows an ``AttentionMask`` built outside the forward
 (model/attention.py); RoPE positions default to the mask's, which restart at every segment.
 """

@@ -2,7 +2,7 @@
 
 Layout of an output directory ``DIR`` (shard i of n; every node writes only its own files):
 
-    DIR/shard-0000i-of-0000n.jsonl        generation rows (SPEC 3.2), appended in whole batches
+    DIR/shard-0000i-of-0000n.jsonl        generation rows (docs/data-ingest.md), appended in whole batches
     DIR/stats.json                        totals over all shards (rewritten atomically)
     DIR/.synth/run.json                   what is being generated (a rerun must match it)
     DIR/.synth/stats/shard-...json        this shard's counters, cumulative over reruns

@@ -3,7 +3,7 @@
 A task turns a document into one or more **units** (the document, possibly truncated to the
 prompt budget, or its paragraph-aligned chunks), says which ``gen_index`` values each unit must
 produce, and for a batch of units with missing indices builds requests, calls the backend through
-the runner's context and emits SPEC 3.2 rows. The runner owns files, sharding, resume and stats;
+the runner's context and emits generation rows (docs/data-ingest.md). The runner owns files, sharding, resume and stats;
 tasks never touch the file system.
 
 Long sources with ``long_sources="chunk"`` become paragraph-aligned chunks of at most
@@ -315,7 +315,7 @@ class Task:
 
     def row(self, ctx: Context, unit: Unit, gen_index: int, text: str, req: Request, resp: Response,
             k: int, prompt_version: str, **task_fields: Any) -> dict:
-        """The SPEC 3.2 row of completion k of ``resp``."""
+        """The generation row of completion k of ``resp``."""
         row = {"source_id": unit.doc.id, "task": self.name, "gen_index": gen_index, "text": text}
         row.update(task_fields)
         row.update(unit.fields())

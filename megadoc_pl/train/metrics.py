@@ -1,4 +1,4 @@
-"""metrics.json: the flat record of one run (SPEC 3.5), assembled from the Trainer, module and plan."""
+"""metrics.json: the flat record of one run (docs/training.md, "metrics.json"), assembled from the Trainer, module and plan."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AdamW with a no-decay set, and per-step learning-rate schedules (SPEC 5, megadocs 1.4).
+"""AdamW with a no-decay set, and per-step learning-rate schedules (docs/training.md, "Optimizer and schedule").
 
 Weight decay is torch's decoupled AdamW decay: every step shrinks a decayed parameter by
 ``lr * weight_decay`` before the Adam update (Levanter adds ``wd * theta`` before scaling by

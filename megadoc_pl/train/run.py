@@ -156,7 +156,7 @@ class TrainingRun:
     # ------------------------------------------------------------------------------ metrics.json
 
     def metrics(self, status: str, error: Optional[str] = None) -> dict[str, Any]:
-        """The flat metrics.json object (SPEC 3.5)."""
+        """The flat metrics.json object (docs/training.md, "metrics.json")."""
         return run_metrics(self.trainer, self.module, self.cfg, getattr(self.datamodule, "plan", None),
                            status=status, error=error, run_name=self.run_dir.name, provenance=self.provenance,
                            resumed_from=self.ckpt_path, started=self.started)

@@ -1,4 +1,4 @@
-"""The run directory (SPEC 3.5): where a run lives, what it records, how it is resumed.
+"""The run directory (docs/training.md, "Run directory"): where a run lives, what it records, how it is resumed.
 
 Layout of ``<run.root>/<run.name>/``::
 
