@@ -15,8 +15,9 @@ import pytest
 from megadoc_pl.data.segments import equal_token_split
 from megadoc_pl.data.store import build_store
 from megadoc_pl.data.tokenizer import load_tokenizer
+from megadoc_pl.data.units import Groups, concat_groups, piece_docpos, to_units
 import megadoc_pl.data.views as views_mod
-from megadoc_pl.data.views import ViewOptions, _Groups, _pools, _stretch, build_view, stretch_cuts
+from megadoc_pl.data.views import ViewOptions, _pools, _stretch, build_view, stretch_cuts
 
 WORDS = ["mill", "town", "river", "Alice", "founded", "built", "the", "of", "and", "first"]
 
@@ -66,7 +67,7 @@ def _oracle_stretch(real, synth, pools, generations: int, open_ids, close_ids, l
                 if close_ids:
                     add(lit_src, 1, 0, len(close_ids), False)
         ptr.append(len(cols["src"]))
-    g = _Groups(np.asarray(ptr, np.int64), *(np.asarray(cols[k], bool if k == "newdoc" else np.int64) for k in cols))
+    g = Groups(np.asarray(ptr, np.int64), *(np.asarray(cols[k], bool if k == "newdoc" else np.int64) for k in cols))
     return g.take(keep), keep
 
 
@@ -189,12 +190,12 @@ def test_cached_view_equals_a_fresh_one_and_changed_inputs_miss(tmp_path, kw):
     assert len(list((tmp_path / "cache" / "views").iterdir())) == 5
 
 
-def _random_groups(rng, sources: int, src: int) -> _Groups:
+def _random_groups(rng, sources: int, src: int) -> Groups:
     counts = rng.integers(0, 5, sources)
     n = int(counts.sum())
-    return _Groups(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), np.full(n, src, np.int8),
-                   rng.integers(0, 1000, n).astype(np.int32), rng.integers(0, 50, n).astype(np.int32),
-                   rng.integers(1, 90, n).astype(np.int32), rng.random(n) < 0.3)
+    return Groups(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), np.full(n, src, np.int8),
+                  rng.integers(0, 1000, n).astype(np.int32), rng.integers(0, 50, n).astype(np.int32),
+                  rng.integers(1, 90, n).astype(np.int32), rng.random(n) < 0.3)
 
 
 @pytest.mark.parametrize("block", [1, 3, 1 << 14])
@@ -203,7 +204,7 @@ def test_blocked_concat_and_document_positions_equal_plain_loops(block):
     # must not depend on the block size. Oracles: per-source and per-piece Python loops.
     rng = np.random.default_rng(block)
     parts = [_random_groups(rng, 40, s) for s in range(3)]
-    got = views_mod._concat(parts, block=block)
+    got = concat_groups(parts, block=block)
     cols = ("src", "doc", "start", "length", "newdoc")
     want = {k: [] for k in cols}
     for s in range(40):
@@ -221,7 +222,7 @@ def test_blocked_concat_and_document_positions_equal_plain_loops(block):
         pos = 0 if nd else pos
         docpos.append(pos)
         pos += n
-    assert views_mod._docpos(got.length, newdoc, block=block).tolist() == docpos
+    assert piece_docpos(got.length, newdoc, block=block).tolist() == docpos
 
 
 def test_a_document_beyond_int32_tokens_is_refused_in_one_line():
@@ -230,7 +231,7 @@ def test_a_document_beyond_int32_tokens_is_refused_in_one_line():
         path, num_documents = "huge-store", 1
         offsets_full = np.array([0, 2**31 + 5], np.int64)
 
-    g = _Groups(np.array([0, 1]), np.zeros(1, np.int8), np.zeros(1, np.int32), np.zeros(1, np.int32),
-                np.ones(1, np.int32), np.ones(1, bool))
+    g = Groups(np.array([0, 1]), np.zeros(1, np.int8), np.zeros(1, np.int32), np.zeros(1, np.int32),
+               np.ones(1, np.int32), np.ones(1, bool))
     with pytest.raises(ValueError, match=r"huge-store: views index documents .* up to 2147483653 tokens"):
-        views_mod._to_units(g, (Huge(),), "real", {})
+        to_units(g, (Huge(),), "real", {})

@@ -315,7 +315,7 @@ def test_one_piece_units_share_their_offsets_and_read_the_same_windows(corpus):
     """A stream of one piece a unit (the real stream) keeps the piece lengths as its unit lengths
     and one offsets array for units and pieces: the same values as the general case, the same
     pass-order names, and the windows of the oracle."""
-    from megadoc_pl.data.views import running_offsets
+    from megadoc_pl.data.units import running_offsets
 
     units = real_units(corpus["real"], HELDOUT)
     assert units.num_pieces == units.num_units

@@ -37,8 +37,9 @@ from megadoc_pl.data.hygiene import (
     text_hashes,
 )
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan, budget_plan, paper_plan
+from megadoc_pl.data.units import Units
 from megadoc_pl.data.view_cache import cached_real_fraction, cached_real_units, cached_view, exclusion_key
-from megadoc_pl.data.views import VIEW_TASKS, Units, ViewOptions, documents_units
+from megadoc_pl.data.views import VIEW_TASKS, ViewOptions, documents_units
 from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows
 from megadoc_pl.errors import BadInput
 from megadoc_pl.utils import NotCached, file_lock, get_logger, json_fingerprint
@@ -201,10 +202,21 @@ def _build_store(cfg: DictConfig, inputs: Sequence[str], tokenizer: Any, kind: s
     except OSError as e:
         if e.errno is not None and e.errno not in _NO_ROOM:
             raise
-        reason = e.strerror or f"a short write, {e}: the filesystem is full"  # numpy's tofile sets no errno
-        raise BadInput(f"data.cache_dir={cfg.data.cache_dir}: cannot write the token store {out.name} "
-                       f"({reason}) (fix: free space there, or point data.cache_dir at a writable "
-                       "filesystem with room)") from None
+        raise _no_room(cfg, e, f"the token store {out.name}") from None
+
+
+def _no_room(cfg: DictConfig, e: OSError, what: str) -> BadInput:
+    """The one line for a cache_dir that cannot take what preparation writes there."""
+    reason = e.strerror or f"a short write, {e}: the filesystem is full"  # numpy's tofile sets no errno
+    return BadInput(f"data.cache_dir={cfg.data.cache_dir}: cannot write {what} ({reason}) (fix: free space "
+                    "there, or point data.cache_dir at a writable filesystem with room)")
+
+
+def _is_full(e: OSError) -> bool:
+    """A write that met a full filesystem or quota (pyarrow and numpy's short writes carry no errno)."""
+    if e.errno is not None:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return "[errno 28]" in str(e).lower() or "requested and" in str(e)
 
 
 def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]:
@@ -261,6 +273,26 @@ def prepare_corpus(cfg: DictConfig, inputs: Optional[CorpusInputs] = None) -> Pr
     """
     if inputs is None:
         inputs = CorpusInputs.from_config(cfg)
+    try:
+        return _prepare_locked(cfg, inputs)
+    except OSError as e:  # every file is written atomically: a full disk leaves no half-written one
+        if not _is_full(e):
+            raise
+        raise _no_room(cfg, e, _cache_path(cfg, e)) from None
+
+
+def _cache_path(cfg: DictConfig, e: OSError) -> str:
+    """What a failed write names: its file under data.cache_dir, else the prepared data."""
+    if e.filename:
+        try:
+            return str(Path(e.filename).relative_to(Path(cfg.data.cache_dir)))
+        except ValueError:
+            return str(e.filename)
+    return "the prepared data"
+
+
+def _prepare_locked(cfg: DictConfig, inputs: CorpusInputs) -> PreparedData:
+    """:func:`prepare_corpus` under the cache's locks: cached data under the shared one, then building."""
     cache = Path(cfg.data.cache_dir)
     _remove_leftovers_if_alone(cache)
     if not bool(cfg.data.rebuild):

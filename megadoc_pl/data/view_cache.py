@@ -3,7 +3,7 @@
 A view's units are a pure function of the two stores' contents, the view options (seed
 included), the excluded source ids and the delimiter tokens; the cache directory is named by a
 hash of exactly those (``views/<view>-<key>``). It holds one ``.npy`` per column of
-:class:`~megadoc_pl.data.views.Units` and ``view.json`` (name, statistics, delimiter tokens),
+:class:`~megadoc_pl.data.units.Units` and ``view.json`` (name, statistics, delimiter tokens),
 built under a temporary name and renamed (:func:`megadoc_pl.utils.atomic_dir`), so a killed
 build leaves nothing a later run could read. Columns load with ``mmap_mode='r'``: a relaunch
 reads no array until windows touch it, and DataLoader workers forked from the loader share the
@@ -21,8 +21,9 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from megadoc_pl.data.hygiene import IdSet, id_set
-from megadoc_pl.data.views import (LiteralTokens, Units, ViewOptions, build_view, document_ids,
-                                  real_fraction_left_out, real_units, uses_delimiters)
+from megadoc_pl.data.units import Units
+from megadoc_pl.data.views import (LiteralTokens, ViewOptions, build_view, document_ids, real_fraction_left_out,
+                                  real_units, uses_delimiters)
 from megadoc_pl.utils import NotCached, atomic_dir, atomic_open, get_logger, json_fingerprint
 
 CACHE_VERSION = 2  # bump when the meaning or layout of a cached view changes (2: int8/int32 piece columns)

@@ -1,4 +1,4 @@
-"""Corpus views (SPEC 4): token stores -> units of pieces.
+"""Corpus views (docs/data-corpus.md): token stores -> units of pieces (:mod:`megadoc_pl.data.units`).
 
 A *piece* is a token span ``[start, start + length)`` of one document of a token source (a
 :class:`~megadoc_pl.data.store.TokenStore`, or the small :class:`LiteralTokens` table holding
@@ -44,7 +44,7 @@ itself (scope ``megadoc``). Source ids come from the token source of each piece.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Optional, Sequence, get_args
 
@@ -52,6 +52,8 @@ import numpy as np
 
 from megadoc_pl.config import Order, RealPosition, ShortPool, View
 from megadoc_pl.data.hygiene import IdSet, arrow_column, id_set, member_mask, one_string_array
+from megadoc_pl.data.units import (POS_DTYPE, SRC_DTYPE, Groups, Units, concat_groups, running_offsets,
+                                   to_units)
 
 VIEWS = get_args(View)
 # The generation tasks each view reads (the table above), its megadocs' pool first; a view's
@@ -70,10 +72,6 @@ assert tuple(VIEW_TASKS) == VIEWS, "one row per view of config.View"
 REAL_POSITIONS = get_args(RealPosition)
 ORDERS = get_args(Order)
 SHORT_POOL = get_args(ShortPool)
-# Piece columns: the token source as int8 (a view has at most three), documents, offsets and
-# lengths inside a document as int32 (a store's documents and a document's tokens stay below
-# 2^31, checked when units are made): 18 bytes a piece instead of 41 (paper-scale stretch: 21M pieces).
-SRC_DTYPE, POS_DTYPE = np.int8, np.int32
 
 
 def uses_delimiters(view: str) -> bool:
@@ -113,186 +111,6 @@ class LiteralTokens:
         return -1
 
 
-@dataclass
-class Units:
-    """Units of one stream in columnar form: pieces in unit order, CSR over units."""
-
-    sources: tuple  # token sources referenced by piece_src (TokenStore / LiteralTokens)
-    piece_src: np.ndarray  # (P,) int8 index into sources
-    piece_doc: np.ndarray  # (P,) int32 document in that source
-    piece_start: np.ndarray  # (P,) int32 first token of the span inside the document
-    piece_len: np.ndarray  # (P,) int32 tokens in the span (> 0)
-    piece_newdoc: np.ndarray  # (P,) bool: a document boundary at the span's first token
-    piece_docpos: np.ndarray  # (P,) int32 position of the span's first token in its document
-    unit_ptr: np.ndarray  # (U + 1,) int64: unit u is pieces unit_ptr[u]:unit_ptr[u + 1]
-    name: str = ""
-    stats: dict = field(default_factory=dict)  # sources kept / dropped / held out, filters
-
-    @property
-    def num_units(self) -> int:
-        return len(self.unit_ptr) - 1
-
-    @property
-    def num_pieces(self) -> int:
-        return len(self.piece_len)
-
-    @property
-    def unit_tokens(self) -> np.ndarray:
-        cum = running_offsets(self.piece_len)
-        return cum[self.unit_ptr[1:]] - cum[self.unit_ptr[:-1]]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.piece_len.sum())
-
-    def unit(self, u: int) -> list[tuple]:
-        """Unit u as (source index, doc, start, length, newdoc, docpos) tuples (tests, tools)."""
-        lo, hi = self.unit_ptr[u], self.unit_ptr[u + 1]
-        return [
-            (int(self.piece_src[k]), int(self.piece_doc[k]), int(self.piece_start[k]),
-             int(self.piece_len[k]), bool(self.piece_newdoc[k]), int(self.piece_docpos[k]))
-            for k in range(lo, hi)
-        ]
-
-    def unit_tokens_of(self, u: int) -> np.ndarray:
-        """The concatenated tokens of unit u (reference path for tests and tools)."""
-        parts = [
-            np.asarray(self.sources[s].token_array[self.sources[s].offsets_full[d] + a :
-                                                   self.sources[s].offsets_full[d] + a + n])
-            for s, d, a, n, _, _ in self.unit(u)
-        ]
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pieces grouped per source (CSR), the building block every view composes.
-
-
-@dataclass
-class _Groups:
-    """Pieces grouped per source; all groups of one view share the same source order."""
-
-    ptr: np.ndarray  # (S + 1,) int64
-    src: np.ndarray
-    doc: np.ndarray
-    start: np.ndarray
-    length: np.ndarray
-    newdoc: np.ndarray
-
-    @property
-    def counts(self) -> np.ndarray:
-        return np.diff(self.ptr)
-
-    @staticmethod
-    def single(src: int, docs: np.ndarray, lengths: np.ndarray) -> "_Groups":
-        """One whole stored document per source."""
-        n = len(docs)
-        return _Groups(np.arange(n + 1, dtype=np.int64), np.full(n, src, SRC_DTYPE), docs.astype(POS_DTYPE),
-                       np.zeros(n, POS_DTYPE), lengths.astype(POS_DTYPE), np.ones(n, bool))
-
-    def take(self, keep: np.ndarray) -> "_Groups":
-        """The groups of the sources where ``keep`` is True (itself when all are: no copy)."""
-        if keep.all():
-            return self
-        counts = self.counts[keep]
-        idx = _ranges(self.ptr[:-1][keep], counts)
-        ptr = running_offsets(counts)
-        return _Groups(ptr, self.src[idx], self.doc[idx], self.start[idx], self.length[idx], self.newdoc[idx])
-
-
-def running_offsets(lengths) -> np.ndarray:
-    """(n + 1,) int64 offsets ``[0, l0, l0 + l1, ...]`` of n lengths, in one allocation (a
-    paper-scale view's 21M piece lengths: 168 MB, not three copies of it)."""
-    lengths = np.asarray(lengths)
-    out = np.empty(len(lengths) + 1, np.int64)
-    out[0] = 0
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) for each (s, n), vectorised."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    keep = lengths > 0
-    starts, lengths = np.asarray(starts, np.int64)[keep], lengths[keep]
-    ends = np.cumsum(lengths)
-    out = np.ones(total, dtype=np.int64)
-    out[0] = starts[0]
-    out[ends[:-1]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
-    return np.cumsum(out)
-
-
-def _concat(parts: Sequence[_Groups], block: int = 1 << 14) -> _Groups:
-    """Per source, the pieces of parts[0], then parts[1], ... (vectorised CSR interleave, a block
-    of sources at a time so the destination indices never cover the whole view)."""
-    counts = np.stack([p.counts for p in parts])  # (K, S)
-    total = counts.sum(axis=0)
-    ptr = running_offsets(total)
-    n = int(ptr[-1])
-    cols = {k: np.empty(n, dtype=getattr(parts[0], k).dtype) for k in ("src", "doc", "start", "length", "newdoc")}
-    for lo in range(0, len(total), block):
-        hi = min(len(total), lo + block)
-        before = np.zeros(hi - lo, np.int64)
-        for p, c in zip(parts, counts[:, lo:hi]):
-            dest = _ranges(ptr[lo:hi] + before, c)
-            a, b = int(p.ptr[lo]), int(p.ptr[hi])
-            for k, arr in cols.items():
-                arr[dest] = getattr(p, k)[a:b]
-            before += c
-    return _Groups(ptr, cols["src"], cols["doc"], cols["start"], cols["length"], cols["newdoc"])
-
-
-def _to_units(g: _Groups, sources: tuple, name: str, stats: dict, split_each: bool = False) -> Units:
-    """Groups -> Units: one unit per non-empty group, or one per piece with ``split_each``.
-
-    Empty spans (an empty delimiter) are dropped; every unit starts a document.
-    """
-    for store in sources:  # the int32 piece columns held every document number and offset exactly
-        n = store.num_documents
-        if n >= 2**31 or (store.offsets_full[-1] >= 2**31 and int(np.diff(store.offsets_full).max()) >= 2**31):
-            raise ValueError(f"{getattr(store, 'path', store)}: views index documents and their tokens with int32 and "
-                             f"this store has {n} documents of up to {int(np.diff(store.offsets_full).max())} tokens "
-                             "(fix: split the corpus into stores below 2^31 documents, documents below 2^31 tokens)")
-    keep = g.length > 0
-    if keep.all():  # the common case: no copies of the piece arrays (paper scale: ~20M pieces)
-        src, doc, start, length, newdoc = g.src, g.doc, g.start, g.length, g.newdoc.copy()
-        first = np.ones(len(length), bool)
-        if not split_each:
-            first[:] = False
-            first[g.ptr[:-1][g.counts > 0]] = True
-    else:
-        unit_of = np.arange(len(g.length)) if split_each else np.repeat(np.arange(len(g.counts)), g.counts)
-        unit_of = unit_of[keep]
-        src, doc, start, length = g.src[keep], g.doc[keep], g.start[keep], g.length[keep]
-        newdoc = g.newdoc[keep].copy()
-        first = np.ones(len(unit_of), bool)
-        first[1:] = unit_of[1:] != unit_of[:-1]
-        del unit_of
-    newdoc |= first
-    ptr = np.concatenate([np.flatnonzero(first), [len(length)]]).astype(np.int64)
-    return Units(sources, src, doc, start, length, newdoc, _docpos(length, newdoc), ptr, name, stats)
-
-
-def _docpos(length: np.ndarray, newdoc: np.ndarray, block: int = 1 << 22) -> np.ndarray:
-    """Position of each piece's first token inside its document (documents start at newdoc),
-    a block of pieces at a time (int64 temporaries of a block, not of the view)."""
-    out = np.empty(len(length), POS_DTYPE)
-    base = doc_start = 0  # stream offset of the block's first piece; start of the open document
-    for lo in range(0, len(length), block):
-        n = length[lo:lo + block]
-        cum = np.cumsum(n, dtype=np.int64)
-        cum -= n
-        cum += base  # the stream offset of each piece's first token
-        starts = np.where(newdoc[lo:lo + block], cum, doc_start)
-        np.maximum.accumulate(starts, out=starts)
-        out[lo:lo + block] = cum - starts
-        base, doc_start = int(cum[-1] + n[-1]), int(starts[-1])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Source pools
 
@@ -303,7 +121,7 @@ class _Pools:
 
     real_docs: np.ndarray  # (S,) real store document of each training source
     ids: np.ndarray  # (S,) source ids
-    gens: _Groups  # per source: its selected generations, in gen_index order
+    gens: Groups  # per source: its selected generations, in gen_index order
     stats: dict
 
 
@@ -396,21 +214,21 @@ def _pools(real, synth, task: str, heldout: set[str], generations: int, short_po
     gen_docs, pos = gen_docs[sel], pos[sel]
     gcounts = np.bincount(pos, minlength=len(real_docs))
     ptr = running_offsets(gcounts)
-    gens = _Groups(ptr, np.ones(len(gen_docs), SRC_DTYPE), gen_docs.astype(POS_DTYPE), np.zeros(len(gen_docs), POS_DTYPE),
-                   synth.lengths[gen_docs].astype(POS_DTYPE), np.ones(len(gen_docs), bool))
+    gens = Groups(ptr, np.ones(len(gen_docs), SRC_DTYPE), gen_docs.astype(POS_DTYPE), np.zeros(len(gen_docs), POS_DTYPE),
+                  synth.lengths[gen_docs].astype(POS_DTYPE), np.ones(len(gen_docs), bool))
     keep = ~short
     stats["sources_kept"] = int(keep.sum())
     stats["generations_used"] = int(gcounts[keep].sum())
     return _Pools(real_docs[keep], ids[keep], gens.take(keep), stats)
 
 
-def _shuffle_within(g: _Groups, seed: int) -> _Groups:
+def _shuffle_within(g: Groups, seed: int) -> Groups:
     """Permute the pieces inside every group (seeded; the same every pass)."""
     rng = np.random.default_rng(seed)
     key = rng.random(len(g.length))
     grp = np.repeat(np.arange(len(g.counts)), g.counts)
     order = np.lexsort((key, grp))
-    return _Groups(g.ptr, g.src[order], g.doc[order], g.start[order], g.length[order], g.newdoc[order])
+    return Groups(g.ptr, g.src[order], g.doc[order], g.start[order], g.length[order], g.newdoc[order])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,7 +257,7 @@ def stretch_cuts(num_tokens: np.ndarray, generations: int) -> tuple[np.ndarray, 
 
 
 def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[int], close_ids: Sequence[int],
-             lit_src: int, short_pool: str) -> tuple[_Groups, np.ndarray]:
+             lit_src: int, short_pool: str) -> tuple[Groups, np.ndarray]:
     """Per source: r(s) in G+1 equal-token segments with rationale i after segment i (vectorised).
 
     Returns the groups and a keep mask over pools' sources (short pools dropped when asked).
@@ -468,7 +286,7 @@ def _stretch(real, synth, pools: _Pools, generations: int, open_ids: Sequence[in
                                  synth, bos, sbos, seos, len(open_ids), len(close_ids), lit_src)
         for col, part in zip(cols, layout):
             col[ptr[lo]:ptr[hi]] = part
-    return _Groups(ptr, *cols), keep
+    return Groups(ptr, *cols), keep
 
 
 def _stretch_rationales(real, synth, pools: _Pools, n: np.ndarray, generations: int,
@@ -684,14 +502,14 @@ def real_fraction_left_out(real, heldout: Iterable[str], fraction: float, seed: 
 def real_units(real, heldout: Iterable[str] = ()) -> Units:
     """The real stream: one unit per training source, r(s) (its stored BOS/EOS included)."""
     docs, stats = _train_docs(real, id_set(heldout))
-    g = _Groups.single(0, docs, real.lengths[docs])
-    return _to_units(g, (real,), "real", stats)
+    g = Groups.single(0, docs, real.lengths[docs])
+    return to_units(g, (real,), "real", stats)
 
 
 def documents_units(store, docs: Optional[np.ndarray] = None, name: str = "documents") -> Units:
     """One unit per listed document of a store, in the given order (validation sets)."""
     docs = np.arange(store.num_documents) if docs is None else np.asarray(docs, np.int64)
-    return _to_units(_Groups.single(0, docs, store.lengths[docs]), (store,), name, {"documents": int(len(docs))})
+    return to_units(Groups.single(0, docs, store.lengths[docs]), (store,), name, {"documents": int(len(docs))})
 
 
 def build_view(real, synth, opts: ViewOptions, heldout: Iterable[str] = (),
@@ -739,8 +557,8 @@ def _build_view(real, synth, opts: ViewOptions, heldout: Iterable[str],
     if opts.view in ("rephrase", "maga", "self_distill"):
         parts = [gens]
         if opts.view in ("rephrase", "self_distill") and opts.include_real:
-            parts.append(_Groups.single(0, pools.real_docs, real.lengths[pools.real_docs]))
-        return _to_units(_concat(parts), sources, name, stats, split_each=True)
+            parts.append(Groups.single(0, pools.real_docs, real.lengths[pools.real_docs]))
+        return to_units(concat_groups(parts), sources, name, stats, split_each=True)
 
     if opts.view == "stretch" or opts.view == "stitch_stretch":
         if opts.view == "stretch":
@@ -753,7 +571,7 @@ def _build_view(real, synth, opts: ViewOptions, heldout: Iterable[str],
         stats["stretch_sources_dropped"] = int((~ok).sum())
         if opts.view == "stretch":
             stats["sources_kept"] = int(ok.sum())
-            return _to_units(stretched, sources, name, stats)
+            return to_units(stretched, sources, name, stats)
         # Hybrid: align the rephrase pools and the stretched originals on common sources.
         stretched_docs = rat_pools.real_docs[ok]
         both = np.intersect1d(pools.real_docs, stretched_docs)
@@ -762,13 +580,13 @@ def _build_view(real, synth, opts: ViewOptions, heldout: Iterable[str],
         del stretched, rat_pools, pools  # the view's peak is the concatenation below: hold no more than its parts
         stats["sources_kept"] = int(len(both))
     else:
-        real_part = _Groups.single(0, pools.real_docs, real.lengths[pools.real_docs])
+        real_part = Groups.single(0, pools.real_docs, real.lengths[pools.real_docs])
 
     # stitch / maga_stitch / stitch_stretch: one megadoc per source.
     parts = {"last": [gens, real_part], "first": [real_part, gens], "none": [gens]}[opts.real_position]
     del gens, real_part
     for store in (real, synth):  # nothing below reads an index column: the concatenation is the peak
         store.release_columns()
-    megadocs = _concat(parts)
+    megadocs = concat_groups(parts)
     del parts
-    return _to_units(megadocs, sources, name, stats)
+    return to_units(megadocs, sources, name, stats)

@@ -35,7 +35,7 @@ import numpy as np
 
 from megadoc_pl.config import Scope, WindowOrder
 from megadoc_pl.data.mixture import MixturePlan, StreamDrawer
-from megadoc_pl.data.views import Units, _ranges, running_offsets
+from megadoc_pl.data.units import Units, ranges, running_offsets
 from megadoc_pl.utils import atomic_open, file_lock, get_logger, stable_hash
 
 SCOPES = get_args(Scope)
@@ -357,7 +357,7 @@ class StreamWindows:
         p0, p1 = a // P, (b - 1) // P
         nseg = p1 - p0 + 1
         seg_win = np.repeat(np.arange(len(j)), nseg)
-        seg_pass = _ranges(p0, nseg)
+        seg_pass = ranges(p0, nseg)
         seg_lo = np.maximum(a[seg_win] - seg_pass * P, 0)
         seg_hi = np.minimum(b[seg_win] - seg_pass * P, P)
         seg_wpos = seg_pass * P + seg_lo - a[seg_win]
@@ -375,7 +375,7 @@ class StreamWindows:
         u_hi = np.searchsorted(starts, hi, side="left")
         cnt = u_hi - u_lo
         seg = np.repeat(np.arange(len(lo)), cnt)
-        pos = _ranges(u_lo, cnt)
+        pos = ranges(u_lo, cnt)
         u = perm[pos]
         ustart = starts[pos]
         x_lo = np.maximum(lo[seg] - ustart, 0)
@@ -393,7 +393,7 @@ class StreamWindows:
         k_last[cut] = np.searchsorted(self.piece_key, g_hi[cut] - 1, side="right") - 1
         kc = k_last - k_first + 1
         own = np.repeat(np.arange(len(u)), kc)
-        k = _ranges(k_first, kc)
+        k = ranges(k_first, kc)
         p_lo = self.piece_key[k]
         c_lo = np.maximum(g_lo[own], p_lo)
         c_hi = np.minimum(g_hi[own], p_lo + U.piece_len[k])
@@ -446,9 +446,9 @@ def gather_tokens(clips: Clips, sources: Sequence, B: int, L: int, dtype=np.int6
     for s in used:
         m = slice(None) if len(used) == 1 else clips.src == s
         if len(used) == 1:  # the clips tile the batch in order: no scatter
-            out[:] = arrays[int(s)][_ranges(first, clips.n)]
+            out[:] = arrays[int(s)][ranges(first, clips.n)]
         else:
-            out[_ranges(clips.row[m] * L + clips.wpos[m], clips.n[m])] = arrays[int(s)][_ranges(first[m], clips.n[m])]
+            out[ranges(clips.row[m] * L + clips.wpos[m], clips.n[m])] = arrays[int(s)][ranges(first[m], clips.n[m])]
     return out.reshape(B, L)
 
 
