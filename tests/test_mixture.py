@@ -11,13 +11,13 @@ import pytest
 
 from megadoc_pl.data.mixture import StreamDrawer, as_fraction, budget_plan, paper_plan
 
-# The megadocs setup (research/megadocs.md 1.1, 1.5, 4.1): 203,867,748 real tokens, 64 x 4096.
+# The megadocs setup (docs/papers.md, megadocs 1.1, 1.5, 4.1): 203,867,748 real tokens, 64 x 4096.
 T_REAL = 203_867_748
 S32 = 3_713_048_352  # the b32/s32 synthetic stream
 
 
 @pytest.mark.parametrize(
-    "E, w, syn_tokens, steps, syn_passes",  # megadocs.md 1.5 table: real only, w2s, s8, s32, b32
+    "E, w, syn_tokens, steps, syn_passes",  # docs/papers.md, megadocs 1.5 table: real only, w2s, s8, s32, b32
     [(16, 0.0, None, 12_432, None), (4, 0.75, 398_936_730, 12_432, 6.1), (8, 0.75, 967_660_703, 24_864, 5.1),
      (16, 0.75, S32, 49_728, 2.6), (32, 0.9, S32, 248_640, 15.8)],
 )
@@ -66,7 +66,7 @@ def test_paper_plan_errors():
 
 
 def test_budget_plan_maga_entireset_expansion():
-    # EntireSet MGA-Expansion (maga.md 12.2): 50B real x 2 + 200B MGA x 2 = 500B; units of 1e9 / 1e3.
+    # EntireSet MGA-Expansion (docs/papers.md, MAGA 12.2): 50B real x 2 + 200B MGA x 2 = 500B; units of 1e9 / 1e3.
     plan = budget_plan({"real": 50_000, "synthetic": 200_000}, 10, 100, stream_epochs={"real": 2, "synthetic": 2})
     assert plan.steps == 500_000 // 1000 == 500
     assert plan.stream("real").windows == 1000 and plan.stream("synthetic").windows == 4000

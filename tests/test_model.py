@@ -11,9 +11,9 @@ from megadoc_pl.model.attention import positions_from_segment_ids
 from megadoc_pl.model.llama import SIZES, Llama, LlamaConfig
 from megadoc_pl.model.loss import reference_cross_entropy
 
-# research/megadocs.md 1.3 (vocabulary 128,256): exact totals
+# docs/papers.md, megadocs 1.3 (vocabulary 128,256): exact totals
 MEGADOCS_COUNTS = {"150m": 154_147_328, "300m": 299_649_792, "600m": 602_457_088, "1_5b": 1_540_732_416}
-# research/maga.md 11: the printed "total params" are non-embedding counts (corrected table);
+# docs/papers.md, MAGA 11: the printed "total params" are non-embedding counts (corrected table);
 # with untied 49,152-token embeddings the totals are ~0.235B / 0.528B / 1.93B / 7.38B / 13.3B.
 MAGA_NON_EMBEDDING = {"maga_134m": 134e6, "maga_377m": 377e6, "maga_1_7b": 1.68e9, "maga_7b": 6.98e9, "maga_13b": 12.9e9}
 MAGA_TOTAL = {"maga_134m": 0.235e9, "maga_377m": 0.528e9, "maga_1_7b": 1.93e9, "maga_7b": 7.38e9, "maga_13b": 13.3e9}

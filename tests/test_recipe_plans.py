@@ -1,8 +1,8 @@
 """Plans of every method recipe at every scale, through ``recipes/train.py --dry-run``.
 
 Stream sizes are assumed (``--assume-tokens``: nothing is prepared), so the paper's own numbers
-can be checked exactly: parameter counts (research/megadocs.md 1.3), steps, tokens and passes per
-stream (the megadocs paper's table; docs/data-corpus.md) and MAGA's budget mode (maga.md 12.2). One real dry run on a
+can be checked exactly: parameter counts (docs/papers.md, megadocs 1.3), steps, tokens and passes per
+stream (the megadocs paper's table; docs/data-corpus.md) and MAGA's budget mode (docs/papers.md, MAGA 12.2). One real dry run on a
 small demo world checks that the real stream's size is what the store holds for training.
 """
 
@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = list_recipes("methods")
 SCALES = list_recipes("scales")
 
-# megadocs.md 1.5: T_real of the 200M-token DCLM subset and the s32 / b32 synthetic stream.
+# docs/papers.md, megadocs 1.5: T_real of the 200M-token DCLM subset and the s32 / b32 synthetic stream.
 T_REAL, T_SYN = 203_867_748, 3_713_048_352
-# maga.md 12.2 EntireSet MGA-Expansion: 50B unique real tokens, 200B of MGA reformulations.
+# docs/papers.md, MAGA 12.2: EntireSet MGA-Expansion: 50B unique real tokens, 200B of MGA reformulations.
 MAGA_REAL, MAGA_SYN = 50 * 10**9, 200 * 10**9
-# megadocs.md 1.3 (vocabulary 128,256, untied embeddings).
+# docs/papers.md, megadocs 1.3 (vocabulary 128,256, untied embeddings).
 PAPER_PARAMS = {"150m": 154_147_328, "300m": 299_649_792, "600m": 602_457_088, "1_5b": 1_540_732_416}
 
 
@@ -112,7 +112,7 @@ def test_plan_of_every_recipe_at_every_scale(method, scale, tmp_path, capsys):
             assert streams["synthetic"]["passes"] == round(syn_windows * T / T_SYN, 6)
         else:
             assert set(streams) == {"real"} and syn_windows == 0
-    else:  # budget mode: epochs x unique tokens per stream, maga.md 12.2
+    else:  # budget mode: epochs x unique tokens per stream, docs/papers.md, MAGA 12.2
         budget = sum(int(cfg.data.mixture.stream_epochs[n]) * t for n, t in sizes.items())
         steps = budget // (B * T)
         assert plan["steps"] == steps and plan["steps_per_epoch"] is None
@@ -139,7 +139,7 @@ def test_plan_of_every_recipe_at_every_scale(method, scale, tmp_path, capsys):
 
 
 def test_the_papers_runs(capsys):
-    """megadocs.md 1.5's table at 300M: steps, total tokens and synthetic passes."""
+    """The megadocs 1.5 table (docs/papers.md) at 300M: steps, total tokens and synthetic passes."""
     def plan(method: str) -> dict:
         return dry_run(["--recipe", method, "scale=paper_300m", "--dry-run", "--assume-tokens",
                         sizes_arg(assumed_sizes(method))], capsys)

@@ -1,7 +1,7 @@
 """Data efficiency: how many real tokens the real-data-only baseline would need to match a loss.
 
 Fit the baseline's data-scaling law L(D) = A / D^alpha + E over runs at several real-data
-sizes D (the predecessor paper used 209.7M ... 1.68B tokens; research/megadocs.md 6.2), invert
+sizes D (the predecessor paper used 209.7M ... 1.68B tokens; docs/papers.md, megadocs 6.2), invert
 it exactly, D_eff(L) = (A / (L - E))^(1/alpha), and report for each method its effective real
 tokens and the multiplier D_eff(L_method) / D_real (the megadocs "1.48x" / "1.80x").
 

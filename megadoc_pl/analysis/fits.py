@@ -2,7 +2,7 @@
 
 x is model parameters N, generations G, ensemble members K or tokens D; C is the asymptote
 (the loss as x -> infinity). The megadocs code fits this form with ``scipy.curve_fit``, bounds
-A, B, C >= 0 and one start (research/megadocs.md 6.1). One start is fragile: the loss surface
+A, B, C >= 0 and one start (docs/papers.md, megadocs 6.1). One start is fragile: the loss surface
 is flat along the A-B valley and a bad start ends on a bound. We use two solvers that check
 each other:
 

@@ -1,6 +1,6 @@
 """MAGA loss-pattern analysis: where along a document one model falls behind another.
 
-Definitions (research/maga.md 14.2), for one document with per-token losses of model A (the
+Definitions (docs/papers.md, MAGA 14.2), for one document with per-token losses of model A (the
 reference, e.g. trained on real data) and model B (e.g. trained with synthetic data) on the
 same L predicted tokens:
 

@@ -1,6 +1,6 @@
 """Bounding-box tuner: coordinate-wise local search on a discrete grid, with a certificate.
 
-The megadocs procedure (research/megadocs.md 1.6): around a centre on a discrete grid of
+The megadocs procedure (docs/papers.md, megadocs 1.6): around a centre on a discrete grid of
 (real epochs, lr, weight decay, synthetic fraction), run the centre and its one-step
 neighbours on every axis (at most 1 + 2 * axes runs), move the centre to the best run and
 repeat until the centre is at least as good as every neighbour that exists on the grid. That
@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 from megadoc_pl.errors import BadInput
 from megadoc_pl.utils import atomic_write_json, atomic_write_text, json_fingerprint
 
-# Grids of the megadocs code (research/megadocs.md 1.6), axis order = the run-name order.
+# Grids of the megadocs code (docs/papers.md, megadocs 1.6), axis order = the run-name order.
 GRIDS: dict[str, dict[str, list]] = {
     "synthetic": {
         "data.mixture.real_epochs": [1, 2, 4, 8, 16, 32, 64],

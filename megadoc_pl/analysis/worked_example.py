@@ -1,11 +1,11 @@
 """The megadocs worked example: the paper's published losses through the analysis tools.
 
-Data: research/megadocs.md 6.3 (300M model, 203,867,748 real DCLM tokens, i.i.d. loss on
+Data: docs/papers.md, megadocs 6.3 (300M model, 203,867,748 real DCLM tokens, i.i.d. loss on
 dc_1k_val_normal; per-G losses are the authors' *draft* values, best tuned run per point, which
 the final paper may move by about 0.01). Run it with
 ``python tools/fit_scaling.py example megadocs [--out DIR]``; docs/analysis.md shows its output.
 
-Baseline law. The paper does not publish its baseline data-scaling law (megadocs.md 6.2, 8).
+Baseline law. The paper does not publish its baseline data-scaling law (docs/papers.md, megadocs 6.2, 8).
 We use the predecessor's law form and parameters, alpha = 0.24 and E = 1.9 (its fits had
 alpha 0.23-0.24, E 1.89-1.96), with A pinned so that the law passes through the real-only
 300M run itself, L(203.9M) = 3.5544. Then D_eff(L) / D_real is the predecessor's efficiency

@@ -89,8 +89,8 @@ class LlamaConfig:
         return body + (2 * self.vocab_size * d if embeddings else 0)
 
 
-# Named sizes. megadocs (research/megadocs.md 1.3; vocab 128,256, context 4096) and MAGA
-# (research/maga.md 11, corrected table: hidden 1024 for 134M, ffn 14336 / 18432 for 7B / 13B;
+# Named sizes. megadocs (docs/papers.md, megadocs 1.3; vocab 128,256, context 4096) and MAGA
+# (docs/papers.md, MAGA 11, corrected table: hidden 1024 for 134M, ffn 14336 / 18432 for 7B / 13B;
 # head_dim 128; vocab 49,152, context 8192). MAGA's "total params" are non-embedding counts.
 _MEGADOCS = dict(vocab_size=128256, max_seq_len=4096)
 _MAGA = dict(vocab_size=49152, max_seq_len=8192)

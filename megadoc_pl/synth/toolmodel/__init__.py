@@ -1,6 +1,6 @@
 """MAGA tool models: distil the labeler LLM into a small generator, quantize it, check it.
 
-MAGA (research/maga.md sections 2, 6, 7) does not generate its corpus with the big LLM: a small
+MAGA (docs/papers.md, MAGA 2, 6, 7) does not generate its corpus with the big LLM: a small
 tool model is fine-tuned on the LLM's stage-1 pairs and stage-2 reformulations that passed the
 Limited-Consistency judge (score >= 3), checked against the LLM on the judge's histogram
 (Table 1), and served W8A8-quantized. The loop here:
