@@ -1,4 +1,4 @@
-"""Every module of the package imports without the optional heavy dependencies (STYLE rule 8).
+"""Every module of the package imports without the optional heavy dependencies (optional dependencies are imported where used, with an install hint).
 
 The import runs in a fresh interpreter in which vllm, flash_attn, lm_eval and datasets cannot be
 imported, whether or not they are installed here: a module that imports one of them at top level
