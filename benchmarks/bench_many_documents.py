@@ -144,7 +144,7 @@ def run_file_stage(stage: str, inputs: Path, tokenizer: str, real_fraction: floa
         prepared = prepare.prepare_corpus(cfg)
         out.update(units=prepared.real_units.num_units, steps=prepared.plan.steps)
         if stage == "first batch":
-            from megadoc_pl.data.windows import packed_fields
+            from megadoc_pl.data.batch import packed_fields
 
             dm = prepared.datamodule()
             dm.setup("fit")

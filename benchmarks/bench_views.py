@@ -221,7 +221,7 @@ def loader_rate(windows, first_step: int, batches: int, batch: int, workers: int
     import gc
 
     from megadoc_pl.data.datamodule import PackedWindows, SlotLoader, loader_kwargs, release_slot
-    from megadoc_pl.data.windows import unpack
+    from megadoc_pl.data.batch import unpack
 
     def cpu(who: int) -> float:
         r = resource.getrusage(who)
@@ -268,7 +268,7 @@ def gpu_unpack_ms(windows, batch: int) -> Optional[float]:
     """ms to move one packed batch to the GPU and unpack it there (what training does), or None."""
     import torch
 
-    from megadoc_pl.data.windows import unpack
+    from megadoc_pl.data.batch import unpack
 
     if not torch.cuda.is_available():
         return None

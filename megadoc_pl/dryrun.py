@@ -13,9 +13,9 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from megadoc_pl.data.batch import packed_fields
 from megadoc_pl.data.mixture import REAL, SYNTHETIC, MixturePlan
 from megadoc_pl.data.prepare import PreparedData, plan_from_sizes, run_steps
-from megadoc_pl.data.windows import packed_fields
 from megadoc_pl.model.config import LlamaConfig
 from megadoc_pl.model.flops import flops_per_token, peak_bf16_flops
 

@@ -174,7 +174,7 @@ def test_model_config_and_recipe_schema_import_no_torch():
 
 def test_each_choice_is_listed_once():
     """Every module's choice tuple is the config's Literal (``get_args``) or checked equal to it."""
-    from megadoc_pl.data import views, windows
+    from megadoc_pl.data import batch, views, windows
     from megadoc_pl.model import attention, loss
     from megadoc_pl.synth import tasks
     from megadoc_pl.train import optim
@@ -183,14 +183,14 @@ def test_each_choice_is_listed_once():
     assert tuple(get_args(config.RealPosition)) == tuple(views.REAL_POSITIONS)
     assert tuple(get_args(config.Order)) == tuple(views.ORDERS)
     assert tuple(get_args(config.ShortPool)) == tuple(views.SHORT_POOL)
-    assert tuple(get_args(config.Scope)) == tuple(windows.SCOPES)
+    assert tuple(get_args(config.Scope)) == tuple(batch.SCOPES)
     assert tuple(get_args(config.AttentionBackend)) == tuple(attention.BACKENDS)
     assert tuple(get_args(config.Schedule)) == tuple(optim.SCHEDULES)
     assert tuple(get_args(config.WindowOrder)) == tuple(windows.WINDOW_ORDERS)
     assert tuple(get_args(config.LossImpl)) == tuple(loss.LOSS_IMPLS)
     assert tuple(get_args(config.MagaVariant)) == tuple(tasks.MAGA_VARIANTS)
     # no module spells a choice list of its own: each tuple above is derived from the Literal
-    for module, name in ((views, "REAL_POSITIONS"), (views, "ORDERS"), (views, "SHORT_POOL"), (windows, "SCOPES"),
+    for module, name in ((views, "REAL_POSITIONS"), (views, "ORDERS"), (views, "SHORT_POOL"), (batch, "SCOPES"),
                          (windows, "WINDOW_ORDERS"), (attention, "BACKENDS"), (optim, "SCHEDULES"),
                          (loss, "LOSS_IMPLS"), (tasks, "MAGA_VARIANTS")):
         assert f"{name} = get_args(" in Path(module.__file__).read_text(), (module.__name__, name)

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from megadoc_pl.data.batch import unpack
 from megadoc_pl.data.datamodule import (MegadocDataModule, PaddingBatch, TrainBatchSampler, ValBatchSampler,
                                          accumulation_steps)
 from megadoc_pl.data.mixture import paper_plan
 from megadoc_pl.data.views import ViewOptions, build_view, documents_units, real_units
-from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows, unpack
+from megadoc_pl.data.windows import SharedPasses, StreamWindows, Windows
 
 from conftest import load_script
 from test_views import HELDOUT, make_corpus
@@ -133,7 +134,7 @@ def test_slot_buffers_travel_once_and_again_when_regrown(corpus):
     batch equals the in-process one, a few buffers travel (not one per batch), and the main
     process ends up holding buffers large enough for the largest batch."""
     from megadoc_pl.data.datamodule import SLOT, PackedWindows, SlotLoader, release_slot
-    from megadoc_pl.data.windows import packed_bytes
+    from megadoc_pl.data.batch import packed_bytes
 
     w = make_dm(corpus).train_windows
     index = [list(range(k, k + n)) for k, n in enumerate([1] * 12 + [4] * 12 + [16] * 12)]
@@ -199,7 +200,7 @@ def test_a_pinned_slot_batch_is_a_copy_and_frees_its_slot(monkeypatch):
     """With pinned memory (a GPU run), the main process copies a slot's batch into pinned memory
     and frees the slot at once (no GPU here: pinning is a recorded copy)."""
     from megadoc_pl.data.datamodule import SLOT, SlotPool, receive_slot
-    from megadoc_pl.data.windows import PACKED, packed_bytes
+    from megadoc_pl.data.batch import PACKED, packed_bytes
 
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t.clone()) or pinned[-1])

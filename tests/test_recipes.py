@@ -9,9 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from megadoc_pl.config import RecipeConfig
+from megadoc_pl.data.batch import SCOPES
 from megadoc_pl.data.mixture import budget_plan, paper_plan
 from megadoc_pl.data.views import ViewOptions
-from megadoc_pl.data.windows import SCOPES
 from megadoc_pl.recipes import describe_all, list_recipes, load_recipe, recipes_dir
 
 METHODS = list_recipes("methods")

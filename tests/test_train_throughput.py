@@ -90,7 +90,8 @@ def test_attention_stats_and_window_numbers_come_from_the_packed_batch_on_the_cp
 
     from megadoc_pl.data.mixture import StreamDrawer
     from megadoc_pl.data.views import LiteralTokens, documents_units
-    from megadoc_pl.data.windows import StreamWindows, Windows, unpack
+    from megadoc_pl.data.batch import unpack
+    from megadoc_pl.data.windows import StreamWindows, Windows
     from megadoc_pl.model.config import LlamaConfig
     from megadoc_pl.model.flops import flops_per_token, mean_attended_keys
     from megadoc_pl.recipes import load_recipe

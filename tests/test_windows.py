@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from megadoc_pl.data import batch as batch_mod
 from megadoc_pl.data.mixture import paper_plan
 from megadoc_pl.data.views import ViewOptions, build_view, documents_units, real_units
-from megadoc_pl.data import windows as windows_mod
 from megadoc_pl.data.windows import StreamWindows, Windows, pass_seed
 
 from test_views import HELDOUT, make_corpus
@@ -52,7 +52,7 @@ def _oracle_batch(stream, j: int, T: int, scope: str) -> dict:
 @pytest.mark.parametrize("view", ["stitch", "stretch"])
 def test_stream_windows_match_the_oracle_across_passes(corpus, scope, view, gather, monkeypatch):
     # tokens are copied run by run (few runs) or by one fancy-index read (many): both are exact
-    monkeypatch.setattr(windows_mod, "_LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
+    monkeypatch.setattr(batch_mod, "LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
     units = build_view(corpus["real"], corpus["synth"], ViewOptions(view=view, generations=2, short_pool="drop"),
                        HELDOUT, encode=corpus["info"].encode)
     T = 23  # windows straddle units, pieces and pass boundaries
@@ -84,7 +84,7 @@ def test_stream_windows_match_the_oracle_across_passes(corpus, scope, view, gath
 def test_windows_over_consecutive_documents_copy_whole_runs(corpus, gather, monkeypatch):
     # Validation reads real documents in store order: a window's clips follow each other in the
     # token file and are copied as one run. Both copy paths equal the oracle.
-    monkeypatch.setattr(windows_mod, "_LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
+    monkeypatch.setattr(batch_mod, "LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
     units = real_units(corpus["real"], HELDOUT)
     T = 37
     w = Windows.sequential(units, T, "document")
@@ -214,7 +214,7 @@ def test_workers_get_a_picklable_dataset(corpus):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_unpack_on_the_gpu_equals_the_cpu(corpus):
     # The datamodule unpacks on the training device: the contract must not depend on where.
-    from megadoc_pl.data.windows import unpack
+    from megadoc_pl.data.batch import unpack
 
     units = build_view(corpus["real"], corpus["synth"], ViewOptions(view="stitch", generations=2, short_pool="drop"),
                        HELDOUT, encode=corpus["info"].encode)
@@ -255,8 +255,8 @@ def test_packed_tokens_keep_every_id_in_either_width(dtype, top, width, gather, 
     and in 4 otherwise; unpack gives back every id, and the byte buffer's fields round-trip."""
     from megadoc_pl.data.views import documents_units
 
-    monkeypatch.setattr(windows_mod, "_LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
-    from megadoc_pl.data.windows import packed_fields, token_width, unpack
+    monkeypatch.setattr(batch_mod, "LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
+    from megadoc_pl.data.batch import PACKED, packed_fields, token_width, unpack
 
     rng = np.random.default_rng(0)
     lengths = [40, 7, 95, 30]
@@ -267,7 +267,7 @@ def test_packed_tokens_keep_every_id_in_either_width(dtype, top, width, gather, 
     w = Windows([st], _single(st), 19, "document", st.num_windows)
     assert token_width([src]) == width
     packed = w.packed(np.arange(len(w)))
-    assert packed["buffer"].dtype == torch.uint8 and packed[windows_mod.PACKED][-1] == width
+    assert packed["buffer"].dtype == torch.uint8 and packed[PACKED][-1] == width
     batch = unpack(packed)
     T = 19
     flat = ids.astype(np.int64)
@@ -289,9 +289,9 @@ def test_a_batch_from_sources_of_two_widths_reads_each_window_from_its_stream(ga
 
     from megadoc_pl.data.mixture import StreamDrawer
     from megadoc_pl.data.views import documents_units
-    from megadoc_pl.data.windows import unpack
+    from megadoc_pl.data.batch import unpack
 
-    monkeypatch.setattr(windows_mod, "_LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
+    monkeypatch.setattr(batch_mod, "LOOP_RUNS_PER_TOKEN", 1.0 if gather == "runs" else 0.0)
     rng = np.random.default_rng(3)
     T, flats, streams = 11, [], []
     for name, dtype, top, lengths in (("a", np.uint16, 65535, [5, 17, 3, 40, 9]), ("b", np.uint32, 300_000, [23, 2, 31])):

@@ -25,8 +25,9 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from megadoc_pl.data.batch import SLOT, packed_bytes, unpack
 from megadoc_pl.data.mixture import MixturePlan
-from megadoc_pl.data.windows import SLOT, Windows, packed_bytes, unpack
+from megadoc_pl.data.windows import Windows
 
 
 def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -230,7 +231,7 @@ def release_slot(batch: Mapping) -> None:
 
 
 class PackedWindows(Dataset):
-    """Windows fetched a batch of indices at a time as :func:`~megadoc_pl.data.windows.pack`-ed
+    """Windows fetched a batch of indices at a time as :func:`~megadoc_pl.data.batch.pack`-ed
     batches (the module unpacks them on its device); a :class:`PaddingBatch` comes back marked
     ``padding=True``. Iterated by a :class:`SlotLoader` with workers, they pack into its
     :class:`SlotPool`; any other loader gets a fresh buffer per batch."""

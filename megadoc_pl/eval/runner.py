@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from megadoc_pl.data.windows import unpack
+from megadoc_pl.data.batch import unpack
 from megadoc_pl.errors import BadInput
 from megadoc_pl.eval.ensemble import Ensemble
 from megadoc_pl.eval.multiple_choice import MultipleChoiceScorer, evaluate_tasks, load_task

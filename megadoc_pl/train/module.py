@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megadoc_pl.data.windows import packed_counts
+from megadoc_pl.data.batch import packed_counts
 from megadoc_pl.eval.scoring import hidden_states
 from megadoc_pl.model.hf import load_hf_weights
 from megadoc_pl.model.llama import Llama, LlamaConfig
