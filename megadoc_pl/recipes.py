@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from megadoc_pl.config import RecipeConfig
+from megadoc_pl.errors import BadInput
 
 if TYPE_CHECKING:
     from megadoc_pl.model.config import LlamaConfig
@@ -127,6 +128,7 @@ def validate_recipe(cfg: DictConfig) -> None:
         model = LlamaConfig.from_recipe(OmegaConf.to_container(cfg, resolve=True))
     except (ValueError, TypeError) as e:
         raise ValueError(f"model: {e}") from None
+    _check_backend_device(cfg)
     if cfg.train.sharded_checkpoints and cfg.train.strategy != "fsdp2":
         raise ValueError(f"train.sharded_checkpoints=true needs train.strategy=fsdp2, not {cfg.train.strategy} "
                          "(fix: set train.strategy=fsdp2 or drop train.sharded_checkpoints)")
@@ -175,6 +177,28 @@ def validate_recipe(cfg: DictConfig) -> None:
     resume = cfg.run.resume
     if resume not in (None, "last", "auto") and not Path(str(resume)).exists():
         raise ValueError(f"run.resume={resume}: not 'last', 'auto' or an existing checkpoint file")
+
+
+# Lightning precisions whose activations are fp32/fp64: flash_attn and torch_varlen need bf16/fp16.
+_FULL_PRECISIONS = ("32", "32-true", "64", "64-true")
+
+
+def _check_backend_device(cfg: DictConfig) -> None:
+    """flash_attn and torch_varlen run on CUDA in bf16/fp16 only (``model.attention.resolve_backend``);
+    an explicit CPU accelerator or fp32/fp64 precision would fail at the first forward, after the
+    data is prepared. ``auto`` values depend on the machine and are left to that check."""
+    backend, accelerator = str(cfg.model.attention_backend), str(cfg.train.accelerator)
+    precision = str(cfg.train.precision)
+    if backend not in ("flash_attn", "torch_varlen"):
+        return
+    if accelerator == "cpu":
+        raise BadInput(f"model.attention_backend={backend} needs a CUDA GPU but train.accelerator=cpu "
+                       "(fix: set model.attention_backend=sdpa or flex to train on the CPU, or train on a GPU "
+                       "with train.accelerator=gpu)")
+    if precision in _FULL_PRECISIONS:
+        raise BadInput(f"model.attention_backend={backend} needs bf16/fp16 activations but "
+                       f"train.precision={precision} (fix: set train.precision=bf16-mixed, or "
+                       "model.attention_backend=sdpa or flex for full precision)")
 
 
 def _check_init_from(path: str, model: LlamaConfig, vocab_known: bool) -> None:

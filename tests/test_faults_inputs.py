@@ -234,3 +234,70 @@ def test_a_preparation_killed_mid_build_leaves_nothing_after_the_next_start(tmp_
     p = prepare_corpus(load_recipe("baseline_real", over))  # the kernel released the dead builder's lock
     assert f"removed {partial[0]}, left by an interrupted preparation" in capsys.readouterr().err
     assert [d.name for d in (tmp_path / "cache" / "stores").iterdir()] == [p.real.path.name]
+
+
+# ------------------------------------------------------------------------- refused before any data work
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["model.attention_backend=flash_attn", "train.accelerator=cpu"],
+     "model.attention_backend=flash_attn needs a CUDA GPU but train.accelerator=cpu (fix: set "
+     "model.attention_backend=sdpa or flex to train on the CPU, or train on a GPU with train.accelerator=gpu)"),
+    (["model.attention_backend=torch_varlen", "train.accelerator=cpu"],
+     "model.attention_backend=torch_varlen needs a CUDA GPU but train.accelerator=cpu (fix: set "
+     "model.attention_backend=sdpa or flex to train on the CPU, or train on a GPU with train.accelerator=gpu)"),
+    (["model.attention_backend=flash_attn", "train.accelerator=gpu", "train.precision=32-true"],
+     "model.attention_backend=flash_attn needs bf16/fp16 activations but train.precision=32-true (fix: set "
+     "train.precision=bf16-mixed, or model.attention_backend=sdpa or flex for full precision)"),
+], ids=["flash_attn-cpu", "torch_varlen-cpu", "flash_attn-32-true"])
+def test_a_gpu_only_attention_backend_is_refused_before_preparation(tmp_path, tiny_tokenizer_path, capsys, sets,
+                                                                    message):
+    from megadoc_pl.train.cli import main
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=60)
+    over = tiny_overrides(corpus, tiny_tokenizer_path, tmp_path, "gpu-only") + sets
+    capsys.readouterr()
+    assert main(["fit", "--recipe", "baseline_real", *[a for o in over for a in ("--set", o)]]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {message}\n"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # nothing prepared or claimed
+
+
+def test_gpu_only_attention_backends_pass_where_they_can_run(tmp_path, tiny_tokenizer_path):
+    from megadoc_pl.recipes import validate_recipe
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=8)
+    base = tiny_overrides(corpus, tiny_tokenizer_path, tmp_path, "ok")
+    for sets in (["model.attention_backend=flash_attn", "train.accelerator=gpu"],
+                 ["model.attention_backend=torch_varlen", "train.accelerator=auto", "train.precision=bf16-mixed"],
+                 ["model.attention_backend=sdpa", "train.accelerator=cpu"],
+                 ["model.attention_backend=auto", "train.accelerator=cpu", "train.precision=32-true"]):
+        validate_recipe(load_recipe("baseline_real", base + sets))  # auto values are the machine's to decide
+
+
+# ------------------------------------------------------------------------- held-out seeds in tools/synthesize.py
+
+
+def test_synthesize_says_how_many_input_documents_are_held_out(tmp_path, capsys):
+    from megadoc_pl.synth.cli import main
+
+    docs = [{"id": f"doc-{i:03d}", "text": f"Alice built the mill of Brindle in 18{i:02d}. It stood for years."}
+            for i in range(10)]
+    heldout = [d["id"] for d in docs[:3]]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"seed": 0, "heldout": heldout, "sets": {"iid": heldout, "long": [], "short": []}}))
+    argv = ["--task", "rephrase", "--backend", "template", "--split-file", str(split), "--no-progress"]
+    capsys.readouterr()
+    assert main(argv + ["--input", str(_write_jsonl(tmp_path / "docs.jsonl", docs)), "--out", str(tmp_path / "a")]) == 0
+    said = [ln for ln in capsys.readouterr().err.splitlines() if "held out" in ln]
+    assert said == [f"[synth] skipping 3 of 10 input documents: held out for validation in {split} "
+                    "(never generation seeds)"]
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    assert stats["totals"]["heldout_skipped"] == 3 and stats["totals"]["rows_written"] == 7
+    # nothing but held-out documents: bad input, one line, nothing written
+    only = _write_jsonl(tmp_path / "only.jsonl", docs[:3])
+    assert main(argv + ["--input", str(only), "--out", str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: all 3 input documents are held-out validation documents in {split}; they are never used as "
+        "generation seeds (fix: pass the training documents, or a split file that holds out fewer)\n")
+    assert not (tmp_path / "b").exists()

@@ -9,7 +9,7 @@ import shutil
 import threading
 import time
 import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -138,12 +138,25 @@ class _Server:
     def __init__(self):
         self.calls: list[dict] = []
         self.script: list[str] = []  # per call: "ok" | "500" | "429" | "400" | "404" | "slow"
+        self.gets: list[str] = []  # paths of GET requests (the pre-flight's /v1/models)
         self.lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a):
                 pass
+
+            def do_GET(self):
+                with outer.lock:
+                    outer.gets.append(self.path)
+                found = self.path == "/v1/models"
+                data = json.dumps({"object": "list", "data": [{"id": "tiny", "object": "model"}]} if found
+                                  else {"error": "not found"}).encode()
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -185,6 +198,11 @@ class _Server:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
 
 
 @pytest.fixture
@@ -261,6 +279,72 @@ def test_openai_fails_fast_on_unknown_model_and_dead_server(server, monkeypatch)
     dead = OpenAIBackend(base_url="http://127.0.0.1:9/v1", model="m", max_retries=2, backoff=0.01, concurrency=1)
     out = dead.generate([req(f"r{i}", "x") for i in range(3)])
     assert len(sleeps) == 2 and all("cannot reach" in o.error and "3 attempts" in o.error for o in out)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nobody listens there (connection refused)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _synth_argv(tmp_path, base_url: str) -> list[str]:
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Alice built mill {i} in Brindle."}) + "\n"
+                            for i in range(3)))
+    return ["--task", "rephrase", "--backend", "openai", "--base-url", base_url, "--model", "tiny",
+            "--input", str(docs), "--out", str(tmp_path / "out"), "--no-progress"]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def test_openai_preflight_refuses_a_closed_port_in_one_line_without_retries(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("httpx")  # the optional extra [openai]
+    sleeps = []
+    monkeypatch.setattr(openai_http.time, "sleep", sleeps.append)  # a retry would back off first
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    capsys.readouterr()
+    assert cli_main(_synth_argv(tmp_path, url)) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: cannot reach {url}/models: ") and "Connection refused" in line, line
+    assert line.endswith("(fix: check --base-url, e.g. http://HOST:8000/v1 for vllm serve, and that the server is up)")
+    assert sleeps == [] and not (tmp_path / "out").exists()  # no retry, nothing written
+
+
+def test_openai_preflight_refuses_a_server_that_is_not_openai_compatible(tmp_path, capsys):
+    pytest.importorskip("httpx")  # the optional extra [openai]
+    import functools
+
+    (tmp_path / "site").mkdir()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=str(tmp_path / "site")))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"  # a web server, and /v1 forgotten
+        capsys.readouterr()
+        assert cli_main(_synth_argv(tmp_path, url)) == 1
+        line = _one_error_line(capsys)
+        assert line.startswith(f"error: {url}/models is not an OpenAI-compatible server: HTTP 404, not a model list"), line
+        assert "(fix: check --base-url, e.g. http://HOST:8000/v1" in line
+        assert not (tmp_path / "out").exists()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_openai_preflight_passes_a_real_server_once_and_the_run_keeps_its_retries(server, tmp_path, capsys):
+    server.script = ["500", "ok"]  # a transient error during the run is still retried
+    assert cli_main(_synth_argv(tmp_path, server.url) + ["--batch-size", "1", "--max-retries", "2"]) == 0
+    assert server.gets == ["/v1/models"]  # one pre-flight, then only generation requests
+    assert [c["path"] for c in server.calls] == ["/v1/chat/completions"] * 4  # 3 documents + 1 retry
+    rows = [json.loads(x) for x in (tmp_path / "out" / "shard-00000-of-00001.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert _client(server).check_server() == ["tiny"]
 
 
 def test_retry_after_as_seconds_or_http_date():

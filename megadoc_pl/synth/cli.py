@@ -131,7 +131,8 @@ def backend_kwargs(name: str, a: argparse.Namespace, model: str | None, base_url
         "transformers": dict(model=model, dtype=a.dtype, device=a.device, batch_size=a.gen_batch_size,
                              chat_template=a.chat_template, raw=True if a.task == "self_distill" else None),
         "openai": dict(model=model, base_url=base_url, api_key_env=a.api_key_env,
-                       concurrency=a.concurrency, timeout=a.request_timeout, max_retries=a.max_retries),
+                       concurrency=a.concurrency, timeout=a.request_timeout, max_retries=a.max_retries,
+                       preflight=True),  # a wrong --base-url is one line at once, not retries per request
     }
     kw = {k: v for k, v in by_backend.get(name, {}).items() if v is not None}
     if name in ("vllm", "transformers") and not model:

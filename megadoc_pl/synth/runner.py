@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from megadoc_pl.errors import BadInput
 from megadoc_pl.synth.backends.base import Backend, backend_factory
 from megadoc_pl.synth.breaker import CircuitBreaker, CircuitOpen
 from megadoc_pl.synth.executors import executor_class, make_executor
@@ -285,14 +286,18 @@ class Runner:
         self.lock.discard()  # removes only what this start created
 
     def _validate_start(self, counts: dict) -> None:
-        if counts.get("heldout", 0) and not counts.get("usable", 0):
-            raise ValueError(
-                f"all {counts['heldout']} input documents are held-out validation documents in "
+        heldout, usable = counts.get("heldout", 0), counts.get("usable", 0)
+        if heldout and not usable:
+            raise BadInput(
+                f"all {heldout} input documents are held-out validation documents in "
                 f"{self.cfg.split_file}; they are never used as generation seeds "
                 "(fix: pass the training documents, or a split file that holds out fewer)"
             )
-        if not counts.get("usable", 0):
-            raise ValueError("the inputs hold no documents (fix: check --input and --text-field)")
+        if not usable:
+            raise BadInput("the inputs hold no documents (fix: check --input and --text-field)")
+        if heldout:  # said once at the start; stats.json counts them as heldout_skipped
+            print(f"[synth] skipping {heldout} of {heldout + usable} input documents: held out for validation "
+                  f"in {self.cfg.split_file} (never generation seeds)", file=sys.stderr)
 
     def _generate(self, pending_all: int, pending: int, counts: dict, results) -> dict:
         self.run_stats: dict[str, Any] = {k: 0 for k in COUNTERS}

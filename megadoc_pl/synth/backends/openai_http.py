@@ -7,6 +7,11 @@ on a bounded thread pool (``concurrency``); a request that times out, cannot con
 or as an HTTP date is honoured), up to ``max_retries`` times. Anything else, or running out of
 retries, gives an error Response: the runner records it and retries on the next run.
 
+Pre-flight (``preflight=True``, what ``tools/synthesize.py`` asks for): when the backend starts,
+one ``GET {base_url}/models`` with a short timeout and no retries; a refused connection, a timeout,
+a rejected key or an answer that is not an OpenAI model list is a one-line ``BadInput`` naming the
+URL, at once, instead of every request retrying its way to the circuit breaker.
+
 Fail fast: once a request of a ``generate`` call finds the server unreachable (after its
 retries) or gets 401, 403 or 404 (bad key, unknown model or path), the requests of that call not
 yet sent fail at once with the same error instead of each waiting out its own backoff; the
@@ -26,11 +31,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from megadoc_pl.errors import BadInput
 from megadoc_pl.synth.backends.base import Request, Response, register_backend
 from megadoc_pl.utils import require
 
 _RETRY_STATUS = {408, 409, 425, 429}
 _FATAL_STATUS = {401, 403, 404}  # the same answer for every request of the run
+PREFLIGHT_TIMEOUT = 5.0  # seconds for the start's GET {base_url}/models
 
 
 class _Retryable(Exception):
@@ -86,12 +93,14 @@ class OpenAIBackend:
         max_backoff: float = 60.0,
         split_n: bool = False,
         extra_body: dict | None = None,
+        preflight: bool = False,
     ) -> None:
         if not model:
             raise ValueError("the openai backend needs --model (the model name the server serves)")
         httpx = require("httpx", "openai", "the OpenAI-compatible HTTP backend")
         self._httpx = httpx
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model_name = model
         api_key = api_key if api_key is not None else os.environ.get(api_key_env)
         self.concurrency = max(1, int(concurrency))
@@ -109,9 +118,44 @@ class OpenAIBackend:
         )
         self._fatal: str | None = None  # set by the first fatal error of a generate() call
         self._fatal_lock = threading.Lock()
+        if preflight:
+            try:
+                self.check_server()
+            except BaseException:
+                self.client.close()
+                raise
 
     def close(self) -> None:
         self.client.close()
+
+    def check_server(self, timeout: float = PREFLIGHT_TIMEOUT) -> list[str]:
+        """One ``GET {base_url}/models``, no retries: the ids of the models the server lists.
+
+        Raises ``BadInput`` naming the URL when the server cannot be reached, does not answer in
+        ``timeout`` seconds, rejects the key, or answers something other than an OpenAI model list.
+        """
+        httpx = self._httpx
+        url = self.base_url + "/models"
+        fix_url = "fix: check --base-url, e.g. http://HOST:8000/v1 for vllm serve, and that the server is up"
+        try:
+            resp = self.client.get(url, timeout=timeout)
+        except httpx.TimeoutException:
+            raise BadInput(f"{url} did not answer within {timeout:g}s ({fix_url})") from None
+        except httpx.TransportError as e:
+            raise BadInput(f"cannot reach {url}: {str(e) or type(e).__name__} ({fix_url})") from None
+        if resp.status_code in (401, 403):
+            raise BadInput(f"{url} refused the API key (HTTP {resp.status_code}) (fix: put the key in an "
+                           "environment variable and name it with --api-key-env)")
+        try:
+            listed = resp.json()["data"] if resp.status_code == 200 else None
+            models = [str(m["id"]) for m in listed]
+        except (ValueError, TypeError, KeyError):
+            models = None
+        if models is None:
+            detail = resp.text[:80].replace("\n", " ")
+            raise BadInput(f"{url} is not an OpenAI-compatible server: HTTP {resp.status_code}, not a model list "
+                           f"({detail!r}) ({fix_url})")
+        return models
 
     # ------------------------------------------------------------------ one HTTP call
 
