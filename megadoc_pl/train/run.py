@@ -320,12 +320,20 @@ def build_trainer(cfg: DictConfig, run_dir: Path, datamodule: Any, overrides: Op
     # The world size is only known once Lightning has resolved devices/nodes/launcher, so the two
     # settings that depend on it are set on the Trainer right after (both are plain attributes
     # read when fit starts).
-    accum = accumulation_steps(int(cfg.train.global_batch_size), int(cfg.train.micro_batch_size), trainer.world_size)
-    trainer.accumulate_grad_batches = accum
-    interval = int(cfg.data.val.interval)
-    # Lightning counts validation intervals in (micro-)batches, we count optimizer steps
-    trainer.val_check_interval = user_val_interval or (interval if interval > 0 else int(cfg.train.max_steps)) * accum
+    steps = step_settings(cfg, trainer.world_size)
+    trainer.accumulate_grad_batches = steps["accumulate_grad_batches"]
+    trainer.val_check_interval = user_val_interval or steps["val_check_interval"]
     return trainer
+
+
+def step_settings(cfg: DictConfig, world_size: int) -> dict[str, int]:
+    """``accumulate_grad_batches`` and ``val_check_interval`` of a Trainer of ``world_size`` ranks:
+    validation every ``data.val.interval`` optimizer steps, or once at the end (0), in the
+    micro-batches Lightning counts it in."""
+    accum = accumulation_steps(int(cfg.train.global_batch_size), int(cfg.train.micro_batch_size), int(world_size))
+    interval = int(cfg.data.val.interval)
+    return {"accumulate_grad_batches": accum,
+            "val_check_interval": (interval if interval > 0 else int(cfg.train.max_steps)) * accum}
 
 
 def _throughput_callback(cfg: DictConfig, kw: Mapping[str, Any]) -> ThroughputMonitor:
