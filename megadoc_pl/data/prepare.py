@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Protocol, Sequence
@@ -207,7 +208,8 @@ def _build_store(cfg: DictConfig, inputs: Sequence[str], tokenizer: Any, kind: s
 
 def _no_room(cfg: DictConfig, e: OSError, what: str) -> BadInput:
     """The one line for a cache_dir that cannot take what preparation writes there."""
-    reason = e.strerror or f"a short write, {e}: the filesystem is full"  # numpy's tofile sets no errno
+    reason = e.strerror or (os.strerror(errno.ENOSPC) if "[errno 28]" in str(e).lower()  # pyarrow's
+                            else f"a short write, {e}: the filesystem is full")  # numpy's tofile sets no errno
     return BadInput(f"data.cache_dir={cfg.data.cache_dir}: cannot write {what} ({reason}) (fix: free space "
                     "there, or point data.cache_dir at a writable filesystem with room)")
 
@@ -234,7 +236,15 @@ def _split(cfg: DictConfig, real) -> tuple[Path, set[str], dict[str, list[str]]]
         path = Path(cfg.data.cache_dir) / "splits" / f"split-{json_fingerprint(key)[:16]}.json"
     if _CACHED_ONLY.get() and not path.exists():
         raise NotCached(f"split {path}")
-    split = split_mod.ensure_split(real, val, path)
+    try:
+        split = split_mod.ensure_split(real, val, path)
+    except OSError as e:
+        if not _is_full(e):
+            raise
+        if val.split_file is not None:  # the user's path, not the cache
+            raise BadInput(f"data.val.split_file={path}: cannot write it ({e.strerror or e}) (fix: free space "
+                           "there, or point data.val.split_file at a filesystem with room)") from None
+        raise _no_room(cfg, e, f"the split file {path.name}") from None
     heldout = set(split_mod.load_heldout_ids(path))
     missing = split_mod.missing_heldout_ids(path, heldout, real.arrow_column("source_id"))
     if missing:
@@ -288,7 +298,7 @@ def _cache_path(cfg: DictConfig, e: OSError) -> str:
             return str(Path(e.filename).relative_to(Path(cfg.data.cache_dir)))
         except ValueError:
             return str(e.filename)
-    return "the prepared data"
+    return "a file of the prepared data"
 
 
 def _prepare_locked(cfg: DictConfig, inputs: CorpusInputs) -> PreparedData:
