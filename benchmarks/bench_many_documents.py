@@ -68,16 +68,16 @@ def write_store(out: Path, n: int) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from megadoc_pl.data.store import FORMAT_VERSION, _header, _index_schema
+    from megadoc_pl.data.store import FORMAT_VERSION, index_schema, token_file_header
     from megadoc_pl.utils import atomic_dir
 
     if (out / "manifest.json").exists():
         return
     rng = np.random.default_rng(0)
-    schema = _index_schema("documents")
+    schema = index_schema("documents")
     with atomic_dir(out) as tmp:
         with open(tmp / "tokens.bin", "wb") as f:
-            f.write(_header(np.dtype(np.uint16), 3 * n))
+            f.write(token_file_header(np.dtype(np.uint16), 3 * n))
             for lo in range(0, n, BLOCK):
                 k = min(BLOCK, n - lo)
                 doc = np.empty((k, 3), np.uint16)

@@ -143,7 +143,7 @@ print(len(st), st.num_tokens)
     # our builder on a given number of cores / mode, into a scratch directory
     "build": """
 import sys, shutil, time
-from megadoc_pl.data.store import build_store
+from megadoc_pl.data.store_build import build_store
 from megadoc_pl.data.tokenizer import load_tokenizer
 shutil.rmtree({out!r}, ignore_errors=True)
 tok = load_tokenizer({tokenizer!r})

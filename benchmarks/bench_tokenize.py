@@ -89,7 +89,7 @@ def main() -> int:
 
     from tokenizers import Tokenizer
 
-    from megadoc_pl.data.store import build_store, default_num_proc
+    from megadoc_pl.data.store_build import build_store, default_num_proc
     from megadoc_pl.data.tokenizer import load_tokenizer
 
     cores = args.num_proc or default_num_proc()

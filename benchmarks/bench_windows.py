@@ -40,7 +40,7 @@ def build_corpus(root: Path, num_docs: int, generations: int):
     """Token stores of a synthetic corpus (cached): real docs + G rephrases each."""
     from conftest import build_tiny_tokenizer
 
-    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.store_build import build_store
 
     root.mkdir(parents=True, exist_ok=True)
     tok = root / "tok" / "tokenizer.json"

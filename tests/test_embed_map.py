@@ -179,7 +179,7 @@ def test_token_store_set_embeds_like_its_files(world, tmp_path):
     """A token store is read as tokenised: same ids and embeddings as its source files; a store of
     another tokenizer is refused."""
     from conftest import build_tiny_tokenizer
-    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.store_build import build_store
 
     store = build_store(world["maga"], world["tokenizer"], tmp_path / "store", kind="generations",
                         num_proc=1, parallel="threads", progress=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megadoc_pl.data.store import build_store
+from megadoc_pl.data.store_build import build_store
 from megadoc_pl.data.views import documents_units, real_units
 from megadoc_pl.data.windows import Windows
 from megadoc_pl.eval.ensemble import Ensemble

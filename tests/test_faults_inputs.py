@@ -95,7 +95,7 @@ def test_dump_windows_says_when_it_truncates(tmp_path, tiny_tokenizer_path, caps
 
 @pytest.fixture
 def store_dir(tmp_path, tiny_tokenizer_path):
-    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.store_build import build_store
 
     corpus = write_corpus(tmp_path / "corpus.jsonl", num_docs=200)
     return build_store([corpus], tiny_tokenizer_path, tmp_path / "store", progress=False).path
@@ -155,7 +155,7 @@ def test_a_damaged_cached_store_is_one_line_naming_the_file(tmp_path, tiny_token
 
 def _rationale_store(tmp_path, tiny_tokenizer_path, offset_shift: int = 0, fingerprint: str | None = None):
     from megadoc_pl.data.segments import equal_token_split
-    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.store_build import build_store
     from megadoc_pl.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny_tokenizer_path)
@@ -200,7 +200,7 @@ def test_stretch_refuses_rationales_made_for_other_split_points(tmp_path, tiny_t
 _KILLED_BUILD = """
 import sys, time
 from pathlib import Path
-from megadoc_pl.data import store
+from megadoc_pl.data import store_build
 from megadoc_pl.data.prepare import prepare_corpus
 from megadoc_pl.recipes import load_recipe
 
@@ -209,7 +209,7 @@ def hang(tmp, *args, **kwargs):
     print("building", flush=True)
     time.sleep(300)
 
-store._write_store = hang
+store_build._write_store = hang
 prepare_corpus(load_recipe("baseline_real", sys.argv[1:]))
 """
 

@@ -171,7 +171,7 @@ def test_real_fraction_subset_is_cached_and_a_torn_cache_is_computed_again(tmp_p
     import json
 
     from megadoc_pl.data import view_cache
-    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.store_build import build_store
     from megadoc_pl.data.views import real_fraction_excluded
 
     rows = "".join(json.dumps({"id": f"d{i}", "text": f"Document {i} of the mill."}) + "\n" for i in range(50))
@@ -200,7 +200,7 @@ def test_the_real_stream_is_cached_and_equals_the_computed_one(tmp_path, tiny_to
     import json
 
     from megadoc_pl.data import view_cache
-    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.store_build import build_store
     from megadoc_pl.data.views import real_fraction_excluded, real_units
 
     rows = "".join(json.dumps({"id": f"d{i}", "text": f"Document {i} of the mill."}) + "\n" for i in range(40))
@@ -256,7 +256,7 @@ def test_real_fraction_subsets_are_nested_deterministic_and_exact(tmp_path, tiny
     import json
     import math
 
-    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.store_build import build_store
     from megadoc_pl.data.views import real_fraction_excluded, real_units
 
     rows = "".join(json.dumps({"id": f"d{i}", "text": f"Document {i} of the mill."}) + "\n" for i in range(60))

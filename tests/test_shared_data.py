@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from megadoc_pl.data.readers import iter_documents
-from megadoc_pl.data.store import build_store
+from megadoc_pl.data.store_build import build_store
 from megadoc_pl.data.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.shared_data

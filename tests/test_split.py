@@ -93,7 +93,7 @@ def test_bad_inputs():
 
 
 def test_split_file_round_trip_and_store(tmp_path, tiny_tokenizer_path):
-    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.store_build import build_store
 
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"id": f"d{i}", "text": "word " * (1 + i)}) + "\n" for i in range(40)))

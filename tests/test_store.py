@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import megadoc_pl.data.store as store_mod
-from megadoc_pl.data.store import TokenStore, build_store, token_dtype
+import megadoc_pl.data.store_build as store_build
+from megadoc_pl.data.store import FORMAT_VERSION, TokenStore, token_dtype
+from megadoc_pl.data.store_build import build_store
 from megadoc_pl.data.tokenizer import fingerprint_json, load_tokenizer
 
 from conftest import SAMPLE_TEXTS
@@ -127,7 +128,7 @@ def test_round_trip_equals_tokenizer_plus_bos_eos(tmp_path, tiny_tokenizer_path)
     assert (m["num_documents"], m["num_tokens"]) == (5, sum(len(e) + 2 for e in enc))
     assert type(m["num_documents"]) is int and type(m["num_tokens"]) is int
     assert (m["add_bos"], m["add_eos"], m["bos_id"], m["eos_id"], m["dtype"], m["kind"]) == (True, True, 0, 1, "uint16", "documents")
-    assert m["bad_rows"] == 0 and m["format_version"] == store_mod.FORMAT_VERSION
+    assert m["bad_rows"] == 0 and m["format_version"] == FORMAT_VERSION
     for i, e in enumerate(enc):
         assert st.tokens(i).tolist() == [0] + e + [1]
         assert st.content_tokens(i).tolist() == e
@@ -191,7 +192,7 @@ def test_store_index_equals_reader_output(tmp_path, tiny_tokenizer_path, monkeyp
     src = write_rows(tmp_path / "d.jsonl", messy_rows(200), [b"{broken", b'{"id": "late", "text": "caf\xe9 ok"}'])
     counts: dict = {}
     docs = list(iter_documents(src, skip_bad_rows=True, counts=counts))
-    monkeypatch.setattr(store_mod, "CHUNK_BYTES", 3000)  # duplicates found across chunk borders
+    monkeypatch.setattr(store_build, "CHUNK_BYTES", 3000)  # duplicates found across chunk borders
     st = build_store(src, tiny_tokenizer_path, tmp_path / "s", skip_bad_rows=True, num_proc=1, progress=False)
     ref = load_tokenizer(tiny_tokenizer_path)
     assert st.source_ids.tolist() == [d.id for d in docs]
@@ -205,7 +206,7 @@ def test_store_index_equals_reader_output(tmp_path, tiny_tokenizer_path, monkeyp
 def test_process_pool_matches_in_process(tmp_path, tiny_tokenizer_path, monkeypatch):
     src = write_rows(tmp_path / "d.jsonl", messy_rows(300))
     single = build_store(src, tiny_tokenizer_path, tmp_path / "one", skip_bad_rows=True, num_proc=1, progress=False)
-    monkeypatch.setattr(store_mod, "CHUNK_BYTES", 2000)  # many chunks, so ordering matters
+    monkeypatch.setattr(store_build, "CHUNK_BYTES", 2000)  # many chunks, so ordering matters
     multi = build_store(src, tiny_tokenizer_path, tmp_path / "two", skip_bad_rows=True, num_proc=2, parallel="processes", progress=False)
     assert (multi.manifest["parallel"], multi.manifest["num_proc"]) == ("processes", 2)
     assert (single.manifest["parallel"], single.manifest["num_proc"]) == ("threads", 1)
@@ -264,13 +265,13 @@ def test_reuse_refuse_rebuild(tmp_path, tiny_tokenizer_path):
 def test_interrupted_build_leaves_no_store(tmp_path, tiny_tokenizer_path, monkeypatch):
     texts = [f"document {i} " * 50 for i in range(200)]
     src = write_docs(tmp_path / "d.jsonl", texts, extra_rows=[{"id": "bad", "text": ""}])
-    monkeypatch.setattr(store_mod, "CHUNK_BYTES", 1000)  # several chunks written before the failure
+    monkeypatch.setattr(store_build, "CHUNK_BYTES", 1000)  # several chunks written before the failure
     with pytest.raises(ValueError, match=r"d.jsonl:201: text field 'text' is empty"):
         build_store(src, tiny_tokenizer_path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and no_partials(tmp_path)
 
     calls = {"n": 0}
-    real_process = store_mod._process
+    real_process = store_build._process
 
     def interrupt(*args):
         calls["n"] += 1
@@ -278,7 +279,7 @@ def test_interrupted_build_leaves_no_store(tmp_path, tiny_tokenizer_path, monkey
             raise KeyboardInterrupt
         return real_process(*args)
 
-    monkeypatch.setattr(store_mod, "_process", interrupt)
+    monkeypatch.setattr(store_build, "_process", interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_store(src, tiny_tokenizer_path, tmp_path / "out", skip_bad_rows=True, progress=False)
     assert not (tmp_path / "out").exists() and no_partials(tmp_path)
@@ -381,7 +382,7 @@ def test_compressed_and_parquet_inputs_give_the_same_store(tmp_path, tiny_tokeni
     zst = tmp_path / "d.jsonl.zst"
     zst.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=16)
-    monkeypatch.setattr(store_mod, "PARQUET_BATCH_ROWS", 7)
+    monkeypatch.setattr(store_build, "PARQUET_BATCH_ROWS", 7)
     stores = [build_store(p, tiny_tokenizer_path, tmp_path / f"s-{p.name}", progress=False)
               for p in (plain, zst, tmp_path / "d.parquet")]
     for st in stores[1:]:

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import megadoc_pl.data.store as store_mod
+import megadoc_pl.data.store_build as store_build
 from megadoc_pl.data.readers import iter_documents, iter_generations
-from megadoc_pl.data.store import HEADER_BYTES, TokenStore, build_store
+from megadoc_pl.data.store import FORMAT_VERSION, HEADER_BYTES, TokenStore, coerce_field, index_schema, token_file_header
+from megadoc_pl.data.store_build import build_store
 from megadoc_pl.data.tokenizer import load_tokenizer
 
 from conftest import SAMPLE_TEXTS
@@ -70,11 +71,11 @@ def assert_same_store(a: TokenStore, b: TokenStore) -> None:
 
 def small_blocks(monkeypatch) -> None:
     """Many chunks, row groups and compaction blocks: every border is crossed."""
-    monkeypatch.setattr(store_mod, "CHUNK_BYTES", 700)
-    monkeypatch.setattr(store_mod, "INDEX_GROUP_ROWS", 7)
-    monkeypatch.setattr(store_mod, "COMPACT_BLOCK_DOCS", 5)
-    monkeypatch.setattr(store_mod, "COMPACT_BLOCK_TOKENS", 64)
-    monkeypatch.setattr(store_mod, "KEY_SPILL_ROWS", 5)  # identity keys spilled to bucket files
+    monkeypatch.setattr(store_build, "CHUNK_BYTES", 700)
+    monkeypatch.setattr(store_build, "INDEX_GROUP_ROWS", 7)
+    monkeypatch.setattr(store_build, "COMPACT_BLOCK_DOCS", 5)
+    monkeypatch.setattr(store_build, "COMPACT_BLOCK_TOKENS", 64)
+    monkeypatch.setattr(store_build, "KEY_SPILL_ROWS", 5)  # identity keys spilled to bucket files
 
 
 def test_chunked_generation_store_equals_one_shot_and_the_reader(tmp_path, tiny_tokenizer_path, monkeypatch):
@@ -84,8 +85,8 @@ def test_chunked_generation_store_equals_one_shot_and_the_reader(tmp_path, tiny_
     assert whole._index.num_rows == whole.num_documents  # one chunk at the default size
     small_blocks(monkeypatch)
     spills = []
-    spill = store_mod._StoreSink._spill_keys
-    monkeypatch.setattr(store_mod._StoreSink, "_spill_keys", lambda self, upto: (spills.append(upto), spill(self, upto)))
+    spill = store_build._StoreSink._spill_keys
+    monkeypatch.setattr(store_build._StoreSink, "_spill_keys", lambda self, upto: (spills.append(upto), spill(self, upto)))
     chunked = build_store(src, tiny_tokenizer_path, tmp_path / "chunked", kind="generations", skip_bad_rows=True,
                           num_proc=1, progress=False)
     assert len(spills) > 10 and not (tmp_path / "chunked" / "keys").exists()  # the keys went through bucket files
@@ -149,7 +150,7 @@ import json, resource, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from conftest import build_tiny_tokenizer
-from megadoc_pl.data.store import build_store
+from megadoc_pl.data.store_build import build_store
 d = Path(tempfile.mkdtemp(dir={tmp!r}))
 tok = build_tiny_tokenizer(d / "tok")
 def write(path, n):
@@ -189,7 +190,7 @@ def test_offsets_past_4g_tokens(tmp_path):
     store.mkdir()
     dtype = np.dtype(np.uint16)
     with open(store / "tokens.bin", "wb") as f:
-        f.write(store_mod._header(dtype, n))
+        f.write(token_file_header(dtype, n))
         f.truncate(HEADER_BYTES + n * dtype.itemsize)
         f.seek(HEADER_BYTES + (n - 4) * dtype.itemsize)
         f.write(np.array([0, 7, 8, 1], dtype=dtype).tobytes())
@@ -197,11 +198,11 @@ def test_offsets_past_4g_tokens(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = store_mod._index_schema("documents")
+    schema = index_schema("documents")
     cols = {"source_id": ["a", "b"], "task": ["real", "real"], "gen_index": [-1, -1], "file": [0, 0], "line": [1, 2],
             "text_hash": [0, 0], "meta": ["{}", "{}"]}
     pq.write_table(pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}), store / "index.parquet")
-    manifest = {"format_version": store_mod.FORMAT_VERSION, "kind": "documents", "dtype": "uint16", "num_tokens": n,
+    manifest = {"format_version": FORMAT_VERSION, "kind": "documents", "dtype": "uint16", "num_tokens": n,
                 "num_documents": 2, "add_bos": True, "add_eos": True, "bos_id": 0, "eos_id": 1, "inputs": []}
     (store / "manifest.json").write_text(json.dumps(manifest))
     st = TokenStore.open(store)
@@ -283,11 +284,11 @@ def test_inline_generation_rows_equal_the_parser(tmp_path, tiny_tokenizer_path, 
         fast = build_store(path, tiny_tokenizer_path, tmp_path / f"fast-{path.stem}", kind="generations",
                            skip_bad_rows=True, num_proc=1, progress=False)
         with monkeypatch.context() as m:
-            m.setattr(store_mod, "_spec_generation", lambda row: False)
-            m.setattr(store_mod, "_promoted_column", lambda metas, name, typ, dflt: [
-                store_mod._coerce(meta.get(name), typ, dflt) for meta in metas])
-            m.setattr(store_mod, "_meta_jsons", lambda metas: [store_mod._META_JSON(meta) for meta in metas])
-            m.setattr(store_mod, "_spec_chunk", lambda chunk: None)
+            m.setattr(store_build, "_spec_generation", lambda row: False)
+            m.setattr(store_build, "_promoted_column", lambda metas, name, typ, dflt: [
+                coerce_field(meta.get(name), typ, dflt) for meta in metas])
+            m.setattr(store_build, "_meta_jsons", lambda metas: [store_build._META_JSON(meta) for meta in metas])
+            m.setattr(store_build, "_spec_chunk", lambda chunk: None)
             full = build_store(path, tiny_tokenizer_path, tmp_path / f"full-{path.stem}", kind="generations",
                                skip_bad_rows=True, num_proc=1, progress=False)
         assert_same_store(fast, full)
@@ -310,26 +311,26 @@ def test_whole_chunk_path_equals_the_row_loop(tmp_path, tiny_tokenizer_path, mon
         if name == "plain":
             blank = tmp_path / "blank.jsonl"
             blank.write_bytes(src.read_bytes().replace(b"\n", b"\n\n", 3))
-            assert store_mod._spec_chunk(store_mod._Chunk(str(src), 0, 1, block=src.read_bytes())) is not None
-            assert store_mod._spec_chunk(store_mod._Chunk(str(blank), 0, 1, block=blank.read_bytes())) is None
+            assert store_build._spec_chunk(store_build._Chunk(str(src), 0, 1, block=src.read_bytes())) is not None
+            assert store_build._spec_chunk(store_build._Chunk(str(blank), 0, 1, block=blank.read_bytes())) is None
             paths = [src, blank]
         else:
-            assert store_mod._spec_chunk(store_mod._Chunk(str(src), 0, 1, block=src.read_bytes())) is None or name == "dup"
+            assert store_build._spec_chunk(store_build._Chunk(str(src), 0, 1, block=src.read_bytes())) is None or name == "dup"
             paths = [src]
         for path in paths:
             fast = build_store(path, tiny_tokenizer_path, tmp_path / f"fast-{path.stem}", kind="generations",
                                skip_bad_rows=True, num_proc=1, progress=False)
             with monkeypatch.context() as m:
-                m.setattr(store_mod, "_spec_chunk", lambda chunk: None)
-                m.setattr(store_mod, "_spec_generation", lambda row: False)
+                m.setattr(store_build, "_spec_chunk", lambda chunk: None)
+                m.setattr(store_build, "_spec_generation", lambda row: False)
                 loop = build_store(path, tiny_tokenizer_path, tmp_path / f"loop-{path.stem}", kind="generations",
                                    skip_bad_rows=True, num_proc=1, progress=False)
             assert_same_store(fast, loop)
             assert fast.column("line").tolist() == loop.column("line").tolist()
             assert [fast._index.column("meta")[i].as_py() for i in range(len(fast))] == \
                    [loop._index.column("meta")[i].as_py() for i in range(len(loop))]
-    keys = store_mod._generation_keys(["a", "b\u00e9"], ["rephrase", "maga"], [0, 12])
-    assert keys == store_mod._row_key("generations", "a", "rephrase", 0) + store_mod._row_key("generations", "b\u00e9", "maga", 12)
+    keys = store_build._generation_keys(["a", "b\u00e9"], ["rephrase", "maga"], [0, 12])
+    assert keys == store_build._row_key("generations", "a", "rephrase", 0) + store_build._row_key("generations", "b\u00e9", "maga", 12)
 
 
 @pytest.mark.parametrize("spill", [False, True])
@@ -337,7 +338,7 @@ def test_a_bad_row_before_a_duplicate_in_its_chunk_is_the_error(tmp_path, tiny_t
     """Only the rows before the bad one count when the first error is chosen, whether the
     identity keys are still in memory or spilled to bucket files."""
     if spill:
-        monkeypatch.setattr(store_mod, "KEY_SPILL_ROWS", 2)
+        monkeypatch.setattr(store_build, "KEY_SPILL_ROWS", 2)
     rows = [{"source_id": f"s{i}", "task": "rephrase", "gen_index": 0, "text": f"text {i}"} for i in range(6)]
     rows[3] = {"source_id": "s9", "task": "rephrase", "gen_index": "zero", "text": "bad index"}
     rows.append(dict(rows[1]))  # a duplicate of line 2 on line 8, after the bad line 4, in the same chunk

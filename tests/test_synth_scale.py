@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from megadoc_pl.data.store import build_store
+from megadoc_pl.data.store_build import build_store
 from megadoc_pl.data.views import ViewOptions, build_view
 from megadoc_pl.synth import register_backend
 from megadoc_pl.synth.cli import main as cli_main

@@ -33,15 +33,15 @@ pytestmark = pytest.mark.slow
 _SITECUSTOMIZE = textwrap.dedent('''
     import os
     if os.environ.get("MEGADOC_TEST_BUILD_LOG"):
-        import megadoc_pl.data.store as _store
-        _write = _store._write_store
+        import megadoc_pl.data.store_build as _store_build
+        _write = _store_build._write_store
 
         def _counted(tmp, files, *args, **kwargs):
             with open(os.environ["MEGADOC_TEST_BUILD_LOG"], "a") as f:
                 f.write(f"{os.getpid()} {os.environ.get('RANK')} {[str(p) for p in files]}\\n")
             return _write(tmp, files, *args, **kwargs)
 
-        _store._write_store = _counted
+        _store_build._write_store = _counted
 ''')
 
 

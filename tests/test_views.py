@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megadoc_pl.data.segments import equal_token_split
-from megadoc_pl.data.store import build_store
+from megadoc_pl.data.store_build import build_store
 from megadoc_pl.data.tokenizer import load_tokenizer
 from megadoc_pl.data.views import ViewOptions, build_view, documents_units, real_units
 

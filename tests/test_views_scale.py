@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from megadoc_pl.data.segments import equal_token_split
-from megadoc_pl.data.store import build_store
+from megadoc_pl.data.store_build import build_store
 from megadoc_pl.data.tokenizer import load_tokenizer
 from megadoc_pl.data.units import Groups, concat_groups, piece_docpos, to_units
 import megadoc_pl.data.views as views_mod

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megadoc_pl.data.store import TokenStore, build_store, default_num_proc
+from megadoc_pl.data.store import TokenStore
+from megadoc_pl.data.store_build import build_store, default_num_proc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

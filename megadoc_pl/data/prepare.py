@@ -186,7 +186,7 @@ def _store_dir(cfg: DictConfig, kind: str, files: Sequence[Path], tokenizer: Any
 
 def _build_store(cfg: DictConfig, inputs: Sequence[str], tokenizer: Any, kind: str, what: str):
     from megadoc_pl.data.readers import expand_inputs
-    from megadoc_pl.data.store import build_store
+    from megadoc_pl.data.store_build import build_store
 
     files = expand_inputs(inputs)
     extra = {"text_field": str(cfg.data.text_field), "id_field": str(cfg.data.id_field)} if kind == "documents" else {}
