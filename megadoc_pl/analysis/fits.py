@@ -108,11 +108,6 @@ class PowerLawFit:
     def interval(self, name: str) -> tuple[float, float]:
         return self.intervals.get(name, (math.nan, math.nan))
 
-    def replicate_laws(self) -> list[PowerLaw]:
-        if self.replicates is None:
-            return []
-        return [PowerLaw(*map(float, row)) for row in self.replicates]
-
     def as_dict(self) -> dict:
         """JSON-ready: missing intervals are null (strict JSON has no NaN)."""
         out = {"n": self.n, "sse": self.sse, "rmse": self.rmse, "formula": self.law.formula()}
