@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -270,18 +272,19 @@ def test_interrupted_build_leaves_no_store(tmp_path, tiny_tokenizer_path, monkey
         build_store(src, tiny_tokenizer_path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and no_partials(tmp_path)
 
-    calls = {"n": 0}
-    real_process = store_build._process
+    class InterruptedTokenizer:  # Ctrl-C while the fourth chunk is tokenized
+        def __init__(self, tok):
+            self.tok, self.calls = tok, itertools.count(1)
 
-    def interrupt(*args):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_process(*args)
+        def encode_batch(self, texts, add_special_tokens):
+            if next(self.calls) == 4:
+                raise KeyboardInterrupt
+            return self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)
 
-    monkeypatch.setattr(store_build, "_process", interrupt)
+    info = load_tokenizer(tiny_tokenizer_path)
+    interrupted = dataclasses.replace(info, tokenizer=InterruptedTokenizer(info.tokenizer))
     with pytest.raises(KeyboardInterrupt):
-        build_store(src, tiny_tokenizer_path, tmp_path / "out", skip_bad_rows=True, progress=False)
+        build_store(src, interrupted, tmp_path / "out", skip_bad_rows=True, parallel="threads", progress=False)
     assert not (tmp_path / "out").exists() and no_partials(tmp_path)
 
 

@@ -14,8 +14,8 @@ import pytest
 
 import megadoc_pl.data.store_build as store_build
 from megadoc_pl.data.readers import iter_documents, iter_generations
-from megadoc_pl.data.store import FORMAT_VERSION, HEADER_BYTES, TokenStore, coerce_field, index_schema, token_file_header
-from megadoc_pl.data.store_build import build_store
+from megadoc_pl.data.store import FORMAT_VERSION, HEADER_BYTES, TokenStore, index_schema, token_file_header
+from megadoc_pl.data.store_build import StoreSink, build_store, plain_generation_columns
 from megadoc_pl.data.tokenizer import load_tokenizer
 
 from conftest import SAMPLE_TEXTS
@@ -29,7 +29,7 @@ def maga_row(docid: str, chunk: str, k: int, raw: str = "raw text") -> dict:
 
 
 def messy_generations(n: int) -> list:
-    """SPEC 3.2 rows and MAGACorpus rows mixed, with duplicates, bad rows and promoted fields."""
+    """Generation rows and MAGACorpus rows mixed, with duplicates, bad rows and promoted fields."""
     rows: list = []
     for i in range(n):
         if i % 7 == 3:
@@ -52,8 +52,17 @@ def write_rows(path: Path, rows) -> Path:
 
 def store_arrays(st: TokenStore) -> dict:
     cols = ("source_id", "task", "gen_index", "file", "line", "split_index", "judge_score", "genre", "style", "chunk_index")
-    out = {c: st.column(c) for c in cols if c in st._index.column_names}
+    out = {c: st.column(c) for c in cols if c in st.column_names}
     out.update(tokens=np.asarray(st.token_array), offsets=st.offsets_full, meta=[st.meta(i) for i in range(len(st))])
+    return out
+
+
+def meta_texts(st: TokenStore) -> list[str]:
+    """The stored meta JSON of every document, as written (not parsed)."""
+    out: list = [None] * len(st)
+    for rows, metas in st.meta_batches(np.arange(len(st))):
+        for r, text in zip(rows.tolist(), metas.to_pylist()):
+            out[r] = text
     return out
 
 
@@ -80,13 +89,13 @@ def small_blocks(monkeypatch) -> None:
 
 def test_chunked_generation_store_equals_one_shot_and_the_reader(tmp_path, tiny_tokenizer_path, monkeypatch):
     src = write_rows(tmp_path / "g.jsonl", messy_generations(300))
+    assert src.stat().st_size < store_build.CHUNK_BYTES  # one chunk at the default size
     whole = build_store(src, tiny_tokenizer_path, tmp_path / "whole", kind="generations", skip_bad_rows=True,
                         num_proc=1, progress=False)
-    assert whole._index.num_rows == whole.num_documents  # one chunk at the default size
     small_blocks(monkeypatch)
     spills = []
-    spill = store_build._StoreSink._spill_keys
-    monkeypatch.setattr(store_build._StoreSink, "_spill_keys", lambda self, upto: (spills.append(upto), spill(self, upto)))
+    spill = StoreSink.spill_keys
+    monkeypatch.setattr(StoreSink, "spill_keys", lambda self, upto: (spills.append(upto), spill(self, upto)))
     chunked = build_store(src, tiny_tokenizer_path, tmp_path / "chunked", kind="generations", skip_bad_rows=True,
                           num_proc=1, progress=False)
     assert len(spills) > 10 and not (tmp_path / "chunked" / "keys").exists()  # the keys went through bucket files
@@ -284,23 +293,19 @@ def test_inline_generation_rows_equal_the_parser(tmp_path, tiny_tokenizer_path, 
         fast = build_store(path, tiny_tokenizer_path, tmp_path / f"fast-{path.stem}", kind="generations",
                            skip_bad_rows=True, num_proc=1, progress=False)
         with monkeypatch.context() as m:
-            m.setattr(store_build, "_spec_generation", lambda row: False)
-            m.setattr(store_build, "_promoted_column", lambda metas, name, typ, dflt: [
-                coerce_field(meta.get(name), typ, dflt) for meta in metas])
-            m.setattr(store_build, "_meta_jsons", lambda metas: [store_build._META_JSON(meta) for meta in metas])
-            m.setattr(store_build, "_spec_chunk", lambda chunk: None)
+            m.setattr(store_build, "FAST_PATHS", False)
             full = build_store(path, tiny_tokenizer_path, tmp_path / f"full-{path.stem}", kind="generations",
                                skip_bad_rows=True, num_proc=1, progress=False)
         assert_same_store(fast, full)
-        assert [fast._index.column("meta")[i].as_py() for i in range(len(fast))] == \
-               [full._index.column("meta")[i].as_py() for i in range(len(full))]  # the JSON text itself
+        assert meta_texts(fast) == meta_texts(full)  # the JSON text itself
     assert fast.manifest["bad_rows_by_kind"]["invalid_utf8"] == 1
 
 
 def test_whole_chunk_path_equals_the_row_loop(tmp_path, tiny_tokenizer_path, monkeypatch):
-    """A chunk of plain SPEC 3.2 rows is taken column by column (_spec_chunk, _generation_keys);
-    the row loop gives the same store, and any chunk with one row it cannot take (a bad row, an
-    int id, a blank line, a MAGACorpus row) falls back to the loop as a whole."""
+    """A chunk of plain generation rows is taken column by column (plain_generation_columns); the
+    plain path (FAST_PATHS off) gives the same store, and any chunk with one row the column path
+    cannot take (a bad row, an int id, a blank line, a MAGACorpus row) falls back to the row loop
+    as a whole."""
     plain = [{"source_id": f"s{i // 3}", "task": "rephrase", "gen_index": i % 3, "text": f"{SAMPLE_TEXTS[i % 5]} {i}",
               "style": "qa" if i % 2 else None, "judge_score": i % 4, "\u00e9": {"n": i}} for i in range(60)]
     variants = {"plain": plain, "bad": plain[:30] + [{"source_id": "x", "task": "rephrase", "gen_index": -1, "text": "t"}] + plain[30:],
@@ -311,26 +316,43 @@ def test_whole_chunk_path_equals_the_row_loop(tmp_path, tiny_tokenizer_path, mon
         if name == "plain":
             blank = tmp_path / "blank.jsonl"
             blank.write_bytes(src.read_bytes().replace(b"\n", b"\n\n", 3))
-            assert store_build._spec_chunk(store_build._Chunk(str(src), 0, 1, block=src.read_bytes())) is not None
-            assert store_build._spec_chunk(store_build._Chunk(str(blank), 0, 1, block=blank.read_bytes())) is None
+            assert plain_generation_columns(src.read_bytes(), 1) is not None
+            assert plain_generation_columns(blank.read_bytes(), 1) is None
             paths = [src, blank]
         else:
-            assert store_build._spec_chunk(store_build._Chunk(str(src), 0, 1, block=src.read_bytes())) is None or name == "dup"
+            assert plain_generation_columns(src.read_bytes(), 1) is None or name == "dup"
             paths = [src]
         for path in paths:
             fast = build_store(path, tiny_tokenizer_path, tmp_path / f"fast-{path.stem}", kind="generations",
                                skip_bad_rows=True, num_proc=1, progress=False)
             with monkeypatch.context() as m:
-                m.setattr(store_build, "_spec_chunk", lambda chunk: None)
-                m.setattr(store_build, "_spec_generation", lambda row: False)
+                m.setattr(store_build, "FAST_PATHS", False)
                 loop = build_store(path, tiny_tokenizer_path, tmp_path / f"loop-{path.stem}", kind="generations",
                                    skip_bad_rows=True, num_proc=1, progress=False)
             assert_same_store(fast, loop)
             assert fast.column("line").tolist() == loop.column("line").tolist()
-            assert [fast._index.column("meta")[i].as_py() for i in range(len(fast))] == \
-                   [loop._index.column("meta")[i].as_py() for i in range(len(loop))]
-    keys = store_build._generation_keys(["a", "b\u00e9"], ["rephrase", "maga"], [0, 12])
-    assert keys == store_build._row_key("generations", "a", "rephrase", 0) + store_build._row_key("generations", "b\u00e9", "maga", 12)
+            assert meta_texts(fast) == meta_texts(loop)
+
+
+def test_a_duplicate_between_the_column_path_and_the_row_loop_is_found(tmp_path, tiny_tokenizer_path):
+    """A chunk taken column by column and one read by the row loop make the same identity keys
+    (non-ASCII ids included): a row repeated between them, either way round, is a duplicate."""
+    plain = [{"source_id": f"b\u00e9{i}", "task": "rephrase", "gen_index": 12, "text": f"{SAMPLE_TEXTS[i % 5]} {i}"}
+             for i in range(8)]
+    mixed = [maga_row("m", "0", 1), dict(plain[3], text="again, by the row loop"),
+             {"source_id": "c\u00e9", "task": "rephrase", "gen_index": 7, "text": "first, by the row loop"}]
+    later = [{"source_id": "c\u00e9", "task": "rephrase", "gen_index": 7, "text": "again, by columns"},
+             {"source_id": "d", "task": "rephrase", "gen_index": 0, "text": "new"}]
+    files = [write_rows(tmp_path / f"{name}.jsonl", rows) for name, rows in (("a", plain), ("b", mixed), ("c", later))]
+    assert [plain_generation_columns(f.read_bytes(), 1) is not None for f in files] == [True, False, True]
+    st = build_store(files, tiny_tokenizer_path, tmp_path / "s", kind="generations", skip_bad_rows=True, num_proc=1,
+                     progress=False)
+    assert st.manifest["bad_rows_by_kind"] == {"duplicate_id": 2}
+    assert st.source_ids.tolist() == [r["source_id"] for r in plain] + ["m#0", "c\u00e9", "d"]
+    with pytest.raises(ValueError) as e:
+        build_store(files, tiny_tokenizer_path, tmp_path / "t", kind="generations", num_proc=1, progress=False)
+    assert str(e.value).startswith(f"{files[1]}:2: duplicate generation (source_id='b\u00e93', task='rephrase', "
+                                   f"gen_index=12) (first at {files[0]}:4)")
 
 
 @pytest.mark.parametrize("spill", [False, True])

@@ -264,6 +264,11 @@ class TokenStore:
         generation store's task, source_id and integer columns hold ~50 bytes a row."""
         self._index.release()
 
+    @property
+    def column_names(self) -> list[str]:
+        """The index columns (``meta`` aside: :meth:`meta`, :meth:`meta_batches`)."""
+        return list(self._index.column_names)
+
     def arrow_column(self, name: str):
         """An index column as Arrow (strings stay Arrow strings: no Python object per document)."""
         if name not in self._index.column_names:

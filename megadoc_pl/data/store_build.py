@@ -67,6 +67,12 @@ PARQUET_BATCH_ROWS = 1024
 # 0.81x and 0.76x.
 SMALL_INPUT_BYTES = 4 << 20
 PARALLEL_MODES = ("auto", "threads", "processes")
+# The shortcuts for plain generation rows: a JSONL block of them taken column by column
+# (plain_generation_columns), other blocks' plain rows checked inline instead of by
+# parse_generation, promoted columns already of their type taken as they are, meta written by
+# one prebuilt JSON encoder. False takes the plain path for every row: the same store, slower
+# (the tests build both and compare them).
+FAST_PATHS = True
 
 
 def default_num_proc() -> int:
@@ -111,7 +117,7 @@ class _Parsed:
     parent's memory does not grow with row objects.
     """
 
-    index: Any  # pyarrow Table of the good rows (_index_schema), gen_index -1 for unnumbered MAGA rows
+    index: Any  # pyarrow Table of the good rows (index_schema), gen_index -1 for unnumbered MAGA rows
     keys: np.ndarray  # (good, 2) uint64: 128-bit hash of each row's identity (id, or source_id/task/gen_index)
     unnumbered: np.ndarray  # positions of MAGACorpus generation rows the parent numbers within their source
     folds: np.ndarray  # positions of rows that fold repeats (MAGACorpus chunks read as documents)
@@ -161,14 +167,14 @@ _META_ENCODER = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
 
 
 def _meta_jsons(metas: list[dict]) -> list[str]:
-    if not _META_ENCODER:
+    if not (FAST_PATHS and _META_ENCODER):
         return list(map(_META_JSON, metas))
     return list(map("".join, map(_META_ENCODER, metas, itertools.repeat(0))))
 
 
-def _spec_generation(row: Any) -> bool:
-    """Whether ``row`` is a SPEC 3.2 generation row that parse_generation accepts as it is, checked
-    inline (~1.5 us a row less): str text with a non-space character, non-empty str source_id and
+def _plain_generation_row(row: Any) -> bool:
+    """Whether ``row`` is a generation row (docs/data-ingest.md) that parse_generation accepts as it
+    is, checked inline (~1.5 us a row less): str text with a non-space character, non-empty str source_id and
     task, int gen_index >= 0. Anything else (ints as ids, MAGACorpus rows, bad rows) takes
     parse_generation. The text's UTF-8 check is the caller's (a block without \\ud escapes has no
     lone surrogates)."""
@@ -180,24 +186,25 @@ def _spec_generation(row: Any) -> bool:
 
 
 def _promoted_column(metas: list[dict], name: str, typ: str, default: Any) -> list:
-    """The promoted field ``name`` of every row, coerced as _coerce does; a column whose values
-    are all missing or already of the column's type is taken as it is."""
+    """The promoted field ``name`` of every row, coerced as coerce_field does; a column whose
+    values are all missing or already of the column's type is taken as it is (FAST_PATHS)."""
     values = [m.get(name) for m in metas]
     exact = {"int64": int, "float64": float, "string": str}[typ]
-    if set(map(type, values)) <= {type(None), exact}:
+    if FAST_PATHS and set(map(type, values)) <= {type(None), exact}:
         return [default if v is None else v for v in values]
     return [coerce_field(v, typ, default) for v in values]
 
 
-def _spec_chunk(chunk: _Chunk) -> Optional[tuple[list, ...]]:
-    """(lines, source_ids, tasks, gen_indices, texts, metas) of a JSONL chunk whose every line is
-    a SPEC 3.2 generation row that parse_generation accepts as it is (_spec_generation's checks,
-    made column by column with C-level maps: ~3 us a row less than the row loop); None for any
-    other chunk, which takes the row loop. ``metas`` are the rows without the four fields."""
-    block = chunk.block
+def plain_generation_columns(block: Optional[bytes], first_line: int) -> Optional[tuple[list, ...]]:
+    """(lines, source_ids, tasks, gen_indices, texts, metas) of a block of JSONL lines (the first
+    numbered ``first_line``) whose every line is a generation row (docs/data-ingest.md) that
+    parse_generation accepts as it is (_plain_generation_row's checks, made column by column with
+    C-level maps: ~3 us a row less than the row loop); None for any other block, which takes the
+    row loop. ``metas`` are the rows without the four fields. The builder's shortcut for a whole
+    chunk (FAST_PATHS); public so that tests can tell which blocks take it."""
     # Lone surrogates need parse_generation's UTF-8 check; MAGACorpus rows (found without parsing,
     # so that a MAGACorpus file is not parsed twice) are numbered by the parent.
-    if block is None or _may_hold_lone_surrogates(chunk) or b'"content_split"' in block:
+    if block is None or _may_hold_lone_surrogates(block) or b'"content_split"' in block:
         return None
     loads = orjson_loads(block)
     if loads is None:
@@ -221,16 +228,16 @@ def _spec_chunk(chunk: _Chunk) -> Optional[tuple[list, ...]]:
         return None
     for k in _GEN_FIELDS:  # what is left of a row is the meta parse_generation keeps, in its order
         collections.deque(map(dict.pop, rows, itertools.repeat(k)), maxlen=0)
-    return list(range(chunk.first_line, chunk.first_line + len(rows))), sids, tasks, gens, texts, rows
+    return list(range(first_line, first_line + len(rows))), sids, tasks, gens, texts, rows
 
 
 _GEN_FIELDS = ("source_id", "task", "gen_index", "text")
 
 
-def _may_hold_lone_surrogates(chunk: _Chunk) -> bool:
+def _may_hold_lone_surrogates(block: Optional[bytes]) -> bool:
     """Lone surrogates can only come from \\ud800-\\udfff escapes in JSON (Parquet strings are
     UTF-8): a block without ``\\ud`` holds none, and its valid rows need no UTF-8 check."""
-    return chunk.block is not None and (b"\\ud" in chunk.block or b"\\uD" in chunk.block)
+    return block is not None and (b"\\ud" in block or b"\\uD" in block)
 
 
 _KEY_HASH = functools.partial(hashlib.blake2b, digest_size=16)
@@ -249,9 +256,9 @@ def _process_rows(opts: _Options, chunk: _Chunk) -> tuple:
     documents = opts.kind == "documents"
     lines, sids, tasks, gens, texts, metas, keys = [], [], [], [], [], [], []
     bad, unnumbered, folds, fold_hashes, text_hashes = [], [], [], [], []
-    inline = not documents and not _may_hold_lone_surrogates(chunk)
+    inline = FAST_PATHS and not documents and not _may_hold_lone_surrogates(chunk.block)
     for line, row in _chunk_rows(chunk):
-        if inline and _spec_generation(row):
+        if inline and _plain_generation_row(row):
             sid, task, gen_index, text = row.pop("source_id"), row.pop("task"), row.pop("gen_index"), row.pop("text")
             meta = row  # the rest of the row, in its order: what parse_generation keeps as fields
         else:
@@ -282,7 +289,7 @@ def _process(tok, opts: _Options, chunk: _Chunk) -> _Parsed:
     import pyarrow as pa
 
     documents = opts.kind == "documents"
-    whole = None if documents else _spec_chunk(chunk)
+    whole = None if documents or not FAST_PATHS else plain_generation_columns(chunk.block, chunk.first_line)
     if whole is not None:
         lines, sids, tasks, gens, texts, metas = whole
         keys, bad, unnumbered, folds, fold_hashes, text_hashes = _generation_keys(sids, tasks, gens), [], [], [], [], []
@@ -570,7 +577,7 @@ def _write_store(tmp: Path, files: list[Path], info: TokenizerInfo, manifest: di
         in_process = total_bytes < SMALL_INPUT_BYTES or num_proc < 2
     else:
         in_process = parallel == "threads" or num_proc == 1
-    sink = _StoreSink(tmp, kind, opts.dtype, [str(f) for f in files], manifest["skip_bad_rows"])
+    sink = StoreSink(tmp, kind, opts.dtype, [str(f) for f in files], manifest["skip_bad_rows"])
     workers = _Workers(info, opts, num_proc, in_process)
     bar = tqdm(desc=f"tokenizing {kind}", unit=" doc", disable=not progress or None, leave=False)
     try:
@@ -626,7 +633,7 @@ def _duplicates(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
     return rows[order[later]], rows[order[starts[run[later]]]]
 
 
-class _StoreSink:
+class StoreSink:
     """The parent's side of a build: writes chunks in input order as they arrive, then settles the
     order-dependent checks (duplicate ids, MAGACorpus numbering and folding) with the same outcome
     as :class:`~megadoc_pl.data.readers.RowChecker` reading the rows one by one.
@@ -666,7 +673,7 @@ class _StoreSink:
             index, keys = self._number_maga(index, keys, res.unnumbered)
         self.keys.append(keys)
         if self.rows + len(keys) - self.keys_from >= KEY_SPILL_ROWS:
-            self._spill_keys(self.rows + len(keys))
+            self.spill_keys(self.rows + len(keys))
         if len(res.folds):
             self.folds.append(res.folds + self.rows)
             self.fold_hashes.append(res.fold_hashes)
@@ -713,10 +720,11 @@ class _StoreSink:
             self.index.write_table(pa.concat_tables(self.pending), row_group_size=max(self.pending_rows, 1))
             self.pending, self.pending_rows = [], 0
 
-    def _spill_keys(self, upto: int) -> None:
-        """Append the buffered keys, with their row numbers, to KEY_BUCKETS files by the key's
-        top bits: duplicates share a bucket, and each bucket is settled on its own, so memory
-        does not grow with the rows (~24 bytes a row on disk instead of ~60 in memory)."""
+    def spill_keys(self, upto: int) -> None:
+        """Append the buffered keys (rows before ``upto``), with their row numbers, to KEY_BUCKETS
+        files by the key's top bits (every KEY_SPILL_ROWS rows; the rest once the keys are settled):
+        duplicates share a bucket, and each bucket is settled on its own, so memory does not grow
+        with the rows (~24 bytes a row on disk instead of ~60 in memory)."""
         keys = np.concatenate(self.keys) if self.keys else np.zeros((0, 2), np.uint64)
         assert len(keys) == upto - self.keys_from
         rec = np.empty(len(keys), dtype=_KEY_RECORD)
@@ -738,7 +746,7 @@ class _StoreSink:
             keys = keys[:limit]
             yield keys, np.arange(self.keys_from, self.keys_from + len(keys))
             return
-        self._spill_keys(self.rows)
+        self.spill_keys(self.rows)
         for path in sorted((self.tmp / "keys").iterdir()):
             rec = np.fromfile(path, dtype=_KEY_RECORD)
             if limit is not None:
