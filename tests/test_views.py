@@ -1,4 +1,4 @@
-"""Corpus views on a small hand-made corpus: exact units for every view and option (SPEC 4)."""
+"""Corpus views on a small hand-made corpus: exact units for every view and option (docs/data-corpus.md)."""
 
 from __future__ import annotations
 
