@@ -186,7 +186,7 @@ def segment_ids(B: int, T: int, mean_len: int, seed: int) -> Any:
 
 
 def contract_batch(vocab: int, B: int, T: int, mean_len: int, seed: int, dev: Any) -> dict:
-    """A batch of the loader's contract (megadoc_pl.data.windows.unpack) with random tokens."""
+    """A batch of the loader's contract (megadoc_pl.data.batch.unpack) with random tokens."""
     import torch
 
     from megadoc_pl.model.attention import cu_seqlens_from_segment_ids, positions_from_segment_ids

@@ -74,7 +74,7 @@ def units_source_ids(units, among: Optional[Iterable[str]] = None) -> set[str]:
     """Source ids of every stored document a stream's units draw tokens from (only those in
     ``among``, when given).
 
-    ``units`` is a ``megadoc_pl.data.views.Units``; token sources without ``source_ids``
+    ``units`` is a ``megadoc_pl.data.units.Units``; token sources without ``source_ids``
     (delimiter literals) are skipped. For a generation store the source id is the id of the
     real document the generation was made from. Read from the store's Arrow index (no Python
     string per document: a paper-scale generation store has millions).

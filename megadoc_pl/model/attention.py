@@ -83,7 +83,7 @@ def _check_cu_seqlens(cu: torch.Tensor, B: int, T: int, validate: bool) -> None:
 
     The shape is always checked (free). The values are read only where that costs no device
     sync: always for offsets on the CPU, and for offsets on a device only when ``validate``
-    (one host sync). Offsets made by :func:`megadoc_pl.data.windows.pack` are correct by
+    (one host sync). Offsets made by :func:`megadoc_pl.data.batch.pack` are correct by
     construction and reach the device that way, so they are trusted per micro-batch.
     """
     if cu.dim() != 1 or cu.numel() < 2:
@@ -244,7 +244,7 @@ def segment_mask(
     is built without a host sync: whether every row is one segment follows from the number of
     offsets alone (S == B, as the offsets cut every row), and nothing is read back from the
     device. Offsets on the CPU are checked there (free); offsets on a device are trusted, as the
-    loader's are (:func:`megadoc_pl.data.windows.pack` makes them on the CPU, correct by
+    loader's are (:func:`megadoc_pl.data.batch.pack` makes them on the CPU, correct by
     construction), unless ``validate`` asks for the check (one host sync). Without
     ``cu_seqlens`` the segmentation must be read from the ids: a host sync on a device.
     """
