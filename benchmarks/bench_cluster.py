@@ -49,7 +49,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from conftest import build_tiny_tokenizer
+    from helpers import build_tiny_tokenizer
     from megadoc_pl.data.prepare import prepare_corpus
     from megadoc_pl.model.config import LlamaConfig
     from megadoc_pl.model.memory import memory_per_gpu

@@ -233,7 +233,7 @@ def main() -> None:
         return
     if args.from_files and args.tokenizer is None:
         sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import build_tiny_tokenizer
+        from helpers import build_tiny_tokenizer
 
         args.tokenizer = str(build_tiny_tokenizer(Path(args.root) / "tok"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

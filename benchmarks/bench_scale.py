@@ -266,7 +266,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.tokenizer is None:
         sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import build_tiny_tokenizer
+        from helpers import build_tiny_tokenizer
 
         args.tokenizer = build_tiny_tokenizer(args.work / "tok")
     print(f"# tokenizer {args.tokenizer}; {os.cpu_count()} cores", flush=True)

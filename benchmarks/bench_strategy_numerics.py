@@ -29,10 +29,10 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from conftest import build_tiny_tokenizer
+    from helpers import build_tiny_tokenizer
     from megadoc_pl.train import module as module_mod
     from megadoc_pl.train.run import train
-    from train_helpers import QUIET, scalars, tiny_recipe, write_corpus
+    from helpers import QUIET, scalars, tiny_recipe, write_corpus
 
     torch.set_num_threads(1)
     plain_init = module_mod.MegadocLM.__init__

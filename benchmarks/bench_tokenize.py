@@ -60,7 +60,7 @@ def tokenizer_path(tmp: Path, generated: bool) -> Path:
     if tok.exists() and not generated:
         return tok
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import build_tiny_tokenizer  # a small byte-level BPE, built locally
+    from helpers import build_tiny_tokenizer  # a small byte-level BPE, built locally
 
     return build_tiny_tokenizer(tmp / "tok", vocab_size=2000)
 

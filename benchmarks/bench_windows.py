@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def build_corpus(root: Path, num_docs: int, generations: int):
     """Token stores of a synthetic corpus (cached): real docs + G rephrases each."""
-    from conftest import build_tiny_tokenizer
+    from helpers import build_tiny_tokenizer
 
     from megadoc_pl.data.store_build import build_store
 

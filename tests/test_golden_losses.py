@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import one_thread
+from helpers import one_thread
 
 GOLDEN = Path(__file__).parent / "assets" / "losses"
 OVERRIDES = [

@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import megadoc_pl
-from conftest import REPO, build_tiny_tokenizer, one_thread
+from helpers import REPO, build_tiny_tokenizer, one_thread
 from megadoc_pl.errors import BadInput
-from train_helpers import QUIET, tiny_overrides, tiny_recipe, write_corpus
+from helpers import QUIET, tiny_overrides, tiny_recipe, write_corpus
 
 CONTRACT = {"input_ids", "targets", "segment_ids", "cu_seqlens", "max_seqlen", "position_ids", "doc_positions",
             "window_index"}

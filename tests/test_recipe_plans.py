@@ -20,7 +20,7 @@ import pytest
 from megadoc_pl.model.llama import LlamaConfig
 from megadoc_pl.recipes import list_recipes, load_recipe
 
-from conftest import load_script
+from helpers import load_script
 
 parse_stream_sizes = load_script("recipes/train.py").parse_stream_sizes
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import load_script
+from helpers import load_script
 from megadoc_pl.analysis.sweep import check_definitions, load_sweep, overfit_check, sweep_runs
 
 TINY = """

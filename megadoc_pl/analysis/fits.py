@@ -27,7 +27,7 @@ so plain percentile intervals under-cover with few points (0.75-0.8 for a nomina
 points, measured over 100 simulated sweeps). The percentile level is widened to the one whose
 normal quantile equals Student's t quantile with n - 3 degrees of freedom,
 ``tail = Phi(-t_{n-3}(1 - (1 - level) / 2))``; simulated coverage is then 0.85-0.9 (see
-tests/test_analysis_fits.py).
+tests/analysis/test_analysis_fits.py).
 """
 
 from __future__ import annotations

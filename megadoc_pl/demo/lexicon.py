@@ -5,7 +5,7 @@ rephrase them writes other words and other sentence structures, so the generator
 of its own, written apart from the world's: per predicate two declarative wordings (``say``), a
 nominalisation (``noun``, for the formal register: "the founding of X by Y (1821)") and a
 question (``ask``, for the qa style). No template here shares a word 4-gram with a world
-template (``tests/test_demo_template_backend.py`` checks it). Registers (easy, formal, casual)
+template (``tests/demo/test_demo_template_backend.py`` checks it). Registers (easy, formal, casual)
 are built from these by frames and word swaps; see ``template_backend``.
 
 Placeholders are the predicate's role names, as in the world's templates.
