@@ -191,7 +191,7 @@ def _build_store(cfg: DictConfig, inputs: Sequence[str], tokenizer: Any, kind: s
     files = expand_inputs(inputs)
     extra = {"text_field": str(cfg.data.text_field), "id_field": str(cfg.data.id_field)} if kind == "documents" else {}
     out = _store_dir(cfg, kind, files, tokenizer, extra)
-    if not (out / "manifest.json").exists():
+    if not (out / "manifest.json").exists() and not _CACHED_ONLY.get():  # said once: by the pass that builds
         _log.info(f"tokenizing {what} ({len(files)} file(s)) -> {out}")
     kw = dict(kind=kind, add_bos=bool(cfg.data.add_bos), add_eos=bool(cfg.data.add_eos),
               skip_bad_rows=bool(cfg.data.skip_bad_rows), rebuild=bool(cfg.data.rebuild),
