@@ -21,9 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import megadoc_pl
-from helpers import REPO, build_tiny_tokenizer, one_thread
 from megadoc_pl.errors import BadInput
-from helpers import QUIET, tiny_overrides, tiny_recipe, write_corpus
+from helpers import QUIET, REPO, build_tiny_tokenizer, one_thread, tiny_overrides, tiny_recipe, write_corpus
 
 CONTRACT = {"input_ids", "targets", "segment_ids", "cu_seqlens", "max_seqlen", "position_ids", "doc_positions",
             "window_index"}
@@ -108,6 +107,18 @@ def test_our_datamodule_feeds_a_foreign_module(inputs, tmp_path):
     assert trainer.global_step == STEPS
     assert model.windows == list(range(STEPS * G))  # step s trains on global windows [s*G, (s+1)*G)
     assert model.val_sets == set(range(len(dm.val_set_names)))
+
+
+def test_a_trainer_that_accumulates_otherwise_is_refused(inputs, tmp_path):
+    """Windows are counted per optimizer step: a Trainer stepping every micro-batch would train other windows."""
+    from megadoc_pl.errors import BadInput
+
+    corpus, tok, root = inputs
+    dm = megadoc_pl.datamodule("baseline_real", tiny_overrides(corpus, tok, root, "unused", steps=STEPS))
+    assert megadoc_pl.trainer_kwargs(dm)["accumulate_grad_batches"] == G // M != 1
+    trainer = _trainer(dm, tmp_path, accumulate_grad_batches=1)
+    with pytest.raises(BadInput, match=rf"needs {G // M} \(fix: Trainer\(accumulate_grad_batches={G // M}\)"):
+        trainer.fit(ForeignLM(dm.vocab_size), datamodule=dm)
 
 
 class ForeignData(pl.LightningDataModule):

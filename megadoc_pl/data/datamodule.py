@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from megadoc_pl.data.batch import SLOT, packed_bytes, unpack
 from megadoc_pl.data.mixture import MixturePlan
 from megadoc_pl.data.windows import Windows
+from megadoc_pl.errors import BadInput
 
 
 def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
@@ -382,6 +383,15 @@ class MegadocDataModule(pl.LightningDataModule):
                                  r if rank is None else rank, w if world_size is None else world_size)
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self._trainer_or_none()
+        if trainer is not None:  # a researcher's own Trainer must step where the windows are counted
+            want = accumulation_steps(self.global_batch_size, self.micro_batch_size, int(trainer.world_size))
+            if int(trainer.accumulate_grad_batches) != want:
+                raise BadInput(
+                    f"the Trainer accumulates {trainer.accumulate_grad_batches} micro-batches per step, but "
+                    f"train.global_batch_size {self.global_batch_size} / (micro {self.micro_batch_size} x world "
+                    f"{trainer.world_size}) needs {want} (fix: Trainer(accumulate_grad_batches={want}), as "
+                    "megadoc_pl.trainer_kwargs sets it)")
         # batch_size=None: each sampler item is a list of indices, fetched as one vectorised batch.
         return _TrainLoader(PackedWindows(self.train_windows), batch_size=None,
                             sampler=self.train_sampler(), position=self.windows_consumed,
