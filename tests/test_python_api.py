@@ -111,8 +111,6 @@ def test_our_datamodule_feeds_a_foreign_module(inputs, tmp_path):
 
 def test_a_trainer_that_accumulates_otherwise_is_refused(inputs, tmp_path):
     """Windows are counted per optimizer step: a Trainer stepping every micro-batch would train other windows."""
-    from megadoc_pl.errors import BadInput
-
     corpus, tok, root = inputs
     dm = megadoc_pl.datamodule("baseline_real", tiny_overrides(corpus, tok, root, "unused", steps=STEPS))
     assert megadoc_pl.trainer_kwargs(dm)["accumulate_grad_batches"] == G // M != 1
