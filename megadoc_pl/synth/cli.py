@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad input, missing model or file: one line, no traceback
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the runner has shut its backends down on the way out
+        print(f"error: interrupted; the rows written so far are kept (fix: rerun the same command to resume "
+              f"{a.out})", file=sys.stderr)
+        return 130
     run = stats["run"]
     print(
         f"[synth] {stats['task']} shard {stats['shard']}/{stats['num_shards']}: "

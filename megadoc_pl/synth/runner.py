@@ -82,6 +82,7 @@ class Runner:
         self.heldout = self._load_heldout(cfg.split_file)
         self.task = load_task(task_cfg, cfg)
         self.run_record = self._check_run_file(self.task.counter)  # before loading a model for minutes
+        self._callers_backends = (backend, judge_backend)  # the caller's to close, not this run's
         self.lock = self.out.lock(self.files.lock, f"shard {self.shard} of {self.num_shards} in {self.out}")
         self.lock.acquire()  # a second writer is refused before it loads a model
         try:
@@ -276,14 +277,30 @@ class Runner:
             return self._generate(pending_all, pending, counts, results)
         finally:
             self.lock.release()
-            if getattr(self, "executor", None) is not None:
-                self.executor.close()
+            self._close()
 
     def _failed_start(self) -> None:
         """A first start that fails leaves nothing behind (an existing run keeps its files)."""
-        if getattr(self, "executor", None) is not None:
-            self.executor.close()
+        self._close()
         self.lock.discard()  # removes only what this start created
+
+    def _close(self) -> None:
+        """Stop the executor and the backends this run loaded, on every way out (done, failed,
+        Ctrl-C): a vLLM engine left running keeps the process from exiting."""
+        executor = getattr(self, "executor", None)
+        if executor is None or getattr(self, "_closed", False):
+            return
+        self._closed = True
+        try:
+            executor.close()
+        finally:
+            backends = executor.backends
+            mine = [b for b in (backends.generator, backends.judge)
+                    if b is not None and all(b is not given for given in self._callers_backends)]
+            for b in {id(b): b for b in mine}.values():
+                close = getattr(b, "close", None)
+                if close is not None:
+                    close()
 
     def _validate_start(self, counts: dict) -> None:
         heldout, usable = counts.get("heldout", 0), counts.get("usable", 0)
