@@ -226,13 +226,19 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def _default_sigint() -> None:
+    """A shell starts background jobs (CI, ``make ... &``) with SIGINT ignored, which their children
+    inherit; a terminal's Ctrl-C reaches a program whose SIGINT is at its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """``cmd`` in a session of its own, stderr in a file."""
 
     def __init__(self, cmd: list[str], log: Path) -> None:
         self.log = log
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_default_sigint)
 
     def wait_rows(self, rows_file: Path, at_least: int, timeout: float = 240) -> int:
         end = time.time() + timeout
