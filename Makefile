@@ -20,7 +20,7 @@ test-fast:
 	$(PYTHON) -m pytest -x -q -m "not slow"
 
 # The real vLLM engine on CPU (tests marked vllm, docs/synthesis.md "vLLM on CPU"): a venv of its own
-# (git-ignored, ~3.5 GB, reused while pyproject.toml is unchanged) with the CPU build of vLLM, which pins
+# (git-ignored, 4.3 GB, reused while pyproject.toml is unchanged) with the CPU build of vLLM, which pins
 # torch==2.13.0+cpu and its own transformers; this package and its core deps are resolved together with
 # them. torchvision/torchaudio/torchcodec come built for CUDA torch and fail to load against +cpu; the
 # text path needs none of them.
