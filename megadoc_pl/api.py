@@ -16,7 +16,6 @@ checkpoints, throughput, final validation, metrics.json) stays there.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -90,8 +89,6 @@ def lightning_module(cfg_or_datamodule: Any) -> MegadocLM:
     """
     cfg = _completed(cfg_or_datamodule)
     console.quiet_third_party()  # the lines megadoc-pl fit silences too
-    # MegadocLM reads window numbers in on_before_batch_transfer, before the datamodule's unpacking, on purpose
-    warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer`.*")
     if cfg.train.num_threads is not None:
         torch.set_num_threads(int(cfg.train.num_threads))
     pl.seed_everything(int(cfg.train.seed), workers=True, verbose=False)

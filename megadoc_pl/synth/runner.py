@@ -465,7 +465,7 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 def __getattr__(name: str):
-    """``RunConfig``: the old name of SynthRunConfig, kept while benchmarks/bench_generate.py uses it."""
+    """``RunConfig``: the old name of SynthRunConfig, kept (with a warning) for code written against it."""
     if name == "RunConfig":
         import warnings
 

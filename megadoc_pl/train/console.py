@@ -4,7 +4,8 @@ final metrics as a table; third-party lines that tell a user nothing are silence
 Silenced (and only these): Lightning's litlogger advertisement, its model summary (a FLOPs
 column of zeros: it cannot trace a forward that takes a batch dict; :func:`model_line` gives
 parameters and FLOPs per token instead), the deprecation of ``LeafSpec`` inside Lightning's own
-``_pytree`` helper, and "`weights_only` was not set" (the run saves full checkpoints on purpose).
+``_pytree`` helper, "`weights_only` was not set" (the run saves full checkpoints on purpose), and
+Lightning's advice against two of MegadocLM's deliberate choices (see quiet_third_party).
 Every other warning still shows.
 """
 
@@ -29,6 +30,10 @@ class _DropNoise(logging.Filter):
 def quiet_third_party() -> None:
     """Silence the third-party lines listed in the module docstring (idempotent)."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*is deprecated.*")
+    # MegadocLM reads window numbers and segment offsets before the device transfer on purpose (no
+    # sync per micro-batch), and logs validation losses already summed over ranks (no sync_dist)
+    warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer`.*")
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                  "lightning.pytorch.trainer.connectors.checkpoint_connector"):
         logger = logging.getLogger(name)

@@ -426,10 +426,7 @@ def _build_run(cfg: DictConfig, run_dir: Path, ckpt: Optional[Path], claim: Opti
     cfg.run.name = run_dir.name
     cfg.run.root = str(run_dir.parent)
     cfg, dm = prepare(cfg)
-    # reading window indices before the device transfer is deliberate (no GPU sync per batch)
-    warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer`.*")
-    # validation losses are logged already summed over ranks (eval.validation), no sync_dist needed
-    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+    console.quiet_third_party()
     pl.seed_everything(int(cfg.train.seed), workers=True, verbose=False)
     module = MegadocLM(OmegaConf.to_container(cfg, resolve=True))
     trainer = build_trainer(cfg, run_dir, dm, trainer_overrides)

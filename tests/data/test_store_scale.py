@@ -271,6 +271,18 @@ def pickle_round_trip(obj):
     return pickle.loads(pickle.dumps(obj))
 
 
+def _fast_and_plain(path, tokenizer, tmp_path, monkeypatch):
+    """The generations store of ``path`` built with the builder's fast paths and without them (FAST_PATHS off)."""
+    def build(tag):
+        return build_store(path, tokenizer, tmp_path / f"{tag}-{path.stem}", kind="generations",
+                           skip_bad_rows=True, num_proc=1, progress=False)
+
+    fast = build("fast")
+    with monkeypatch.context() as m:
+        m.setattr(store_build, "FAST_PATHS", False)
+        return fast, build("plain")
+
+
 def test_inline_generation_rows_equal_the_parser(tmp_path, tiny_tokenizer_path, monkeypatch):
     """Rows taken by the builder's inline check (and its promoted-column and meta shortcuts) give
     the store the full parse gives: ids, tokens, meta, promoted columns, bad rows."""
@@ -290,12 +302,7 @@ def test_inline_generation_rows_equal_the_parser(tmp_path, tiny_tokenizer_path, 
     surrogate = tmp_path / "s.jsonl"  # a lone surrogate escape: the whole chunk takes the full parse
     surrogate.write_bytes(src.read_bytes() + b'{"source_id": "s907", "task": "rephrase", "gen_index": 0, "text": "\\ud800"}\n')
     for path in (src, surrogate):
-        fast = build_store(path, tiny_tokenizer_path, tmp_path / f"fast-{path.stem}", kind="generations",
-                           skip_bad_rows=True, num_proc=1, progress=False)
-        with monkeypatch.context() as m:
-            m.setattr(store_build, "FAST_PATHS", False)
-            full = build_store(path, tiny_tokenizer_path, tmp_path / f"full-{path.stem}", kind="generations",
-                               skip_bad_rows=True, num_proc=1, progress=False)
+        fast, full = _fast_and_plain(path, tiny_tokenizer_path, tmp_path, monkeypatch)
         assert_same_store(fast, full)
         assert meta_texts(fast) == meta_texts(full)  # the JSON text itself
     assert fast.manifest["bad_rows_by_kind"]["invalid_utf8"] == 1
@@ -323,12 +330,7 @@ def test_whole_chunk_path_equals_the_row_loop(tmp_path, tiny_tokenizer_path, mon
             assert plain_generation_columns(src.read_bytes(), 1) is None or name == "dup"
             paths = [src]
         for path in paths:
-            fast = build_store(path, tiny_tokenizer_path, tmp_path / f"fast-{path.stem}", kind="generations",
-                               skip_bad_rows=True, num_proc=1, progress=False)
-            with monkeypatch.context() as m:
-                m.setattr(store_build, "FAST_PATHS", False)
-                loop = build_store(path, tiny_tokenizer_path, tmp_path / f"loop-{path.stem}", kind="generations",
-                                   skip_bad_rows=True, num_proc=1, progress=False)
+            fast, loop = _fast_and_plain(path, tiny_tokenizer_path, tmp_path, monkeypatch)
             assert_same_store(fast, loop)
             assert fast.column("line").tolist() == loop.column("line").tolist()
             assert meta_texts(fast) == meta_texts(loop)
