@@ -180,3 +180,33 @@ def _time_estimate(cfg: DictConfig, total_flops: float, peak_fn) -> dict:
     hours = total_flops / (n * peak * ASSUMED_MFU) / 3600
     return {"device": name, "gpus": n, "peak_flops_per_gpu": peak, "assumed_mfu": ASSUMED_MFU,
             "estimated_hours": round(hours, 3)}
+
+
+_SIZE_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_stream_sizes(text: str) -> dict[str, int]:
+    """``'real=203867748,synthetic=3.7B'`` -> ``{'real': 203867748, 'synthetic': 3700000000}``.
+
+    Counts are whole tokens; ``_`` separators and decimal k/M/B(G)/T suffixes are allowed.
+    """
+    from decimal import Decimal, InvalidOperation
+
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip().replace("_", "")
+        if not sep or not name or not value:
+            raise ValueError(f"{item.strip()!r} is not NAME=TOKENS (e.g. real=200M,synthetic=3.7B)")
+        if name in out:
+            raise ValueError(f"stream {name!r} is given twice")
+        mult = _SIZE_SUFFIXES.get(value[-1].lower(), 1)
+        number = value[:-1] if mult > 1 else value
+        try:
+            count = Decimal(number) * mult
+        except InvalidOperation:
+            raise ValueError(f"{name}={value}: not a token count (e.g. 203867748, 200M, 3.7B)") from None
+        if not count.is_finite() or count < 0 or count != count.to_integral_value():
+            raise ValueError(f"{name}={value}: a token count is a whole number >= 0")
+        out[name] = int(count)
+    return out

@@ -17,12 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megadoc_pl.dryrun import parse_stream_sizes
 from megadoc_pl.model.llama import LlamaConfig
 from megadoc_pl.recipes import list_recipes, load_recipe
 
-from helpers import load_script
-
-parse_stream_sizes = load_script("recipes/train.py").parse_stream_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = list_recipes("methods")

@@ -42,6 +42,7 @@ from megadoc_pl.utils import atomic_write_json, atomic_write_text
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
 ROLES = ("baseline", "method", "data")
+GROUP_KEYS = ("recipe", "role", "method", "axes", "tune", "seeds", "overrides")
 SHORT = {**AXIS_SHORT, "data.generations": "G", "data.real_fraction": "D", "data.mixture.budget_tokens": "B"}
 VAL_SETS = ("iid", "long")
 
@@ -95,43 +96,66 @@ def load_sweep(preset: str) -> SweepSpec:
         have = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
         raise ValueError(f"sweep preset {preset!r} not found (presets: {', '.join(have)}; or give a YAML path)")
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    unknown = sorted(set(raw) - {"description", "scale", "seeds", "overrides", "groups"})
+    unknown = sorted(set(raw) - {"description", "scale", "seeds", "overrides", "groups", "cost"})
     if unknown or not raw.get("groups"):
         raise ValueError(f"{path}: unknown key(s) {unknown} or no groups (keys: description, scale, seeds, "
-                         "overrides, groups)")
+                         "overrides, groups, cost)")
     for g, spec in raw["groups"].items():
-        if set(spec) - {"recipe", "role", "method", "axes", "seeds", "overrides"} or "recipe" not in spec:
-            raise ValueError(f"{path}: group {g!r} needs recipe and may have role, method, axes, seeds, overrides")
+        if set(spec) - set(GROUP_KEYS) or "recipe" not in spec:
+            raise ValueError(f"{path}: group {g!r} needs recipe and may have {', '.join(GROUP_KEYS[1:])}")
         if spec.get("role", "method") not in ROLES:
             raise ValueError(f"{path}: group {g!r} role must be one of {', '.join(ROLES)}")
+        if "tune" in spec:
+            from megadoc_pl.analysis.sweep_tune import check_tune_entry
+
+            check_tune_entry(path, g, spec["tune"])
+    cost = raw.get("cost") or {}
+    if set(cost) - {"gpu", "real_tokens", "synthetic_per_generation"}:
+        raise ValueError(f"{path}: cost may have gpu, real_tokens, synthetic_per_generation")
     return SweepSpec(path.stem, str(raw.get("description", "")), str(raw.get("scale", "demo")),
-                     list(raw.get("seeds", [0])), list(raw.get("overrides", [])), dict(raw["groups"]), path)
+                     list(raw.get("seeds", [0])), list(raw.get("overrides", [])), dict(raw["groups"]), path,
+                     {"cost": cost} if cost else {})
 
 
 def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def run_tag(values: Sequence[tuple]) -> str:
+    """The name part of axis values: ``[(data.generations, 8), (real_epochs, 4)]`` -> ``-G8-E4``."""
+    return "".join(f"-{SHORT.get(k, k.rsplit('.', 1)[-1])}{_fmt(v)}" for k, v in values)
+
+
+def make_run(spec: SweepSpec, group: str, g: dict, values: Sequence[tuple], seed: int,
+             extra_overrides: Sequence[str] = ()) -> SweepRun:
+    """The run of ``group`` at axis ``values`` and ``seed`` (its name and every override)."""
+    ov = [f"scale={spec.scale}", *spec.overrides, *g.get("overrides", []), *(f"{k}={v}" for k, v in values),
+          f"train.seed={seed}", f"train.data_seed={seed}", *extra_overrides]
+    return SweepRun(f"{group}{run_tag(values)}-s{seed}", group, g.get("role", "method"), g["recipe"], int(seed),
+                    tuple(values), tuple(ov), str(g.get("method", group)))
+
+
 def sweep_runs(spec: SweepSpec, extra_overrides: Sequence[str] = ()) -> list[SweepRun]:
-    """Every run of the sweep, in file order (groups, then axis product, then seeds)."""
+    """Every run of the sweep's fixed groups, in file order (groups, then axis product, then
+    seeds). Tuned groups (``tune:``) decide their runs as they go: sweep_tune.families."""
     runs = []
     for group, g in spec.groups.items():
+        if "tune" in g:
+            continue
         axes = dict(g.get("axes") or {})
         keys = list(axes)
         for combo in itertools.product(*(axes[k] for k in keys)):
             for seed in g.get("seeds", spec.seeds):
-                tag = "".join(f"-{SHORT.get(k, k.rsplit('.', 1)[-1])}{_fmt(v)}" for k, v in zip(keys, combo))
-                name = f"{group}{tag}-s{seed}"
-                ov = [f"scale={spec.scale}", *spec.overrides, *g.get("overrides", []),
-                      *(f"{k}={v}" for k, v in zip(keys, combo)), f"train.seed={seed}", f"train.data_seed={seed}",
-                      *extra_overrides]
-                runs.append(SweepRun(name, group, g.get("role", "method"), g["recipe"], int(seed),
-                                     tuple(zip(keys, combo)), tuple(ov), str(g.get("method", group))))
+                runs.append(make_run(spec, group, g, list(zip(keys, combo)), seed, extra_overrides))
+    check_unique(spec, runs)
+    return runs
+
+
+def check_unique(spec: SweepSpec, runs: Sequence[SweepRun]) -> None:
     names = [r.name for r in runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"sweep {spec.name}: run names repeat ({dup[:3]}); give groups distinct names or axes")
-    return runs
 
 
 # --------------------------------------------------------------------------- running
@@ -153,12 +177,15 @@ def run_status(run: SweepRun, out_dir: str | Path) -> str:
 
 
 def run_sweep(runs: Sequence[SweepRun], out_dir: str | Path, jobs: int = 1, threads: int = 1,
-              log: Callable[[str], None] = print) -> dict[str, str]:
+              log: Callable[[str], None] = print,
+              more: Optional[Callable[[frozenset], list[SweepRun]]] = None) -> dict[str, str]:
     """Train every unfinished run, ``jobs`` at a time, each with ``threads`` torch threads.
 
     Each run is its own process (``recipes/train.py``) with ``OMP_NUM_THREADS=threads`` (torch's
     default thread count on shared cores runs several times slower than one thread); its output
-    goes to ``OUT/logs/NAME.log``. Returns {name: finished | failed (exit code) | skipped}.
+    goes to ``OUT/logs/NAME.log``. ``more(failed)``, when given, is asked for further runs after
+    every run that ends (the tuned groups' next rounds: sweep_tune.advance); its runs go first,
+    as later rounds wait on them. Returns {name: finished | failed (exit code) | skipped}.
     """
     out_dir = Path(out_dir)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -167,7 +194,19 @@ def run_sweep(runs: Sequence[SweepRun], out_dir: str | Path, jobs: int = 1, thre
     todo = [r for r in runs if run_status(r, out_dir) != "finished"]
     result = {r.name: "skipped (finished)" for r in runs if r not in todo}
     running: list[tuple[SweepRun, subprocess.Popen, Any, float]] = []
-    log(f"{len(result)} of {len(runs)} runs already finished; {len(todo)} to train, {jobs} at a time")
+
+    def ask() -> None:
+        if more is None:
+            return
+        failed = frozenset(n for n, s in result.items() if s.startswith("failed"))
+        busy = {r.name for r, *_ in running} | {r.name for r in todo} | set(result)
+        new = [r for r in more(failed) if r.name not in busy]
+        check_definitions(new, out_dir)
+        todo[:0] = new
+
+    ask()
+    log(f"{len(result)} of {len(runs)} fixed runs already finished; {len(todo)} to train now"
+        + (" (tuned groups add rounds as they go)" if more else "") + f", {jobs} at a time")
     while todo or running:
         while todo and len(running) < jobs:
             r = todo.pop(0)
@@ -186,6 +225,7 @@ def run_sweep(runs: Sequence[SweepRun], out_dir: str | Path, jobs: int = 1, thre
             ok = proc.returncode == 0 and run_status(r, out_dir) == "finished"
             result[r.name] = "finished" if ok else f"failed (exit {proc.returncode}, see logs/{r.name}.log)"
             log(f"{r.name}: {result[r.name]} in {time.time() - t0:.0f}s")
+            ask()
     return result
 
 
@@ -228,10 +268,21 @@ def _mean_std(xs: Sequence[float]) -> dict:
             "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
 
 
-def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path) -> dict:
+def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path, fams: Sequence = ()) -> dict:
     """Every finished run's numbers, per-cell means with seed spread, the overfitting check, the
-    ordering per validation set, and (with a D-sweep) the data law and efficiency multipliers."""
+    ordering per validation set, and (with a D-sweep) the data law and efficiency multipliers.
+
+    ``fams`` are the tuned groups' families (sweep_tune.families, advanced): their runs are
+    collected too, but only a family's certified optimum (mean over its seeds) takes part in the
+    orderings and the data law; the other points of its search are in ``runs`` and ``cells``
+    (``candidate: false``) and in the family's certificate under ``tuning``.
+    """
+    from megadoc_pl.analysis import sweep_tune
     from megadoc_pl.analysis.runs import load_run
+
+    runs = [*runs, *sweep_tune.all_runs(fams, spec)]
+    tuned_groups = {f.group for f in fams}
+    optima = {sweep_tune.optimum_cell(f, spec) for f in fams} - {None}
 
     out_dir = Path(out_dir)
     rows = []
@@ -260,12 +311,15 @@ def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path) -> d
         for s in VAL_SETS:
             c[f"val/{s}/loss"] = _mean_std([r[f"val/{s}/loss"] for r in members])
         c["real_unique_tokens"] = members[0]["real_unique_tokens"]
+        c["candidate"] = c["cell"] in optima or next(x for x in runs if x.cell == c["cell"]).group not in tuned_groups
     results = {"sweep": spec.name, "description": spec.description, "scale": spec.scale,
                "runs": rows, "cells": list(cells.values()),
                "finished": len(done), "total": len(rows)}
+    candidates = [c for c in cells.values() if c["candidate"]]
     results["real_only_overfit"] = overfit_check(list(cells.values()), done)
-    results["best"] = best_cells(list(cells.values()))
-    results["efficiency"] = efficiency(list(cells.values()), results["best"])
+    results["best"] = best_cells(candidates)
+    results["efficiency"] = efficiency(candidates, results["best"])
+    results["tuning"] = sweep_tune.report(fams, spec, list(cells.values()))
     return results
 
 
@@ -277,8 +331,12 @@ def _loss(c: dict, s: str = "iid") -> float:
 def overfit_check(cells: list[dict], runs: list[dict], tol: float = 1e-3) -> dict:
     """Did real-only overfit? Validation loss rising with real epochs E (baseline cells, by E), or
     rising within a run (its final validation loss above its best by more than ``tol``)."""
-    base = sorted((c for c in cells if c["role"] == "baseline"), key=lambda c: c.get("data.mixture.real_epochs", 0))
-    by_e = [(c.get("data.mixture.real_epochs"), _loss(c)) for c in base]
+    per_e: dict = {}  # the best baseline cell per E (a tuned baseline has several per E)
+    for c in cells:
+        if c["role"] == "baseline":
+            e = c.get("data.mixture.real_epochs", 0)
+            per_e[e] = min(per_e.get(e, math.inf), _loss(c))
+    by_e = sorted(per_e.items())
     rising_e = [(a[0], b[0]) for a, b in zip(by_e, by_e[1:]) if b[1] > a[1] + tol]
     within = [r["name"] for r in runs if r["role"] == "baseline" and r["val/iid/loss"] is not None
               and r["val/iid/loss_best"] is not None and r["val/iid/loss"] > r["val/iid/loss_best"] + tol]
@@ -396,6 +454,9 @@ def summary(results: dict) -> str:
                          "the data-constrained regime the papers study, so the ordering below says little")
         if o["best_epochs_is_largest"]:
             lines.append("note: real-only's best E is the largest tried; widen the E axis")
+    from megadoc_pl.analysis.sweep_tune import summary_lines
+
+    lines += summary_lines(results.get("tuning", []))
     for s in VAL_SETS:
         best = results["best"][s]
         if best:
