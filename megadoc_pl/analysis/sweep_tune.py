@@ -97,7 +97,7 @@ def families(sweep: SweepSpec, out_dir: str | Path, extra_overrides: Sequence[st
             base = make_run(sweep, group, g, list(fixed), seeds[0], extra_overrides)
             axes_t = dict(t.get("axes") or {})
             if not t.get("grid"):  # without a megadocs grid the tuned axes are exactly those given
-                axes_t = {**{k: None for grid in tuner.GRIDS.values() for k in grid}, **axes_t}
+                axes_t.update({k: None for grid in tuner.GRIDS.values() for k in grid if k not in axes_t})
             try:
                 spec = tuner.load_spec(None, recipe=g["recipe"], grid=t.get("grid"), axes=axes_t,
                                        centre=t.get("centre"), objective=t.get("objective"),
@@ -110,7 +110,10 @@ def families(sweep: SweepSpec, out_dir: str | Path, extra_overrides: Sequence[st
             if tuned_fixed:
                 raise ValueError(f"{sweep.path or sweep.name}: group {group!r}: {tuned_fixed} is both a fixed axis "
                                  "and a tuned one; keep it in one of axes / tune.axes")
-            fspec = FamilySpec(**{**_spec_fields(spec), "seed": seeds[0]})
+            fields = _spec_fields(spec)
+            if not t.get("grid"):  # run names follow the file's axis order
+                fields["axes"] = {k: spec.axes[k] for k in t["axes"]}
+            fspec = FamilySpec(**{**fields, "seed": seeds[0]})
             out.append(Family(name, group, g, fixed, fspec, seeds, tuple(extra_overrides)))
     return out
 
@@ -242,7 +245,8 @@ def gpu_hours(fam: Family, sweep: SweepSpec, cost: dict) -> dict:
     corner = {k: max(v) for k, v in fam.spec.axes.items()}
     top = run_gpu_hours(fam.run(corner, fam.seeds[0], sweep), cost)
     wc = worst_case(fam)
-    return {"round1": r1, "costliest_run": top, "worst_case": top * wc["worst_case_runs"]}
+    return {"round1": r1, "costliest_run": top, "per_round_max": top * wc["per_round_max"],
+            "worst_case": top * wc["worst_case_runs"]}
 
 
 def run_gpu_hours(run: SweepRun, cost: dict) -> float:
@@ -287,7 +291,8 @@ def dry_run_table(fams: Sequence[Family], sweep: SweepSpec, out_dir: str | Path,
         tot["worst_case_runs"] += wc["worst_case_runs"]
         if cost:
             h = gpu_hours(fam, sweep, cost)
-            line += f"; GPU-hours round 1 {h['round1']:.1f}, worst case {h['worst_case']:.1f}"
+            line += (f"; GPU-hours round 1 {h['round1']:.1f}, a later round <= {h['per_round_max']:.1f}, "
+                     f"worst case {h['worst_case']:.1f}")
             tot["h1"] += h["round1"]
             tot["hw"] += h["worst_case"]
         lines.append(line)
