@@ -85,7 +85,7 @@ def test_tiny_sweep_trains_reports_and_resumes(tmp_path, capsys):
     stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
     capsys.readouterr()
     assert reproduce.main(["--preset", str(spec), "--out", str(out), "--jobs", "1"]) == 0
-    assert "2 of 2 runs already finished; 0 to train" in capsys.readouterr().out
+    assert "2 of 2 fixed runs already finished; 0 to train now" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")} == stamp
 
 
