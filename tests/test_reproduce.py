@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from helpers import load_script
 from megadoc_pl.analysis.sweep import check_definitions, load_sweep, overfit_check, sweep_runs
-
-TINY = """
-description: two tiny runs
-scale: demo
-seeds: [0]
-overrides: [demo.num_documents=120, data.seq_len=64, data.val.num_iid=6, data.val.num_long=4, data.val.num_short=0,
-            data.val.long_threshold=100, data.val.max_windows=4, train.global_batch_size=2, train.micro_batch_size=2,
-            train.max_steps=3, train.accelerator=cpu, data.cache_dir={cache}]
-groups:
-  real: {recipe: baseline_real, role: baseline, axes: {data.mixture.real_epochs: [1]}}
-  rephrase: {recipe: rephrase, axes: {data.generations: [1], data.mixture.real_epochs: [1],
-                                      data.mixture.synthetic_fraction: [0.5]}}
-"""
 
 
 def test_mini_preset_lists_its_runs_validated(capsys):
@@ -60,33 +45,6 @@ def test_overfit_check_reads_epochs_and_runs():
     o = overfit_check([cell(2, 3.0), cell(4, 2.9)], runs)
     assert o["rises_with_epochs"] == [] and o["rises_within_run"] == ["a"] and o["overfit"] and o["best_epochs_is_largest"]
     assert not overfit_check([cell(2, 3.0), cell(4, 2.9)], [])["overfit"]
-
-
-@pytest.mark.slow
-def test_tiny_sweep_trains_reports_and_resumes(tmp_path, capsys):
-    spec = tmp_path / "tiny.yaml"
-    spec.write_text(TINY.replace("{cache}", str(tmp_path / "cache")))
-    out = tmp_path / "out"
-    reproduce = load_script("tools/reproduce.py")
-    assert reproduce.main(["--preset", str(spec), "--out", str(out), "--jobs", "1"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert results["finished"] == results["total"] == 2
-    assert {r["name"] for r in results["runs"]} == {"real-E1-s0", "rephrase-G1-E1-w0.5-s0"}
-    for r in results["runs"]:
-        assert r["status"] == "finished" and r["val/iid/loss"] > 0 and r["val/long/loss"] > 0
-    best = results["best"]["iid"]
-    assert sorted(v["name"] for v in best) == ["real-only", "rephrase G=1"]
-    assert [v["loss"]["mean"] for v in best] == sorted(r["val/iid/loss"] for r in results["runs"])
-    assert results["efficiency"]["skipped"].startswith("1 data sizes; the 3-parameter law needs at least 4")
-    assert results["figures"] == ["loss_vs_G_iid.png", "loss_vs_G_long.png", "loss_by_position_long.png"]
-    for name in results["figures"]:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A second call trains nothing: both runs are finished and kept as they are.
-    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
-    capsys.readouterr()
-    assert reproduce.main(["--preset", str(spec), "--out", str(out), "--jobs", "1"]) == 0
-    assert "2 of 2 fixed runs already finished; 0 to train now" in capsys.readouterr().out
-    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")} == stamp
 
 
 def test_data_law_from_the_d_sweep_inverts_to_the_multiplier(tmp_path):

@@ -34,6 +34,9 @@ groups:
       axes: {train.lr: [0.001, 0.01], train.weight_decay: [0.1, 0.4]}
       centre: {train.lr: 0.001, train.weight_decay: 0.1}
 """
+FIXED_GROUP = """
+  real: {recipe: baseline_real, role: baseline, seeds: [0], axes: {data.mixture.real_epochs: [1]}}
+"""
 
 
 def _write_spec(tmp_path: Path, text: str = TINY_TUNED) -> Path:
@@ -43,8 +46,9 @@ def _write_spec(tmp_path: Path, text: str = TINY_TUNED) -> Path:
 
 
 @pytest.mark.slow
-def test_tuned_group_certifies_resumes_after_a_kill_and_seeds_only_the_optimum(tmp_path):
-    spec, out = _write_spec(tmp_path), tmp_path / "out"
+def test_tuned_group_certifies_resumes_after_a_kill_and_seeds_only_the_optimum(tmp_path, capsys):
+    # A fixed group beside the tuned one: both kinds of run share the pool, the results and the figures.
+    spec, out = _write_spec(tmp_path, TINY_TUNED.rstrip() + FIXED_GROUP), tmp_path / "out"
     state = out / "tune" / "rephrase-G1.json"
     cmd = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--preset", str(spec), "--out", str(out),
            "--jobs", "1"]
@@ -66,7 +70,7 @@ def test_tuned_group_certifies_resumes_after_a_kill_and_seeds_only_the_optimum(t
     assert len(first["results"]) >= 3 and first["status"] == "running", first  # killed between rounds
     finished = {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")
                 if json.loads(p.read_text()).get("status") == "finished"}
-    assert len(finished) >= 3
+    assert len(finished) >= 3 and "real-E1-s0" not in finished  # tuned rounds go first
 
     reproduce = load_script("tools/reproduce.py")
     assert reproduce.main(["--preset", str(spec), "--out", str(out), "--jobs", "1"]) == 0
@@ -84,14 +88,26 @@ def test_tuned_group_certifies_resumes_after_a_kill_and_seeds_only_the_optimum(t
     seeded = [r for r in results["runs"] if r["seed"] == 1]
     assert [r["cell"] for r in seeded] == [fam["optimum_cell"]] and seeded[0]["status"] == "finished"
     assert fam["seed_spread"]["val/iid/loss"]["n"] == 2
-    (best,) = results["best"]["iid"]
+    best = next(v for v in results["best"]["iid"] if v["name"] == "rephrase G=1")
     assert best["cell"] == fam["optimum_cell"] and best["loss"]["n"] == 2
     losses = [r["val/iid/loss"] for r in results["runs"] if r["cell"] == fam["optimum_cell"]]
     assert best["loss"]["mean"] == pytest.approx(sum(losses) / 2)
     optimum_s0 = next(r for r in results["runs"] if r["cell"] == fam["optimum_cell"] and r["seed"] == 0)
     assert optimum_s0["val/iid/loss"] == cert["objective"]
     assert {c["cell"]: c["candidate"] for c in results["cells"]}[fam["optimum_cell"]] is True
-    assert sum(c["candidate"] for c in results["cells"]) == 1
+    assert sum(c["candidate"] for c in results["cells"]) == 2  # the optimum and the fixed real-only cell
+    assert results["finished"] == results["total"] == cert["runs"] + 2  # + seed 1 and the fixed run
+    assert sorted(v["name"] for v in results["best"]["long"]) == ["real-only", "rephrase G=1"]
+    assert results["efficiency"]["skipped"].startswith("1 data sizes; the 3-parameter law needs at least 4")
+    assert results["figures"] == ["loss_vs_G_iid.png", "loss_vs_G_long.png", "loss_by_position_long.png"]
+    for name in results["figures"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A third call trains nothing.
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
+    capsys.readouterr()
+    assert reproduce.main(["--preset", str(spec), "--out", str(out), "--jobs", "1"]) == 0
+    assert "1 of 1 fixed runs already finished; 0 to train now" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")} == stamp
 
 
 # --------------------------------------------------------------------------- without training

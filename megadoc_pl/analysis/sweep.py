@@ -176,8 +176,12 @@ def run_status(run: SweepRun, out_dir: str | Path) -> str:
     return "started" if d.exists() else "pending"
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # a sweep's console is often a file (nohup, a scheduler's log)
+
+
 def run_sweep(runs: Sequence[SweepRun], out_dir: str | Path, jobs: int = 1, threads: int = 1,
-              log: Callable[[str], None] = print,
+              log: Callable[[str], None] = _say,
               more: Optional[Callable[[frozenset], list[SweepRun]]] = None) -> dict[str, str]:
     """Train every unfinished run, ``jobs`` at a time, each with ``threads`` torch threads.
 
