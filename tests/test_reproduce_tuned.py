@@ -95,6 +95,8 @@ def test_tuned_group_certifies_resumes_after_a_kill_and_seeds_only_the_optimum(t
     optimum_s0 = next(r for r in results["runs"] if r["cell"] == fam["optimum_cell"] and r["seed"] == 0)
     assert optimum_s0["val/iid/loss"] == cert["objective"]
     assert {c["cell"]: c["candidate"] for c in results["cells"]}[fam["optimum_cell"]] is True
+    md = (out / "tuning.md").read_text()
+    assert md.count("| beyond the grid: ") == 2 and md.count("| train.") == 0 and "over 2 seeds" in md
     assert sum(c["candidate"] for c in results["cells"]) == 2  # the optimum and the fixed real-only cell
     assert results["finished"] == results["total"] == cert["runs"] + 2  # + seed 1 and the fixed run
     assert sorted(v["name"] for v in results["best"]["long"]) == ["real-only", "rephrase G=1"]
@@ -201,6 +203,9 @@ def test_the_law_from_tuned_points_recovers_a_known_multiplier(tmp_path):
     assert [v["cell"] for v in results["best"]["iid"]] == ["stitch-G8-E4-w0.75", "real-E8-wd0.4"]
     text = sweep.summary(results)
     assert "tuned stitch-G8: certified at E=4, w=0.75" in text and "data efficiency stitch G=8: 2.00" in text
+    md = sweep_tune.certificates_markdown(results["tuning"])
+    assert "## stitch-G8" in md and "| **E=4, w=0.75** (optimum) |" in md and "| E=8, w=0.75 |" in md
+    assert "beyond the grid" not in md  # every optimum here is an inner grid point
 
 
 def test_launch_list_writes_round_one_then_round_two(tmp_path, capsys):

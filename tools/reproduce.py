@@ -14,7 +14,7 @@ here its rounds run as they become known, several groups' runs side by side; wit
 each call writes the current round of every tuned group (call again when it has finished).
 
 Calling it again resumes: finished runs are kept, unfinished ones restart from their last
-checkpoint. Output in --out (default sweeps/PRESET): runs/, logs/, results.json, summary.txt
+checkpoint. Output in --out (default sweeps/PRESET): runs/, logs/, results.json, summary.txt, tuning.md (tuned groups: their certificates)
 and the PNG figures (loss vs G per validation set, loss by position on the long set, the data
 law and the efficiency multipliers when the sweep has a D-sweep).
 """

@@ -56,8 +56,14 @@ def plot_loss_vs_generations(
     baseline: float | None = None,
     ylabel: str = "val/iid/loss",
     title: str = "loss vs generations per source",
+    errors: Mapping[str, Sequence[float]] | None = None,
+    baseline_error: float | None = None,
 ) -> Path:
-    """Loss vs G per method on a log axis in 1 + G (the megadocs plot), optional fits in G + x_offset."""
+    """Loss vs G per method on a log axis in 1 + G (the megadocs plot), optional fits in G + x_offset.
+
+    ``errors`` (per label, one value per point) and ``baseline_error`` draw +- bars (the seed
+    standard deviation of a sweep's cells) and a shaded band around the baseline.
+    """
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     colours = [f"C{i}" for i in range(10)]
@@ -66,6 +72,9 @@ def plot_loss_vs_generations(
         g = np.asarray(g, dtype=float)
         all_g += g.tolist()
         ax.plot(g + 1.0, loss, "o-", color=colours[i % 10], label=label, ms=4)
+        if errors and label in errors:
+            ax.errorbar(g + 1.0, loss, yerr=np.asarray(errors[label], dtype=float), fmt="none",
+                        ecolor=colours[i % 10], capsize=3, lw=1)
         if fits and label in fits:
             f = fits[label]
             _fit_curve(ax, f, float(f.x.min()), float(f.x.max()) * 4, colours[i % 10], x_shift=x_offset - 1.0)
@@ -73,6 +82,8 @@ def plot_loss_vs_generations(
                     transform=ax.get_yaxis_transform(), va="center")
     if baseline is not None:
         ax.axhline(baseline, color="k", ls=":", lw=1, label=f"real only {baseline:.4g}")
+        if baseline_error:
+            ax.axhspan(baseline - baseline_error, baseline + baseline_error, color="k", alpha=0.08, lw=0)
     ax.set_xscale("log", base=2)
     ticks = sorted(set(all_g))
     ax.set_xticks([t + 1 for t in ticks])

@@ -411,18 +411,19 @@ def figures(results: dict, out_dir: str | Path) -> list[Path]:
     made = []
     for s in VAL_SETS:
         best = results["best"][s]
-        series: dict[str, tuple[list, list]] = {}
+        points: dict[str, list[tuple[float, float, float]]] = {}
         for v in best:
             if "group" in v:
-                g, l = series.setdefault(v["group"], ([], []))
-                g.append(float(v["generations"]))
-                l.append(v["loss"]["mean"])
-        base = next((v["loss"]["mean"] for v in best if v["name"] == "real-only"), None)
-        if series:
-            series = {k: tuple(map(list, zip(*sorted(zip(*v))))) for k, v in series.items()}
-            made.append(plots.plot_loss_vs_generations(series, out_dir / f"loss_vs_G_{s}.png", baseline=base,
-                                                       ylabel=f"val/{s}/loss",
-                                                       title=f"val/{s}: best E/w per method and G (mean over seeds)"))
+                points.setdefault(v["group"], []).append((float(v["generations"]), v["loss"]["mean"],
+                                                          v["loss"].get("std") or 0.0))
+        base = next((v["loss"] for v in best if v["name"] == "real-only"), None)
+        if points:
+            series = {k: ([p[0] for p in sorted(v)], [p[1] for p in sorted(v)]) for k, v in points.items()}
+            errors = {k: [p[2] for p in sorted(v)] for k, v in points.items()}
+            made.append(plots.plot_loss_vs_generations(
+                series, out_dir / f"loss_vs_G_{s}.png", baseline=base["mean"] if base else None,
+                baseline_error=base.get("std") if base else None, errors=errors, ylabel=f"val/{s}/loss",
+                title=f"val/{s}: best E/w per method and G (mean +- std over seeds)"))
     curves = {}
     for v in results["best"]["long"]:
         run = next((r for r in results["runs"] if r["cell"] == v["cell"] and r["status"] == "finished"), None)
@@ -490,4 +491,8 @@ def write_results(results: dict, out_dir: str | Path, made: Sequence[Path]) -> P
     path = Path(out_dir) / "results.json"
     atomic_write_json(path, out)
     atomic_write_text(Path(out_dir) / "summary.txt", summary(results) + "\n")
+    if results.get("tuning"):
+        from megadoc_pl.analysis.sweep_tune import certificates_markdown
+
+        atomic_write_text(Path(out_dir) / "tuning.md", certificates_markdown(results["tuning"]))
     return path

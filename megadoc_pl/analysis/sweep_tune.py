@@ -209,8 +209,7 @@ def summary_lines(rows: Sequence[dict]) -> list[str]:
             lines.append(f"tuned {r['family']}: {r['status']} after {r['runs']} run(s), {r['rounds']} centre(s)")
             continue
         c = r["certificate"]
-        pt = ", ".join(f"{tuner.AXIS_SHORT.get(k, k)}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                       for k, v in c["centre"].items())
+        pt = _point(c["centre"])
         edges = f"; at the grid's edge in {', '.join(sorted({e['axis'] for e in c['grid_edges']}))}" \
             if c["grid_edges"] else ""
         spread = r.get("seed_spread") or {}
@@ -308,3 +307,34 @@ def dry_run_table(fams: Sequence[Family], sweep: SweepSpec, out_dir: str | Path,
                   f"{cost.get('synthetic_per_generation', 1.0)}x real per generation)")
     lines.append(total)
     return "\n".join(lines)
+
+
+def certificates_markdown(rows: Sequence[dict]) -> str:
+    """``OUT/tuning.md``: per family the optimum, each one-step neighbour with its loss and delta,
+    the grid edges, and the seed spread at the optimum."""
+    out = ["# Tuned families: certificates", ""]
+    for r in rows:
+        out.append(f"## {r['family']}")
+        if "certificate" not in r:
+            out += [f"{r['status']} after {r['runs']} run(s) and {r['rounds']} centre(s): no certificate yet.", ""]
+            continue
+        c = r["certificate"]
+        out += [f"{c['statement']}.", "", f"Search: {c['runs']} runs, {c['rounds']} centre(s) from "
+                f"{_point(r['start'])}.", "", f"| point | {r['objective']} | delta |", "|---|---|---|",
+                f"| **{_point(c['centre'])}** (optimum) | {c['objective']:.4f} | |"]
+        for n in c["neighbours"]:
+            out.append(f"| {_point(n['point'])} | {n['objective']:.4f} | {n['delta']:+.4f} |")
+        for e in c["grid_edges"]:
+            out.append(f"| beyond the grid: {e['axis']} {'-' if e['step'] < 0 else '+'}1 | | ({e['reason']}) |")
+        spread = r.get("seed_spread") or {}
+        for key, s in spread.items():
+            if s and s.get("n"):
+                out.append(f"\nAt the optimum, {key} over {s['n']} seeds: {s['mean']:.4f} +- {s['std']:.4f} "
+                           f"(range {s['max'] - s['min']:.4f}).")
+        out.append("")
+    return "\n".join(out)
+
+
+def _point(p: dict) -> str:
+    return ", ".join(f"{tuner.AXIS_SHORT.get(k, k)}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                     for k, v in p.items())
