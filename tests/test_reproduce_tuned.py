@@ -120,19 +120,20 @@ description: tuned law, no training
 scale: demo
 seeds: [0, 1]
 groups:
-  real:
+  real:  # the methods' D is a quarter of the corpus; the law's points lie below and above it
     recipe: baseline_real
     role: baseline
+    axes: {data.real_fraction: [0.25]}
     tune: &real {axes: {data.mixture.real_epochs: [2, 4, 8, 16], train.weight_decay: [0.1, 0.4, 1.6]},
                  centre: {data.mixture.real_epochs: 2, train.weight_decay: 0.1}}
   real_D:
     recipe: baseline_real
     role: data
-    axes: {data.real_fraction: [0.125, 0.25, 0.5]}
+    axes: {data.real_fraction: [0.125, 0.5, 1.0]}
     tune: *real
   stitch:
     recipe: megadoc_stitch
-    axes: {data.generations: [8]}
+    axes: {data.generations: [8], data.real_fraction: [0.25]}
     tune:
       axes: {data.mixture.real_epochs: [2, 4, 8], data.mixture.synthetic_fraction: [0.5, 0.75, 0.9]}
       centre: {data.mixture.real_epochs: 2, data.mixture.synthetic_fraction: 0.5}
@@ -183,28 +184,30 @@ def test_the_law_from_tuned_points_recovers_a_known_multiplier(tmp_path):
     def objective(r: sweep.SweepRun) -> float:
         if r.role in ("baseline", "data"):  # real-only: the law at its D at the tuned optimum
             return _law(D_FULL * float(r.value("data.real_fraction", 1.0))) + _penalty(r, real_best)
-        return _law(2 * D_FULL) + _penalty(r, stitch_best)  # stitch at its optimum: worth 2x the real data
+        return _law(2 * D_FULL / 4) + _penalty(r, stitch_best)  # stitch at its optimum: worth 2x its real data
 
     fams = _drive(spec, out, objective)
     results = sweep.collect(spec, [], out, fams)
     tuning = {t["family"]: t for t in results["tuning"]}
     assert all(t["status"] == "certified" for t in tuning.values()) and len(tuning) == 5
-    assert tuning["real"]["certificate"]["centre"] == real_best
-    assert tuning["stitch-G8"]["certificate"]["centre"] == stitch_best
-    assert tuning["stitch-G8"]["certificate"]["rounds"] == 3  # two moves (one axis at a time), then certified
-    # The law's 4 points are the tuned optima, each the mean over its 2 seeds (+0.001 from seed 1).
+    assert tuning["real-D0.25"]["certificate"]["centre"] == real_best
+    assert tuning["stitch-G8-D0.25"]["certificate"]["centre"] == stitch_best
+    assert tuning["stitch-G8-D0.25"]["certificate"]["rounds"] == 3  # two moves (one axis at a time), then certified
+    # The law's 4 points are the tuned optima, each the mean over its 2 seeds (+0.001 from seed 1);
+    # the multiplier is D_eff over the methods' D (the baseline's), not over the law's largest D.
     eff = results["efficiency"]
     assert [p["tokens"] for p in eff["points"]] == [D_FULL / 8, D_FULL / 4, D_FULL / 2, D_FULL]
     assert [p["loss"] for p in eff["points"]] == pytest.approx([_law(p["tokens"]) + 0.001 for p in eff["points"]])
     (mult,) = eff["multipliers"]
     assert mult["name"] == "stitch G=8" and mult["multiplier"] == pytest.approx(2.0, rel=1e-3)
+    assert mult["d_real"] == D_FULL / 4 and eff["d_real"] == D_FULL / 4
     assert mult["multiplier_lo"] <= mult["multiplier"] <= mult["multiplier_hi"]
     # Tuning points that are not an optimum stay out of the comparison.
-    assert [v["cell"] for v in results["best"]["iid"]] == ["stitch-G8-E4-w0.75", "real-E8-wd0.4"]
+    assert [v["cell"] for v in results["best"]["iid"]] == ["stitch-G8-D0.25-E4-w0.75", "real-D0.25-E8-wd0.4"]
     text = sweep.summary(results)
-    assert "tuned stitch-G8: certified at E=4, w=0.75" in text and "data efficiency stitch G=8: 2.00" in text
+    assert "tuned stitch-G8-D0.25: certified at E=4, w=0.75" in text and "data efficiency stitch G=8: 2.00" in text
     md = sweep_tune.certificates_markdown(results["tuning"])
-    assert "## stitch-G8" in md and "| **E=4, w=0.75** (optimum) |" in md and "| E=8, w=0.75 |" in md
+    assert "## stitch-G8-D0.25" in md and "| **E=4, w=0.75** (optimum) |" in md and "| E=8, w=0.75 |" in md
     assert "beyond the grid" not in md  # every optimum here is an inner grid point
 
 

@@ -386,12 +386,18 @@ def efficiency(cells: list[dict], best: dict, n_boot: int = 500) -> dict:
         return out
     fit = fit_data_law([p[0] for p in points], [p[1] for p in points], n_boot=n_boot, seed=0)
     out["law"] = fit.as_dict()
-    d_real = max(per_d)
-    losses = {v["name"]: v["loss"]["mean"] for v in best["iid"] if v["name"] != "real-only"}
+    # The methods' D: the baseline's (the law's other points may lie above it, as in the papers),
+    # or each method's own unique real tokens when its run reports them.
+    base_d = [float(c["real_unique_tokens"]) for c in cells if c["role"] == "baseline" and c.get("real_unique_tokens")]
+    d_real = max(base_d) if base_d else max(per_d)
+    d_of = {c["cell"]: c.get("real_unique_tokens") for c in cells}
     rows = []
-    for name, loss in losses.items():
+    for v in best["iid"]:
+        if v["name"] == "real-only":
+            continue
+        name, loss = v["name"], v["loss"]["mean"]
         try:
-            rows.append(data_efficiency(fit, {name: loss}, d_real)[0].as_dict())
+            rows.append(data_efficiency(fit, {name: loss}, float(d_of.get(v["cell"]) or d_real))[0].as_dict())
         except ValueError as e:
             rows.append({"name": name, "loss": loss, "error": str(e)})
     out["d_real"], out["multipliers"], out["fit"] = d_real, rows, fit
