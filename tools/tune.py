@@ -9,6 +9,8 @@ ROOT/NAME) and call it again with the same arguments (exit code 0 either way; th
 "status" says "certified" when done). State: ROOT/tune_state.json (--state).
 Spec keys (YAML/JSON): recipe, grid (synthetic | real: the megadocs grids), axes, centre,
 objective, direction, root, prefix, overrides, train_script.
+Several methods, G values and seeds, compared at their optima with a tuned data law: a sweep
+group with ``tune:`` in tools/reproduce.py (docs/analysis.md, "Tuned sweeps").
 """
 
 from __future__ import annotations
