@@ -242,6 +242,12 @@ def test_launch_list_writes_round_one_then_round_two(tmp_path, capsys):
     assert reproduce.main(["--preset", str(spec_path), "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "rephrase-G1" in text and "certified" in text and "pending   rephrase-G1-lr0.01-wd0.1-s1" in text
+    # A changed tune: entry refuses the old search's state, in one line, before anything runs.
+    spec_path.write_text(spec_path.read_text().replace("[0.1, 0.4]", "[0.1, 0.8]"))
+    assert reproduce.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rephrase-G1.json: this state was made with a different tuning spec" in err
+    assert "(fix: another --out, or delete" in err
 
 
 def test_paper_presets_dry_run_counts_rounds_and_gpu_hours(capsys, tmp_path):

@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from megadoc_pl.analysis import sweep, sweep_tune
-    from megadoc_pl.recipes import compose_recipe
-    from megadoc_pl.utils import atomic_write_text
 
     try:
         spec = sweep.load_sweep(args.preset)
@@ -54,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _run(args, spec, runs, fams, out)
+    except ValueError as e:  # a tuner state made with another tune: entry, a changed run definition
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, spec, runs: list, fams: list, out: Path) -> int:
+    from megadoc_pl.analysis import sweep, sweep_tune
+    from megadoc_pl.recipes import compose_recipe
+    from megadoc_pl.utils import atomic_write_text
 
     def tuned_next(failed: frozenset = frozenset(), save: bool = True) -> list:
         return [r for f in fams for r in sweep_tune.advance(f, spec, out, failed, save=save)]
@@ -97,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print(sweep.summary(results))
     print(f"results -> {path}; figures: {', '.join(str(p) for p in made) or 'none (no finished runs)'}")
     return 0 if results["finished"] == results["total"] and not pending else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())
