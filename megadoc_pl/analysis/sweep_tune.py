@@ -131,8 +131,9 @@ def advance(fam: Family, sweep: SweepSpec, out_dir: str | Path, failed: frozense
     """Step the family's tuner as far as finished runs allow; the runs it needs next.
 
     While tuning: the pending neighbourhood (at the first seed). Once certified: the other seeds
-    at the optimum that are not finished. A run named in ``failed`` is left out and blocks its
-    family (its state records it) until a later call retries it.
+    at the optimum that are not finished. A run named in ``failed`` is left out, which holds its
+    family's search where it is until a later call retries the run. ``save=False`` (dry runs)
+    reads finished runs but writes no state.
     """
     out_dir = Path(out_dir)
     path = state_path(out_dir, fam)
