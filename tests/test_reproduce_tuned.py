@@ -101,7 +101,8 @@ def test_tuned_group_certifies_resumes_after_a_kill_and_seeds_only_the_optimum(t
     assert results["finished"] == results["total"] == cert["runs"] + 2  # + seed 1 and the fixed run
     assert sorted(v["name"] for v in results["best"]["long"]) == ["real-only", "rephrase G=1"]
     assert results["efficiency"]["skipped"].startswith("1 data sizes; the 3-parameter law needs at least 4")
-    assert results["figures"] == ["loss_vs_G_iid.png", "loss_vs_G_long.png", "loss_by_position_long.png"]
+    assert results["figures"] == ["loss_vs_G_iid.png", "loss_vs_G_long.png", "loss_by_position_long.png",
+                                  "certificates.png"]
     for name in results["figures"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A third call trains nothing.
@@ -206,6 +207,9 @@ def test_the_law_from_tuned_points_recovers_a_known_multiplier(tmp_path):
     assert [v["cell"] for v in results["best"]["iid"]] == ["stitch-G8-D0.25-E4-w0.75", "real-D0.25-E8-wd0.4"]
     text = sweep.summary(results)
     assert "tuned stitch-G8-D0.25: certified at E=4, w=0.75" in text and "data efficiency stitch G=8: 2.00" in text
+    made = sweep.figures(results, tmp_path)
+    assert sorted(p.name for p in made) == ["certificates.png", "data_efficiency.png", "data_law.png",
+                                            "loss_vs_G_iid.png", "loss_vs_G_long.png"]
     md = sweep_tune.certificates_markdown(results["tuning"])
     assert "## stitch-G8-D0.25" in md and "| **E=4, w=0.75** (optimum) |" in md and "| E=8, w=0.75 |" in md
     assert "beyond the grid" not in md  # every optimum here is an inner grid point

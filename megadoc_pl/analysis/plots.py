@@ -281,3 +281,35 @@ def plot_multipliers(rows: Sequence[Mapping], path: str | Path,
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
+
+
+def plot_certificates(rows: Sequence[Mapping], path: str | Path, objective: str = "val/iid/loss") -> Path:
+    """One line per certified tuned family (sweep_tune.report rows), on a shared axis of loss
+    minus the family's optimum: its one-step neighbours (dots, labelled by the axis moved), the
+    optimum at 0 (star; its loss under the family's name) and the optimum's range over seeds (red bar)."""
+    from megadoc_pl.analysis.tuner import AXIS_SHORT
+
+    rows = [r for r in rows if "certificate" in r]
+    fig = _figure(7.2, 0.6 * len(rows) + 1.4)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, r in enumerate(rows):
+        c = r["certificate"]
+        best = float(c["objective"])
+        for j, n in enumerate(sorted(c["neighbours"], key=lambda n: n["objective"])):
+            label = f"{AXIS_SHORT.get(n['axis'], n['axis'].rsplit('.', 1)[-1])}{'+' if n['step'] > 0 else '-'}"
+            ax.plot(n["objective"] - best, i, "o", color="C0", ms=4, alpha=0.8)
+            ax.annotate(label, (n["objective"] - best, i), textcoords="offset points",
+                        xytext=(0, 5 if j % 2 == 0 else -10), ha="center", fontsize=6)
+        s = (r.get("seed_spread") or {}).get(objective)
+        if s and s.get("n", 0) > 1:
+            ax.plot([s["min"] - best, s["max"] - best], [i + 0.25, i + 0.25], "-", color="C3", lw=2)
+        ax.plot(0.0, i, "*", color="C3", ms=10)
+    ax.axvline(0.0, color="k", lw=0.5)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{r['family']}\n{r['certificate']['objective']:.3f}" for r in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.4, -0.6)
+    ax.set_xlabel(f"{objective} minus the optimum's (dots: one-step neighbours; red bar: the optimum's seeds)",
+                  fontsize=8)
+    ax.set_title("tuning certificates: no one-step neighbour is better than the optimum (star)", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, path)

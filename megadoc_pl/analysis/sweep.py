@@ -441,6 +441,8 @@ def figures(results: dict, out_dir: str | Path) -> list[Path]:
     if curves:
         made.append(plots.plot_loss_by_position(curves, out_dir / "loss_by_position_long.png", log_x=True,
                                                 title="val/long: loss by position in the document"))
+    if any("certificate" in r for r in results.get("tuning", [])):
+        made.append(plots.plot_certificates(results["tuning"], out_dir / "certificates.png"))
     eff = results["efficiency"]
     if "fit" in eff:
         made.append(plots.plot_scaling_fits({"real-only L(D)": eff["fit"]}, out_dir / "data_law.png",
