@@ -246,8 +246,17 @@ def test_launch_list_writes_round_one_then_round_two(tmp_path, capsys):
     assert reproduce.main(["--preset", str(spec_path), "--out", str(out), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "rephrase-G1" in text and "certified" in text and "pending   rephrase-G1-lr0.01-wd0.1-s1" in text
+    # The optimum sits at the weight-decay grid's first value: widening that axis keeps the state,
+    # reopens the search and asks for the one new neighbour only.
+    spec_path.write_text(spec_path.read_text().replace("[0.1, 0.4]", "[0.05, 0.1, 0.4]"))
+    assert reproduce.main(args) == 0
+    assert [line.split("run.name=")[1].split()[0] for line in cmds.read_text().splitlines()] == \
+        ["rephrase-G1-lr0.01-wd0.05-s0"]
+    state = json.loads((out / "tune" / "rephrase-G1.json").read_text())
+    assert state["status"] == "running" and state["widened"] == [{"train.weight_decay": [0.05]}]
+    assert len(state["results"]) == 4 and state["centre"] == [1, 1]  # lr 0.01, wd 0.1: re-indexed by value
     # A changed tune: entry refuses the old search's state, in one line, before anything runs.
-    spec_path.write_text(spec_path.read_text().replace("[0.1, 0.4]", "[0.1, 0.8]"))
+    spec_path.write_text(spec_path.read_text().replace("[0.05, 0.1, 0.4]", "[0.1, 0.8]"))
     assert reproduce.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "rephrase-G1.json: this state was made with a different tuning spec" in err

@@ -261,11 +261,45 @@ def load_state(path: str | Path, spec: TuneSpec) -> dict:
         old = state.get("spec", {})
         new = json.loads(json.dumps(asdict(spec)))
         diff = sorted(k for k in set(old) | set(new) if k != "train_script" and old.get(k) != new.get(k))
+        widened = _widen(state, spec) if diff == ["axes"] else None
+        if widened is not None:
+            return widened
         raise ValueError(
-            f"{p}: this state was made with a different tuning spec (differs in: {', '.join(diff)}); "
-            "use another --state file, or delete this one to start over"
+            f"{p}: this state was made with a different tuning spec (differs in: {', '.join(diff)}"
+            f"{'; an axis lost or reordered values' if diff == ['axes'] else ''}); "
+            "use another --state file, or delete this one to start over (widening an axis keeps the state)"
         )
     return state
+
+
+def _widen(state: dict, spec: TuneSpec) -> dict | None:
+    """The state carried over to a grid whose axes only gained values (a certificate at a grid
+    edge says: widen the grid). Points are re-indexed by value; a certified search reopens, and
+    the next step runs the new neighbours its centre now has (or certifies again at once).
+    None when an axis was added, removed, lost a value or changed the order of its old values."""
+    old_axes = state["spec"]["axes"]
+    if list(old_axes) != list(spec.axes):
+        return None
+    for key, values in old_axes.items():
+        try:
+            pos = [spec.axis_index(key, v) for v in values]
+        except ValueError:
+            return None
+        if pos != sorted(pos):
+            return None
+
+    def remap(index: Sequence[int]) -> list[int]:
+        return [spec.axis_index(k, old_axes[k][i]) for k, i in zip(spec.axes, index)]
+
+    added = {k: [v for v in spec.axes[k] if not any(_same(v, o) for o in old_axes[k])] for k in spec.axes}
+    out = dict(state)
+    out["centre"] = remap(state["centre"])
+    out["path"] = [remap(i) for i in state["path"]]
+    out["results"] = {name: {**r, "index": remap(r["index"])} for name, r in state["results"].items()}
+    out["spec"], out["spec_fingerprint"] = asdict(spec), spec_fingerprint(spec)
+    out["widened"] = [*state.get("widened", []), {k: v for k, v in added.items() if v}]
+    out["status"], out["certificate"] = "running", None
+    return out
 
 
 def neighbourhood(spec: TuneSpec, centre: Sequence[int]) -> tuple[list[tuple[str, int, tuple]], list[dict]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from megadoc_pl.analysis import tuner as T
+from megadoc_pl.utils import atomic_write_json
 from helpers import load_script
 
 AXES = {
@@ -207,3 +208,29 @@ def test_default_grid_and_centre_follow_the_recipe():
     s = T.load_spec(None, recipe="baseline_real")  # view real: the real-only grid, tuned values as centre
     assert s.axes == T.GRIDS["real"]
     assert s.centre == {"data.mixture.real_epochs": 16, "train.lr": 3e-3, "train.weight_decay": 1.6}
+
+
+def test_a_widened_axis_keeps_the_state_and_reopens_the_search(tmp_path):
+    """Certified at a grid edge, then the axis gains values: the old runs are kept, re-indexed by
+    value, and only the new neighbour is asked for. Losing or reordering old values is refused."""
+    def spec(lrs):
+        return T.TuneSpec(recipe="baseline_real", axes={"train.lr": lrs}, centre={"train.lr": 0.01},
+                          root=str(tmp_path), prefix="p")
+
+    s = spec([0.001, 0.01])
+    path = tmp_path / "state.json"
+    state = T.load_state(path, s)
+    loss = {"p-lr0.001": 3.0, "p-lr0.01": 2.5, "p-lr0.1": 2.4}
+    assert T.step(s, state, read=lambda sp, name: loss[name]).certified
+    atomic_write_json(path, state)
+    wide = spec([0.001, 0.01, 0.1])
+    state = T.load_state(path, wide)
+    assert state["status"] == "running" and state["centre"] == [1] and state["widened"] == [{"train.lr": [0.1]}]
+    read: list = []
+    st = T.step(wide, state, read=lambda sp, name: read.append(name) or None)
+    assert st.pending == [(2,)] and read == ["p-lr0.1"]  # the two old runs are not read again
+    st = T.step(wide, state, read=lambda sp, name: loss[name])
+    assert st.certified and state["certificate"]["name"] == "p-lr0.1"
+    for bad in ([0.01, 0.001, 0.1], [0.01, 0.1]):
+        with pytest.raises(ValueError, match="an axis lost or reordered values"):
+            T.load_state(path, spec(bad))
