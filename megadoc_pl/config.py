@@ -169,6 +169,10 @@ class DataConfig:
     real_fraction: float = 1.0
     """Train on this fraction of the real training sources (a deterministic nested subset, 0 < f <= 1; 1: all)."""
 
+    real_fraction_seed: Optional[int] = None
+    """Seed of the data.real_fraction draw (default: train.data_seed, so each data seed draws its own subset);
+    fix it to vary a sweep's seeds over one subset (initialisation and window order only)."""
+
     num_workers: int = 0
     """DataLoader worker processes."""
 

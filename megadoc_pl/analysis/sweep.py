@@ -314,7 +314,10 @@ def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path, fams
         members = [r for r in done if r["cell"] == c["cell"]]
         for s in VAL_SETS:
             c[f"val/{s}/loss"] = _mean_std([r[f"val/{s}/loss"] for r in members])
-        c["real_unique_tokens"] = members[0]["real_unique_tokens"]
+        # A seed may draw another data.real_fraction subset (the draw follows train.data_seed), so
+        # the cell's D is the mean over its seeds' unique real tokens.
+        ds = [r["real_unique_tokens"] for r in members if r["real_unique_tokens"]]
+        c["real_unique_tokens"] = float(np.mean(ds)) if ds else None
         c["candidate"] = c["cell"] in optima or next(x for x in runs if x.cell == c["cell"]).group not in tuned_groups
     results = {"sweep": spec.name, "description": spec.description, "scale": spec.scale,
                "runs": rows, "cells": list(cells.values()),

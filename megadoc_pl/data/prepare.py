@@ -402,7 +402,7 @@ def _prepare_corpus(cfg: DictConfig, inputs: CorpusInputs) -> PreparedData:
                          "(data.drop_heldout_generations=true)")
     excluded = heldout | duplicates
     # data.real_fraction: the sources it leaves out are excluded from every stream, like held-out ones
-    fraction, seed = float(data.real_fraction), int(cfg.train.data_seed)
+    fraction, seed = float(data.real_fraction), real_fraction_seed(cfg)
     left_out = cached_real_fraction(Path(data.cache_dir), real, excluded, fraction, seed, cached_only=_CACHED_ONLY.get())
     ru = cached_real_units(Path(data.cache_dir), real, excluded, fraction, seed, left_out,
                            cached_only=_CACHED_ONLY.get())
@@ -494,6 +494,12 @@ def plan_from_sizes(cfg: DictConfig, tokens: Mapping[str, int], units: Optional[
         return budget_plan(dict(tokens), G, T, mix.budget_tokens, OmegaConf.to_container(mix.stream_epochs),
                            OmegaConf.to_container(mix.stream_weights), units)
     raise ValueError(f"data.mixture.mode={mix.mode!r} is not one of paper, budget")
+
+
+def real_fraction_seed(cfg: DictConfig) -> int:
+    """The seed of the ``data.real_fraction`` draw: ``data.real_fraction_seed``, else ``train.data_seed``."""
+    s = cfg.data.get("real_fraction_seed")
+    return int(cfg.train.data_seed if s is None else s)
 
 
 def run_steps(cfg: DictConfig, plan: MixturePlan) -> int:

@@ -276,3 +276,12 @@ def test_real_fraction_subsets_are_nested_deterministic_and_exact(tmp_path, tiny
     assert kept[0.5] != train - real_fraction_excluded(real, heldout, 0.5, seed=7)  # the seed decides the subset
     with pytest.raises(ValueError, match="data.real_fraction must be in"):
         real_fraction_excluded(real, heldout, 0.0, seed=42)
+
+
+def test_real_fraction_seed_defaults_to_the_data_seed_and_can_be_fixed():
+    from megadoc_pl.data.prepare import real_fraction_seed
+    from megadoc_pl.recipes import compose_recipe
+
+    assert real_fraction_seed(compose_recipe("baseline_real", ["train.data_seed=5"])) == 5
+    fixed = compose_recipe("baseline_real", ["train.data_seed=5", "data.real_fraction_seed=0"])
+    assert real_fraction_seed(fixed) == 0
