@@ -205,6 +205,10 @@ def test_the_law_from_tuned_points_recovers_a_known_multiplier(tmp_path):
     assert mult["multiplier_lo"] <= mult["multiplier"] <= mult["multiplier_hi"]
     # Tuning points that are not an optimum stay out of the comparison.
     assert [v["cell"] for v in results["best"]["iid"]] == ["stitch-G8-D0.25-E4-w0.75", "real-D0.25-E8-wd0.4"]
+    # Seed by seed against real-only: stitch's seed 1 and real-only's are both 0.002 worse than seed 0.
+    (pair,) = results["paired"]["iid"]
+    assert pair["name"] == "stitch G=8" and pair["n"] == 2 and pair["wins"] == 2 and pair["std"] == pytest.approx(0)
+    assert pair["mean"] == pytest.approx(_law(D_FULL / 2) - _law(D_FULL / 4))
     text = sweep.summary(results)
     assert "tuned stitch-G8-D0.25: certified at E=4, w=0.75" in text and "data efficiency stitch G=8: 2.00" in text
     made = sweep.figures(results, tmp_path)
