@@ -420,13 +420,19 @@ def efficiency(cells: list[dict], best: dict, n_boot: int = 500) -> dict:
     base_d = [float(c["real_unique_tokens"]) for c in cells if c["role"] == "baseline" and c.get("real_unique_tokens")]
     d_real = max(base_d) if base_d else max(per_d)
     d_of = {c["cell"]: c.get("real_unique_tokens") for c in cells}
+    base_loss = next((v["loss"]["mean"] for v in best["iid"] if v["name"] == "real-only"), None)
     rows = []
     for v in best["iid"]:
         if v["name"] == "real-only":
             continue
         name, loss = v["name"], v["loss"]["mean"]
         try:
-            rows.append(data_efficiency(fit, {name: loss}, float(d_of.get(v["cell"]) or d_real))[0].as_dict())
+            row = data_efficiency(fit, {name: loss}, float(d_of.get(v["cell"]) or d_real))[0].as_dict()
+            if base_loss is not None:  # the predecessor's definition: D_eff(method) / D_eff(real-only's loss)
+                ref = data_efficiency(fit, {name: loss}, d_real, reference_loss=base_loss)[0]
+                row.update(vs_baseline_loss=ref.multiplier, vs_baseline_loss_lo=ref.as_dict()["multiplier_lo"],
+                           vs_baseline_loss_hi=ref.as_dict()["multiplier_hi"])
+            rows.append(row)
         except ValueError as e:
             rows.append({"name": name, "loss": loss, "error": str(e)})
     out["d_real"], out["multipliers"], out["fit"] = d_real, rows, fit
@@ -517,11 +523,19 @@ def summary(results: dict) -> str:
     else:
         for r in eff["multipliers"]:
             if "multiplier" in r:
-                lo, hi = r.get("multiplier_lo"), r.get("multiplier_hi")
-                lines.append(f"data efficiency {r['name']}: {r['multiplier']:.3f}x [{lo}, {hi}]")
+                lines.append(f"data efficiency {r['name']}: {r['multiplier']:.3f}x {_interval(r, 'multiplier')} "
+                             "(D_eff / D)" + (f"; {r['vs_baseline_loss']:.3f}x {_interval(r, 'vs_baseline_loss')} "
+                                              "(D_eff / D_eff(real-only's loss))" if "vs_baseline_loss" in r else ""))
             else:
                 lines.append(f"data efficiency {r['name']}: {r['error']}")
     return "\n".join(lines)
+
+
+def _interval(r: dict, key: str) -> str:
+    def num(v: Any) -> str:
+        return "none" if v is None else (v if isinstance(v, str) else f"{v:.3f}")
+
+    return f"[{num(r.get(key + '_lo'))}, {num(r.get(key + '_hi'))}]"
 
 
 def write_results(results: dict, out_dir: str | Path, made: Sequence[Path]) -> Path:
