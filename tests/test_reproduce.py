@@ -45,6 +45,13 @@ def test_overfit_check_reads_epochs_and_runs():
     o = overfit_check([cell(2, 3.0), cell(4, 2.9)], runs)
     assert o["rises_with_epochs"] == [] and o["rises_within_run"] == ["a"] and o["overfit"] and o["best_epochs_is_largest"]
     assert not overfit_check([cell(2, 3.0), cell(4, 2.9)], [])["overfit"]
+    # A tuned baseline: its optimum (E=2) has seeds 0 and 1, a search point (E=4) seed 0 only; they
+    # are compared on seed 0 (by means, E=4's single seed would win: 3.1 < 3.2).
+    tuned = [{**cell(2, 3.2), "cell": "real-E2"}, {**cell(4, 3.1), "cell": "real-E4"}]
+    runs = [{"name": f"real-E{e}-s{s}", "cell": f"real-E{e}", "seed": s, "role": "baseline", "val/iid/loss": v,
+             "val/iid/loss_best": v} for e, s, v in [(2, 0, 3.0), (2, 1, 3.4), (4, 0, 3.1)]]
+    o = overfit_check(tuned, runs)
+    assert o["loss_by_epochs"] == [(2, 3.0), (4, 3.1)] and o["best_epochs"] == 2 and o["rises_with_epochs"] == [(2, 4)]
 
 
 def test_data_law_from_the_d_sweep_inverts_to_the_multiplier(tmp_path):

@@ -364,11 +364,17 @@ def _loss(c: dict, s: str = "iid") -> float:
 def overfit_check(cells: list[dict], runs: list[dict], tol: float = 1e-3) -> dict:
     """Did real-only overfit? Validation loss rising with real epochs E (baseline cells, by E), or
     rising within a run (its final validation loss above its best by more than ``tol``)."""
+    base = [c for c in cells if c["role"] == "baseline"]
+    # A tuned baseline's cells differ in seeds (its search ran on the first seed, its optimum on
+    # all): compare them on the seeds every baseline cell has.
+    seeds = {c.get("cell"): {r["seed"]: r["val/iid/loss"] for r in runs if "cell" in r and r["cell"] == c.get("cell")}
+             for c in base}
+    common = set.intersection(*(set(s) for s in seeds.values())) if seeds else set()
     per_e: dict = {}  # the best baseline cell per E (a tuned baseline has several per E)
-    for c in cells:
-        if c["role"] == "baseline":
-            e = c.get("data.mixture.real_epochs", 0)
-            per_e[e] = min(per_e.get(e, math.inf), _loss(c))
+    for c in base:
+        e = c.get("data.mixture.real_epochs", 0)
+        shared = [seeds[c.get("cell")][s] for s in common if seeds[c.get("cell")][s] is not None]
+        per_e[e] = min(per_e.get(e, math.inf), float(np.mean(shared)) if shared and runs else _loss(c))
     by_e = sorted(per_e.items())
     rising_e = [(a[0], b[0]) for a, b in zip(by_e, by_e[1:]) if b[1] > a[1] + tol]
     within = [r["name"] for r in runs if r["role"] == "baseline" and r["val/iid/loss"] is not None
