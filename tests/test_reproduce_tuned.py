@@ -188,7 +188,7 @@ def test_the_law_from_tuned_points_recovers_a_known_multiplier(tmp_path):
         return _law(2 * D_FULL / 4) + _penalty(r, stitch_best)  # stitch at its optimum: worth 2x its real data
 
     fams = _drive(spec, out, objective)
-    results = sweep.collect(spec, [], out, fams)
+    results = sweep_tune.collect(spec, [], out, fams)
     tuning = {t["family"]: t for t in results["tuning"]}
     assert all(t["status"] == "certified" for t in tuning.values()) and len(tuning) == 5
     assert tuning["real-D0.25"]["certificate"]["centre"] == real_best
@@ -217,7 +217,7 @@ def test_the_law_from_tuned_points_recovers_a_known_multiplier(tmp_path):
     made = sweep.figures(results, tmp_path)
     assert sorted(p.name for p in made) == ["certificates.png", "data_efficiency.png", "data_law.png",
                                             "loss_vs_G_iid.png", "loss_vs_G_long.png"]
-    md = sweep_tune.certificates_markdown(results["tuning"])
+    md = sweep.certificates_markdown(results["tuning"])
     assert "## stitch-G8-D0.25" in md and "| **E=4, w=0.75** (optimum) |" in md and "| E=8, w=0.75 |" in md
     assert "beyond the grid" not in md  # every optimum here is an inner grid point
 

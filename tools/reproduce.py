@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace, spec, runs: list, fams: list, out: Path) -> i
         if failed:
             print(f"{len(failed)} run(s) failed: {', '.join(failed)} (rerun to retry them; finished runs are kept)")
     pending = tuned_next()  # brings every family's state up to date
-    results = sweep.collect(spec, runs, out, fams)
+    results = sweep_tune.collect(spec, runs, out, fams)
     made = sweep.figures(results, out)
     path = sweep.write_results(results, out, made)
     print(sweep.summary(results))

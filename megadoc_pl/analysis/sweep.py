@@ -43,6 +43,7 @@ from megadoc_pl.utils import atomic_write_json, atomic_write_text
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
 ROLES = ("baseline", "method", "data")
 GROUP_KEYS = ("recipe", "role", "method", "axes", "tune", "seeds", "overrides")
+TUNE_KEYS = ("axes", "centre", "grid", "objective", "direction")
 SHORT = {**AXIS_SHORT, "data.generations": "G", "data.real_fraction": "D", "data.mixture.budget_tokens": "B"}
 VAL_SETS = ("iid", "long")
 
@@ -106,8 +107,6 @@ def load_sweep(preset: str) -> SweepSpec:
         if spec.get("role", "method") not in ROLES:
             raise ValueError(f"{path}: group {g!r} role must be one of {', '.join(ROLES)}")
         if "tune" in spec:
-            from megadoc_pl.analysis.sweep_tune import check_tune_entry
-
             check_tune_entry(path, g, spec["tune"])
     cost = raw.get("cost") or {}
     if set(cost) - {"gpu", "real_tokens", "synthetic_per_generation"}:
@@ -115,6 +114,15 @@ def load_sweep(preset: str) -> SweepSpec:
     return SweepSpec(path.stem, str(raw.get("description", "")), str(raw.get("scale", "demo")),
                      list(raw.get("seeds", [0])), list(raw.get("overrides", [])), dict(raw["groups"]), path,
                      {"cost": cost} if cost else {})
+
+
+def check_tune_entry(path: Any, group: str, tune: Any) -> None:
+    """One-line errors for a malformed ``tune:`` entry (before anything is trained)."""
+    if not isinstance(tune, dict):
+        raise ValueError(f"{path}: group {group!r} tune must be a mapping ({', '.join(TUNE_KEYS)})")
+    unknown = sorted(set(tune) - set(TUNE_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: group {group!r} tune has unknown key(s) {unknown} (keys: {', '.join(TUNE_KEYS)})")
 
 
 def _fmt(v: Any) -> str:
@@ -272,22 +280,19 @@ def _mean_std(xs: Sequence[float]) -> dict:
             "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
 
 
-def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path, fams: Sequence = ()) -> dict:
+def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path, optima: Optional[set] = None,
+            tuned_groups: Sequence[str] = (), tuning: Optional[Callable[[list], list]] = None) -> dict:
     """Every finished run's numbers, per-cell means with seed spread, the overfitting check, the
     ordering per validation set, and (with a D-sweep) the data law and efficiency multipliers.
 
-    ``fams`` are the tuned groups' families (sweep_tune.families, advanced): their runs are
-    collected too, but only a family's certified optimum (mean over its seeds) takes part in the
-    orderings and the data law; the other points of its search are in ``runs`` and ``cells``
-    (``candidate: false``) and in the family's certificate under ``tuning``.
+    Tuned groups (sweep_tune.collect passes them): their runs are in ``runs`` too, but only the
+    cells in ``optima`` (each family's certified optimum, mean over its seeds) take part in the
+    orderings and the data law; the other points of a search stay in ``runs`` and ``cells``
+    (``candidate: false``). ``tuning(cells)`` gives the families' rows (``results["tuning"]``).
     """
-    from megadoc_pl.analysis import sweep_tune
     from megadoc_pl.analysis.runs import load_run
 
-    runs = [*runs, *sweep_tune.all_runs(fams, spec)]
-    tuned_groups = {f.group for f in fams}
-    optima = {sweep_tune.optimum_cell(f, spec) for f in fams} - {None}
-
+    optima = optima or set()
     out_dir = Path(out_dir)
     rows = []
     for r in runs:
@@ -326,7 +331,7 @@ def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path, fams
     results["real_only_overfit"] = overfit_check(list(cells.values()), done)
     results["best"] = best_cells(candidates)
     results["efficiency"] = efficiency(candidates, results["best"])
-    results["tuning"] = sweep_tune.report(fams, spec, list(cells.values()))
+    results["tuning"] = tuning(list(cells.values())) if tuning else []
     results["paired"] = paired(results["best"], done)
     return results
 
@@ -508,9 +513,7 @@ def summary(results: dict) -> str:
                          "the data-constrained regime the papers study, so the ordering below says little")
         if o["best_epochs_is_largest"]:
             lines.append("note: real-only's best E is the largest tried; widen the E axis")
-    from megadoc_pl.analysis.sweep_tune import summary_lines
-
-    lines += summary_lines(results.get("tuning", []))
+    lines += tuning_lines(results.get("tuning", []))
     for s in VAL_SETS:
         best = results["best"][s]
         if best:
@@ -554,7 +557,58 @@ def write_results(results: dict, out_dir: str | Path, made: Sequence[Path]) -> P
     atomic_write_json(path, out)
     atomic_write_text(Path(out_dir) / "summary.txt", summary(results) + "\n")
     if results.get("tuning"):
-        from megadoc_pl.analysis.sweep_tune import certificates_markdown
-
         atomic_write_text(Path(out_dir) / "tuning.md", certificates_markdown(results["tuning"]))
     return path
+
+
+# --------------------------------------------------------------------------- tuned groups (report)
+
+
+def tuning_lines(rows: Sequence[dict]) -> list[str]:
+    """One line per tuned family: where it was certified, its search, grid edges, seed spread."""
+    lines = []
+    for r in rows:
+        if "certificate" not in r:
+            lines.append(f"tuned {r['family']}: {r['status']} after {r['runs']} run(s), {r['rounds']} centre(s)")
+            continue
+        c = r["certificate"]
+        pt = _point(c["centre"])
+        edges = f"; at the grid's edge in {', '.join(sorted({e['axis'] for e in c['grid_edges']}))}" \
+            if c["grid_edges"] else ""
+        spread = r.get("seed_spread") or {}
+        s = spread.get(f"{r['objective']}")
+        seeds = f"; {r['objective']} over seeds {s['mean']:.4f} +- {s['std']:.4f} (n={s['n']})" if s and s["n"] else ""
+        lines.append(f"tuned {r['family']}: certified at {pt} ({c['objective']:.4f}) after {c['runs']} runs, "
+                     f"{c['rounds']} centre(s){edges}{seeds}")
+    return lines
+
+
+def certificates_markdown(rows: Sequence[dict]) -> str:
+    """``OUT/tuning.md``: per family the optimum, each one-step neighbour with its loss and delta,
+    the grid edges, and the seed spread at the optimum."""
+    out = ["# Tuned families: certificates", ""]
+    for r in rows:
+        out.append(f"## {r['family']}")
+        if "certificate" not in r:
+            out += [f"{r['status']} after {r['runs']} run(s) and {r['rounds']} centre(s): no certificate yet.", ""]
+            continue
+        c = r["certificate"]
+        out += [f"{c['statement']}.", "", f"Search: {c['runs']} runs, {c['rounds']} centre(s) from "
+                f"{_point(r['start'])}.", "", f"| point | {r['objective']} | delta |", "|---|---|---|",
+                f"| **{_point(c['centre'])}** (optimum) | {c['objective']:.4f} | |"]
+        for n in c["neighbours"]:
+            out.append(f"| {_point(n['point'])} | {n['objective']:.4f} | {n['delta']:+.4f} |")
+        for e in c["grid_edges"]:
+            out.append(f"| beyond the grid: {e['axis']} {'-' if e['step'] < 0 else '+'}1 | | ({e['reason']}) |")
+        spread = r.get("seed_spread") or {}
+        for key, s in spread.items():
+            if s and s.get("n"):
+                out.append(f"\nAt the optimum, {key} over {s['n']} seeds: {s['mean']:.4f} +- {s['std']:.4f} "
+                           f"(range {s['max'] - s['min']:.4f}).")
+        out.append("")
+    return "\n".join(out)
+
+
+def _point(p: dict) -> str:
+    return ", ".join(f"{AXIS_SHORT.get(k, k)}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                     for k, v in p.items())

@@ -30,10 +30,8 @@ from typing import Any, Sequence
 
 from megadoc_pl.analysis import tuner
 from megadoc_pl.analysis.sweep import SweepRun, SweepSpec, make_run, run_status, run_tag
+from megadoc_pl.analysis.sweep import collect as collect_sweep
 from megadoc_pl.utils import atomic_write_json
-
-TUNE_KEYS = ("axes", "centre", "grid", "objective", "direction")
-
 
 @dataclass
 class FamilySpec(tuner.TuneSpec):
@@ -68,15 +66,6 @@ class Family:
     @property
     def certified(self) -> bool:
         return self.state.get("status") == "certified"
-
-
-def check_tune_entry(path: Any, group: str, tune: Any) -> None:
-    """One-line errors for a malformed ``tune:`` entry (before anything is trained)."""
-    if not isinstance(tune, dict):
-        raise ValueError(f"{path}: group {group!r} tune must be a mapping ({', '.join(TUNE_KEYS)})")
-    unknown = sorted(set(tune) - set(TUNE_KEYS))
-    if unknown:
-        raise ValueError(f"{path}: group {group!r} tune has unknown key(s) {unknown} (keys: {', '.join(TUNE_KEYS)})")
 
 
 def families(sweep: SweepSpec, out_dir: str | Path, extra_overrides: Sequence[str] = ()) -> list[Family]:
@@ -182,6 +171,14 @@ def optimum_cell(fam: Family, sweep: SweepSpec) -> str | None:
     return fam.run(fam.state["certificate"]["centre"], fam.seeds[0], sweep).cell
 
 
+def collect(sweep: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path, fams: Sequence[Family]) -> dict:
+    """:func:`megadoc_pl.analysis.sweep.collect` with the families' runs, their optima as the
+    only cells compared, and their certificates under ``tuning``."""
+    optima = {optimum_cell(f, sweep) for f in fams} - {None}
+    return collect_sweep(sweep, [*runs, *all_runs(fams, sweep)], out_dir, optima=optima,
+                      tuned_groups={f.group for f in fams}, tuning=lambda cells: report(fams, sweep, cells))
+
+
 def report(fams: Sequence[Family], sweep: SweepSpec, cells: Sequence[dict]) -> list[dict]:
     """Per family: status, rounds, the certificate (optimum, neighbours and their losses, grid
     edges) and the seed spread at the optimum (from the collected cells)."""
@@ -201,24 +198,6 @@ def report(fams: Sequence[Family], sweep: SweepSpec, cells: Sequence[dict]) -> l
             row["seed_spread"] = {k: cell[k] for k in cell if k.startswith("val/")} if cell else None
         out.append(row)
     return out
-
-
-def summary_lines(rows: Sequence[dict]) -> list[str]:
-    lines = []
-    for r in rows:
-        if "certificate" not in r:
-            lines.append(f"tuned {r['family']}: {r['status']} after {r['runs']} run(s), {r['rounds']} centre(s)")
-            continue
-        c = r["certificate"]
-        pt = _point(c["centre"])
-        edges = f"; at the grid's edge in {', '.join(sorted({e['axis'] for e in c['grid_edges']}))}" \
-            if c["grid_edges"] else ""
-        spread = r.get("seed_spread") or {}
-        s = spread.get(f"{r['objective']}")
-        seeds = f"; {r['objective']} over seeds {s['mean']:.4f} +- {s['std']:.4f} (n={s['n']})" if s and s["n"] else ""
-        lines.append(f"tuned {r['family']}: certified at {pt} ({c['objective']:.4f}) after {c['runs']} runs, "
-                     f"{c['rounds']} centre(s){edges}{seeds}")
-    return lines
 
 
 # --------------------------------------------------------------------------- cost (dry run)
@@ -310,32 +289,3 @@ def dry_run_table(fams: Sequence[Family], sweep: SweepSpec, out_dir: str | Path,
     return "\n".join(lines)
 
 
-def certificates_markdown(rows: Sequence[dict]) -> str:
-    """``OUT/tuning.md``: per family the optimum, each one-step neighbour with its loss and delta,
-    the grid edges, and the seed spread at the optimum."""
-    out = ["# Tuned families: certificates", ""]
-    for r in rows:
-        out.append(f"## {r['family']}")
-        if "certificate" not in r:
-            out += [f"{r['status']} after {r['runs']} run(s) and {r['rounds']} centre(s): no certificate yet.", ""]
-            continue
-        c = r["certificate"]
-        out += [f"{c['statement']}.", "", f"Search: {c['runs']} runs, {c['rounds']} centre(s) from "
-                f"{_point(r['start'])}.", "", f"| point | {r['objective']} | delta |", "|---|---|---|",
-                f"| **{_point(c['centre'])}** (optimum) | {c['objective']:.4f} | |"]
-        for n in c["neighbours"]:
-            out.append(f"| {_point(n['point'])} | {n['objective']:.4f} | {n['delta']:+.4f} |")
-        for e in c["grid_edges"]:
-            out.append(f"| beyond the grid: {e['axis']} {'-' if e['step'] < 0 else '+'}1 | | ({e['reason']}) |")
-        spread = r.get("seed_spread") or {}
-        for key, s in spread.items():
-            if s and s.get("n"):
-                out.append(f"\nAt the optimum, {key} over {s['n']} seeds: {s['mean']:.4f} +- {s['std']:.4f} "
-                           f"(range {s['max'] - s['min']:.4f}).")
-        out.append("")
-    return "\n".join(out)
-
-
-def _point(p: dict) -> str:
-    return ", ".join(f"{tuner.AXIS_SHORT.get(k, k)}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                     for k, v in p.items())
