@@ -51,7 +51,7 @@ def test_tuned_group_certifies_resumes_after_a_kill_and_seeds_only_the_optimum(t
     spec, out = _write_spec(tmp_path, TINY_TUNED.rstrip() + FIXED_GROUP), tmp_path / "out"
     state = out / "tune" / "rephrase-G1.json"
     cmd = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--preset", str(spec), "--out", str(out),
-           "--jobs", "1"]
+           "--jobs", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     # Kill the whole sweep (driver and its training run) as soon as round 1 (centre + 2 neighbours)
@@ -67,15 +67,16 @@ def test_tuned_group_certifies_resumes_after_a_kill_and_seeds_only_the_optimum(t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = json.loads(state.read_text())
-    assert len(first["results"]) >= 3 and first["status"] == "running", first  # killed between rounds
+    assert len(first["results"]) >= 3, first  # round 1 evaluated before the kill
     finished = {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")
                 if json.loads(p.read_text()).get("status") == "finished"}
-    assert len(finished) >= 3 and "real-E1-s0" not in finished  # tuned rounds go first
+    assert len(finished) >= 3
 
     reproduce = load_script("tools/reproduce.py")
-    assert reproduce.main(["--preset", str(spec), "--out", str(out), "--jobs", "1"]) == 0
-    # Nothing finished was trained again.
+    assert reproduce.main(["--preset", str(spec), "--out", str(out), "--jobs", "2"]) == 0
+    # Nothing finished was trained again, and the kill left work to do (at least seed 1).
     assert {n: (out / "runs" / n / "metrics.json").stat().st_mtime_ns for n in finished} == finished
+    assert {p.parent.name for p in (out / "runs").glob("*/metrics.json")} - set(finished)
     results = json.loads((out / "results.json").read_text())
     (fam,) = results["tuning"]
     cert = fam["certificate"]

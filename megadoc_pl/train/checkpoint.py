@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 
 from megadoc_pl.utils import atomic_open, get_logger
 
@@ -47,30 +46,6 @@ def write_checkpoint(checkpoint: Mapping[str, Any], path: Path) -> None:
     """``torch.save`` streamed through a temporary file in ``path``'s directory (utils.atomic_open)."""
     with atomic_open(path, suffix=TMP_SUFFIX) as f:
         torch.save(checkpoint, f)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning CheckpointIO: same-directory temporary file + fsync + rename; finite weights only."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        bad = nonfinite_tensors(checkpoint.get("state_dict") or {})
-        if bad:
-            _log.warning(f"not saving {path}: {len(bad)} weight tensors hold NaN/inf (e.g. {bad[0]}); "
-                         "the previous checkpoint stays")
-            return
-        try:
-            write_checkpoint(checkpoint, path)
-        except (OSError, RuntimeError) as e:
-            cause = _os_error(e)  # torch's zip writer reports a failed write as a RuntimeError
-            if cause is None:
-                raise
-            raise CheckpointError(
-                f"cannot write checkpoint {path}: {cause.strerror or cause} (fix: free space on that filesystem or "
-                "make it writable, or set run.root to one that is; earlier checkpoints are intact)"
-            ) from None
 
 
 def _os_error(e: Optional[BaseException]) -> Optional[OSError]:

@@ -26,7 +26,8 @@ from megadoc_pl.data.datamodule import accumulation_steps
 from megadoc_pl.errors import BadInput
 from megadoc_pl.train import console, rundir
 from megadoc_pl.train.callbacks import NonFiniteLossError, ThroughputMonitor
-from megadoc_pl.train.checkpoint import NO_ROOM, AtomicCheckpointIO, CheckpointError, check_compatible, resume_from
+from megadoc_pl.train.checkpoint import NO_ROOM, CheckpointError, check_compatible, resume_from
+from megadoc_pl.train.checkpoint_io import AtomicCheckpointIO
 from megadoc_pl.train.metrics import run_metrics
 from megadoc_pl.train.module import MegadocLM
 from megadoc_pl.utils import get_logger

@@ -14,7 +14,7 @@ Layout of ``<run.root>/<run.name>/``::
 
 Only the global rank 0 writes files here; every rank agrees on the directory name (see
 :func:`resolve_run_dir`). Rank 0 claims the directory (:func:`claim_run_dir`) before any data
-work; checkpoints are written by ``train.checkpoint.AtomicCheckpointIO`` (same-directory
+work; checkpoints are written by ``train.checkpoint_io.AtomicCheckpointIO`` (same-directory
 temporary file, fsync, rename).
 """
 

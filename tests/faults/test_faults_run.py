@@ -24,7 +24,8 @@ import torch
 from megadoc_pl.errors import BadInput
 from megadoc_pl.train import rundir
 from megadoc_pl.train.callbacks import NonFiniteLossError
-from megadoc_pl.train.checkpoint import AtomicCheckpointIO, TMP_SUFFIX, write_checkpoint
+from megadoc_pl.train.checkpoint import TMP_SUFFIX, write_checkpoint
+from megadoc_pl.train.checkpoint_io import AtomicCheckpointIO
 from megadoc_pl.train.cli import main
 from megadoc_pl.train.run import train
 
@@ -236,7 +237,7 @@ def test_no_intact_checkpoint_is_one_line_and_changes_nothing(world, capsys, dam
 _KILLED_SAVE = """
 import os, sys, time, torch
 from pathlib import Path
-from megadoc_pl.train.checkpoint import AtomicCheckpointIO
+from megadoc_pl.train.checkpoint_io import AtomicCheckpointIO
 
 def hang(fd):
     print("writing", flush=True)
