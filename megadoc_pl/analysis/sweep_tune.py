@@ -176,7 +176,7 @@ def collect(sweep: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path, fam
     only cells compared, and their certificates under ``tuning``."""
     optima = {optimum_cell(f, sweep) for f in fams} - {None}
     return collect_sweep(sweep, [*runs, *all_runs(fams, sweep)], out_dir, optima=optima,
-                      tuned_groups={f.group for f in fams}, tuning=lambda cells: report(fams, sweep, cells))
+                         tuned_groups={f.group for f in fams}, tuning=lambda cells: report(fams, sweep, cells))
 
 
 def report(fams: Sequence[Family], sweep: SweepSpec, cells: Sequence[dict]) -> list[dict]:
