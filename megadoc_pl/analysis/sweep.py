@@ -155,15 +155,11 @@ def sweep_runs(spec: SweepSpec, extra_overrides: Sequence[str] = ()) -> list[Swe
         for combo in itertools.product(*(axes[k] for k in keys)):
             for seed in g.get("seeds", spec.seeds):
                 runs.append(make_run(spec, group, g, list(zip(keys, combo)), seed, extra_overrides))
-    check_unique(spec, runs)
-    return runs
-
-
-def check_unique(spec: SweepSpec, runs: Sequence[SweepRun]) -> None:
     names = [r.name for r in runs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"sweep {spec.name}: run names repeat ({dup[:3]}); give groups distinct names or axes")
+    return runs
 
 
 # --------------------------------------------------------------------------- running
@@ -293,6 +289,7 @@ def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path, opti
     from megadoc_pl.analysis.runs import load_run
 
     optima = optima or set()
+    group_of = {r.cell: r.group for r in runs}
     out_dir = Path(out_dir)
     rows = []
     for r in runs:
@@ -323,7 +320,7 @@ def collect(spec: SweepSpec, runs: Sequence[SweepRun], out_dir: str | Path, opti
         # the cell's D is the mean over its seeds' unique real tokens.
         ds = [r["real_unique_tokens"] for r in members if r["real_unique_tokens"]]
         c["real_unique_tokens"] = float(np.mean(ds)) if ds else None
-        c["candidate"] = c["cell"] in optima or next(x for x in runs if x.cell == c["cell"]).group not in tuned_groups
+        c["candidate"] = c["cell"] in optima or group_of[c["cell"]] not in tuned_groups
     results = {"sweep": spec.name, "description": spec.description, "scale": spec.scale,
                "runs": rows, "cells": list(cells.values()),
                "finished": len(done), "total": len(rows)}
@@ -379,7 +376,7 @@ def overfit_check(cells: list[dict], runs: list[dict], tol: float = 1e-3) -> dic
     for c in base:
         e = c.get("data.mixture.real_epochs", 0)
         shared = [seeds[c.get("cell")][s] for s in common if seeds[c.get("cell")][s] is not None]
-        per_e[e] = min(per_e.get(e, math.inf), float(np.mean(shared)) if shared and runs else _loss(c))
+        per_e[e] = min(per_e.get(e, math.inf), float(np.mean(shared)) if shared else _loss(c))
     by_e = sorted(per_e.items())
     rising_e = [(a[0], b[0]) for a, b in zip(by_e, by_e[1:]) if b[1] > a[1] + tol]
     within = [r["name"] for r in runs if r["role"] == "baseline" and r["val/iid/loss"] is not None
@@ -440,9 +437,9 @@ def efficiency(cells: list[dict], best: dict, n_boot: int = 500) -> dict:
         try:
             row = data_efficiency(fit, {name: loss}, float(d_of.get(v["cell"]) or d_real))[0].as_dict()
             if base_loss is not None:  # the predecessor's definition: D_eff(method) / D_eff(real-only's loss)
-                ref = data_efficiency(fit, {name: loss}, d_real, reference_loss=base_loss)[0]
-                row.update(vs_baseline_loss=ref.multiplier, vs_baseline_loss_lo=ref.as_dict()["multiplier_lo"],
-                           vs_baseline_loss_hi=ref.as_dict()["multiplier_hi"])
+                ref = data_efficiency(fit, {name: loss}, d_real, reference_loss=base_loss)[0].as_dict()
+                row.update({f"vs_baseline_loss{k[len('multiplier'):]}": ref[k]
+                            for k in ("multiplier", "multiplier_lo", "multiplier_hi")})
             rows.append(row)
         except ValueError as e:
             rows.append({"name": name, "loss": loss, "error": str(e)})

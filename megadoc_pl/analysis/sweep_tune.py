@@ -24,7 +24,7 @@ at the luckiest single-seed point of the search.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +32,7 @@ from megadoc_pl.analysis import tuner
 from megadoc_pl.analysis.sweep import SweepRun, SweepSpec, make_run, run_status, run_tag
 from megadoc_pl.analysis.sweep import collect as collect_sweep
 from megadoc_pl.utils import atomic_write_json
+
 
 @dataclass
 class FamilySpec(tuner.TuneSpec):
@@ -84,11 +85,8 @@ def families(sweep: SweepSpec, out_dir: str | Path, extra_overrides: Sequence[st
             name = group + run_tag(list(fixed))
             seeds = [int(s) for s in g.get("seeds", sweep.seeds)]
             base = make_run(sweep, group, g, list(fixed), seeds[0], extra_overrides)
-            axes_t = dict(t.get("axes") or {})
-            if not t.get("grid"):  # without a megadocs grid the tuned axes are exactly those given
-                axes_t.update({k: None for grid in tuner.GRIDS.values() for k in grid if k not in axes_t})
-            try:
-                spec = tuner.load_spec(None, recipe=g["recipe"], grid=t.get("grid"), axes=axes_t,
+            try:  # without a megadocs grid the tuned axes are exactly those given
+                spec = tuner.load_spec(None, recipe=g["recipe"], grid=t.get("grid") or "none", axes=t.get("axes"),
                                        centre=t.get("centre"), objective=t.get("objective"),
                                        direction=t.get("direction"), root=str(Path(out_dir) / "runs"), prefix=name,
                                        overrides=[o for o in base.overrides if not o.startswith("train.seed")
@@ -99,16 +97,9 @@ def families(sweep: SweepSpec, out_dir: str | Path, extra_overrides: Sequence[st
             if tuned_fixed:
                 raise ValueError(f"{sweep.path or sweep.name}: group {group!r}: {tuned_fixed} is both a fixed axis "
                                  "and a tuned one; keep it in one of axes / tune.axes")
-            fields = _spec_fields(spec)
-            if not t.get("grid"):  # run names follow the file's axis order
-                fields["axes"] = {k: spec.axes[k] for k in t["axes"]}
-            fspec = FamilySpec(**{**fields, "seed": seeds[0]})
+            fspec = FamilySpec(**asdict(spec), seed=seeds[0])
             out.append(Family(name, group, g, fixed, fspec, seeds, tuple(extra_overrides)))
     return out
-
-
-def _spec_fields(spec: tuner.TuneSpec) -> dict:
-    return {f: getattr(spec, f) for f in tuner.TuneSpec.__dataclass_fields__}  # type: ignore[attr-defined]
 
 
 def state_path(out_dir: str | Path, fam: Family) -> Path:
@@ -137,7 +128,7 @@ def advance(fam: Family, sweep: SweepSpec, out_dir: str | Path, failed: frozense
             return None
         return tuner.read_objective(spec, name)
 
-    st = tuner.step(fam.spec, fam.state, read=read, save=(lambda s: atomic_write_json(path, s)) if save else None)
+    st = tuner.step(fam.spec, fam.state, read=read)
     if save:
         atomic_write_json(path, fam.state)
     if not st.certified:

@@ -142,7 +142,7 @@ def load_spec(path: str | Path | None = None, **overrides: Any) -> TuneSpec:
 
     ``grid: synthetic|real`` selects a megadocs grid (default: ``real`` when the recipe's view is
     ``real``, else ``synthetic``); ``axes`` entries replace its axes (an axis set to null is
-    removed). Without a centre the recipe's own values are used when the recipe can be loaded
+    removed). ``grid: none`` starts from no axis: exactly the ``axes`` given, in their order. Without a centre the recipe's own values are used when the recipe can be loaded
     (snapped to the nearest grid value), else the middle value of each axis.
     """
     raw: dict = {}
@@ -167,9 +167,9 @@ def load_spec(path: str | Path | None = None, **overrides: Any) -> TuneSpec:
     # Default grid: the real-only grid for a recipe without synthetic data, else the synthetic one.
     default_grid = "real" if recipe_values.get("data.view") == "real" else "synthetic"
     grid = raw.pop("grid", None) or default_grid
-    if grid not in GRIDS:
-        raise ValueError(f"unknown grid {grid!r}: use one of {', '.join(GRIDS)} or give axes")
-    axes = {k: list(v) for k, v in GRIDS[grid].items()}
+    if grid not in (*GRIDS, "none"):
+        raise ValueError(f"unknown grid {grid!r}: use one of {', '.join(GRIDS)}, or none (only the axes given)")
+    axes = {} if grid == "none" else {k: list(v) for k, v in GRIDS[grid].items()}
     for k, v in (raw.pop("axes", None) or {}).items():
         if v is None:
             axes.pop(k, None)
